@@ -1,0 +1,220 @@
+"""Pure tensor math of PTG: reward squashing, sequence aggregation, the listwise loss and the LM objectives.
+
+Every function here is a plain function of tensors: no file access, no logging, no device moves. Shapes are in
+the docstrings; equations refer to Yang et al., "Preference-grounded Token-level Guidance for Language Model
+Fine-tuning" (NeurIPS 2023) and to ``ptg-spec.md`` (§2-§3). All functions work in float32, float64 and
+bfloat16 (they compute in the dtype they are given).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+SquashMode = Literal["soft_clamp", "sigmoid"]
+AggMethod = Literal["avg", "sum", "soft_max", "soft_min"]
+
+SQUASH_MODES: tuple[str, ...] = ("soft_clamp", "sigmoid")
+AGG_METHODS: tuple[str, ...] = ("avg", "sum", "soft_max", "soft_min")
+
+_CLAMP_MAX = 1.0  # M of the reference's soft clamp
+_CLAMP_MIN = 1e-8  # m of the reference's soft clamp
+_LISTMLE_EPS = 1e-10  # added inside the log of the Plackett-Luce denominators, as the reference
+_ENTROPY_EPS = 1e-8  # added to probabilities inside p log p, as the reference
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_same_shape(**tensors: torch.Tensor) -> None:
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError("shape mismatch: " + ", ".join(f"{n} {s}" for n, s in shapes.items()))
+
+
+def _check_ndim(name: str, t: torch.Tensor, ndim: int) -> None:
+    if t.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions; got shape {tuple(t.shape)}")
+
+
+def _check_nonempty_rows(name: str, mask: torch.Tensor) -> None:
+    empty = (mask.sum(-1) == 0).nonzero().flatten()
+    if empty.numel():
+        raise ValueError(f"{name} has rows with no valid token (rows {empty[:8].tolist()}); drop empty sequences first")
+
+
+def squash(raw: torch.Tensor, mode: SquashMode = "soft_clamp") -> torch.Tensor:
+    """Map raw head outputs ``z`` (any shape) to positive token rewards ``r`` (same shape).
+
+    ``soft_clamp`` is the reference's double softplus (spec §2.2): ``y = M - softplus(M - z)``,
+    ``r = m + softplus(y - m)`` with M = 1, m = 1e-8, so ``r`` lies in (1e-8, 1.3132617); ``sigmoid`` is
+    ``sigmoid(z)``. NaNs become 0, as in the reference.
+    """
+    _check_choice("mode", mode, SQUASH_MODES)
+    if mode == "sigmoid":
+        r = torch.sigmoid(raw)
+    else:
+        y = _CLAMP_MAX - F.softplus(_CLAMP_MAX - raw)
+        r = _CLAMP_MIN + F.softplus(y - _CLAMP_MIN)
+    return torch.nan_to_num(r, nan=0.0)
+
+
+def aggregate(
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    method: AggMethod,
+    group_size: int,
+    temperature: float = 2.0,
+) -> torch.Tensor:
+    """Aggregate token rewards into one evaluation per sequence, e_phi (spec §2.3).
+
+    rewards, mask: (N, T), rows input-major: the ``group_size`` = K samples of one input are contiguous.
+    Returns (N // K, K).
+
+    - ``avg``: T_bar * sum_t m_t r_t / T_k
+    - ``sum``: sum_t m_t r_t
+    - ``soft_max``: T_bar * beta * log sum_{t valid} exp(r_t / beta)
+    - ``soft_min``: T_bar * (-beta) * log sum_{t valid} exp(-r_t / beta)
+
+    T_k is the number of valid tokens of sample k and T_bar the mean T_k over the K samples of the same input:
+    a factor shared within a group, so it rescales the Plackett-Luce logits without changing which sample the
+    average prefers.
+    """
+    _check_choice("method", method, AGG_METHODS)
+    _check_ndim("rewards", rewards, 2)
+    _check_same_shape(rewards=rewards, mask=mask)
+    n = rewards.shape[0]
+    if group_size < 1 or n % group_size:
+        raise ValueError(f"group_size must be a positive divisor of the number of rows {n}; got {group_size}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive; got {temperature}")
+    _check_nonempty_rows("mask", mask)
+    valid = mask.bool()
+    m = valid.to(rewards.dtype)
+    lengths = m.sum(-1)  # (N,)
+    mean_len = lengths.view(-1, group_size).mean(-1, keepdim=True)  # (B, 1)
+    if method == "sum":
+        return (rewards * m).sum(-1).view(-1, group_size)
+    if method == "avg":
+        per_seq = (rewards * m).sum(-1) / lengths
+    else:
+        sign = 1.0 if method == "soft_max" else -1.0
+        scaled = (sign * rewards / temperature).masked_fill(~valid, float("-inf"))
+        per_seq = sign * temperature * torch.logsumexp(scaled, dim=-1)
+    return mean_len * per_seq.view(-1, group_size)
+
+
+def list_mle(
+    scores: torch.Tensor,
+    preferences: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """ListMLE: Plackett-Luce negative log-likelihood of the order given by ``preferences`` (spec §2.4).
+
+    scores, preferences: (B, K); a higher preference is better. Returns a scalar:
+    mean over rows of sum_j [log sum_{i>=j} exp(s_i) - s_j], where s is ``scores`` sorted by descending
+    preference. Ties in ``preferences`` are broken by one random permutation of the K columns drawn from
+    ``generator`` (shared by all rows, as the reference), so a seeded call is reproducible.
+    """
+    _check_ndim("scores", scores, 2)
+    _check_same_shape(scores=scores, preferences=preferences)
+    if scores.shape[1] < 2:
+        raise ValueError(f"list_mle needs at least 2 items per list; got K = {scores.shape[1]}")
+    if not torch.isfinite(preferences).all():
+        raise ValueError("preferences contain NaN or infinite values")
+    perm = torch.randperm(scores.shape[1], generator=generator, device=generator.device if generator else "cpu")
+    perm = perm.to(scores.device)
+    scores, preferences = scores[:, perm], preferences[:, perm]
+    order = preferences.sort(dim=-1, descending=True, stable=True).indices
+    s = scores.gather(1, order)
+    s = s - s.max(dim=-1, keepdim=True).values.detach()
+    # Reverse cumulative sum: c_j = sum_{i >= j} exp(s_i).
+    c = s.exp().flip(-1).cumsum(-1).flip(-1)
+    return (torch.log(c + _LISTMLE_EPS) - s).sum(-1).mean()
+
+
+def _token_weights(rewards: torch.Tensor, mask: torch.Tensor, use_q: bool) -> torch.Tensor:
+    """Masked token weights, turned into Q_t = sum_{t' >= t} r_t' when ``use_q`` (spec §3a step 4). (N, T)."""
+    w = rewards * mask.to(rewards.dtype)
+    if use_q:
+        w = w.flip(-1).cumsum(-1).flip(-1)
+    return w
+
+
+def weighted_mle(
+    nll: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    use_q: bool = False,
+    exp_rewards: bool = False,
+) -> torch.Tensor:
+    """Guidance-weighted MLE (spec §3a; paper: w_t = r(s_t, y_t) / sum_t' r(s_t', y_t')).
+
+    nll, rewards, mask: (N, T); ``nll`` is the per-token negative log-likelihood of the reference tokens,
+    ``rewards`` the frozen guidance's token rewards (no gradient is taken through them). Weights are
+    optionally exp'd, masked, optionally turned into Q, and normalised to sum 1 per sequence. Returns the mean
+    over sequences of sum_t w_t nll_t (a scalar).
+    """
+    _check_ndim("nll", nll, 2)
+    _check_same_shape(nll=nll, rewards=rewards, mask=mask)
+    _check_nonempty_rows("mask", mask)
+    r = rewards.detach()
+    if exp_rewards:
+        r = r.exp()
+    w = _token_weights(r, mask, use_q)
+    w = w / w.sum(-1, keepdim=True)
+    return (w * nll.masked_fill(~mask.bool(), 0.0)).sum(-1).mean()
+
+
+def reinforce_loss(
+    nll: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    use_q: bool = False,
+) -> torch.Tensor:
+    """REINFORCE with token rewards (spec §3a optional term, §3b): sum_{b,t} w_bt nll_bt / sum_{b,t} m_bt.
+
+    nll, rewards, mask: (N, T); ``nll`` is -log pi(a_t | s_t) of the sampled tokens, ``rewards`` the frozen
+    guidance's rewards (or Q with ``use_q``). Minimising it raises the log-probability of each sampled token in
+    proportion to its reward. Returns a scalar.
+    """
+    _check_ndim("nll", nll, 2)
+    _check_same_shape(nll=nll, rewards=rewards, mask=mask)
+    total = mask.sum()
+    if total == 0:
+        raise ValueError("mask has no valid token")
+    w = _token_weights(rewards.detach(), mask, use_q)
+    return (w * nll.masked_fill(~mask.bool(), 0.0)).sum() / total
+
+
+def neg_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Negative entropy sum_v p log p, averaged over valid tokens (spec §3a/§3b).
+
+    logits: (N, T, V); mask: (N, T). p = softmax(logits) + 1e-8 inside the log, as the reference. Adding
+    ``alpha * neg_entropy`` to a loss is the max-entropy bonus. Returns a scalar.
+    """
+    _check_ndim("logits", logits, 3)
+    if tuple(mask.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"shape mismatch: logits {tuple(logits.shape)}, mask {tuple(mask.shape)}")
+    total = mask.sum()
+    if total == 0:
+        raise ValueError("mask has no valid token")
+    p = logits.softmax(-1)
+    per_token = (p * torch.log(p + _ENTROPY_EPS)).sum(-1)
+    return (per_token * mask.to(per_token.dtype)).sum() / total
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood of ``targets`` under ``logits``: (N, T, V), (N, T), (N, T) -> (N, T).
+
+    Positions where ``mask`` is 0 get 0. Computed in float32 at least, so bf16 logits do not lose the NLL.
+    """
+    _check_ndim("logits", logits, 3)
+    _check_same_shape(targets=targets, mask=mask)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    nll = F.cross_entropy(logits.to(dtype).transpose(1, 2), targets.masked_fill(~mask.bool(), 0), reduction="none")
+    return nll.masked_fill(~mask.bool(), 0.0)

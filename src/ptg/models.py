@@ -1,0 +1,197 @@
+"""Loading LMs and the one token alignment that guidance fitting, guidance weighting and LM training share.
+
+A *batch* holds B prompts and N = B * K responses (the K responses of one prompt contiguous, "input-major").
+Prompts are left-padded and responses right-padded, so response token t of every row sits at the same column.
+Two functions read a model at response positions, for seq2seq and decoder-only models alike:
+
+- ``response_logits``: logits[:, t] is the LM's distribution for response token t (teacher forcing);
+- ``response_hidden``: hidden[:, t] is the backbone state at the position whose *input* token is response token
+  t, i.e. it has seen the prompt and a_0..a_t: the state the guidance turns into r(s_t, a_t).
+
+Seq2seq decoders always see [decoder start] + response, in fitting and in weighting alike (spec pitfall 7.1),
+and the encoder runs once per prompt, its states expanded to the K responses (spec pitfall 7.19).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """prompt_ids, prompt_mask: (B, P) left-padded; response_ids, response_mask: (B * K, T) right-padded."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+
+    @property
+    def group_size(self) -> int:
+        return self.response_ids.shape[0] // self.prompt_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(*(t.to(device) for t in (self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask)))
+
+
+def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if not s:
+            continue
+        sl = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Batch:
+    """Build a Batch from B prompts and B * K responses (token id lists, responses input-major)."""
+    if not prompts or len(responses) % len(prompts):
+        raise ValueError(f"responses ({len(responses)}) must be a positive multiple of prompts ({len(prompts)})")
+    empty = [i for i, r in enumerate(responses) if not r]
+    if empty:
+        raise ValueError(f"responses {empty[:8]} are empty; every response needs at least one token")
+    if any(not p for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    return Batch(*_pad(prompts, pad_id, left=True), *_pad(responses, pad_id, left=False))
+
+
+def is_seq2seq(model: PreTrainedModel) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def decoder_start_id(model: PreTrainedModel) -> int:
+    start = model.config.decoder_start_token_id
+    if start is None:
+        start = model.config.pad_token_id
+    if start is None:
+        raise ValueError(f"{model.config.model_type}: config has neither decoder_start_token_id nor pad_token_id")
+    return int(start)
+
+
+def _decoder_only_inputs(batch: Batch, n_prompt_repeat: int) -> dict[str, torch.Tensor]:
+    prompt_ids = batch.prompt_ids.repeat_interleave(n_prompt_repeat, dim=0)
+    prompt_mask = batch.prompt_mask.repeat_interleave(n_prompt_repeat, dim=0)
+    ids = torch.cat([prompt_ids, batch.response_ids], dim=1)
+    mask = torch.cat([prompt_mask, batch.response_mask], dim=1)
+    # Left padding: positions count real tokens only, as generation does.
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}
+
+
+def _encode_once(model: PreTrainedModel, batch: Batch) -> tuple[tuple[torch.Tensor], torch.Tensor]:
+    """Run the encoder once per prompt and expand its states to the K responses of that prompt."""
+    encoder = model.get_encoder()
+    hidden = encoder(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask).last_hidden_state
+    k = batch.group_size
+    return (hidden.repeat_interleave(k, dim=0),), batch.prompt_mask.repeat_interleave(k, dim=0)
+
+
+def _with_start(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    start = torch.full((ids.shape[0], 1), decoder_start_id(model), dtype=ids.dtype, device=ids.device)
+    return torch.cat([start, ids], dim=1), torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+
+
+def response_logits(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
+    """(N, T, V) logits where [:, t] predicts response token t given the prompt and tokens < t."""
+    p, t = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+    if is_seq2seq(model):
+        enc, enc_mask = _encode_once(model, batch)
+        dec_ids, dec_mask = _with_start(model, batch.response_ids[:, :-1], batch.response_mask[:, :-1])
+        out = model(encoder_outputs=enc, attention_mask=enc_mask, decoder_input_ids=dec_ids,
+                    decoder_attention_mask=dec_mask, use_cache=False)
+        return out.logits
+    out = model(**_decoder_only_inputs(batch, batch.group_size), use_cache=False, logits_to_keep=t + 1)
+    # logits_to_keep keeps the last t + 1 positions: those from column p - 1 on, which predict response tokens.
+    return out.logits[:, :t]
+
+
+def response_hidden(backbone: PreTrainedModel, batch: Batch) -> torch.Tensor:
+    """(N, T, d) last hidden states at the positions whose input token is response token t.
+
+    ``backbone`` is a base model without LM head (``AutoModel``: e.g. LlamaModel, T5Model).
+    """
+    p = batch.prompt_ids.shape[1]
+    if is_seq2seq(backbone):
+        enc, enc_mask = _encode_once(backbone, batch)
+        dec_ids, dec_mask = _with_start(backbone, batch.response_ids, batch.response_mask)
+        out = backbone(encoder_outputs=enc, attention_mask=enc_mask, decoder_input_ids=dec_ids,
+                       decoder_attention_mask=dec_mask, use_cache=False)
+        return out.last_hidden_state[:, 1:]
+    out = backbone(**_decoder_only_inputs(batch, batch.group_size), use_cache=False)
+    return out.last_hidden_state[:, p:]
+
+
+def load_lm(path: str | Path, device: torch.device | str = "cpu") -> PreTrainedModel:
+    """Load a seq2seq or causal LM from a local folder (or a hub id when online), in fp32."""
+    config = AutoConfig.from_pretrained(path)
+    cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    return cls.from_pretrained(path, dtype=torch.float32).to(device)
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every token id that ends a response: the generation config's EOS ids and the tokenizer's."""
+    ids: set[int] = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for x in (gen_eos, tokenizer.eos_token_id):
+        if isinstance(x, int):
+            ids.add(x)
+        elif x:
+            ids.update(int(i) for i in x)
+    if not ids:
+        raise ValueError("neither the model's generation config nor the tokenizer defines an EOS token")
+    return sorted(ids)
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_tokens: int,
+                   seq2seq: bool) -> list[list[int]]:
+    """Token ids of each prompt. Decoder-only models with a chat template get it (one user turn + generation
+    prompt); the prompt is cut from the left of the *content* so the instruction tail and template survive."""
+    out = []
+    use_chat = not seq2seq and bool(getattr(tokenizer, "chat_template", None))
+    for text in texts:
+        if use_chat:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=False)
+            if len(ids) > max_tokens:
+                over = len(ids) - max_tokens
+                content = tokenizer(text, add_special_tokens=False)["input_ids"]
+                text = tokenizer.decode(content[over + 1:])
+                ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                    add_generation_prompt=True, tokenize=True, return_dict=False)
+            ids = ids[-max_tokens:]
+        else:
+            ids = tokenizer(text, truncation=True, max_length=max_tokens)["input_ids"]
+        out.append(list(ids))
+    return out
+
+
+def encode_responses(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_tokens: int,
+                     eos_id: int) -> list[list[int]]:
+    """Token ids of reference responses, ending with ``eos_id`` (cut to ``max_tokens`` including EOS)."""
+    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [list(ids[: max_tokens - 1]) + [eos_id] for ids in enc]
