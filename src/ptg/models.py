@@ -45,7 +45,8 @@ class Batch:
         return self.response_ids.shape[0] // self.prompt_ids.shape[0]
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device) for t in (self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask)))
+        tensors = (self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask)
+        return Batch(*(t.to(device) for t in tensors))
 
 
 def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +112,7 @@ def _with_start(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor) -
 
 def response_logits(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
     """(N, T, V) logits where [:, t] predicts response token t given the prompt and tokens < t."""
-    p, t = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+    t = batch.response_ids.shape[1]
     if is_seq2seq(model):
         enc, enc_mask = _encode_once(model, batch)
         dec_ids, dec_mask = _with_start(model, batch.response_ids[:, :-1], batch.response_mask[:, :-1])

@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny randomly initialised LMs built from configs (no downloads), in eval mode."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+VOCAB = 24
+PAD, EOS, BOS = 0, 1, 2
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=PAD, eos_token_id=EOS,
+                      bos_token_id=BOS, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
+                   decoder_start_token_id=PAD, pad_token_id=PAD, eos_token_id=EOS)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+@pytest.fixture(params=["llama", "t5"])
+def tiny_lm(request):
+    return tiny_llama() if request.param == "llama" else tiny_t5()
