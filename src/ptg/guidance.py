@@ -75,16 +75,19 @@ def save_guidance(guidance: Guidance, directory: str | Path) -> None:
         json.dumps({"head_hidden": guidance.head_hidden, "squash": guidance.squash_mode}, indent=2) + "\n")
 
 
-def load_guidance(directory: str | Path, device: torch.device | str = "cpu") -> Guidance:
-    """Load what ``save_guidance`` wrote. A folder with only ``backbone/`` gets a freshly initialised head."""
+def load_guidance(directory: str | Path, head_hidden: int = 2048, squash: str = "soft_clamp") -> Guidance:
+    """Load what ``save_guidance`` wrote. A folder with only ``backbone/`` (round 0) gets a freshly initialised
+    head of ``head_hidden`` units and ``squash``; a saved guidance keeps its own."""
     directory = Path(directory)
+    if not (directory / BACKBONE_DIR).is_dir():
+        raise FileNotFoundError(f"{directory}: no guidance here (expected {directory / BACKBONE_DIR})")
     cfg_path = directory / CONFIG_FILE
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {"head_hidden": head_hidden, "squash": squash}
     guidance = Guidance.from_backbone(directory / BACKBONE_DIR, **cfg)
     head_path = directory / HEAD_FILE
     if head_path.exists():
         guidance.head.load_state_dict(load_file(head_path))
-    return guidance.to(device)
+    return guidance
 
 
 @dataclass(frozen=True)

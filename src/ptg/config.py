@@ -1,0 +1,132 @@
+"""Typed, frozen views of ``params.yaml`` groups: each stage loads its group at the top of ``main()``.
+
+Unknown or missing keys fail fast with the file and the key's name, so a typo in params.yaml never silently falls
+back to a default. Library configs (``FitConfig``, ``TrainConfig``, ``SamplingConfig``) are reused, extended with
+the stage-only keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from ptg.data import DataConfig
+from ptg.guidance import FitConfig
+from ptg.sampling import SamplingConfig
+from ptg.train import TrainConfig
+
+T = TypeVar("T")
+
+
+class ParamsError(ValueError):
+    """A params file is missing a key, has an unknown one, or a value of the wrong type."""
+
+
+@dataclass(frozen=True)
+class RunParams:
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu, cuda, cuda:1, ..."})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 where fast), bf16 or fp32"})
+    seed: int = field(default=0, metadata={"help": "base seed; each round and stage derives its own"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars (off under CI)"})
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    policy: str = field(default="smollm2-135m-instruct", metadata={
+        "help": "smollm2-135m-instruct (offline default), tiny-llama / tiny-t5 (random, for tests), a local HF "
+                "folder, or a hub id when online"})
+    guidance: str | None = field(default=None, metadata={
+        "help": "guidance backbone: null = the policy's first guidance_layers layers; else a path or hub id with "
+                "the policy's tokenizer"})
+    guidance_layers: int = field(default=4, metadata={"help": "layers kept when the guidance is a truncated policy"})
+    max_prompt_tokens: int = field(default=384, metadata={"help": "prompt tokens at most (cut from the left)"})
+    max_target_tokens: int = field(default=48, metadata={"help": "reference tokens at most, EOS included"})
+
+
+@dataclass(frozen=True)
+class SampleParams(SamplingConfig):
+    batch_size: int = field(default=8, metadata={"help": "inputs per sampling batch"})
+    train_inputs: int = field(default=64, metadata={"help": "training inputs sampled per round (seeded draw)"})
+    validation_inputs: int = field(default=16, metadata={"help": "validation inputs sampled per round"})
+
+
+@dataclass(frozen=True)
+class RankParams:
+    metric: str = field(default="meteor", metadata={"help": "meteor, rouge, chrf, bleu, or file (human scores)"})
+    scores_file: str | None = field(default=None, metadata={
+        "help": "with metric: file, a table (csv/jsonl/parquet) of id, text, score"})
+
+
+@dataclass(frozen=True)
+class FitGuidanceParams(FitConfig):
+    head_hidden: int = field(default=2048, metadata={"help": "hidden width of the MLP head"})
+    squash: str = field(default="soft_clamp", metadata={"help": "soft_clamp (reference) or sigmoid"})
+
+
+@dataclass(frozen=True)
+class TrainLMParams(TrainConfig):
+    pass
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    max_new_tokens: int = field(default=48, metadata={"help": "greedy decoding length at most"})
+    batch_size: int = field(default=16, metadata={"help": "inputs per decoding batch"})
+
+
+def _build(cls: type[T], values: Any, where: str) -> T:
+    if not isinstance(values, dict):
+        raise ParamsError(f"{where}: expected a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ParamsError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(fields)}")
+    missing = sorted(n for n, f in fields.items() if n not in values)
+    if missing:
+        raise ParamsError(f"{where}: missing key(s) {', '.join(missing)}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ParamsError(f"{where}: {e}") from e
+
+
+GROUPS: dict[str, type] = {
+    "data": DataConfig, "model": ModelParams, "sample": SampleParams, "rank": RankParams,
+    "fit_guidance": FitGuidanceParams, "train_lm": TrainLMParams, "evaluate": EvaluateParams,
+}
+RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunParams))
+
+
+def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"params file {path} not found")
+    params = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(params, dict):
+        raise ParamsError(f"{path}: top level must be a mapping")
+    return params
+
+
+def load_group(name: str, path: str | Path = "params.yaml") -> Any:
+    """The params group ``name`` of ``path`` as its frozen dataclass (``run`` collects the top-level keys)."""
+    params = read_params(path)
+    if name == "run":
+        return _build(RunParams, {k: params[k] for k in RUN_KEYS if k in params}, str(path))
+    if name not in params:
+        raise ParamsError(f"{path}: missing group {name!r}")
+    return _build(GROUPS[name], params[name], f"{path}: {name}")
+
+
+def rounds(path: str | Path = "params.yaml") -> list[dict[str, int]]:
+    """The ``rounds`` list: [{round: 1, prev: 0}, {round: 2, prev: 1}, ...], checked to be a chain."""
+    items = read_params(path).get("rounds")
+    if not isinstance(items, list) or not items:
+        raise ParamsError(f"{path}: rounds must be a non-empty list of {{round, prev}}")
+    for i, item in enumerate(items, start=1):
+        if item != {"round": i, "prev": i - 1}:
+            raise ParamsError(f"{path}: rounds[{i - 1}] must be {{round: {i}, prev: {i - 1}}}; got {item}")
+    return items

@@ -1,0 +1,444 @@
+"""Train/validation/test examples for the ``prepare`` stage: from the Python standard library, a folder or the Hub.
+
+Three sources, chosen by ``DataConfig.source``:
+
+* ``"python-docstrings"`` (default, offline): every documented function and method of the running interpreter's
+  standard library becomes an example whose input is the function's code with the docstring removed and whose
+  target is the docstring's first paragraph (code summarisation). Splits come from a stable hash of the
+  qualified name (``split_of``), so they never change between runs; the corpus depends on the Python version,
+  recorded by ``source_info``.
+* a local folder with ``train``, ``validation`` (or ``dev``) and ``test`` files (jsonl, json lines, csv, parquet).
+* a Hugging Face dataset id (``datasets.load_dataset``; needs the network or a warm cache).
+
+``build_examples`` turns any of them into one frame per split with the ``ptg.schemas.Examples`` columns: long
+inputs dropped, splits capped by a seeded sample, the prompt formatted, ``references`` a list of strings whose
+first element is the training ``target``.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import string
+import sys
+import sysconfig
+import textwrap
+import time
+import tokenize
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ptg.schemas import SPLITS, check_disjoint_splits
+
+log = logging.getLogger(__name__)
+
+DOCSTRINGS_SOURCE = "python-docstrings"
+EXAMPLE_COLUMNS: tuple[str, ...] = ("id", "split", "input", "prompt", "target", "references")
+LOCAL_EXTENSIONS: tuple[str, ...] = (".jsonl", ".json", ".csv", ".parquet")
+SPLIT_ALIASES: dict[str, tuple[str, ...]] = {"train": ("train",), "validation": ("validation", "dev"),
+                                             "test": ("test",)}
+
+MIN_TARGET_WORDS = 3
+MAX_TARGET_WORDS = 40
+_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
+_SIGNATURE_RE = re.compile(r"^[\w.]+\s*\(.*?\)\s*(->|-->|=>)")
+_BLANK_LINE_RE = re.compile(r"\n\s*\n")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = field(default=DOCSTRINGS_SOURCE, metadata={
+        "help": "'python-docstrings' (stdlib code -> docstring summary), a local folder, or a Hugging Face id"})
+    input_field: str = field(default="input", metadata={"help": "input column of a local or Hub dataset"})
+    target_field: str = field(default="target", metadata={
+        "help": "target column of a local or Hub dataset; a list value means several references"})
+    max_train: int = field(default=256, metadata={"help": "train examples at most (seeded sample); 0 keeps all"})
+    max_validation: int = field(default=64, metadata={"help": "validation examples at most; 0 keeps all"})
+    max_test: int = field(default=64, metadata={"help": "test examples at most; 0 keeps all"})
+    prompt_template: str = field(default="Summarize what this Python function does in one sentence.\n\n{input}",
+                                 metadata={"help": "prompt format; '{input}' is the only placeholder"})
+    max_input_chars: int = field(default=2000, metadata={
+        "help": "drop examples whose input is longer than this many characters; 0 keeps all"})
+    seed: int = field(default=0, metadata={"help": "seed of the sample that caps each split"})
+
+    def __post_init__(self) -> None:
+        for name in ("max_train", "max_validation", "max_test", "max_input_chars"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"DataConfig.{name} must be >= 0 (0 = no limit); got {getattr(self, name)!r}")
+        template_fields(self.prompt_template)
+
+    def cap(self, split: str) -> int:
+        """The row cap of ``split`` (0 = none)."""
+        return {"train": self.max_train, "validation": self.max_validation, "test": self.max_test}[split]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Splits and prompts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def split_of(example_id: str) -> str:
+    """Stable split of an id: 80 % train, 10 % validation, 10 % test, from the SHA-1 of the id (not ``hash``)."""
+    bucket = int.from_bytes(hashlib.sha1(example_id.encode("utf-8")).digest()[:8], "big") % 100
+    return "train" if bucket < 80 else "validation" if bucket < 90 else "test"
+
+
+def template_fields(template: str) -> set[str]:
+    """The placeholders of a prompt template; ``ValueError`` unless it is exactly ``{input}``."""
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as err:
+        raise ValueError(f"prompt_template is not a valid format string ({err}): {template!r}") from None
+    if names != {"input"}:
+        raise ValueError(f"prompt_template must contain the '{{input}}' placeholder and no other (literal braces "
+                         f"are written '{{{{' and '}}}}'); found {sorted(names) or 'none'} in {template!r}")
+    return names
+
+
+def format_prompt(template: str, text: str) -> str:
+    """``template`` with ``{input}`` replaced by ``text`` (braces inside ``text`` are kept as they are)."""
+    return template.format(input=text)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Python-docstrings corpus
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def python_version() -> str:
+    """``sys.version`` of the running interpreter, whose standard library the docstrings corpus comes from."""
+    return sys.version
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _python_files(root: Path) -> Iterator[Path]:
+    """Every .py file under ``root`` in sorted order, skipping test folders, test files and third-party code."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in _EXCLUDED_DIRS and not d.startswith("."))
+        for name in sorted(files):
+            if name.endswith(".py") and not name.startswith("test_"):
+                yield Path(folder) / name
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts)
+
+
+def docstring_summary(doc: str) -> str:
+    """First paragraph of a (cleaned) docstring, whitespace-normalised to one line."""
+    return " ".join(_BLANK_LINE_RE.split(doc.strip(), maxsplit=1)[0].split())
+
+
+def restates_signature(summary: str, name: str) -> bool:
+    """Whether a summary only restates a signature: ``name(...`` or ``anything(args) -> ...``."""
+    return summary.startswith(f"{name}(") or _SIGNATURE_RE.match(summary) is not None
+
+
+def _byte_col_text(line: str, start: int | None = None, end: int | None = None) -> str:
+    """Slice a source line by UTF-8 byte columns (what ``ast`` column offsets count)."""
+    return line.encode("utf-8")[start:end].decode("utf-8", errors="replace")
+
+
+def _strip_docstring(lines: list[str], node: ast.FunctionDef | ast.AsyncFunctionDef) -> str | None:
+    """The function's source (dedented, from the ``def`` line) without its docstring statement, or None.
+
+    None when the docstring shares a line with other code (``def f(): "doc"``) or is the whole body.
+    """
+    doc = node.body[0]
+    if len(node.body) == 1 or doc.end_lineno is None or node.end_lineno is None:
+        return None
+    if _byte_col_text(lines[doc.lineno - 1], end=doc.col_offset).strip():
+        return None
+    after = _byte_col_text(lines[doc.end_lineno - 1], start=doc.end_col_offset).strip()
+    if after and not after.startswith("#"):
+        return None
+    kept = lines[node.lineno - 1:doc.lineno - 1] + lines[doc.end_lineno:node.end_lineno]
+    return textwrap.dedent("".join(kept)).rstrip() + "\n"
+
+
+def _child_statements(node: ast.AST) -> Iterator[ast.stmt]:
+    """The statements directly inside ``node``'s blocks (expressions are never walked: functions are statements)."""
+    for attr in ("body", "orelse", "finalbody"):
+        block = getattr(node, attr, None)
+        if isinstance(block, list):
+            yield from (stmt for stmt in block if isinstance(stmt, ast.stmt))
+    for clause in (*getattr(node, "handlers", ()), *getattr(node, "cases", ())):
+        yield from clause.body
+
+
+def _functions(tree: ast.Module, module: str) -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
+    """(qualified name, node) of every function and method, nested ones included, in source order (depth first).
+
+    Functions defined under ``if``/``try``/``with``/... blocks keep the enclosing name as their prefix.
+    """
+    def walk(node: ast.AST, prefix: str) -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
+        for stmt in _child_statements(node):
+            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield f"{prefix}.{stmt.name}", stmt
+                yield from walk(stmt, f"{prefix}.{stmt.name}")
+            elif isinstance(stmt, ast.ClassDef):
+                yield from walk(stmt, f"{prefix}.{stmt.name}")
+            else:
+                yield from walk(stmt, prefix)
+
+    return walk(tree, module)
+
+
+def _file_examples(path: Path, module: str, max_input_chars: int) -> Iterator[tuple[str, str, str]]:
+    try:
+        with tokenize.open(path) as fh:  # honours the file's coding cookie
+            source = fh.read()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # invalid escape sequences etc. in old modules
+            tree = ast.parse(source, filename=str(path))
+    except (SyntaxError, UnicodeDecodeError, ValueError, OSError) as err:
+        log.debug("skipping %s: %s", path, err)
+        return
+    lines = source.splitlines(keepends=True)
+    for qualname, node in _functions(tree, module):
+        doc = ast.get_docstring(node, clean=True)
+        if not doc:
+            continue
+        target = docstring_summary(doc)
+        if not MIN_TARGET_WORDS <= len(target.split()) <= MAX_TARGET_WORDS or restates_signature(target, node.name):
+            continue
+        code = _strip_docstring(lines, node)
+        if code is None or (max_input_chars and len(code) > max_input_chars):
+            continue
+        yield qualname, code, target
+
+
+@functools.lru_cache(maxsize=4)
+def _docstring_corpus(root: str, max_input_chars: int) -> tuple[tuple[str, str, str], ...]:
+    start = time.perf_counter()
+    rows: dict[str, tuple[str, str, str]] = {}
+    base = Path(root)
+    n_files = 0
+    for path in _python_files(base):
+        n_files += 1
+        for row in _file_examples(path, _module_name(path, base), max_input_chars):
+            rows.setdefault(row[0], row)  # the first definition of a qualified name wins
+    log.info("python-docstrings: %d examples from %d files under %s in %.1f s", len(rows), n_files, root,
+             time.perf_counter() - start)
+    return tuple(rows.values())
+
+
+def python_docstrings(max_input_chars: int = 0, root: str | os.PathLike[str] | None = None) -> pd.DataFrame:
+    """Code-summarisation examples (columns id, input, target) from the standard library's documented functions.
+
+    ``root`` defaults to the running interpreter's standard library (``sysconfig``; site-packages, test folders
+    and ``test_*.py`` files excluded). For each function or method with a docstring whose first paragraph has
+    3-40 words and is not a restated signature: ``id`` is ``module.Class.func``, ``target`` that paragraph on
+    one line, ``input`` the function's source with the docstring statement removed (dedented, decorators left
+    out). Inputs longer than ``max_input_chars`` are skipped (0 = no limit). The result is cached per argument.
+    """
+    root_path = Path(root) if root is not None else stdlib_root()
+    rows = _docstring_corpus(str(root_path.resolve()), int(max_input_chars))
+    return pd.DataFrame(list(rows), columns=["id", "input", "target"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Local folders and the Hub
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _text(value: Any) -> str:
+    """An input cell as one string: lists (e.g. pre-tokenised text) are joined with spaces; None is ''."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return " ".join(_text(v) for v in value)
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):
+        return ""
+    return str(value)
+
+
+def _references(value: Any) -> list[str]:
+    """A target cell as the list of its non-blank references (a list value means several references)."""
+    items = value if isinstance(value, (list, tuple, np.ndarray)) else [value]
+    refs = [_text(v) for v in items]
+    return [r for r in refs if r.strip()]
+
+
+def normalize_fields(df: pd.DataFrame, split: str, input_field: str, target_field: str, where: str) -> pd.DataFrame:
+    """Raw rows -> columns id, split, input, references; rows without input or any reference are dropped.
+
+    ``id`` is the ``id`` column as strings when there is one, else ``<split>-<row>``. ``where`` names the source
+    in errors: a missing field is a ``ValueError`` naming it, the field and the available columns.
+    """
+    for name in (input_field, target_field):
+        if name not in df.columns:
+            raise ValueError(f"{where}: no field {name!r}; available columns: {', '.join(map(str, df.columns))}")
+    ids = df["id"].map(str) if "id" in df.columns else pd.Series([f"{split}-{i}" for i in range(len(df))])
+    out = pd.DataFrame({
+        "id": ids.to_numpy(dtype=object),
+        "split": split,
+        "input": [_text(v) for v in df[input_field]],
+        "references": [_references(v) for v in df[target_field]],
+    })
+    keep = out["input"].str.strip().astype(bool) & out["references"].map(bool)
+    if not keep.all():
+        log.warning("%s: dropped %d of %d rows with an empty %r or %r", where, int((~keep).sum()), len(out),
+                    input_field, target_field)
+    return out[keep].reset_index(drop=True)
+
+
+def _read_records(path: Path) -> pd.DataFrame:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return pd.read_parquet(path)
+    if suffix == ".csv":
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".json" and text.lstrip().startswith("["):  # a JSON array of records also works
+        return pd.DataFrame.from_records(json.loads(text))
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not a JSON line ({err.msg})") from None
+    return pd.DataFrame.from_records(records)
+
+
+def _split_file(folder: Path, split: str) -> Path:
+    found = [folder / f"{stem}{ext}" for stem in SPLIT_ALIASES[split] for ext in LOCAL_EXTENSIONS
+             if (folder / f"{stem}{ext}").is_file()]
+    if not found:
+        names = ", ".join(f"{stem}{{{','.join(LOCAL_EXTENSIONS)}}}" for stem in SPLIT_ALIASES[split])
+        raise FileNotFoundError(f"{folder}: no {split} file (looked for {names})")
+    if len(found) > 1:
+        raise ValueError(f"{folder}: several {split} files, keep one: {', '.join(p.name for p in found)}")
+    return found[0]
+
+
+def load_local(folder: str | os.PathLike[str], input_field: str = "input",
+               target_field: str = "target") -> pd.DataFrame:
+    """All splits of a local dataset folder as one frame with columns id, split, input, references.
+
+    The folder holds ``train``, ``validation`` (or ``dev``) and ``test`` files, each ``.jsonl``, ``.json`` (JSON
+    lines, or one JSON array), ``.csv`` or ``.parquet``. A list-valued input is joined with spaces; a list-valued
+    target is a list of references (the first one trains, all of them evaluate).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such dataset folder")
+    frames = []
+    for split in SPLITS:
+        path = _split_file(folder, split)
+        frames.append(normalize_fields(_read_records(path), split, input_field, target_field, str(path)))
+    return pd.concat(frames, ignore_index=True)
+
+
+def load_hf(dataset_id: str, input_field: str = "input", target_field: str = "target",
+            name: str | None = None) -> pd.DataFrame:
+    """All splits of a Hugging Face dataset (``train``, ``validation`` or ``dev``, ``test``) as ``load_local`` does.
+
+    ``datasets`` is imported here, not at module import, and downloads only when this is called (or reads its
+    cache when offline). ``name`` is the dataset configuration, if it has several.
+    """
+    import datasets  # heavy, and only this source needs it
+
+    dd = datasets.load_dataset(dataset_id, name)
+    frames = []
+    for split in SPLITS:
+        hub_split = next((s for s in SPLIT_ALIASES[split] if s in dd), None)
+        if hub_split is None:
+            raise ValueError(f"{dataset_id}: no {split} split; available: {', '.join(dd)}")
+        frames.append(normalize_fields(dd[hub_split].to_pandas(), split, input_field, target_field,
+                                       f"{dataset_id}[{hub_split}]"))
+    return pd.concat(frames, ignore_index=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Examples
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def source_kind(source: str) -> str:
+    """``"python-docstrings"``, ``"local"`` (an existing folder) or ``"huggingface"``."""
+    if source == DOCSTRINGS_SOURCE:
+        return DOCSTRINGS_SOURCE
+    return "local" if Path(source).is_dir() else "huggingface"
+
+
+def load_source(cfg: DataConfig) -> pd.DataFrame:
+    """Every usable row of ``cfg.source`` (columns id, split, input, references), before caps, in source order."""
+    kind = source_kind(cfg.source)
+    if kind == DOCSTRINGS_SOURCE:
+        df = python_docstrings(cfg.max_input_chars)
+        return pd.DataFrame({"id": df["id"], "split": df["id"].map(split_of), "input": df["input"],
+                             "references": [[t] for t in df["target"]]})
+    if kind == "local":
+        df = load_local(cfg.source, cfg.input_field, cfg.target_field)
+    else:
+        log.info("%s is not a local folder: loading it as a Hugging Face dataset", cfg.source)
+        df = load_hf(cfg.source, cfg.input_field, cfg.target_field)
+    if cfg.max_input_chars:
+        long = df["input"].str.len() > cfg.max_input_chars
+        if long.any():
+            log.warning("%s: dropped %d of %d rows with inputs over %d characters", cfg.source, int(long.sum()),
+                        len(df), cfg.max_input_chars)
+        df = df[~long].reset_index(drop=True)
+    return df
+
+
+def cap_rows(df: pd.DataFrame, cap: int, seed: int, salt: int = 0) -> pd.DataFrame:
+    """At most ``cap`` rows (0 = all): a seeded sample without replacement, in the original row order."""
+    if not cap or len(df) <= cap:
+        return df
+    idx = np.random.default_rng([seed, salt]).choice(len(df), size=cap, replace=False)
+    return df.iloc[np.sort(idx)]
+
+
+def build_examples(cfg: DataConfig) -> dict[str, pd.DataFrame]:
+    """One ``Examples`` frame per split (train, validation, test) from ``cfg``: capped, prompted, disjoint."""
+    template_fields(cfg.prompt_template)
+    rows = load_source(cfg)
+    frames: dict[str, pd.DataFrame] = {}
+    for salt, split in enumerate(SPLITS):
+        part = cap_rows(rows[rows["split"] == split], cfg.cap(split), cfg.seed, salt).reset_index(drop=True)
+        if part.empty:
+            raise ValueError(f"{cfg.source}: the {split} split is empty")
+        references = [[str(r) for r in refs] for refs in part["references"]]
+        frames[split] = pd.DataFrame({
+            "id": part["id"].astype(str),
+            "split": split,
+            "input": part["input"],
+            "prompt": [format_prompt(cfg.prompt_template, x) for x in part["input"]],
+            "target": [refs[0] for refs in references],
+            "references": pd.Series(references, dtype=object),
+        }, columns=list(EXAMPLE_COLUMNS))
+    check_disjoint_splits(frames)
+    return frames
+
+
+def source_info(cfg: DataConfig, frames: Mapping[str, pd.DataFrame] | None = None) -> dict[str, Any]:
+    """What the examples came from, for a metrics JSON: source, kind, rows per split (and Python version).
+
+    ``frames`` are the ``build_examples(cfg)`` output; built again when not given.
+    """
+    frames = build_examples(cfg) if frames is None else frames
+    kind = source_kind(cfg.source)
+    info: dict[str, Any] = {"source": cfg.source, "kind": kind,
+                            "rows": {split: len(df) for split, df in frames.items()}}
+    if kind == DOCSTRINGS_SOURCE:
+        info["python_version"] = python_version()
+        info["corpus_size"] = len(python_docstrings(cfg.max_input_chars))
+    return info

@@ -1,0 +1,151 @@
+"""Glue shared by the DVC stages: artifact paths, stage start-up, reading the prepared examples as token ids,
+turning samples into tables, and training an LM from one folder into another (``ptg.evaluation`` evaluates).
+The stages stay a dozen lines each; the math stays in ``ptg.losses``, the learning in ``ptg.guidance`` and
+``ptg.train``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ptg import schemas
+from ptg.config import ModelParams, RunParams, load_group
+from ptg.guidance import Guidance
+from ptg.io import atomic_path, read_table, write_json
+from ptg.models import encode_prompts, encode_responses, eos_ids, is_seq2seq, load_lm, load_tokenizer
+from ptg.precision import resolve_device, resolve_precision
+from ptg.sampling import SamplingConfig, sample
+from ptg.train import Example, TrainConfig, train_lm
+
+log = logging.getLogger(__name__)
+
+DATA = Path("data")
+PREPARED = DATA / "prepared"
+METRICS = Path("metrics")
+SPLITS = ("train", "validation", "test")
+
+
+def round_dir(r: int) -> Path:
+    """Artifacts of round r; round 0 holds the base policy (lm/) and the untrained guidance backbone."""
+    return DATA / "rounds" / str(r)
+
+
+def baseline_dir(r: int) -> Path:
+    """Artifacts of the MLE baseline after as many updates as PTG rounds 1..r."""
+    return DATA / "baseline" / str(r)
+
+
+def round_metrics(r: int, stage: str) -> Path:
+    return METRICS / "rounds" / str(r) / f"{stage}.json"
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every stage needs: the params file, run settings, device and autocast dtype."""
+
+    params: Path
+    run: RunParams
+    device: torch.device
+    dtype: torch.dtype
+
+    def seed(self, stage: str, r: int = 0) -> int:
+        """A seed per (base seed, stage, round), stable across Python processes."""
+        digest = hashlib.sha256(f"{self.run.seed}/{stage}/{r}".encode()).digest()
+        return int.from_bytes(digest[:4], "little")
+
+    def generator(self, stage: str, r: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed(stage, r))
+
+    @property
+    def progress(self) -> bool:
+        return self.run.progress and not os.environ.get("CI")
+
+
+def start(stage: str, params: str | Path = "params.yaml") -> Context:
+    """Configure logging and resolve device and precision for ``stage``."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {stage} %(levelname)s %(message)s")
+    run: RunParams = load_group("run", params)
+    device = resolve_device(run.device)
+    dtype = resolve_precision(run.precision, device)
+    torch.manual_seed(run.seed)
+    log.info("device %s, compute dtype %s", device, dtype)
+    return Context(Path(params), run, device, dtype)
+
+
+def read_examples(*splits: str) -> pd.DataFrame:
+    """The prepared examples of ``splits`` (validated), in one frame."""
+    return pd.concat([read_table(PREPARED / f"{s}.parquet", schemas.Examples) for s in splits], ignore_index=True)
+
+
+def encode_prompts_of(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, frame: pd.DataFrame,
+                      mp: ModelParams) -> list[list[int]]:
+    """Prompt token ids of ``frame`` (chat template for decoder-only models that have one)."""
+    return encode_prompts(tokenizer, frame["prompt"].tolist(), mp.max_prompt_tokens, is_seq2seq(model))
+
+
+def encode_targets_of(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, frame: pd.DataFrame,
+                      mp: ModelParams) -> list[list[int]]:
+    """Reference token ids of ``frame``, ending with the EOS the model itself stops at."""
+    eos = tokenizer.eos_token_id if is_seq2seq(model) else eos_ids(model, tokenizer)[0]
+    return encode_responses(tokenizer, frame["target"].tolist(), mp.max_target_tokens, eos)
+
+
+def sample_table(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, frame: pd.DataFrame, mp: ModelParams,
+                 cfg: SamplingConfig, batch_size: int, ctx: Context, generator: torch.Generator | None
+                 ) -> tuple[pd.DataFrame, dict[str, float]]:
+    """K continuations of every row of ``frame`` as a Samples table, plus throughput figures."""
+    prompts = encode_prompts_of(tokenizer, model, frame, mp)
+    stops = eos_ids(model, tokenizer)
+    t0 = time.perf_counter()
+    drawn = sample(model, prompts, cfg, stops, tokenizer.pad_token_id, ctx.device, ctx.dtype, batch_size,
+                   generator, ctx.progress)
+    seconds = time.perf_counter() - t0
+    rows = []
+    for ex_id, group in zip(frame["id"], drawn, strict=True):
+        for k, ids in enumerate(group):
+            rows.append({"id": ex_id, "sample_idx": k, "text": tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                         "token_ids": ids, "n_tokens": len(ids), "finished": ids[-1] in stops})
+    table = pd.DataFrame(rows)
+    n_tokens = int(table["n_tokens"].sum())
+    return table, {"seconds": seconds, "tokens": n_tokens, "tokens_per_second": n_tokens / max(seconds, 1e-9),
+                   "mean_tokens": float(table["n_tokens"].mean()), "finished_fraction": float(table["finished"].mean())}
+
+
+def train_and_save(src: Path, dst: Path, cfg: TrainConfig, guidance: Guidance | None, ctx: Context,
+                   metrics_path: Path) -> list[dict[str, float]]:
+    """Load the LM at ``src``, train it on the training split with ``cfg``, save it (with its tokenizer) to
+    ``dst`` atomically, and write a summary JSON plus the per-update history CSV beside it."""
+    mp: ModelParams = load_group("model", ctx.params)
+    model, tok = load_lm(src, ctx.device), load_tokenizer(src)
+    train = read_examples("train")
+    prompts = encode_prompts_of(tok, model, train, mp)
+    targets = encode_targets_of(tok, model, train, mp)
+    examples = [Example(p, t) for p, t in zip(prompts, targets, strict=True)]
+    sampling = None
+    if cfg.objective == "reinforce":
+        sp = load_group("sample", ctx.params)
+        sampling = SamplingConfig(1, sp.max_new_tokens, sp.temperature, sp.top_k, sp.top_p)
+    t0 = time.perf_counter()
+    history = train_lm(model, examples, cfg, tok.pad_token_id, ctx.device, ctx.dtype, guidance, sampling,
+                       eos_ids(model, tok), ctx.progress)
+    seconds = time.perf_counter() - t0
+    with atomic_path(dst) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    last = history[-1]
+    tokens = sum(h["tokens"] for h in history)
+    write_json(metrics_path, {"objective": cfg.objective, "updates": len(history), "final_loss": last["loss"],
+                              "final_nll": last["nll"], "seconds": seconds, "tokens_per_second": tokens / seconds})
+    with atomic_path(metrics_path.with_name(metrics_path.stem + "_history.csv")) as tmp:
+        pd.DataFrame(history).to_csv(tmp, index=False)
+    return history
+

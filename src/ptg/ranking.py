@@ -1,0 +1,24 @@
+"""From per-sample preference scores to ranks within each input's group (rank 1 = most preferred)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+
+def rank_within_groups(scores: pd.DataFrame) -> pd.DataFrame:
+    """Add ``rank`` to a frame of id, sample_idx, score: 1..K within each id by descending score, ties broken by
+    sample_idx (ListMLE breaks them randomly again when fitting)."""
+    ordered = scores.sort_values(["id", "score", "sample_idx"], ascending=[True, False, True], kind="stable")
+    ordered["rank"] = ordered.groupby("id", sort=False).cumcount() + 1
+    return ordered.sort_values(["id", "sample_idx"], kind="stable").reset_index(drop=True)
+
+
+def human_scores(samples: pd.DataFrame, scores: pd.DataFrame, source: str) -> list[float]:
+    """Look up each sample's score by (id, text) in a human-scores table; a missing pair is an error naming it."""
+    lookup = scores.drop_duplicates(["id", "text"], keep="last").set_index(["id", "text"])["score"]
+    keys = list(zip(samples["id"], samples["text"], strict=True))
+    missing = [k for k in keys if k not in lookup.index]
+    if missing:
+        shown = "; ".join(f"id={i!r} text={t[:60]!r}" for i, t in missing[:5])
+        raise ValueError(f"{source}: no score for {len(missing)} sample(s), e.g. {shown}")
+    return [float(lookup[k]) for k in keys]

@@ -1,0 +1,52 @@
+"""PTG against the MLE baseline, round by round, from the per-round metrics JSON files.
+
+``build_report`` (the `report` stage) writes metrics/report/{eval_by_round,guidance_by_round}.csv for `dvc plots`;
+``python -m ptg.report`` prints the table from them (``make run`` does, after ``dvc repro``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from ptg.io import atomic_path, read_json
+
+EVAL_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "meteor")
+
+
+def build_report(round_ids: list[int], metrics_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Collect every round's evaluation (PTG and MLE) and guidance fit; write and return both tables."""
+    eval_rows, guidance_rows = [], []
+    for r in round_ids:
+        ptg = read_json(metrics_dir / "rounds" / str(r) / "evaluate.json")
+        mle = read_json(metrics_dir / "baseline" / str(r) / "evaluate.json")
+        fit = read_json(metrics_dir / "rounds" / str(r) / "fit_guidance.json")
+        eval_rows.append({"round": r, **{f"ptg_{k}": ptg[k] for k in EVAL_KEYS},
+                          **{f"mle_{k}": mle[k] for k in EVAL_KEYS}, "ptg_guidance_score": ptg["guidance_score"]})
+        guidance_rows.append({"round": r, **{k: fit[k] for k in (
+            "val_loss", "val_accuracy", "val_loss_start", "val_accuracy_start")}})
+    evals, guidance = pd.DataFrame(eval_rows), pd.DataFrame(guidance_rows)
+    for frame, name in ((evals, "eval_by_round.csv"), (guidance, "guidance_by_round.csv")):
+        with atomic_path(metrics_dir / "report" / name) as tmp:
+            frame.to_csv(tmp, index=False)
+    return evals, guidance
+
+
+def format_report(evals: pd.DataFrame, guidance: pd.DataFrame) -> str:
+    shown = pd.DataFrame({
+        "round": evals["round"], "PTG ROUGE-L": evals["ptg_rougeL"], "MLE ROUGE-L": evals["mle_rougeL"],
+        "PTG METEOR": evals["ptg_meteor"], "MLE METEOR": evals["mle_meteor"],
+        "guidance val acc": guidance["val_accuracy"]})
+    return ("PTG vs MLE on the test split (greedy; the same number of LM updates per round; ROUGE/METEOR x100)\n"
+            + shown.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+
+
+def main(metrics_dir: str = "metrics") -> None:
+    out = Path(metrics_dir) / "report"
+    print(format_report(pd.read_csv(out / "eval_by_round.csv"), pd.read_csv(out / "guidance_by_round.csv")))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,26 @@
+"""DVC stage `evaluate@r`: greedy predictions of LM_r on the test split, scored against all references.
+
+Writes data/rounds/r/predictions.parquet (schema Predictions) and metrics/rounds/r/evaluate.json: ROUGE-1/2/L/Lsum
+and METEOR (x100), mean length, and round r's guidance mean token reward on the predictions.
+Run: python stages/evaluate.py --round r [--params params.yaml]
+"""
+
+import argparse
+
+from ptg import evaluation, pipeline
+from ptg.guidance import load_guidance
+
+
+def main(r: int, params: str = "params.yaml") -> None:
+    ctx = pipeline.start(f"evaluate@{r}", params)
+    guidance = load_guidance(pipeline.round_dir(r) / "guidance")
+    evaluation.evaluate_and_save(pipeline.round_dir(r) / "lm", guidance, pipeline.round_dir(r) / "predictions.parquet",
+                               pipeline.round_metrics(r, "evaluate"), ctx)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--round", type=int, required=True)
+    ap.add_argument("--params", default="params.yaml")
+    a = ap.parse_args()
+    main(a.round, a.params)

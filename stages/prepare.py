@@ -1,0 +1,27 @@
+"""DVC stage `prepare`: build the train / validation / test examples from `data.source` (params: data).
+
+Writes data/prepared/{train,validation,test}.parquet (schema Examples) and metrics/prepare.json.
+Run: python stages/prepare.py [--params params.yaml]
+"""
+
+import argparse
+
+from ptg import pipeline, schemas
+from ptg.config import load_group
+from ptg.data import build_examples, source_info
+from ptg.io import write_json, write_table
+
+
+def main(params: str = "params.yaml") -> None:
+    pipeline.start("prepare", params)
+    cfg = load_group("data", params)
+    frames = build_examples(cfg)
+    for split, frame in frames.items():
+        write_table(frame, pipeline.PREPARED / f"{split}.parquet", schemas.Examples)
+    write_json(pipeline.METRICS / "prepare.json", source_info(cfg) | {s: len(f) for s, f in frames.items()})
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    main(ap.parse_args().params)

@@ -1,0 +1,24 @@
+"""DVC stage `report`: PTG against the MLE baseline, round by round, as a table (printed) and plot data.
+
+Reads every round's metrics and the baseline's; writes metrics/report/eval_by_round.csv (ROUGE / METEOR of PTG
+and MLE after the same number of LM updates) and metrics/report/guidance_by_round.csv (guidance validation
+ListMLE and pairwise ranking accuracy), plotted by `dvc plots show`.
+Run: python stages/report.py [--params params.yaml]
+"""
+
+import argparse
+
+from ptg import pipeline
+from ptg.config import rounds
+from ptg.report import build_report, format_report
+
+
+def main(params: str = "params.yaml") -> None:
+    pipeline.start("report", params)
+    print(format_report(*build_report([item["round"] for item in rounds(params)], pipeline.METRICS)))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", default="params.yaml")
+    main(ap.parse_args().params)

@@ -1,0 +1,40 @@
+"""DVC stage `sample@r`: K samples per input from LM_{r-1} (round 0's LM is the base model).
+
+Samples `sample.train_inputs` training inputs (a fresh seeded draw each round) and the first
+`sample.validation_inputs` validation inputs (a fixed subset, so guidance validation is comparable across
+rounds). Writes data/rounds/r/samples.parquet (schema Samples) and metrics/rounds/r/sample.json.
+Run: python stages/sample.py --round r [--params params.yaml]
+"""
+
+import argparse
+import dataclasses
+
+import pandas as pd
+
+from ptg import pipeline, schemas
+from ptg.config import load_group
+from ptg.io import write_json, write_table
+from ptg.models import load_lm, load_tokenizer
+from ptg.sampling import SamplingConfig
+
+
+def main(r: int, params: str = "params.yaml") -> None:
+    ctx = pipeline.start(f"sample@{r}", params)
+    mp, sp = load_group("model", params), load_group("sample", params)
+    train, val = pipeline.read_examples("train"), pipeline.read_examples("validation")
+    train = train.sample(n=min(sp.train_inputs, len(train)), random_state=ctx.seed("sample", r))
+    frame = pd.concat([train, val.head(sp.validation_inputs)], ignore_index=True)
+    lm_dir = pipeline.round_dir(r - 1) / "lm"
+    model, tok = load_lm(lm_dir, ctx.device), load_tokenizer(lm_dir)
+    cfg = SamplingConfig(**{f.name: getattr(sp, f.name) for f in dataclasses.fields(SamplingConfig)})
+    table, speed = pipeline.sample_table(model, tok, frame, mp, cfg, sp.batch_size, ctx, ctx.generator("sample", r))
+    write_table(table, pipeline.round_dir(r) / "samples.parquet", schemas.Samples)
+    write_json(pipeline.round_metrics(r, "sample"), speed | {"inputs": len(frame), "settings": dataclasses.asdict(cfg)})
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--round", type=int, required=True)
+    ap.add_argument("--params", default="params.yaml")
+    a = ap.parse_args()
+    main(a.round, a.params)

@@ -1,0 +1,31 @@
+"""DVC stage `train_lm@r`: train LM_{r-1} into LM_r with round r's frozen guidance as per-token weights.
+
+`train_lm.objective`: wmle (guidance-weighted MLE on the references, default), reinforce (the LM's own samples,
+token rewards + entropy bonus; sampling settings from `sample`), or mle (ignores the guidance). Writes
+data/rounds/r/lm and metrics/rounds/r/train_lm.json (+ train_lm_history.csv).
+Run: python stages/train_lm.py --round r [--params params.yaml]
+"""
+
+import argparse
+import dataclasses
+
+from ptg import pipeline
+from ptg.config import load_group
+from ptg.guidance import load_guidance
+
+
+def main(r: int, params: str = "params.yaml") -> None:
+    ctx = pipeline.start(f"train_lm@{r}", params)
+    cfg = load_group("train_lm", params)
+    cfg = dataclasses.replace(cfg, seed=ctx.seed("train_lm", r))
+    guidance = load_guidance(pipeline.round_dir(r) / "guidance") if cfg.objective != "mle" else None
+    pipeline.train_and_save(pipeline.round_dir(r - 1) / "lm", pipeline.round_dir(r) / "lm", cfg, guidance, ctx,
+                            pipeline.round_metrics(r, "train_lm"))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--round", type=int, required=True)
+    ap.add_argument("--params", default="params.yaml")
+    a = ap.parse_args()
+    main(a.round, a.params)
