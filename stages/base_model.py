@@ -6,8 +6,9 @@ Run: python stages/base_model.py [--params params.yaml]
 """
 
 import argparse
+import dataclasses
 
-from ptg import pipeline
+from ptg import pipeline, tracking
 from ptg.base_models import TINY_KINDS, build_tiny, copy_backbone, materialize_policy, truncate_backbone
 from ptg.config import load_group
 from ptg.guidance import BACKBONE_DIR
@@ -25,6 +26,7 @@ def main(params: str = "params.yaml") -> None:
         truncate_backbone(lm_dir, mp.guidance_layers, guidance_dir)
     else:
         copy_backbone(mp.guidance, guidance_dir, policy_dir=lm_dir)
+    tracking.log_stage("base_model", None, dataclasses.asdict(mp), {})
 
 
 if __name__ == "__main__":

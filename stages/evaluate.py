@@ -6,16 +6,21 @@ Run: python stages/evaluate.py --round r [--params params.yaml]
 """
 
 import argparse
+import dataclasses
 
-from ptg import evaluation, pipeline
+from ptg import evaluation, pipeline, tracking
+from ptg.config import load_group
 from ptg.guidance import load_guidance
 
 
 def main(r: int, params: str = "params.yaml") -> None:
     ctx = pipeline.start(f"evaluate@{r}", params)
     guidance = load_guidance(pipeline.round_dir(r) / "guidance")
-    evaluation.evaluate_and_save(pipeline.round_dir(r) / "lm", guidance, pipeline.round_dir(r) / "predictions.parquet",
-                               pipeline.round_metrics(r, "evaluate"), ctx)
+    lm_dir = pipeline.round_dir(r) / "lm"
+    scores, files = evaluation.evaluate_and_save(lm_dir, guidance, pipeline.round_dir(r) / "predictions.parquet",
+                                                 pipeline.round_metrics(r, "evaluate"), ctx)
+    tracking.log_stage("evaluate", r, dataclasses.asdict(load_group("evaluate", params)), scores, artifacts=files)
+    tracking.set_best_alias("ptg-lm", lm_dir, "rougeL", scores["rougeL"])
 
 
 if __name__ == "__main__":

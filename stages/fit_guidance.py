@@ -11,7 +11,7 @@ import dataclasses
 
 import pandas as pd
 
-from ptg import pipeline, schemas
+from ptg import pipeline, schemas, tracking
 from ptg.config import load_group
 from ptg.guidance import FitConfig, RankedGroup, fit_guidance, load_guidance, save_guidance
 from ptg.io import atomic_path, read_table, write_json
@@ -41,15 +41,19 @@ def main(r: int, params: str = "params.yaml") -> None:
     cfg = FitConfig(**{f.name: getattr(fp, f.name) for f in dataclasses.fields(FitConfig)})
     cfg = dataclasses.replace(cfg, seed=ctx.seed("fit_guidance", r))
     result = fit_guidance(guidance, train, val, cfg, tok.pad_token_id, ctx.device, ctx.dtype, ctx.progress)
-    with atomic_path(pipeline.round_dir(r) / "guidance") as tmp:
+    out = pipeline.round_dir(r) / "guidance"
+    with atomic_path(out) as tmp:
         save_guidance(guidance.cpu(), tmp)
     start = result.history[0]
-    write_json(pipeline.round_metrics(r, "fit_guidance"), {
-        "val_loss": result.best_val_loss, "val_accuracy": result.best_val_accuracy, "best_update": result.best_update,
-        "updates": result.updates, "val_loss_start": start["val_loss"], "val_accuracy_start": start["val_accuracy"],
-        "train_groups": len(train), "val_groups": len(val)})
+    summary = {"val_loss": result.best_val_loss, "val_accuracy": result.best_val_accuracy,
+               "best_update": result.best_update, "updates": result.updates, "val_loss_start": start["val_loss"],
+               "val_accuracy_start": start["val_accuracy"], "train_groups": len(train), "val_groups": len(val)}
+    write_json(pipeline.round_metrics(r, "fit_guidance"), summary)
+    history = pd.DataFrame(result.history)
     with atomic_path(pipeline.round_metrics(r, "fit_guidance_history").with_suffix(".csv")) as tmp:
-        pd.DataFrame(result.history).to_csv(tmp, index=False)
+        history.to_csv(tmp, index=False)
+    tracking.log_stage("fit_guidance", r, dataclasses.asdict(cfg), summary, history=history, model_dir=out,
+                       registered_name="ptg-guidance")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ Run: python stages/prepare.py [--params params.yaml]
 """
 
 import argparse
+import dataclasses
 
-from ptg import pipeline, schemas
+from ptg import pipeline, schemas, tracking
 from ptg.config import load_group
 from ptg.data import build_examples, source_info
 from ptg.io import write_json, write_table
@@ -18,7 +19,9 @@ def main(params: str = "params.yaml") -> None:
     frames = build_examples(cfg)
     for split, frame in frames.items():
         write_table(frame, pipeline.PREPARED / f"{split}.parquet", schemas.Examples)
-    write_json(pipeline.METRICS / "prepare.json", source_info(cfg) | {s: len(f) for s, f in frames.items()})
+    info = source_info(cfg, frames)
+    write_json(pipeline.METRICS / "prepare.json", info)
+    tracking.log_stage("prepare", None, dataclasses.asdict(cfg), info["rows"] | {"source": info["source"]})
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ Run: python stages/rank.py --round r [--params params.yaml]
 """
 
 import argparse
+import dataclasses
 from pathlib import Path
 
-from ptg import metrics, pipeline, schemas
+from ptg import metrics, pipeline, schemas, tracking
 from ptg.config import load_group
 from ptg.io import read_table, write_json, write_table
 from ptg.ranking import human_scores, rank_within_groups
@@ -25,10 +26,12 @@ def main(r: int, params: str = "params.yaml") -> None:
         refs = pipeline.read_examples("train", "validation").set_index("id")["references"]
         scores = metrics.score(rp.metric, samples["text"].tolist(), [list(refs[i]) for i in samples["id"]])
     table = rank_within_groups(samples[["id", "sample_idx"]].assign(score=scores))
-    write_table(table, pipeline.round_dir(r) / "rankings.parquet", schemas.Rankings)
+    out = pipeline.round_dir(r) / "rankings.parquet"
+    write_table(table, out, schemas.Rankings)
     best = table[table["rank"] == 1]["score"]
-    write_json(pipeline.round_metrics(r, "rank"), {"metric": rp.metric, "mean_score": float(table["score"].mean()),
-                                                   "mean_best_score": float(best.mean())})
+    summary = {"metric": rp.metric, "mean_score": float(table["score"].mean()), "mean_best_score": float(best.mean())}
+    write_json(pipeline.round_metrics(r, "rank"), summary)
+    tracking.log_stage("rank", r, dataclasses.asdict(rp), summary, artifacts=[out])
 
 
 if __name__ == "__main__":

@@ -8,14 +8,21 @@ Run: python stages/report.py [--params params.yaml]
 
 import argparse
 
-from ptg import pipeline
+from ptg import pipeline, tracking, viz
 from ptg.config import rounds
+from ptg.io import atomic_path
 from ptg.report import build_report, format_report
 
 
 def main(params: str = "params.yaml") -> None:
     pipeline.start("report", params)
-    print(format_report(*build_report([item["round"] for item in rounds(params)], pipeline.METRICS)))
+    evals, guidance = build_report([item["round"] for item in rounds(params)], pipeline.METRICS)
+    out = pipeline.METRICS / "report"
+    with atomic_path(out / "metrics_by_round.png") as tmp:
+        viz.metrics_by_round_png(out / "eval_by_round.csv", tmp.with_suffix(".png")).rename(tmp)
+    print(format_report(evals, guidance))
+    tracking.log_stage("report", None, {}, {}, artifacts=[out / "eval_by_round.csv", out / "guidance_by_round.csv",
+                                                           out / "metrics_by_round.png"])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import dataclasses
 
 import pandas as pd
 
-from ptg import pipeline, schemas
+from ptg import pipeline, schemas, tracking
 from ptg.config import load_group
 from ptg.io import write_json, write_table
 from ptg.models import load_lm, load_tokenizer
@@ -28,8 +28,11 @@ def main(r: int, params: str = "params.yaml") -> None:
     model, tok = load_lm(lm_dir, ctx.device), load_tokenizer(lm_dir)
     cfg = SamplingConfig(**{f.name: getattr(sp, f.name) for f in dataclasses.fields(SamplingConfig)})
     table, speed = pipeline.sample_table(model, tok, frame, mp, cfg, sp.batch_size, ctx, ctx.generator("sample", r))
-    write_table(table, pipeline.round_dir(r) / "samples.parquet", schemas.Samples)
-    write_json(pipeline.round_metrics(r, "sample"), speed | {"inputs": len(frame), "settings": dataclasses.asdict(cfg)})
+    out = pipeline.round_dir(r) / "samples.parquet"
+    write_table(table, out, schemas.Samples)
+    summary = speed | {"inputs": len(frame)}
+    write_json(pipeline.round_metrics(r, "sample"), summary | {"settings": dataclasses.asdict(cfg)})
+    tracking.log_stage("sample", r, dataclasses.asdict(sp), summary, artifacts=[out])
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ Run: python stages/train_lm.py --round r [--params params.yaml]
 import argparse
 import dataclasses
 
-from ptg import pipeline
+from ptg import pipeline, tracking
 from ptg.config import load_group
 from ptg.guidance import load_guidance
 
@@ -19,8 +19,12 @@ def main(r: int, params: str = "params.yaml") -> None:
     cfg = load_group("train_lm", params)
     cfg = dataclasses.replace(cfg, seed=ctx.seed("train_lm", r))
     guidance = load_guidance(pipeline.round_dir(r) / "guidance") if cfg.objective != "mle" else None
-    pipeline.train_and_save(pipeline.round_dir(r - 1) / "lm", pipeline.round_dir(r) / "lm", cfg, guidance, ctx,
-                            pipeline.round_metrics(r, "train_lm"))
+    out = pipeline.round_dir(r) / "lm"
+    summary, history = pipeline.train_and_save(pipeline.round_dir(r - 1) / "lm", out, cfg, guidance, ctx,
+                                               pipeline.round_metrics(r, "train_lm"),
+                                               pipeline.round_metrics(r, "train_lm_history").with_suffix(".csv"))
+    tracking.log_stage("train_lm", r, dataclasses.asdict(cfg), summary, history=history, model_dir=out,
+                       registered_name="ptg-lm")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from ptg import data
-from ptg.data import DataConfig, build_examples, load_local, python_docstrings, source_info, split_of
+from ptg.data import DataConfig, build_examples, load_local, normalize_fields, python_docstrings, source_info, split_of
 from ptg.io import read_table, write_table
 from ptg.schemas import Examples
 
@@ -243,14 +243,20 @@ def test_load_local_parquet_and_missing_split(tmp_path):
         load_local(d)
 
 
-def test_load_local_drops_rows_without_target(tmp_path, caplog):
+def test_load_local_rejects_rows_without_input_or_target(tmp_path):
     d = tmp_path / "ds"
     d.mkdir()
     for split in ("train", "validation", "test"):
         _jsonl(d / f"{split}.jsonl", [{"input": "x", "target": "y"}, {"input": "x2", "target": ""},
                                       {"input": "", "target": "z"}, {"input": "x3", "target": None}])
-    df = load_local(d)
-    assert len(df) == 3 and "dropped 3 of 4 rows" in caplog.text
+    with pytest.raises(ValueError, match=r"train\.jsonl: empty 'input' / 'target' in 3 row\(s\): row 1"):
+        load_local(d)
+
+
+def test_hub_style_normalisation_drops_blank_rows_with_a_warning(caplog):
+    raw = pd.DataFrame({"input": ["x", "x2", ""], "target": ["y", "", "z"]})
+    df = normalize_fields(raw, "train", "input", "target", "hub[train]", strict=False)
+    assert len(df) == 1 and "dropped 2 of 3 rows" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------------------------

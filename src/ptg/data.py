@@ -20,7 +20,6 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
-import json
 import logging
 import os
 import re
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ptg.io import read_records
 from ptg.schemas import SPLITS, check_disjoint_splits
 
 log = logging.getLogger(__name__)
@@ -275,8 +275,12 @@ def _references(value: Any) -> list[str]:
     return [r for r in refs if r.strip()]
 
 
-def normalize_fields(df: pd.DataFrame, split: str, input_field: str, target_field: str, where: str) -> pd.DataFrame:
-    """Raw rows -> columns id, split, input, references; rows without input or any reference are dropped.
+def normalize_fields(df: pd.DataFrame, split: str, input_field: str, target_field: str, where: str,
+                     strict: bool = True) -> pd.DataFrame:
+    """Raw rows -> columns id, split, input, references.
+
+    A row with an empty input or no non-empty reference is an error naming the file, the field and the rows
+    (``strict``, for the user's own files), or is dropped with a warning (hub datasets, which have a few).
 
     ``id`` is the ``id`` column as strings when there is one, else ``<split>-<row>``. ``where`` names the source
     in errors: a missing field is a ``ValueError`` naming it, the field and the available columns.
@@ -292,29 +296,16 @@ def normalize_fields(df: pd.DataFrame, split: str, input_field: str, target_fiel
         "references": [_references(v) for v in df[target_field]],
     })
     keep = out["input"].str.strip().astype(bool) & out["references"].map(bool)
+    if strict and not keep.all():
+        bad = out[~keep]
+        fields = [f for f, ok in ((input_field, bad["input"].str.strip().astype(bool).all()),
+                                  (target_field, bad["references"].map(bool).all())) if not ok]
+        rows = ", ".join(f"row {i} (id {ex_id!r})" for i, ex_id in zip(bad.index[:5], bad["id"][:5], strict=True))
+        raise ValueError(f"{where}: empty {' / '.join(map(repr, fields))} in {len(bad)} row(s): {rows}")
     if not keep.all():
         log.warning("%s: dropped %d of %d rows with an empty %r or %r", where, int((~keep).sum()), len(out),
                     input_field, target_field)
     return out[keep].reset_index(drop=True)
-
-
-def _read_records(path: Path) -> pd.DataFrame:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        return pd.read_parquet(path)
-    if suffix == ".csv":
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    text = path.read_text(encoding="utf-8")
-    if suffix == ".json" and text.lstrip().startswith("["):  # a JSON array of records also works
-        return pd.DataFrame.from_records(json.loads(text))
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not a JSON line ({err.msg})") from None
-    return pd.DataFrame.from_records(records)
 
 
 def _split_file(folder: Path, split: str) -> Path:
@@ -342,7 +333,7 @@ def load_local(folder: str | os.PathLike[str], input_field: str = "input",
     frames = []
     for split in SPLITS:
         path = _split_file(folder, split)
-        frames.append(normalize_fields(_read_records(path), split, input_field, target_field, str(path)))
+        frames.append(normalize_fields(read_records(path), split, input_field, target_field, str(path)))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -362,7 +353,7 @@ def load_hf(dataset_id: str, input_field: str = "input", target_field: str = "ta
         if hub_split is None:
             raise ValueError(f"{dataset_id}: no {split} split; available: {', '.join(dd)}")
         frames.append(normalize_fields(dd[hub_split].to_pandas(), split, input_field, target_field,
-                                       f"{dataset_id}[{hub_split}]"))
+                                       f"{dataset_id}[{hub_split}]", strict=False))
     return pd.concat(frames, ignore_index=True)
 
 

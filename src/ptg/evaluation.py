@@ -10,35 +10,53 @@ import pandas as pd
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ptg import metrics, schemas
+from ptg import metrics, schemas, viz
 from ptg.config import ModelParams, load_group
 from ptg.guidance import Guidance
-from ptg.io import write_json, write_table
+from ptg.io import atomic_path, write_json, write_table
 from ptg.models import collate, load_lm, load_tokenizer
 from ptg.pipeline import Context, encode_prompts_of, read_examples, sample_table
 from ptg.precision import autocast
 from ptg.sampling import SamplingConfig
 
+HEATMAP_EXAMPLES = 6  # test responses shown in the token-level reward heatmap
+
 
 @torch.no_grad()
-def mean_token_reward(guidance: Guidance, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                      ctx: Context, batch_size: int = 16) -> list[float]:
-    """Mean guidance reward over the tokens of each response."""
+def token_rewards(guidance: Guidance, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                  ctx: Context, batch_size: int = 16) -> list[list[float]]:
+    """The guidance's reward of every token of each response."""
     guidance.to(ctx.device).eval()
-    out: list[float] = []
+    out: list[list[float]] = []
     for i in range(0, len(prompts), batch_size):
         batch = collate(prompts[i:i + batch_size], responses[i:i + batch_size], pad_id).to(ctx.device)
         with autocast(ctx.device, ctx.dtype):
-            r = guidance(batch).float()
-        out.extend((r.sum(-1) / batch.response_mask.sum(-1)).tolist())
+            r = guidance(batch).float().cpu()
+        out.extend(row[:n].tolist() for row, n in zip(r, batch.response_mask.sum(-1).tolist(), strict=True))
     return out
+
+
+def save_heatmaps(tokenizer: PreTrainedTokenizerBase, table: pd.DataFrame, token_ids: list[list[int]],
+                  rewards: list[list[float]], stem: Path) -> list[Path]:
+    """Token-level reward heatmaps of the first few test responses, as ``stem``.html and ``stem``.png."""
+    n = min(HEATMAP_EXAMPLES, len(table))
+    tokens = [[tokenizer.decode([t]) for t in ids] for ids in token_ids[:n]]
+    titles = [f"{i}: {p[:80]}" for i, p in zip(table["id"][:n], table["prediction"][:n], strict=True)]
+    html_path, png_path = stem.with_suffix(".html"), stem.with_suffix(".png")
+    with atomic_path(html_path) as tmp:
+        tmp.write_text(viz.reward_heatmap_html(tokens, rewards[:n], titles))
+    with atomic_path(png_path) as tmp:
+        viz.reward_heatmap_png(tokens, rewards[:n], titles, tmp.with_suffix(".png"))
+        tmp.with_suffix(".png").rename(tmp)
+    return [html_path, png_path]
 
 
 def evaluate_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, test: pd.DataFrame, mp: ModelParams,
                 max_new_tokens: int, batch_size: int, ctx: Context, guidance: Guidance | None
-                ) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Greedy predictions on ``test`` scored against all references: a Predictions table and corpus metrics
-    (ROUGE-1/2/L/Lsum, METEOR x100, mean length, the guidance's mean token reward when a guidance is given)."""
+                ) -> tuple[pd.DataFrame, dict[str, float], list[list[int]], list[list[float]]]:
+    """Greedy predictions on ``test`` scored against all references: a Predictions table, corpus metrics
+    (ROUGE-1/2/L/Lsum, METEOR x100, mean length, the guidance's mean token reward when a guidance is given),
+    and the predictions' token ids with their token rewards (empty without a guidance)."""
     cfg = SamplingConfig(num_samples=1, max_new_tokens=max_new_tokens, temperature=0.0)
     samples, speed = sample_table(model, tokenizer, test, mp, cfg, batch_size, ctx, generator=None)
     preds = samples["text"].tolist()
@@ -47,26 +65,32 @@ def evaluate_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, test
     table = pd.DataFrame({"id": test["id"].tolist(), "prediction": preds, "references": refs,
                           "rougeL": rouge["rougeL"], "meteor": metrics.meteor(preds, refs)})
     summary = metrics.summary(preds, refs)
+    token_ids = samples["token_ids"].tolist()
+    rewards: list[list[float]] = []
     if guidance is not None:
         prompts = encode_prompts_of(tokenizer, model, test, mp)
-        table["guidance_score"] = mean_token_reward(guidance, prompts, samples["token_ids"].tolist(),
-                                                    tokenizer.pad_token_id, ctx)
+        rewards = token_rewards(guidance, prompts, token_ids, tokenizer.pad_token_id, ctx)
+        table["guidance_score"] = [sum(r) / len(r) for r in rewards]
         summary["guidance_score"] = float(table["guidance_score"].mean())
     else:
         table["guidance_score"] = float("nan")
     summary |= {"gen_tokens": speed["mean_tokens"], "decode_tokens_per_second": speed["tokens_per_second"],
                 "meteor_wordnet": float(metrics.meteor_backend() == "wordnet")}
-    return table, summary
+    return table, summary, token_ids, rewards
 
 
 def evaluate_and_save(lm_dir: Path, guidance: Guidance | None, predictions_path: Path, metrics_path: Path,
-                      ctx: Context) -> dict[str, float]:
-    """Evaluate the LM at ``lm_dir`` on the test split; write the Predictions table and the metrics JSON."""
+                      ctx: Context) -> tuple[dict[str, float], list[Path]]:
+    """Evaluate the LM at ``lm_dir`` on the test split; write the Predictions table, the metrics JSON and, with
+    a guidance, the reward heatmaps beside the predictions. Returns the metrics and the files written."""
     mp: ModelParams = load_group("model", ctx.params)
     ep = load_group("evaluate", ctx.params)
     model, tok = load_lm(lm_dir, ctx.device), load_tokenizer(lm_dir)
-    table, summary = evaluate_lm(model, tok, read_examples("test"), mp, ep.max_new_tokens, ep.batch_size, ctx,
-                                 guidance)
+    table, summary, token_ids, rewards = evaluate_lm(model, tok, read_examples("test"), mp, ep.max_new_tokens,
+                                                     ep.batch_size, ctx, guidance)
     write_table(table, predictions_path, schemas.Predictions)
     write_json(metrics_path, summary)
-    return summary
+    files = [predictions_path]
+    if guidance is not None:
+        files += save_heatmaps(tok, table, token_ids, rewards, predictions_path.with_name("heatmap"))
+    return summary, files

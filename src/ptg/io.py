@@ -219,12 +219,32 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike[str], schema: Schema) 
     return valid
 
 
-def read_table(path: str | os.PathLike[str], schema: Schema) -> pd.DataFrame:
-    """Read the parquet table at ``path`` and return it validated against ``schema`` (``TableError`` if not).
-
-    A missing file is a ``FileNotFoundError`` naming the path (run the stage that produces it first).
-    """
+def read_records(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """A table file as a frame, by extension: .parquet, .csv, or JSON lines (.jsonl / .json; a .json file may
+    also hold one array of records). A missing file is a ``FileNotFoundError`` naming the path."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such table (has the stage that writes it run?)")
-    return validate_table(pd.read_parquet(path), schema, str(path))
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return pd.read_parquet(path)
+    if suffix == ".csv":
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    if suffix not in (".jsonl", ".json"):
+        raise ValueError(f"{path}: unsupported table format {suffix!r} (use .parquet, .csv, .jsonl or .json)")
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".json" and text.lstrip().startswith("["):
+        return pd.DataFrame.from_records(json.loads(text))
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not a JSON line ({err.msg})") from None
+    return pd.DataFrame.from_records(records)
+
+
+def read_table(path: str | os.PathLike[str], schema: Schema) -> pd.DataFrame:
+    """Read the table at ``path`` (see ``read_records``) validated against ``schema`` (``TableError`` if not)."""
+    return validate_table(read_records(path), schema, str(path))

@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -121,9 +122,9 @@ def sample_table(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fra
 
 
 def train_and_save(src: Path, dst: Path, cfg: TrainConfig, guidance: Guidance | None, ctx: Context,
-                   metrics_path: Path) -> list[dict[str, float]]:
+                   metrics_path: Path, history_path: Path) -> tuple[dict[str, Any], pd.DataFrame]:
     """Load the LM at ``src``, train it on the training split with ``cfg``, save it (with its tokenizer) to
-    ``dst`` atomically, and write a summary JSON plus the per-update history CSV beside it."""
+    ``dst`` atomically, and write the summary JSON and the per-update history CSV; return both."""
     mp: ModelParams = load_group("model", ctx.params)
     model, tok = load_lm(src, ctx.device), load_tokenizer(src)
     train = read_examples("train")
@@ -143,9 +144,11 @@ def train_and_save(src: Path, dst: Path, cfg: TrainConfig, guidance: Guidance | 
         tok.save_pretrained(tmp)
     last = history[-1]
     tokens = sum(h["tokens"] for h in history)
-    write_json(metrics_path, {"objective": cfg.objective, "updates": len(history), "final_loss": last["loss"],
-                              "final_nll": last["nll"], "seconds": seconds, "tokens_per_second": tokens / seconds})
-    with atomic_path(metrics_path.with_name(metrics_path.stem + "_history.csv")) as tmp:
-        pd.DataFrame(history).to_csv(tmp, index=False)
-    return history
+    summary = {"objective": cfg.objective, "updates": len(history), "final_loss": last["loss"],
+               "final_nll": last["nll"], "seconds": seconds, "tokens_per_second": tokens / seconds}
+    write_json(metrics_path, summary)
+    frame = pd.DataFrame(history)
+    with atomic_path(history_path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return summary, frame
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,20 +39,20 @@ def make_workspace(params_file: str | Path, directory: str | Path, repo: Path = 
     shutil.copy2(params_file, directory / "params.yaml")
     if not (directory / ".dvc").is_dir():
         subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=directory, check=True, env=dvc_env())
+        subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=directory, check=True, env=dvc_env())
     return directory
 
 
 def dvc_env() -> dict[str, str]:
-    """Environment for DVC subprocesses: no analytics ping (the machine may be offline), this venv first."""
+    """Environment for DVC subprocesses: this interpreter's bin folder first on PATH (so `dvc` and the stages'
+    `python` are this venv's), and no analytics ping (the machine may be offline)."""
     env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["DVC_NO_ANALYTICS"] = "1"
-    env.setdefault("DVC_NO_UPDATE_CHECK", "1")
     return env
 
 
 if __name__ == "__main__":
-    import sys
-
     if len(sys.argv) != 3:
         sys.exit("usage: python -m ptg.workspace PARAMS_FILE DIRECTORY")
     print(make_workspace(sys.argv[1], sys.argv[2]))

@@ -1,0 +1,119 @@
+"""The DVC pipeline end to end on the quick profile (tiny models), in a scratch workspace: every stage runs,
+outputs validate, a second `dvc repro` has nothing to do, a fit_guidance param change re-runs only what depends
+on it, and malformed inputs are rejected with a clear error and no output written."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from ptg import schemas
+from ptg.io import read_table
+from ptg.workspace import REPO, make_workspace
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PTG_TRACKING": "off",
+                        "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> Path:
+    ws = make_workspace(REPO / "configs" / "quick.yaml", tmp_path_factory.mktemp("quick"))
+    run(["dvc", "repro"], ws)
+    return ws
+
+
+def would_run(ws: Path) -> set[str]:
+    out = run(["dvc", "repro", "--dry"], ws).stdout
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+
+
+def test_every_stage_writes_valid_outputs(quick):
+    for r in (1, 2):
+        d = quick / "data" / "rounds" / str(r)
+        samples = read_table(d / "samples.parquet", schemas.Samples)
+        assert samples.groupby("id").size().eq(3).all()
+        read_table(d / "rankings.parquet", schemas.Rankings)
+        read_table(d / "predictions.parquet", schemas.Predictions)
+        assert (d / "guidance" / "head.safetensors").is_file() and (d / "lm" / "model.safetensors").is_file()
+        fit = json.loads((quick / "metrics" / "rounds" / str(r) / "fit_guidance.json").read_text())
+        assert 0 <= fit["val_accuracy"] <= 1 and fit["updates"] >= 1
+    report = pd.read_csv(quick / "metrics" / "report" / "eval_by_round.csv")
+    assert report["round"].tolist() == [1, 2] and {"ptg_rougeL", "mle_rougeL"} <= set(report.columns)
+    shown = run(["dvc", "metrics", "show", "--json"], quick).stdout
+    for key in ("metrics/rounds/1/evaluate.json", "metrics/rounds/2/evaluate.json",
+                "metrics/baseline/2/evaluate.json"):
+        assert key in shown
+
+
+def test_repro_again_has_nothing_to_do(quick):
+    assert would_run(quick) == set()
+    assert "up to date" in run(["dvc", "status"], quick).stdout
+
+
+def test_fit_guidance_param_change_reruns_only_downstream(quick):
+    params = yaml.safe_load((quick / "params.yaml").read_text())
+    params["fit_guidance"]["lr"] = params["fit_guidance"]["lr"] / 2
+    original = (quick / "params.yaml").read_text()
+    (quick / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        assert would_run(quick) == {"fit_guidance@1", "train_lm@1", "evaluate@1", "sample@2", "rank@2",
+                                    "fit_guidance@2", "train_lm@2", "evaluate@2", "report"}
+    finally:
+        (quick / "params.yaml").write_text(original)
+
+
+def _workspace_with(tmp_path: Path, **overrides) -> Path:
+    params = yaml.safe_load((REPO / "configs" / "quick.yaml").read_text())
+    for group, values in overrides.items():
+        params[group] |= values
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return make_workspace(tmp_path / "p.yaml", tmp_path / "ws")
+
+
+def test_malformed_input_file_is_rejected_and_nothing_is_written(tmp_path):
+    data = tmp_path / "mydata"
+    data.mkdir()
+    for split in ("train", "validation", "test"):
+        pd.DataFrame({"document": ["a b c", "d e f"], "summary": ["x", "y"]}).to_csv(data / f"{split}.csv",
+                                                                                   index=False)
+    ws = _workspace_with(tmp_path, data={"source": str(data), "input_field": "text", "target_field": "summary"})
+    proc = run([sys.executable, "stages/prepare.py"], ws, check=False)
+    assert proc.returncode != 0
+    assert "train.csv: no field 'text'" in proc.stderr and "document" in proc.stderr
+    assert not (ws / "data" / "prepared").exists()
+
+    pd.DataFrame({"document": ["a b c", "d e f"], "summary": ["x", " "]}).to_csv(data / "test.csv", index=False)
+    (ws / "params.yaml").write_text((ws / "params.yaml").read_text().replace("input_field: text",
+                                                                             "input_field: document"))
+    proc = run([sys.executable, "stages/prepare.py"], ws, check=False)
+    assert proc.returncode != 0 and "test.csv: empty 'summary' in 1 row(s): row 1" in proc.stderr
+    assert not (ws / "data" / "prepared").exists()
+
+
+def test_nan_human_score_is_rejected_and_no_ranking_is_written(tmp_path):
+    scores = tmp_path / "scores.csv"
+    ws = _workspace_with(tmp_path, rank={"metric": "file", "scores_file": str(scores)})
+    samples = pd.DataFrame({"id": ["a", "a"], "sample_idx": [0, 1], "text": ["good", "bad"],
+                            "token_ids": [[5, 1], [6, 1]], "n_tokens": [2, 2], "finished": [True, True]})
+    (ws / "data" / "rounds" / "1").mkdir(parents=True)
+    samples.to_parquet(ws / "data" / "rounds" / "1" / "samples.parquet")
+    pd.DataFrame({"id": ["a", "a"], "text": ["good", "bad"], "score": [0.9, float("nan")]}).to_csv(scores,
+                                                                                                   index=False)
+    proc = run([sys.executable, "stages/rank.py", "--round", "1"], ws, check=False)
+    assert proc.returncode != 0
+    assert "scores.csv" in proc.stderr and "score" in proc.stderr and "[1]" in proc.stderr
+    assert not (ws / "data" / "rounds" / "1" / "rankings.parquet").exists()
