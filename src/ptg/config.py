@@ -122,11 +122,15 @@ def load_group(name: str, path: str | Path = "params.yaml") -> Any:
 
 
 def rounds(path: str | Path = "params.yaml") -> list[dict[str, int]]:
-    """The ``rounds`` list: [{round: 1, prev: 0}, {round: 2, prev: 1}, ...], checked to be a chain."""
+    """The rounds as [{round: 1, prev: 0}, {round: 2, prev: 1}, ...] from params' ``rounds`` mapping
+    ("1": {prev: 0}, ...), checked to be a chain 1..N with string keys (DVC skips integer keys silently)."""
     items = read_params(path).get("rounds")
-    if not isinstance(items, list) or not items:
-        raise ParamsError(f"{path}: rounds must be a non-empty list of {{round, prev}}")
-    for i, item in enumerate(items, start=1):
-        if item != {"round": i, "prev": i - 1}:
-            raise ParamsError(f"{path}: rounds[{i - 1}] must be {{round: {i}, prev: {i - 1}}}; got {item}")
-    return items
+    if not isinstance(items, dict) or not items:
+        raise ParamsError(f"{path}: rounds must be a non-empty mapping \"<round>\": {{prev: <round - 1>}}")
+    out = []
+    for i, (key, value) in enumerate(items.items(), start=1):
+        if key != str(i) or value != {"prev": i - 1}:
+            raise ParamsError(f"{path}: rounds entry {i} must be \"{i}\": {{prev: {i - 1}}} (a quoted key); "
+                              f"got {key!r}: {value}")
+        out.append({"round": i, "prev": i - 1})
+    return out

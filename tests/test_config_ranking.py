@@ -1,0 +1,63 @@
+"""params.yaml groups load into typed configs that fail fast, and ranks are derived from scores per group."""
+
+import pandas as pd
+import pytest
+import yaml
+
+from ptg.config import ParamsError, load_group, rounds
+from ptg.ranking import human_scores, rank_within_groups
+from ptg.workspace import REPO
+
+
+@pytest.mark.parametrize("params", ["params.yaml", "configs/quick.yaml"])
+def test_shipped_params_files_load_completely(params):
+    path = REPO / params
+    for group in ("run", "data", "model", "sample", "rank", "fit_guidance", "train_lm", "evaluate"):
+        load_group(group, path)
+    assert [r["round"] for r in rounds(path)] == [1, 2]
+
+
+def _write(tmp_path, mutate):
+    params = yaml.safe_load((REPO / "configs" / "quick.yaml").read_text())
+    mutate(params)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_unknown_missing_and_bad_keys_name_the_key(tmp_path):
+    path = _write(tmp_path, lambda p: p["fit_guidance"].update(learning_rate=1.0))
+    with pytest.raises(ParamsError, match="fit_guidance: unknown key.*learning_rate"):
+        load_group("fit_guidance", path)
+    path = _write(tmp_path, lambda p: p["train_lm"].pop("lr"))
+    with pytest.raises(ParamsError, match="train_lm: missing key.*lr"):
+        load_group("train_lm", path)
+    path = _write(tmp_path, lambda p: p["train_lm"].update(objective="ppo"))
+    with pytest.raises(ParamsError, match="objective"):
+        load_group("train_lm", path)
+
+
+def test_rounds_must_be_a_quoted_chain(tmp_path):
+    path = _write(tmp_path, lambda p: p.update(rounds={1: {"prev": 0}}))
+    with pytest.raises(ParamsError, match="quoted key"):
+        rounds(path)
+    path = _write(tmp_path, lambda p: p.update(rounds={"1": {"prev": 0}, "3": {"prev": 2}}))
+    with pytest.raises(ParamsError, match="entry 2"):
+        rounds(path)
+
+
+def test_rank_within_groups_orders_by_score_with_stable_ties():
+    scores = pd.DataFrame({"id": ["b", "b", "b", "a", "a"], "sample_idx": [0, 1, 2, 0, 1],
+                           "score": [0.2, 0.9, 0.2, 0.1, 0.3]})
+    ranked = rank_within_groups(scores)
+    assert ranked[["id", "sample_idx"]].values.tolist() == [["a", 0], ["a", 1], ["b", 0], ["b", 1], ["b", 2]]
+    assert ranked["rank"].tolist() == [2, 1, 2, 1, 3]
+
+
+def test_human_scores_lookup_names_missing_samples():
+    samples = pd.DataFrame({"id": ["a", "a"], "text": ["x", "y"]})
+    table = pd.DataFrame({"id": ["a"], "text": ["x"], "score": [1.0]})
+    with pytest.raises(ValueError, match="scores.csv: no score for 1 sample.*'y'"):
+        human_scores(samples, table, "scores.csv")
+    table = pd.DataFrame({"id": ["a", "a"], "text": ["x", "y"], "score": [1.0, 2.0]})
+    assert human_scores(samples, table, "scores.csv") == [1.0, 2.0]
