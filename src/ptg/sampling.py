@@ -58,54 +58,56 @@ def _next_tokens(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gen
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
-def _expand_cache(cache: object, k: int) -> None:
-    if k > 1:
-        cache.batch_repeat_interleave(k)  # type: ignore[attr-defined]
-
-
 @torch.no_grad()
 def _sample_chunk(model: PreTrainedModel, prompts: Sequence[list[int]], cfg: SamplingConfig, eos: set[int],
                   pad_id: int, device: torch.device, generator: torch.Generator | None) -> list[list[int]]:
+    """K continuations of each prompt, input-major. Rows that emit EOS leave the batch (and the cache) at once, so
+    no compute is spent on finished sequences."""
     k = cfg.num_samples
     ids, mask = (t.to(device) for t in _pad(list(prompts), pad_id, left=True))
-    if is_seq2seq(model):
-        enc = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
-        enc_kwargs = {"encoder_outputs": (enc.repeat_interleave(k, 0),), "attention_mask": mask.repeat_interleave(k, 0)}
-        cur = torch.full((len(prompts) * k,), decoder_start_id(model), dtype=torch.long, device=device)
-        out = model(decoder_input_ids=cur[:, None], use_cache=True, **enc_kwargs)
-        step_kwargs = lambda tok, cache: {"decoder_input_ids": tok[:, None], "past_key_values": cache,  # noqa: E731
-                                          **enc_kwargs}
+    seq2seq = is_seq2seq(model)
+    if seq2seq:
+        enc = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state.repeat_interleave(k, 0)
+        enc_mask = mask.repeat_interleave(k, 0)
+        start = torch.full((enc.shape[0], 1), decoder_start_id(model), dtype=torch.long, device=device)
+        out = model(encoder_outputs=(enc,), attention_mask=enc_mask, decoder_input_ids=start, use_cache=True)
+        logits = out.logits[:, -1]
     else:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        _expand_cache(out.past_key_values, k)
-        state = {"mask": mask.repeat_interleave(k, 0), "pos": pos[:, -1:].repeat_interleave(k, 0)}
-
-        def step_kwargs(tok: torch.Tensor, cache: object) -> dict[str, object]:
-            state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
-            state["pos"] = state["pos"] + 1
-            return {"input_ids": tok[:, None], "attention_mask": state["mask"], "position_ids": state["pos"],
-                    "past_key_values": cache}
-    logits = out.logits[:, -1].repeat_interleave(k, 0) if not is_seq2seq(model) else out.logits[:, -1]
+        if k > 1:
+            out.past_key_values.batch_repeat_interleave(k)
+        logits = out.logits[:, -1].repeat_interleave(k, 0)
+        attn, last_pos = mask.repeat_interleave(k, 0), pos[:, -1:].repeat_interleave(k, 0)
     cache = out.past_key_values
-    n = logits.shape[0]
     eos_t = torch.tensor(sorted(eos), device=device)
-    done = torch.zeros(n, dtype=torch.bool, device=device)
-    tokens: list[torch.Tensor] = []
+    rows = torch.arange(logits.shape[0], device=device)  # the output row of each active row
+    seqs: list[list[int]] = [[] for _ in range(logits.shape[0])]
     for step in range(cfg.max_new_tokens):
-        tok = _next_tokens(logits, cfg, generator).masked_fill(done, pad_id)
-        tokens.append(tok)
-        done |= torch.isin(tok, eos_t)
-        if bool(done.all()) or step == cfg.max_new_tokens - 1:
+        tok = _next_tokens(logits, cfg, generator)
+        for r, t in zip(rows.tolist(), tok.tolist(), strict=True):
+            seqs[r].append(t)
+        alive = ~torch.isin(tok, eos_t)
+        if step == cfg.max_new_tokens - 1 or not bool(alive.any()):
             break
-        out = model(**step_kwargs(tok, cache), use_cache=True)
+        if not bool(alive.all()):
+            keep = alive.nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            rows, tok = rows[keep], tok[keep]
+            if seq2seq:
+                enc, enc_mask = enc[keep], enc_mask[keep]
+            else:
+                attn, last_pos = attn[keep], last_pos[keep]
+        if seq2seq:
+            out = model(encoder_outputs=(enc,), attention_mask=enc_mask, decoder_input_ids=tok[:, None],
+                        past_key_values=cache, use_cache=True)
+        else:
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+            last_pos = last_pos + 1
+            out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=last_pos, past_key_values=cache,
+                        use_cache=True)
         logits, cache = out.logits[:, -1], out.past_key_values
-    seqs = torch.stack(tokens, dim=1).tolist()
-    result = []
-    for seq in seqs:
-        end = next((i + 1 for i, t in enumerate(seq) if t in eos), len(seq))
-        result.append(seq[:end])
-    return result
+    return seqs
 
 
 def sample(model: PreTrainedModel, prompts: Sequence[list[int]], cfg: SamplingConfig, eos_ids: Sequence[int],

