@@ -23,10 +23,10 @@ test: $(VENV_STAMP)
 
 quick: $(VENV_STAMP)
 	$(PY) -m ptg.workspace configs/quick.yaml $(QUICK_DIR)
-	cd $(QUICK_DIR) && dvc repro && python -m ptg.report
+	cd $(QUICK_DIR) && python -m ptg.tracking run --name "make quick" -- dvc repro && python -m ptg.report
 
 run: $(VENV_STAMP)
-	dvc repro
+	$(PY) -m ptg.tracking run --name "make run" -- dvc repro
 	$(PY) -m ptg.report
 
 lint: $(VENV_STAMP)

@@ -26,10 +26,10 @@ def main(params: str = "params.yaml") -> None:
             src, out / "lm", round_cfg, None, ctx, met / "train_lm.json",
             pipeline.METRICS / "baseline_history" / str(r) / "train_lm_history.csv")
         tracking.log_stage("baseline_train_lm", r, dataclasses.asdict(round_cfg), summary, history=history,
-                           model_dir=out / "lm", registered_name="ptg-lm-baseline")
+                           model_dir=out / "lm", registered_name="ptg-lm-baseline", dvc_stage="baseline")
         scores, files = evaluation.evaluate_and_save(out / "lm", None, out / "predictions.parquet",
                                                      met / "evaluate.json", ctx)
-        tracking.log_stage("baseline_evaluate", r, {}, scores, artifacts=files)
+        tracking.log_stage("baseline_evaluate", r, {}, scores, artifacts=files, dvc_stage="baseline")
         tracking.set_best_alias("ptg-lm-baseline", out / "lm", "rougeL", scores["rougeL"])
 
 

@@ -159,3 +159,12 @@ def test_train_lm_rejects_bad_arguments():
         TrainConfig(objective="ppo")
     with pytest.raises(ValueError, match="reference"):
         train_lm(lm, [Example([2])], TrainConfig(objective="mle"), PAD, CPU, progress=False)
+
+
+def test_pairwise_accuracy_counts_ties_as_half_and_skips_equal_preferences():
+    from ptg.guidance import pairwise_accuracy
+
+    prefs = torch.tensor([[0.9, 0.5, 0.1, 0.1]])
+    assert pairwise_accuracy(torch.tensor([[3.0, 2.0, 1.0, 0.0]]), prefs) == (5.0, 5)
+    assert pairwise_accuracy(torch.tensor([[1.0, 1.0, 1.0, 1.0]]), prefs) == (2.5, 5)
+    assert pairwise_accuracy(torch.tensor([[0.0, 1.0, 2.0, 3.0]]), prefs) == (0.0, 5)

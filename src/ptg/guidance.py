@@ -141,13 +141,16 @@ def _check_groups(name: str, groups: Sequence[RankedGroup]) -> int:
     return ks.pop()
 
 
-def pairwise_accuracy(scores: torch.Tensor, preferences: torch.Tensor) -> tuple[int, int]:
-    """(agreeing pairs, compared pairs) over all pairs within each row with different preferences. (B, K) each."""
+def pairwise_accuracy(scores: torch.Tensor, preferences: torch.Tensor) -> tuple[float, int]:
+    """(agreeing pairs, compared pairs) over all pairs within each row with different preferences. (B, K) each.
+
+    A pair the scores tie counts one half, so a constant guidance (e.g. the initial one) scores 0.5, chance."""
     ds = scores.unsqueeze(-1) - scores.unsqueeze(-2)
     dp = preferences.unsqueeze(-1) - preferences.unsqueeze(-2)
     upper = torch.ones_like(dp, dtype=torch.bool).triu(1)
     compared = (dp != 0) & upper
-    return int(((ds * dp > 0) & compared).sum()), int(compared.sum())
+    agree = ((ds * dp > 0) & compared).sum() + 0.5 * ((ds == 0) & compared).sum()
+    return float(agree), int(compared.sum())
 
 
 def sequence_scores(guidance: Guidance, batch: Batch, cfg: FitConfig) -> torch.Tensor:
@@ -163,7 +166,7 @@ def evaluate_guidance(guidance: Guidance, groups: Sequence[RankedGroup], cfg: Fi
     was_training = guidance.training
     guidance.eval()
     gen = torch.Generator().manual_seed(0)
-    total, n, agree, compared = 0.0, 0, 0, 0
+    total, n, agree, compared = 0.0, 0, 0.0, 0
     for batch, prefs in _group_batches(groups, cfg.batch_groups, pad_id):
         with autocast(device, dtype):
             scores = sequence_scores(guidance, batch.to(device), cfg).float().cpu()

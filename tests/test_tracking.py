@@ -1,0 +1,297 @@
+"""ptg.tracking against throw-away MLflow stores: nested stage runs, registry, no-op mode, unreachable server and
+backfill, the `run` CLI around a real `dvc repro`, and (slow) a real `mlflow server`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from ptg import tracking
+from ptg.base_models import build_tiny
+
+VENV_BIN = str(Path(sys.executable).parent)
+TOY_DVC = """\
+stages:
+  train_lm:
+    foreach: ${rounds}
+    do:
+      cmd: python toy_stage.py train_lm ${key}
+      deps: [toy_stage.py, data.txt]
+      params: [lr]
+      outs: ["out/train_lm_${key}.json"]
+  fit_guidance:
+    foreach: ${rounds}
+    do:
+      cmd: python toy_stage.py fit_guidance ${key}
+      deps: [toy_stage.py, data.txt]
+      params: [lr]
+      outs: ["out/fit_guidance_${key}.json"]
+"""
+TOY_STAGE = """\
+import json, sys
+from pathlib import Path
+from ptg import tracking
+stage, r = sys.argv[1], int(sys.argv[2])
+out = Path(f"out/{stage}_{r}.json")
+out.parent.mkdir(exist_ok=True)
+out.write_text(json.dumps({"score": r / 10}))
+tracking.log_stage(stage, r, {"lr": 0.5}, {"score": r / 10}, artifacts=[out])
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> dict[int, Path]:
+    """Two tiny LM folders with different contents (round 1 and round 2)."""
+    root = tmp_path_factory.mktemp("models")
+    build_tiny("tiny-llama", root / "1")
+    shutil.copytree(root / "1", root / "2")
+    (root / "2" / "round.txt").write_text("2\n")
+    return {1: root / "1", 2: root / "2"}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """A toy DVC project (stages train_lm@1/2, fit_guidance@1/2 over rounds "1", "2" as in params.yaml) as the
+    working directory, with a fresh sqlite MLflow store and no parent run."""
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "params.yaml").write_text('lr: 0.5\nrounds:\n  "1": {prev: 0}\n  "2": {prev: 1}\n')
+    (root / "dvc.yaml").write_text(TOY_DVC)
+    (root / "toy_stage.py").write_text(TOY_STAGE)
+    (root / "data.txt").write_text("data\n")
+    monkeypatch.setenv("PATH", f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for name in (tracking.SWITCH_ENV, tracking.PARENT_ENV, "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    return root
+
+
+def client() -> MlflowClient:
+    return MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"], registry_uri=os.environ["MLFLOW_TRACKING_URI"])
+
+
+def runs_by_name(c: MlflowClient) -> dict[str, mlflow.entities.Run]:
+    experiment = c.get_experiment_by_name(tracking.EXPERIMENT)
+    return {r.info.run_name: r for r in c.search_runs([experiment.experiment_id])}
+
+
+def aliases(c: MlflowClient, name: str) -> dict[str, str]:
+    return {alias: str(version) for alias, version in c.get_registered_model(name).aliases.items()}
+
+
+def log_round(r: int, model: Path, stage: str, registered: str) -> None:
+    history = pd.DataFrame({"update": [1.0, 2.0, 3.0], "loss": [3.0, 2.0, float("nan")], "lr": [0.1, 0.1, 0.05]})
+    artifact = Path(f"{stage}_{r}.json")
+    artifact.write_text(json.dumps({"loss": 2.0}))
+    tracking.log_stage(stage, r, {"lr": 0.1, "opt": {"betas": [0.9, 0.99]}},
+                       {"loss": 2.0 / r, "objective": "wmle", "updates": 3}, history=history,
+                       artifacts=[artifact], model_dir=model, registered_name=registered)
+
+
+def test_log_stage_nested_runs_registry_and_alias(project, tiny_models, monkeypatch):
+    parent = tracking.start_parent("pipeline test", {"train_lm": {"lr": 0.1}})
+    assert parent
+    monkeypatch.setenv(tracking.PARENT_ENV, parent)
+    for r in (1, 2):
+        log_round(r, tiny_models[r], "fit_guidance", tracking.GUIDANCE_MODEL)
+        log_round(r, tiny_models[r], "train_lm", tracking.LM_MODEL)
+    assert tracking.set_best_alias(tracking.LM_MODEL, tiny_models[1], "rougeL", 12.0) == "1"
+    assert tracking.set_best_alias(tracking.LM_MODEL, tiny_models[2], "rougeL", 11.0) == "1"
+    tracking.end_parent(parent)
+
+    c = client()
+    runs = runs_by_name(c)
+    assert set(runs) == {"pipeline test", "fit_guidance@1", "fit_guidance@2", "train_lm@1", "train_lm@2"}
+    assert runs["pipeline test"].info.status == "FINISHED"
+    assert runs["pipeline test"].data.params == {"train_lm.lr": "0.1"}
+    run = runs["train_lm@2"]
+    tags = run.data.tags
+    assert run.info.status == "FINISHED" and tags["mlflow.parentRunId"] == parent
+    assert (tags["stage"], tags["round"], tags["dvc_stage"]) == ("train_lm", "2", "train_lm@2")
+    assert len(tags["git_commit"]) == 40 or tags["git_commit"] == "unknown"
+    assert len(tags["dvc_hash"]) == 32 and tags["info.objective"] == "wmle"
+    assert tags["dvc_hash"] != runs["train_lm@1"].data.tags["dvc_hash"]  # the rounds differ in their command
+    assert run.data.params == {"lr": "0.1", "opt.betas": "[0.9, 0.99]"}
+    assert run.data.metrics["loss"] == 1.0 and run.data.metrics["updates"] == 3.0
+    loss = c.get_metric_history(run.info.run_id, "history/loss")
+    assert [(m.step, m.value) for m in loss] == [(1, 3.0), (2, 2.0)]  # NaN cells are skipped
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "history/lr")] == [1, 2, 3]
+    assert "train_lm_2.json" in {a.path for a in c.list_artifacts(run.info.run_id)}
+
+    # The parent charts each stage's metrics against the round.
+    assert [(m.step, m.value) for m in c.get_metric_history(parent, "train_lm/loss")] == [(1, 2.0), (2, 1.0)]
+
+    for name, stage in ((tracking.GUIDANCE_MODEL, "fit_guidance"), (tracking.LM_MODEL, "train_lm")):
+        versions = sorted(c.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+        assert [str(v.version) for v in versions] == ["1", "2"]
+        for r, version in zip((1, 2), versions, strict=True):
+            assert version.tags["round"] == str(r) and version.tags["stage"] == stage
+            assert version.tags["run_id"] == runs[f"{stage}@{r}"].info.run_id
+            assert version.tags["content_md5"] == tracking.folder_md5(tiny_models[r])
+    assert aliases(c, tracking.LM_MODEL) == {"best": "1"}
+    assert c.get_model_version(tracking.LM_MODEL, "2").tags["eval.rougeL"] == "11.0"
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    mlflow.set_registry_uri(os.environ["MLFLOW_TRACKING_URI"])
+    model = mlflow.pyfunc.load_model(f"models:/{tracking.LM_MODEL}@best")
+    predictions = model.predict(["Summarize: def f(): return 1"], params=None)
+    assert len(predictions) == 1 and isinstance(predictions[0], str)
+
+
+def test_stage_without_parent_is_standalone(project):
+    tracking.log_stage("rank", 1, {"metric": "meteor"}, {"mean_score": 0.5})
+    run = runs_by_name(client())["rank@1"]
+    assert run.data.tags["standalone"] == "true" and "mlflow.parentRunId" not in run.data.tags
+    assert run.data.tags["dvc_hash"] == "unknown"  # toy dvc.yaml has no stage `rank`
+
+
+def test_alias_for_a_model_never_logged_here_only_warns(project, tiny_models, caplog):
+    """evaluate after a DVC-skipped train_lm, into a store that never saw that LM: a warning, nothing pending."""
+    caplog.set_level(logging.WARNING, logger="ptg.tracking")
+    assert tracking.set_best_alias(tracking.LM_MODEL, tiny_models[1], "rougeL", 1.0) is None
+    assert "PendingVersionError" in caplog.text and not tracking.PENDING_DIR.exists()
+
+
+def test_dvc_hash_follows_deps_and_params(project):
+    first = tracking.dvc_stage_hash("train_lm@1")
+    assert tracking.dvc_stage_hash("train_lm@1") == first
+    Path("data.txt").write_text("changed\n")
+    second = tracking.dvc_stage_hash("train_lm@1")
+    Path("params.yaml").write_text(Path("params.yaml").read_text().replace("lr: 0.5", "lr: 0.25"))
+    assert len({first, second, tracking.dvc_stage_hash("train_lm@1")}) == 3
+
+
+def test_tracking_off_is_a_noop(tmp_path):
+    """Off: nothing created, nothing written, MLflow never imported (checked in a fresh interpreter)."""
+    db = tmp_path / "mlflow.db"
+    code = f"""
+import sys
+from pathlib import Path
+from ptg import tracking
+assert tracking.start_parent("p", {{"a": 1}}) is None
+tracking.log_stage("train_lm", 1, {{"lr": 1}}, {{"loss": 1.0}}, model_dir=Path("."), registered_name="ptg-lm")
+assert tracking.set_best_alias("ptg-lm", Path("{tmp_path}"), "rougeL", 1.0) is None
+tracking.end_parent(None)
+assert "mlflow" not in sys.modules, "tracking off imported mlflow"
+"""
+    env = dict(os.environ, PTG_TRACKING="off", MLFLOW_TRACKING_URI=f"sqlite:///{db}")
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True)
+    assert not list(tmp_path.iterdir())
+
+
+def test_unreachable_server_writes_pending_then_backfills(project, tiny_models, monkeypatch, caplog):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    caplog.set_level(logging.WARNING, logger="ptg.tracking")
+    start = time.monotonic()
+    assert tracking.start_parent("pipeline", {}) is None
+    log_round(1, tiny_models[1], "train_lm", tracking.LM_MODEL)
+    assert tracking.set_best_alias(tracking.LM_MODEL, tiny_models[1], "rougeL", 3.0) is None
+    assert time.monotonic() - start < 10
+    assert "tracking skipped" in caplog.text
+    pending = sorted(p.name for p in tracking.PENDING_DIR.iterdir())
+    assert pending[-1] == "train_lm@1.json" and pending[0].startswith("alias-ptg-lm-best-")
+    record = json.loads((tracking.PENDING_DIR / "train_lm@1.json").read_text())
+    assert record["kind"] == "stage" and record["record"]["metrics"]["loss"] == 2.0
+
+    db = project.parent / "backfill.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    assert tracking.backfill() == (2, 0)
+    assert not list(tracking.PENDING_DIR.iterdir())
+    c = client()
+    run = runs_by_name(c)["train_lm@1"]
+    assert run.data.metrics["loss"] == 2.0 and run.data.tags["standalone"] == "true"
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "history/loss")] == [1, 2]
+    assert aliases(c, tracking.LM_MODEL) == {"best": "1"}
+    assert c.get_model_version(tracking.LM_MODEL, "1").tags["run_id"] == run.info.run_id
+
+
+def test_run_cli_wraps_dvc_repro(project):
+    """`python -m ptg.tracking run -- dvc repro`: one parent, a nested run per stage execution, exit code passed."""
+    done = subprocess.run([sys.executable, "-m", "ptg.tracking", "run", "--name", "repro", "--", "dvc", "repro"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    failed = subprocess.run([sys.executable, "-m", "ptg.tracking", "run", "--name", "broken", "--",
+                             sys.executable, "-c", "raise SystemExit(3)"], capture_output=True, text=True)
+    assert failed.returncode == 3
+    runs = runs_by_name(client())
+    parent = runs["repro"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["command"] == "dvc repro"
+    assert runs["broken"].info.status == "FAILED"
+    stages = {name for name, run in runs.items() if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert stages == {"train_lm@1", "train_lm@2", "fit_guidance@1", "fit_guidance@2"}
+    assert all(len(runs[s].data.tags["dvc_hash"]) == 32 for s in stages)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on a free loopback port; killed on teardown."""
+    port = free_port()
+    cmd = [str(Path(VENV_BIN) / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+           "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"]
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed in teardown
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError as e:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server did not start:\n{(tmp_path / 'server.log').read_text()}") from e
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_against_a_real_mlflow_server(project, tiny_models, mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    parent = tracking.start_parent("served", {"seed": 0})
+    monkeypatch.setenv(tracking.PARENT_ENV, parent)
+    log_round(1, tiny_models[1], "train_lm", tracking.LM_MODEL)
+    assert tracking.set_best_alias(tracking.LM_MODEL, tiny_models[1], "rougeL", 5.0) == "1"
+    tracking.end_parent(parent)
+    assert not tracking.PENDING_DIR.exists()
+
+    c = client()
+    (version,) = c.search_model_versions(f"name='{tracking.LM_MODEL}'")
+    run = c.get_run(version.tags["run_id"])
+    assert run.info.run_name == "train_lm@1" and run.data.tags["mlflow.parentRunId"] == parent
+    assert aliases(c, tracking.LM_MODEL) == {"best": "1"}
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.set_registry_uri(mlflow_server)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{tracking.LM_MODEL}/1"))
+    assert (local / "MLmodel").is_file()
+    assert tracking.folder_md5(next(local.rglob("config.json")).parent) == tracking.folder_md5(tiny_models[1])
