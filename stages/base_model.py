@@ -5,7 +5,6 @@ data/rounds/0/guidance/backbone (the policy's first `guidance_layers` layers, or
 Run: python stages/base_model.py [--params params.yaml]
 """
 
-import argparse
 import dataclasses
 
 from ptg import pipeline, tracking
@@ -30,6 +29,4 @@ def main(params: str = "params.yaml") -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    main(ap.parse_args().params)
+    pipeline.cli(main, __doc__, per_round=False)

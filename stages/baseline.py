@@ -7,7 +7,6 @@ metrics/baseline/<r>/{train_lm,evaluate}.json and metrics/baseline_history/<r>/t
 Run: python stages/baseline.py [--params params.yaml]
 """
 
-import argparse
 import dataclasses
 
 from ptg import evaluation, pipeline, tracking
@@ -34,6 +33,4 @@ def main(params: str = "params.yaml") -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    main(ap.parse_args().params)
+    pipeline.cli(main, __doc__, per_round=False)

@@ -5,7 +5,6 @@ and METEOR (x100), mean length, and round r's guidance mean token reward on the 
 Run: python stages/evaluate.py --round r [--params params.yaml]
 """
 
-import argparse
 import dataclasses
 
 from ptg import evaluation, pipeline, tracking
@@ -24,8 +23,4 @@ def main(r: int, params: str = "params.yaml") -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--round", type=int, required=True)
-    ap.add_argument("--params", default="params.yaml")
-    a = ap.parse_args()
-    main(a.round, a.params)
+    pipeline.cli(main, __doc__)

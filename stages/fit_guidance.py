@@ -6,7 +6,6 @@ metrics/rounds/r/fit_guidance.json (+ fit_guidance_history.csv, the per-update c
 Run: python stages/fit_guidance.py --round r [--params params.yaml]
 """
 
-import argparse
 import dataclasses
 
 import pandas as pd
@@ -57,8 +56,4 @@ def main(r: int, params: str = "params.yaml") -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--round", type=int, required=True)
-    ap.add_argument("--params", default="params.yaml")
-    a = ap.parse_args()
-    main(a.round, a.params)
+    pipeline.cli(main, __doc__)

@@ -4,7 +4,6 @@ Writes data/prepared/{train,validation,test}.parquet (schema Examples) and metri
 Run: python stages/prepare.py [--params params.yaml]
 """
 
-import argparse
 import dataclasses
 
 from ptg import pipeline, schemas, tracking
@@ -25,6 +24,4 @@ def main(params: str = "params.yaml") -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    main(ap.parse_args().params)
+    pipeline.cli(main, __doc__, per_round=False)

@@ -6,7 +6,6 @@ human scores from `rank.scores_file` (columns id, text, score). Writes data/roun
 Run: python stages/rank.py --round r [--params params.yaml]
 """
 
-import argparse
 import dataclasses
 from pathlib import Path
 
@@ -35,8 +34,4 @@ def main(r: int, params: str = "params.yaml") -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--round", type=int, required=True)
-    ap.add_argument("--params", default="params.yaml")
-    a = ap.parse_args()
-    main(a.round, a.params)
+    pipeline.cli(main, __doc__)

@@ -6,7 +6,6 @@ ListMLE and pairwise ranking accuracy), plotted by `dvc plots show`.
 Run: python stages/report.py [--params params.yaml]
 """
 
-import argparse
 
 from ptg import pipeline, tracking, viz
 from ptg.config import rounds
@@ -26,6 +25,4 @@ def main(params: str = "params.yaml") -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    main(ap.parse_args().params)
+    pipeline.cli(main, __doc__, per_round=False)

@@ -6,7 +6,6 @@ rounds). Writes data/rounds/r/samples.parquet (schema Samples) and metrics/round
 Run: python stages/sample.py --round r [--params params.yaml]
 """
 
-import argparse
 import dataclasses
 
 import pandas as pd
@@ -36,8 +35,4 @@ def main(r: int, params: str = "params.yaml") -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--round", type=int, required=True)
-    ap.add_argument("--params", default="params.yaml")
-    a = ap.parse_args()
-    main(a.round, a.params)
+    pipeline.cli(main, __doc__)

@@ -6,7 +6,6 @@ data/rounds/r/lm and metrics/rounds/r/train_lm.json (+ train_lm_history.csv).
 Run: python stages/train_lm.py --round r [--params params.yaml]
 """
 
-import argparse
 import dataclasses
 
 from ptg import pipeline, tracking
@@ -28,8 +27,4 @@ def main(r: int, params: str = "params.yaml") -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--round", type=int, required=True)
-    ap.add_argument("--params", default="params.yaml")
-    a = ap.parse_args()
-    main(a.round, a.params)
+    pipeline.cli(main, __doc__)

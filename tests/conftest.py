@@ -1,5 +1,8 @@
 """Shared fixtures: tiny randomly initialised LMs built from configs (no downloads), in eval mode."""
 
+import os
+import subprocess
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
@@ -21,6 +24,17 @@ def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
     cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
                    decoder_start_token_id=PAD, pad_token_id=PAD, eos_token_id=EOS)
     return T5ForConditionalGeneration(cfg).eval()
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """Terminate a server started with start_new_session=True, and its children (SIGKILL after 30 s)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
 
 
 @pytest.fixture(params=["llama", "t5"])

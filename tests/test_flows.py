@@ -23,6 +23,7 @@ from types import ModuleType
 
 import pytest
 import yaml
+from conftest import stop_process_group
 from mlflow import MlflowClient
 
 from ptg import tracking
@@ -51,17 +52,6 @@ def wait_for(url: str, proc: subprocess.Popen, log: Path, seconds: float) -> Non
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{url} did not come up:\n{log.read_text()[-4000:]}") from e
             time.sleep(1)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Terminate a process started with start_new_session=True, and its children."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +214,7 @@ def prefect_server(tmp_path):
             wait_for(f"{api}/health", proc, log_path, seconds=180)
             yield env | {"PREFECT_API_URL": api}
         finally:
-            stop(proc)
+            stop_process_group(proc)
 
 
 @pytest.mark.slow
@@ -266,5 +256,5 @@ def test_deployment_runs_on_a_process_worker(quick_run, prefect_server, tmp_path
                     break
                 time.sleep(3)
         finally:
-            stop(worker)
+            stop_process_group(worker)
     assert state == "COMPLETED", f"flow run {flow_run_id} ended {state}:\n{log_path.read_text()[-4000:]}"

@@ -17,6 +17,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from conftest import stop_process_group
 from mlflow import MlflowClient
 
 from ptg import tracking
@@ -266,12 +267,7 @@ def mlflow_server(tmp_path):
                 time.sleep(0.5)
         yield url
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+        stop_process_group(proc)
         log.close()
 
 

@@ -6,10 +6,12 @@ The stages stay a dozen lines each; the math stays in ``ptg.losses``, the learni
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,19 @@ class Context:
     @property
     def progress(self) -> bool:
         return self.run.progress and not os.environ.get("CI")
+
+
+def cli(main: Callable[..., None], doc: str | None, per_round: bool = True) -> None:
+    """The command line of a stage script: ``[--round R] [--params params.yaml]``, then ``main(R, params)``."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if per_round:
+        ap.add_argument("--round", type=int, required=True, help="the PTG round (1, 2, ...)")
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    args = ap.parse_args()
+    if per_round:
+        main(args.round, args.params)
+    else:
+        main(args.params)
 
 
 def start(stage: str, params: str | Path = "params.yaml") -> Context:
