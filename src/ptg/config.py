@@ -43,7 +43,8 @@ class ModelParams:
         "help": "guidance backbone: null = the policy's first guidance_layers layers; else a path or hub id with "
                 "the policy's tokenizer"})
     guidance_layers: int = field(default=4, metadata={"help": "layers kept when the guidance is a truncated policy"})
-    max_prompt_tokens: int = field(default=384, metadata={"help": "prompt tokens at most (cut from the left)"})
+    max_prompt_tokens: int = field(default=384, metadata={
+        "help": "prompt tokens at most (an over-long prompt loses the end of its text; instruction and template stay)"})
     max_target_tokens: int = field(default=48, metadata={"help": "reference tokens at most, EOS included"})
 
 
@@ -76,6 +77,9 @@ class TrainLMParams(TrainConfig):
 class EvaluateParams:
     max_new_tokens: int = field(default=48, metadata={"help": "greedy decoding length at most"})
     batch_size: int = field(default=16, metadata={"help": "inputs per decoding batch"})
+    subset_items: int = field(default=0, metadata={
+        "help": "rounds before the last evaluate only the first this many test items (0 = all); the last round "
+                "always evaluates the whole test split"})
 
 
 def _build(cls: type[T], values: Any, where: str) -> T:
@@ -121,16 +125,37 @@ def load_group(name: str, path: str | Path = "params.yaml") -> Any:
     return _build(GROUPS[name], params[name], f"{path}: {name}")
 
 
-def rounds(path: str | Path = "params.yaml") -> list[dict[str, int]]:
-    """The rounds as [{round: 1, prev: 0}, {round: 2, prev: 1}, ...] from params' ``rounds`` mapping
-    ("1": {prev: 0}, ...), checked to be a chain 1..N with string keys (DVC skips integer keys silently)."""
+ROUND_OVERRIDES = ("fit_guidance_updates", "train_lm_updates")
+
+
+def rounds(path: str | Path = "params.yaml") -> list[dict[str, int | None]]:
+    """The rounds as [{round: 1, prev: 0, fit_guidance_updates: None, train_lm_updates: None}, ...] from params'
+    ``rounds`` mapping ("1": {prev: 0}, ...), checked to be a chain 1..N with string keys (DVC skips integer keys
+    silently). An entry may override its round's budgets: ``fit_guidance_updates`` (else
+    ``fit_guidance.max_updates``) and ``train_lm_updates`` (else ``train_lm.max_updates``), e.g. a larger LM budget
+    in the last round for the spec's LM-only tail after the last guidance round."""
     items = read_params(path).get("rounds")
     if not isinstance(items, dict) or not items:
         raise ParamsError(f"{path}: rounds must be a non-empty mapping \"<round>\": {{prev: <round - 1>}}")
-    out = []
+    out: list[dict[str, int | None]] = []
     for i, (key, value) in enumerate(items.items(), start=1):
-        if key != str(i) or value != {"prev": i - 1}:
+        if key != str(i) or not isinstance(value, dict) or value.get("prev") != i - 1:
             raise ParamsError(f"{path}: rounds entry {i} must be \"{i}\": {{prev: {i - 1}}} (a quoted key); "
                               f"got {key!r}: {value}")
-        out.append({"round": i, "prev": i - 1})
+        unknown = sorted(set(value) - {"prev", *ROUND_OVERRIDES})
+        if unknown:
+            raise ParamsError(f"{path}: rounds.{key}: unknown key(s) {', '.join(unknown)}; allowed: prev, "
+                              f"{', '.join(ROUND_OVERRIDES)}")
+        for name in ROUND_OVERRIDES:
+            v = value.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ParamsError(f"{path}: rounds.{key}.{name} must be an integer >= 1; got {v!r}")
+        out.append({"round": i, "prev": i - 1, **{name: value.get(name) for name in ROUND_OVERRIDES}})
     return out
+
+
+def round_budget(stage: str, r: int, path: str | Path = "params.yaml") -> Any:
+    """The params group of ``stage`` (fit_guidance or train_lm) with round r's ``max_updates`` override."""
+    cfg = load_group(stage, path)
+    override = rounds(path)[r - 1][f"{stage}_updates"]
+    return cfg if override is None else dataclasses.replace(cfg, max_updates=override)  # type: ignore[type-var]

@@ -24,10 +24,18 @@ from ptg import schemas
 from ptg.config import ModelParams, RunParams, load_group
 from ptg.guidance import Guidance
 from ptg.io import atomic_path, read_table, write_json
-from ptg.models import encode_prompts, encode_responses, eos_ids, is_seq2seq, load_lm, load_tokenizer
+from ptg.models import (
+    encode_prompts,
+    encode_responses,
+    eos_ids,
+    is_seq2seq,
+    load_lm,
+    load_tokenizer,
+    turn_end_id,
+)
 from ptg.precision import resolve_device, resolve_precision
 from ptg.sampling import SamplingConfig, sample
-from ptg.train import Example, TrainConfig, train_lm
+from ptg.train import Example, TrainConfig, load_optimizer, make_optimizer, save_optimizer, train_lm
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +118,9 @@ def encode_prompts_of(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel
 
 def encode_targets_of(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, frame: pd.DataFrame,
                       mp: ModelParams) -> list[list[int]]:
-    """Reference token ids of ``frame``, ending with the EOS the model itself stops at."""
-    eos = tokenizer.eos_token_id if is_seq2seq(model) else eos_ids(model, tokenizer)[0]
-    return encode_responses(tokenizer, frame["target"].tolist(), mp.max_target_tokens, eos)
+    """Reference token ids of ``frame``, ending with the token the model ends its own turn with (``turn_end_id``:
+    e.g. ``<|im_end|>`` for a ChatML model, however its EOS ids sort)."""
+    return encode_responses(tokenizer, frame["target"].tolist(), mp.max_target_tokens, turn_end_id(model, tokenizer))
 
 
 def sample_table(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, frame: pd.DataFrame, mp: ModelParams,
@@ -136,10 +144,14 @@ def sample_table(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fra
                    "mean_tokens": float(table["n_tokens"].mean()), "finished_fraction": float(table["finished"].mean())}
 
 
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
 def train_and_save(src: Path, dst: Path, cfg: TrainConfig, guidance: Guidance | None, ctx: Context,
                    metrics_path: Path, history_path: Path) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Load the LM at ``src``, train it on the training split with ``cfg``, save it (with its tokenizer) to
-    ``dst`` atomically, and write the summary JSON and the per-update history CSV; return both."""
+    """Load the LM at ``src``, train it on the training split with ``cfg`` (uniform token weights without a
+    guidance), save it (with its tokenizer, and its optimizer state when ``cfg.carry_optimizer``) to ``dst``
+    atomically, and write the summary JSON and the per-update history CSV; return both."""
     mp: ModelParams = load_group("model", ctx.params)
     model, tok = load_lm(src, ctx.device), load_tokenizer(src)
     train = read_examples("train")
@@ -150,20 +162,26 @@ def train_and_save(src: Path, dst: Path, cfg: TrainConfig, guidance: Guidance | 
     if cfg.objective == "reinforce":
         sp = load_group("sample", ctx.params)
         sampling = SamplingConfig(1, sp.max_new_tokens, sp.temperature, sp.top_k, sp.top_p)
+    opt = make_optimizer(model, cfg)
+    carried = cfg.carry_optimizer and (src / OPTIMIZER_FILE).exists()
+    if carried:
+        load_optimizer(opt, src / OPTIMIZER_FILE, cfg.lr)
     t0 = time.perf_counter()
     history = train_lm(model, examples, cfg, tok.pad_token_id, ctx.device, ctx.dtype, guidance, sampling,
-                       eos_ids(model, tok), ctx.progress)
+                       eos_ids(model, tok), ctx.progress, optimizer=opt)
     seconds = time.perf_counter() - t0
     with atomic_path(dst) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        if cfg.carry_optimizer:
+            save_optimizer(opt, tmp / OPTIMIZER_FILE)
     last = history[-1]
     tokens = sum(h["tokens"] for h in history)
-    summary = {"objective": cfg.objective, "updates": len(history), "final_loss": last["loss"],
-               "final_nll": last["nll"], "seconds": seconds, "tokens_per_second": tokens / seconds}
+    summary = {"objective": cfg.objective, "guided": guidance is not None, "optimizer_carried": carried,
+               "updates": len(history), "final_loss": last["loss"], "final_nll": last["nll"], "seconds": seconds,
+               "tokens_per_second": tokens / seconds}
     write_json(metrics_path, summary)
     frame = pd.DataFrame(history)
     with atomic_path(history_path) as tmp:
         frame.to_csv(tmp, index=False)
     return summary, frame
-
