@@ -1,23 +1,24 @@
 """DVC stage `train_lm@r`: train LM_{r-1} into LM_r with round r's frozen guidance as per-token weights.
 
-`train_lm.objective`: wmle (guidance-weighted MLE on the references, default), reinforce (the LM's own samples,
-token rewards + entropy bonus; sampling settings from `sample`), or mle (ignores the guidance). Writes
-data/rounds/r/lm and metrics/rounds/r/train_lm.json (+ train_lm_history.csv).
+`train_lm.objective`: wmle (guidance-weighted MLE on the references, default) or reinforce (the LM's own samples,
+token rewards + entropy bonus; sampling settings from `sample`). The budget is `train_lm.max_updates`, or the
+round's `train_lm_updates` in `rounds`. The data order is seeded by (seed, "train_lm", r) alone, so the baseline's
+round r sees the same examples in the same order. Writes data/rounds/r/lm and metrics/rounds/r/train_lm.json
+(+ train_lm_history.csv).
 Run: python stages/train_lm.py --round r [--params params.yaml]
 """
 
 import dataclasses
 
 from ptg import pipeline, tracking
-from ptg.config import load_group
+from ptg.config import round_budget
 from ptg.guidance import load_guidance
 
 
 def main(r: int, params: str = "params.yaml") -> None:
     ctx = pipeline.start(f"train_lm@{r}", params)
-    cfg = load_group("train_lm", params)
-    cfg = dataclasses.replace(cfg, seed=ctx.seed("train_lm", r))
-    guidance = load_guidance(pipeline.round_dir(r) / "guidance") if cfg.objective != "mle" else None
+    cfg = dataclasses.replace(round_budget("train_lm", r, params), seed=ctx.seed("train_lm", r))
+    guidance = load_guidance(pipeline.round_dir(r) / "guidance")
     out = pipeline.round_dir(r) / "lm"
     summary, history = pipeline.train_and_save(pipeline.round_dir(r - 1) / "lm", out, cfg, guidance, ctx,
                                                pipeline.round_metrics(r, "train_lm"),

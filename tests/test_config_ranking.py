@@ -61,3 +61,22 @@ def test_human_scores_lookup_names_missing_samples():
         human_scores(samples, table, "scores.csv")
     table = pd.DataFrame({"id": ["a", "a"], "text": ["x", "y"], "score": [1.0, 2.0]})
     assert human_scores(samples, table, "scores.csv") == [1.0, 2.0]
+
+
+def test_rounds_carry_per_round_budgets_and_reject_bad_ones(tmp_path):
+    from ptg.config import round_budget
+
+    spec = {"1": {"prev": 0, "fit_guidance_updates": 30}, "2": {"prev": 1, "train_lm_updates": 70}}
+    path = _write(tmp_path, lambda p: p.update(rounds=spec))
+    assert rounds(path)[1] == {"round": 2, "prev": 1, "fit_guidance_updates": None, "train_lm_updates": 70}
+    base_lm, base_fit = load_group("train_lm", path).max_updates, load_group("fit_guidance", path).max_updates
+    assert round_budget("train_lm", 1, path).max_updates == base_lm
+    assert round_budget("train_lm", 2, path).max_updates == 70
+    assert round_budget("fit_guidance", 1, path).max_updates == 30
+    assert round_budget("fit_guidance", 2, path).max_updates == base_fit
+    for bad, match in (({"prev": 0, "train_lm_updates": 0}, "train_lm_updates must be an integer >= 1"),
+                       ({"prev": 0, "train_lm_updates": "5"}, "train_lm_updates"),
+                       ({"prev": 0, "lm_updates": 5}, "unknown key.*lm_updates")):
+        path = _write(tmp_path, lambda p, b=bad: p.update(rounds={"1": b}))
+        with pytest.raises(ParamsError, match=match):
+            rounds(path)

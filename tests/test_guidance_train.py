@@ -121,21 +121,21 @@ def _logp(model, examples, token):
     return picked[is_x].mean().item(), picked[other].mean().item()
 
 
-def test_guidance_weighted_mle_favours_high_reward_tokens_more_than_mle():
+def test_a_fitted_guidance_favours_high_reward_tokens_more_than_uniform_weights():
     train = synthetic_groups(64, 4, seed=1)
     g = guidance_for(tiny_llama())
     fit_guidance(g, train, synthetic_groups(16, 4, seed=2), FIT, PAD, CPU, progress=False)
     examples = [Example(grp.prompt, grp.responses[0]) for grp in synthetic_groups(32, 1, seed=5)]
     gains = {}
-    for objective in ("mle", "wmle"):
+    for name, guidance in (("uniform", None), ("guided", g)):
         lm = tiny_llama(seed=3)
         x0, o0 = _logp(lm, examples, X)
-        cfg = TrainConfig(objective=objective, lr=1e-3, batch_size=8, max_updates=4)
-        hist = train_lm(lm, examples, cfg, PAD, CPU, guidance=g, progress=False)
+        cfg = TrainConfig(objective="wmle", lr=1e-3, batch_size=8, max_updates=4)
+        hist = train_lm(lm, examples, cfg, PAD, CPU, guidance=guidance, progress=False)
         assert len(hist) == 4 and all(h["loss"] > 0 for h in hist)
         x1, o1 = _logp(lm, examples, X)
-        gains[objective] = (x1 - x0) - (o1 - o0)  # how much more the preferred token gained than the others
-    assert gains["wmle"] > gains["mle"]
+        gains[name] = (x1 - x0) - (o1 - o0)  # how much more the preferred token gained than the others
+    assert gains["guided"] > gains["uniform"]
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_t5])
@@ -153,12 +153,17 @@ def test_reinforce_objective_runs_and_reports_entropy(make):
 
 def test_train_lm_rejects_bad_arguments():
     lm = tiny_llama()
-    with pytest.raises(ValueError, match="guidance"):
-        train_lm(lm, [Example([2], [4, EOS])], TrainConfig(objective="wmle"), PAD, CPU, progress=False)
     with pytest.raises(ValueError, match="objective"):
-        TrainConfig(objective="ppo")
+        TrainConfig(objective="mle")
+    with pytest.raises(ValueError, match="normalize"):
+        TrainConfig(normalize="token")
     with pytest.raises(ValueError, match="reference"):
-        train_lm(lm, [Example([2])], TrainConfig(objective="mle"), PAD, CPU, progress=False)
+        train_lm(lm, [Example([2])], TrainConfig(objective="wmle"), PAD, CPU, progress=False)
+    with pytest.raises(ValueError, match="temperature"):
+        from ptg.sampling import SamplingConfig
+
+        train_lm(lm, [Example([2])], TrainConfig(objective="reinforce"), PAD, CPU,
+                 sampling=SamplingConfig(temperature=0.0), eos_ids=[EOS], progress=False)
 
 
 def test_pairwise_accuracy_counts_ties_as_half_and_skips_equal_preferences():

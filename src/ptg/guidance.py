@@ -45,6 +45,9 @@ class Guidance(nn.Module):
             raise ValueError(f"squash must be one of {', '.join(losses.SQUASH_MODES)}; got {squash!r}")
         self.backbone = backbone
         self.squash_mode = squash
+        # False until a head was fitted (or loaded): the initial head gives every token the same reward, so its
+        # state is never a candidate for the best guidance of a round.
+        self.fitted = False
         self.head_hidden = head_hidden
         d = backbone.config.hidden_size
         self.head = nn.Sequential(nn.Linear(d, head_hidden), nn.ReLU(), nn.Linear(head_hidden, 1))
@@ -87,6 +90,7 @@ def load_guidance(directory: str | Path, head_hidden: int = 2048, squash: str = 
     head_path = directory / HEAD_FILE
     if head_path.exists():
         guidance.head.load_state_dict(load_file(head_path))
+        guidance.fitted = True
     return guidance
 
 
@@ -113,14 +117,24 @@ class FitConfig:
     early_stop: int = field(default=7, metadata={"help": "stop after this many validations without improvement"})
     seed: int = field(default=0, metadata={"help": "seed of batch order and ListMLE tie breaks"})
 
+    def __post_init__(self) -> None:
+        for name in ("batch_groups", "max_updates", "eval_every", "early_stop"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"FitConfig.{name} must be >= 1; got {getattr(self, name)}")
+
 
 @dataclass
 class FitResult:
     best_val_loss: float
     best_val_accuracy: float
-    best_update: int
+    best_update: int  # 0 = the warm start was kept (no update improved on it)
     updates: int
+    val_pairs: int  # compared pairs behind best_val_accuracy
     history: list[dict[str, float]]
+
+    @property
+    def kept_start(self) -> bool:
+        return self.best_update == 0
 
 
 def _group_batches(groups: Sequence[RankedGroup], size: int, pad_id: int,
@@ -160,22 +174,28 @@ def sequence_scores(guidance: Guidance, batch: Batch, cfg: FitConfig) -> torch.T
 
 
 @torch.no_grad()
-def evaluate_guidance(guidance: Guidance, groups: Sequence[RankedGroup], cfg: FitConfig, pad_id: int,
-                      device: torch.device, dtype: torch.dtype) -> dict[str, float]:
-    """Mean ListMLE (ties broken by a fixed generator, so validations are comparable) and pairwise accuracy."""
+def group_scores(guidance: Guidance, groups: Sequence[RankedGroup], cfg: FitConfig, pad_id: int,
+                 device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """e_phi of every response of ``groups``, in eval mode: (G, K) float32 on the CPU."""
     was_training = guidance.training
     guidance.eval()
-    gen = torch.Generator().manual_seed(0)
-    total, n, agree, compared = 0.0, 0, 0.0, 0
-    for batch, prefs in _group_batches(groups, cfg.batch_groups, pad_id):
+    out = []
+    for batch, _ in _group_batches(groups, cfg.batch_groups, pad_id):
         with autocast(device, dtype):
-            scores = sequence_scores(guidance, batch.to(device), cfg).float().cpu()
-        total += losses.list_mle(scores, prefs, generator=gen).item() * len(prefs)
-        n += len(prefs)
-        a, c = pairwise_accuracy(scores, prefs)
-        agree, compared = agree + a, compared + c
+            out.append(sequence_scores(guidance, batch.to(device), cfg).float().cpu())
     guidance.train(was_training)
-    return {"loss": total / n, "accuracy": agree / compared if compared else float("nan")}
+    return torch.cat(out)
+
+
+def evaluate_guidance(guidance: Guidance, groups: Sequence[RankedGroup], cfg: FitConfig, pad_id: int,
+                      device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """Mean ListMLE (ties broken by a fixed generator, so validations are comparable), pairwise accuracy and the
+    number of compared pairs behind it."""
+    scores = group_scores(guidance, groups, cfg, pad_id, device, dtype)
+    prefs = torch.tensor([g.scores for g in groups], dtype=torch.float32)
+    loss = losses.list_mle(scores, prefs, generator=torch.Generator().manual_seed(0))
+    agree, compared = pairwise_accuracy(scores, prefs)
+    return {"loss": loss.item(), "accuracy": agree / compared if compared else float("nan"), "pairs": compared}
 
 
 def fit_guidance(guidance: Guidance, train: Sequence[RankedGroup], val: Sequence[RankedGroup], cfg: FitConfig,
@@ -186,7 +206,8 @@ def fit_guidance(guidance: Guidance, train: Sequence[RankedGroup], val: Sequence
     Each update draws ``batch_groups`` inputs, aggregates their K responses' token rewards with ``cfg.agg`` and
     takes one Adam step on ListMLE. Validation runs every ``eval_every`` updates and at the end; the best
     validation loss's weights are restored at the end (spec pitfall 7.2: the reference summarizer kept the last
-    iterate).
+    iterate). The starting state competes for "best" only when it was itself fitted (a warm start): an unfitted
+    head is the constant guidance, and keeping it would silently turn PTG into plain MLE.
     """
     if cfg.agg not in losses.AGG_METHODS:
         raise ValueError(f"agg must be one of {', '.join(losses.AGG_METHODS)}; got {cfg.agg!r}")
@@ -197,10 +218,11 @@ def fit_guidance(guidance: Guidance, train: Sequence[RankedGroup], val: Sequence
     opt = torch.optim.Adam(guidance.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.lr_decay,
                                                        patience=cfg.lr_patience, min_lr=1e-6)
-    best = evaluate_guidance(guidance, val, cfg, pad_id, device, dtype)
-    best_state = copy.deepcopy(guidance.state_dict())
-    best_update, stale = 0, 0
-    history: list[dict[str, float]] = [{"update": 0, "val_loss": best["loss"], "val_accuracy": best["accuracy"]}]
+    start = evaluate_guidance(guidance, val, cfg, pad_id, device, dtype)
+    history: list[dict[str, float]] = [{"update": 0, "val_loss": start["loss"], "val_accuracy": start["accuracy"]}]
+    best, best_state, best_update, stale = start, None, -1, 0
+    if guidance.fitted:
+        best_state, best_update = copy.deepcopy(guidance.state_dict()), 0
     batches: Iterator[tuple[Batch, torch.Tensor]] = iter(())
     update = 0
     bar = tqdm(total=cfg.max_updates, desc="fit_guidance", disable=not progress, leave=False)
@@ -228,7 +250,7 @@ def fit_guidance(guidance: Guidance, train: Sequence[RankedGroup], val: Sequence
             sched.step(val_metrics["loss"])
             bar.set_postfix(val_loss=f"{val_metrics['loss']:.4f}", val_acc=f"{val_metrics['accuracy']:.3f}")
             # Relative threshold as the reference, written so it is also right for a negative best.
-            if val_metrics["loss"] < best["loss"] - 1e-4 * abs(best["loss"]):
+            if best_update < 0 or val_metrics["loss"] < best["loss"] - 1e-4 * abs(best["loss"]):
                 best, best_update, stale = val_metrics, update, 0
                 best_state = copy.deepcopy(guidance.state_dict())
             else:
@@ -238,7 +260,12 @@ def fit_guidance(guidance: Guidance, train: Sequence[RankedGroup], val: Sequence
             log.info("fit_guidance: early stop at update %d (best at %d)", update, best_update)
             break
     bar.close()
+    assert best_state is not None  # the last update always validates
     guidance.load_state_dict(best_state)
+    guidance.fitted = True
     guidance.eval()
-    return FitResult(best["loss"], best["accuracy"], best_update, update, history)
+    if best_update == 0:
+        log.warning("fit_guidance: no update improved the validation ListMLE of the warm start (%.4f); the round "
+                    "keeps its starting guidance", start["loss"])
+    return FitResult(best["loss"], best["accuracy"], best_update, update, int(best["pairs"]), history)
 

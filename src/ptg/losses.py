@@ -145,29 +145,44 @@ def _token_weights(rewards: torch.Tensor, mask: torch.Tensor, use_q: bool) -> to
     return w
 
 
+NORMALIZATIONS: tuple[str, ...] = ("sequence", "batch")
+
+
 def weighted_mle(
     nll: torch.Tensor,
     rewards: torch.Tensor,
     mask: torch.Tensor,
     use_q: bool = False,
     exp_rewards: bool = False,
+    normalize: str = "sequence",
 ) -> torch.Tensor:
     """Guidance-weighted MLE (spec §3a; paper: w_t = r(s_t, y_t) / sum_t' r(s_t', y_t')).
 
     nll, rewards, mask: (N, T); ``nll`` is the per-token negative log-likelihood of the reference tokens,
     ``rewards`` the frozen guidance's token rewards (no gradient is taken through them). Weights are
-    optionally exp'd, masked, optionally turned into Q, and normalised to sum 1 per sequence. Returns the mean
-    over sequences of sum_t w_t nll_t (a scalar).
+    optionally exp'd, masked and optionally turned into Q, then normalised:
+
+    - ``sequence`` (the paper's): to sum 1 per sequence; returns the mean over sequences of sum_t w_t nll_t.
+      Every sequence weighs the same, so a short reference's tokens (its EOS included) weigh more than a long
+      one's; with constant rewards this is the per-sequence mean NLL.
+    - ``batch``: sum_{n,t} w_nt nll_nt / sum_{n,t} w_nt; every token weighs its reward, whatever the length of
+      its sequence; with constant rewards this is the usual token-mean MLE.
+
+    Returns a scalar.
     """
     _check_ndim("nll", nll, 2)
     _check_same_shape(nll=nll, rewards=rewards, mask=mask)
+    _check_choice("normalize", normalize, NORMALIZATIONS)
     _check_nonempty_rows("mask", mask)
     r = rewards.detach()
     if exp_rewards:
         r = r.exp()
     w = _token_weights(r, mask, use_q)
+    nll = nll.masked_fill(~mask.bool(), 0.0)
+    if normalize == "batch":
+        return (w * nll).sum() / w.sum()
     w = w / w.sum(-1, keepdim=True)
-    return (w * nll.masked_fill(~mask.bool(), 0.0)).sum(-1).mean()
+    return (w * nll).sum(-1).mean()
 
 
 def reinforce_loss(

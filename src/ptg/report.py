@@ -13,7 +13,9 @@ import pandas as pd
 
 from ptg.io import atomic_path, read_json
 
-EVAL_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "meteor")
+EVAL_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "meteor", "gen_len")
+GUIDANCE_KEYS = ("val_loss", "val_accuracy", "val_pairs", "kept_start", "best_update", "val_loss_start",
+                 "val_accuracy_start")
 
 
 def build_report(round_ids: list[int], metrics_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -24,9 +26,9 @@ def build_report(round_ids: list[int], metrics_dir: Path) -> tuple[pd.DataFrame,
         mle = read_json(metrics_dir / "baseline" / str(r) / "evaluate.json")
         fit = read_json(metrics_dir / "rounds" / str(r) / "fit_guidance.json")
         eval_rows.append({"round": r, **{f"ptg_{k}": ptg[k] for k in EVAL_KEYS},
-                          **{f"mle_{k}": mle[k] for k in EVAL_KEYS}, "ptg_guidance_score": ptg["guidance_score"]})
-        guidance_rows.append({"round": r, **{k: fit[k] for k in (
-            "val_loss", "val_accuracy", "val_loss_start", "val_accuracy_start")}})
+                          **{f"mle_{k}": mle[k] for k in EVAL_KEYS}, "ptg_guidance_score": ptg["guidance_score"],
+                          "reward_eos": ptg["reward_eos"], "reward_other": ptg["reward_other"]})
+        guidance_rows.append({"round": r, **{k: fit[k] for k in GUIDANCE_KEYS}})
     evals, guidance = pd.DataFrame(eval_rows), pd.DataFrame(guidance_rows)
     for frame, name in ((evals, "eval_by_round.csv"), (guidance, "guidance_by_round.csv")):
         with atomic_path(metrics_dir / "report" / name) as tmp:
@@ -35,12 +37,14 @@ def build_report(round_ids: list[int], metrics_dir: Path) -> tuple[pd.DataFrame,
 
 
 def format_report(evals: pd.DataFrame, guidance: pd.DataFrame) -> str:
+    acc = [f"{a:.3f} ({int(n)} pairs){' kept start' if k else ''}" for a, n, k in
+           zip(guidance["val_accuracy"], guidance["val_pairs"], guidance["kept_start"], strict=True)]
     shown = pd.DataFrame({
-        "round": evals["round"], "PTG ROUGE-L": evals["ptg_rougeL"], "MLE ROUGE-L": evals["mle_rougeL"],
-        "PTG METEOR": evals["ptg_meteor"], "MLE METEOR": evals["mle_meteor"],
-        "guidance val acc": guidance["val_accuracy"]})
-    return ("PTG vs MLE on the test split (greedy; the same number of LM updates per round; ROUGE/METEOR x100)\n"
-            + shown.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+        "round": evals["round"], "PTG ROUGE-L": evals["ptg_rougeL"], "base ROUGE-L": evals["mle_rougeL"],
+        "PTG METEOR": evals["ptg_meteor"], "base METEOR": evals["mle_meteor"],
+        "PTG words": evals["ptg_gen_len"], "base words": evals["mle_gen_len"], "guidance val acc": acc})
+    return ("PTG vs baseline (uniform token weights; same examples, order and updates) on the test split, greedy; "
+            "ROUGE/METEOR x100\n" + shown.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
 
 
 def main(metrics_dir: str = "metrics") -> None:

@@ -1,21 +1,27 @@
-"""One LM training loop for the three objectives PTG compares (spec §3):
+"""One LM training loop for the two objectives of PTG (spec §3):
 
-- ``wmle``: guidance-weighted MLE on reference responses, w_t = r_t / sum_t' r_t' (the supervised objective);
+- ``wmle``: guidance-weighted MLE on reference responses (the supervised objective);
 - ``reinforce``: REINFORCE on the LM's own samples with the guidance's token rewards plus an entropy bonus (the
-  objective for tasks without references);
-- ``mle``: plain token-mean MLE on the references (the baseline every result is compared against).
+  objective for tasks without references). Samples are drawn with the sampling settings and scored under the
+  same (temperature / top-k / top-p filtered) distribution, so the update is on-policy (spec pitfall 7.7).
 
-The guidance is frozen throughout. AdamW, gradient accumulation, clipping, bf16 autocast where it pays, a
-progress bar, and one metrics row per optimizer update returned to the caller.
+Without a guidance every token weighs the same: that is the baseline PTG is compared against, identical to PTG in
+everything else (examples, their order, optimizer, normalisation), so a difference between the two is the
+guidance's doing. The guidance is frozen throughout. AdamW, gradient accumulation, clipping, bf16 autocast where it
+pays, a progress bar, and one metrics row per optimizer update returned to the caller.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
@@ -23,16 +29,16 @@ from ptg import losses
 from ptg.guidance import Guidance
 from ptg.models import Batch, collate, response_logits
 from ptg.precision import autocast
-from ptg.sampling import SamplingConfig, sample
+from ptg.sampling import SamplingConfig, filter_logits, sample
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES: tuple[str, ...] = ("wmle", "reinforce", "mle")
+OBJECTIVES: tuple[str, ...] = ("wmle", "reinforce")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    objective: str = field(default="wmle", metadata={"help": "wmle, reinforce or mle"})
+    objective: str = field(default="wmle", metadata={"help": "wmle or reinforce"})
     lr: float = field(default=5e-5, metadata={"help": "AdamW learning rate (constant, as the reference)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on matrices"})
     batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
@@ -41,12 +47,19 @@ class TrainConfig:
     clip_norm: float = field(default=5.0, metadata={"help": "gradient-norm clipping"})
     use_q: bool = field(default=False, metadata={"help": "weight tokens by Q_t = sum_{t'>=t} r_t' instead of r_t"})
     exp_rewards: bool = field(default=False, metadata={"help": "wmle: weight by exp(r_t)"})
+    normalize: str = field(default="sequence", metadata={
+        "help": "wmle: token weights sum to 1 per sequence (the paper's) or per batch (token-mean with uniform "
+                "weights)"})
+    carry_optimizer: bool = field(default=False, metadata={
+        "help": "keep the AdamW state from round to round (the reference's default); false = fresh each round"})
     entropy_coeff: float = field(default=0.125, metadata={"help": "reinforce: max-entropy bonus alpha"})
     seed: int = field(default=0, metadata={"help": "seed of data order and REINFORCE sampling"})
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
+        if self.normalize not in losses.NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {', '.join(losses.NORMALIZATIONS)}; got {self.normalize!r}")
         for name in ("batch_size", "grad_accum", "max_updates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1; got {getattr(self, name)}")
@@ -68,50 +81,84 @@ def _micro_batches(n: int, size: int, gen: torch.Generator) -> Iterator[list[int
             yield order[i:i + size]
 
 
-def _loss(model: PreTrainedModel, batch: Batch, cfg: TrainConfig, guidance: Guidance | None) -> tuple[
-        torch.Tensor, dict[str, float]]:
+def _loss(model: PreTrainedModel, batch: Batch, cfg: TrainConfig, guidance: Guidance | None,
+          sampling: SamplingConfig | None) -> tuple[torch.Tensor, dict[str, float]]:
     mask = batch.response_mask
     logits = response_logits(model, batch)
+    if cfg.objective == "reinforce":
+        # Score the samples under the distribution they were drawn from (temperature, top-k, top-p).
+        assert sampling is not None
+        logits = filter_logits(logits.flatten(0, 1), sampling).view(logits.shape)
     nll = losses.token_nll(logits, batch.response_ids, mask)
     stats: dict[str, float] = {"nll": float((nll.detach() * mask).sum() / mask.sum())}
-    if cfg.objective == "mle":
-        return (nll * mask).sum() / mask.sum(), stats
-    assert guidance is not None
-    with torch.no_grad():
-        rewards = guidance(batch)
+    if guidance is None:
+        rewards = mask.float()
+    else:
+        with torch.no_grad():
+            rewards = guidance(batch)
     stats["reward"] = float((rewards * mask).sum() / mask.sum())
     if cfg.objective == "wmle":
-        return losses.weighted_mle(nll, rewards, mask, cfg.use_q, cfg.exp_rewards), stats
+        return losses.weighted_mle(nll, rewards, mask, cfg.use_q, cfg.exp_rewards, cfg.normalize), stats
     neg_ent = losses.neg_entropy(logits.float(), mask)
-    stats["entropy"] = -float(neg_ent)
+    stats["entropy"] = -float(neg_ent.detach())
     return losses.reinforce_loss(nll, rewards, mask, cfg.use_q) + cfg.entropy_coeff * neg_ent, stats
+
+
+def make_optimizer(model: PreTrainedModel, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, weight decay on matrices only (as the reference)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr)
+
+
+def save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
+    """The optimizer's state as safetensors (tensors keyed "<param index>.<name>", param groups as metadata)."""
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": torch.as_tensor(v).contiguous() for i, st in sd["state"].items() for k, v in st.items()}
+    save_file(tensors, path, metadata={"param_groups": json.dumps(sd["param_groups"])})
+
+
+def load_optimizer(opt: torch.optim.Optimizer, path: Path, lr: float) -> None:
+    """Restore what ``save_optimizer`` wrote into ``opt`` (built for the same model), at learning rate ``lr``."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    with safe_open(path, "pt") as f:
+        groups = json.loads(f.metadata()["param_groups"])
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            i, name = key.split(".", 1)
+            state.setdefault(int(i), {})[name] = f.get_tensor(key)
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    for group in opt.param_groups:
+        group["lr"] = lr
 
 
 def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConfig, pad_id: int,
              device: torch.device, dtype: torch.dtype = torch.float32, guidance: Guidance | None = None,
              sampling: SamplingConfig | None = None, eos_ids: Sequence[int] = (),
-             progress: bool = True) -> list[dict[str, float]]:
+             progress: bool = True, optimizer: torch.optim.Optimizer | None = None) -> list[dict[str, float]]:
     """Train ``model`` in place for ``cfg.max_updates`` optimizer updates; returns one metrics row per update.
 
-    ``wmle`` and ``reinforce`` need ``guidance``; ``reinforce`` also needs ``sampling`` (K = 1 sample per
-    prompt, drawn in eval mode and scored under the model's unfiltered distribution) and ``eos_ids``.
+    Without ``guidance`` every token weighs the same (the baseline). ``reinforce`` needs ``sampling`` (K = 1
+    sample per prompt, drawn in eval mode and scored under the same filtered distribution) and ``eos_ids``.
+    ``optimizer`` (from ``make_optimizer``, possibly with a carried state) defaults to a fresh one. The order of
+    examples depends on ``cfg.seed`` alone, never on the model or the guidance, so two calls with the same seed
+    see the same examples in the same order.
     """
     if not examples:
         raise ValueError("examples is empty")
-    if cfg.objective != "mle" and guidance is None:
-        raise ValueError(f"objective {cfg.objective!r} needs a guidance model")
     if cfg.objective == "reinforce" and (sampling is None or not eos_ids):
         raise ValueError("objective 'reinforce' needs sampling settings and eos_ids")
-    if cfg.objective != "reinforce" and any(not e.response for e in examples):
+    if cfg.objective == "reinforce" and sampling is not None and sampling.temperature <= 0:
+        raise ValueError("objective 'reinforce' needs a sampling temperature > 0 (greedy decoding has no gradient)")
+    if cfg.objective == "wmle" and any(not e.response for e in examples):
         raise ValueError(f"objective {cfg.objective!r} needs a reference response for every example")
-    gen = torch.Generator().manual_seed(cfg.seed)
+    order_gen = torch.Generator().manual_seed(cfg.seed)
+    sample_gen = torch.Generator().manual_seed(cfg.seed + 1)
     model.to(device).train()
     if guidance is not None:
         guidance.to(device).eval().requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr)
-    batches = _micro_batches(len(examples), cfg.batch_size, gen)
+    opt = optimizer if optimizer is not None else make_optimizer(model, cfg)
+    batches = _micro_batches(len(examples), cfg.batch_size, order_gen)
     history: list[dict[str, float]] = []
     bar = tqdm(range(1, cfg.max_updates + 1), desc=f"train_lm[{cfg.objective}]", disable=not progress, leave=False)
     for update in bar:
@@ -122,14 +169,14 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
             prompts = [e.prompt for e in chunk]
             if cfg.objective == "reinforce":
                 drawn = sample(model, prompts, sampling, eos_ids, pad_id, device, dtype, batch_size=len(prompts),
-                               generator=gen, progress=False)
+                               generator=sample_gen, progress=False)
                 responses = [s[0] for s in drawn]
                 model.train()
             else:
                 responses = [e.response for e in chunk]
             batch = collate(prompts, responses, pad_id).to(device)
             with autocast(device, dtype):
-                loss, stats = _loss(model, batch, cfg, guidance)
+                loss, stats = _loss(model, batch, cfg, guidance, sampling)
             (loss / cfg.grad_accum).backward()
             stats["loss"] = loss.item()
             stats["tokens"] = float(batch.response_mask.sum())

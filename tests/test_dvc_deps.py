@@ -1,0 +1,75 @@
+"""dvc.yaml declares what each stage depends on: every ptg module the stage script imports (transitively), derived
+here from the imports themselves, so an edit to the decoder re-runs every stage whose outputs it can change."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+# Only records runs to MLflow: outputs never depend on it, so editing it must not re-run the pipeline.
+NOT_A_DEP = {"ptg.tracking"}
+
+
+def _ptg_imports(path: Path) -> set[str]:
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "ptg":
+            out |= {f"ptg.{a.name}" for a in node.names} if node.module == "ptg" else {node.module}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.split(".")[0] == "ptg"}
+    return out
+
+
+def import_closure(script: Path) -> set[str]:
+    """Every ptg module ``script`` imports, directly or through other ptg modules (function-level imports too)."""
+    seen: set[str] = set()
+    todo = list(_ptg_imports(script))
+    while todo:
+        mod = todo.pop()
+        if mod in seen or mod in NOT_A_DEP:
+            continue
+        seen.add(mod)
+        path = ROOT / "src" / (mod.replace(".", "/") + ".py")
+        if path.exists():
+            todo += _ptg_imports(path)
+    return {m for m in seen if (ROOT / "src" / (m.replace(".", "/") + ".py")).exists()}
+
+
+def _stages() -> dict[str, dict]:
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return {name: spec.get("do", spec) for name, spec in stages.items()}
+
+
+@pytest.mark.parametrize("name", sorted(_stages()))
+def test_stage_deps_cover_every_imported_module(name):
+    spec = _stages()[name]
+    script = re.search(r"python (stages/\S+\.py)", spec["cmd"]).group(1)
+    deps = set(spec["deps"])
+    assert script in deps and script == f"stages/{name}.py"
+    needed = {"src/" + m.replace(".", "/") + ".py" for m in import_closure(ROOT / script)}
+    assert needed, f"{script} imports no ptg module?"
+    missing = sorted(needed - deps)
+    assert not missing, f"dvc.yaml stage {name}: deps lack {missing} (imported by {script})"
+
+
+def test_closure_follows_imports_through_the_library():
+    # evaluate.py imports ptg.evaluation, which imports ptg.sampling: the decoder is a dependency of evaluate.
+    closure = import_closure(ROOT / "stages" / "evaluate.py")
+    assert {"ptg.evaluation", "ptg.sampling", "ptg.models", "ptg.precision"} <= closure
+    assert "ptg.tracking" not in closure
+
+
+def test_stages_with_per_round_budgets_track_their_round_entry():
+    for name, spec in _stages().items():
+        if "round_budget" in (ROOT / f"stages/{name}.py").read_text():
+            params = spec["params"]
+            assert "rounds.${key}" in params or "rounds" in params, f"{name} reads rounds but does not track it"
+
+
+def test_stages_that_read_a_tokenizer_depend_on_its_folder():
+    for name, spec in _stages().items():
+        if 'load_tokenizer(pipeline.round_dir(0) / "lm")' in (ROOT / f"stages/{name}.py").read_text():
+            assert "data/rounds/0/lm" in spec["deps"], name
