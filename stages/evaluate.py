@@ -1,14 +1,16 @@
 """DVC stage `evaluate@r`: greedy predictions of LM_r on the test split, scored against all references.
 
-Writes data/rounds/r/predictions.parquet (schema Predictions) and metrics/rounds/r/evaluate.json: ROUGE-1/2/L/Lsum
-and METEOR (x100), mean length, and round r's guidance mean token reward on the predictions.
+Rounds before the last may evaluate a fixed subset (`evaluate.subset_items`); the last round evaluates the whole
+test split. Writes data/rounds/r/predictions.parquet (schema Predictions), metrics/rounds/r/evaluate_items.csv
+(per-item scores) and metrics/rounds/r/evaluate.json: ROUGE-1/2/L/Lsum and METEOR (x100), mean length, and round
+r's guidance mean token reward on the predictions, on EOS and on the other tokens.
 Run: python stages/evaluate.py --round r [--params params.yaml]
 """
 
 import dataclasses
 
 from ptg import evaluation, pipeline, tracking
-from ptg.config import load_group
+from ptg.config import load_group, rounds
 from ptg.guidance import load_guidance
 
 
@@ -17,7 +19,8 @@ def main(r: int, params: str = "params.yaml") -> None:
     guidance = load_guidance(pipeline.round_dir(r) / "guidance")
     lm_dir = pipeline.round_dir(r) / "lm"
     scores, files = evaluation.evaluate_and_save(lm_dir, guidance, pipeline.round_dir(r) / "predictions.parquet",
-                                                 pipeline.round_metrics(r, "evaluate"), ctx)
+                                                 pipeline.round_metrics(r, "evaluate"), ctx,
+                                                 last_round=r == rounds(params)[-1]["round"])
     tracking.log_stage("evaluate", r, dataclasses.asdict(load_group("evaluate", params)), scores, artifacts=files)
     tracking.set_best_alias("ptg-lm", lm_dir, "rougeL", scores["rougeL"])
 

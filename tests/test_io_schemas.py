@@ -35,7 +35,9 @@ def rankings() -> pd.DataFrame:
 
 def predictions() -> pd.DataFrame:
     return pd.DataFrame({"id": ["a", "b"], "prediction": ["p", ""], "references": [["r"], ["s", "t"]],
-                         "rougeL": [0.5, 0.0], "meteor": [1.0, 0.25], "guidance_score": [-3.0, 0.7]})
+                         "rouge1": [0.5, 0.0], "rouge2": [0.0, 0.0], "rougeL": [0.5, 0.0], "rougeLsum": [0.5, 0.0],
+                         "meteor": [1.0, 0.25], "gen_len": [1.0, 0.0], "n_tokens": [2, 1],
+                         "guidance_score": [-3.0, 0.7]})
 
 
 # ---------------------------------------------------------------------------------------------------------------

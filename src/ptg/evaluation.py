@@ -61,10 +61,10 @@ def evaluate_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, test
     samples, speed = sample_table(model, tokenizer, test, mp, cfg, batch_size, ctx, generator=None)
     preds = samples["text"].tolist()
     refs = [list(r) for r in test["references"]]
-    rouge = metrics.rouge_scores(preds, refs)
-    table = pd.DataFrame({"id": test["id"].tolist(), "prediction": preds, "references": refs,
-                          "rougeL": rouge["rougeL"], "meteor": metrics.meteor(preds, refs)})
-    summary = metrics.summary(preds, refs)
+    items = metrics.item_scores(preds, refs)
+    table = pd.DataFrame({"id": test["id"].tolist(), "prediction": preds, "references": refs, **items,
+                          "n_tokens": samples["n_tokens"].tolist()})
+    summary = metrics.summarize(items)
     token_ids = samples["token_ids"].tolist()
     rewards: list[list[float]] = []
     if guidance is not None:
@@ -72,24 +72,43 @@ def evaluate_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, test
         rewards = token_rewards(guidance, prompts, token_ids, tokenizer.pad_token_id, ctx)
         table["guidance_score"] = [sum(r) / len(r) for r in rewards]
         summary["guidance_score"] = float(table["guidance_score"].mean())
+        summary |= eos_reward(token_ids, rewards, samples["finished"].tolist())
     else:
         table["guidance_score"] = float("nan")
-    summary |= {"gen_tokens": speed["mean_tokens"], "decode_tokens_per_second": speed["tokens_per_second"],
+    summary |= {"gen_tokens": speed["mean_tokens"], "finished_fraction": speed["finished_fraction"],
+                "decode_tokens_per_second": speed["tokens_per_second"],
                 "meteor_wordnet": float(metrics.meteor_backend() == "wordnet")}
     return table, summary, token_ids, rewards
 
 
+def eos_reward(token_ids: list[list[int]], rewards: list[list[float]], finished: list[bool]) -> dict[str, float]:
+    """The guidance's mean reward on the EOS that ends a finished response against its mean reward on every other
+    token: a guidance that pays more for stopping than for content makes PTG's outputs shorter."""
+    eos = [r[-1] for r, f in zip(rewards, finished, strict=True) if f]
+    other = [x for r, f in zip(rewards, finished, strict=True) for x in (r[:-1] if f else r)]
+    return {"reward_eos": sum(eos) / len(eos) if eos else float("nan"),
+            "reward_other": sum(other) / len(other) if other else float("nan")}
+
+
 def evaluate_and_save(lm_dir: Path, guidance: Guidance | None, predictions_path: Path, metrics_path: Path,
-                      ctx: Context) -> tuple[dict[str, float], list[Path]]:
-    """Evaluate the LM at ``lm_dir`` on the test split; write the Predictions table, the metrics JSON and, with
-    a guidance, the reward heatmaps beside the predictions. Returns the metrics and the files written."""
+                      ctx: Context, last_round: bool = True) -> tuple[dict[str, float], list[Path]]:
+    """Evaluate the LM at ``lm_dir`` on the test split (its first ``evaluate.subset_items`` items unless
+    ``last_round``); write the Predictions table, the per-item scores (evaluate_items.csv beside the metrics JSON),
+    the metrics JSON and, with a guidance, the reward heatmaps beside the predictions. Returns the metrics and the
+    files written."""
     mp: ModelParams = load_group("model", ctx.params)
     ep = load_group("evaluate", ctx.params)
     model, tok = load_lm(lm_dir, ctx.device), load_tokenizer(lm_dir)
-    table, summary, token_ids, rewards = evaluate_lm(model, tok, read_examples("test"), mp, ep.max_new_tokens,
-                                                     ep.batch_size, ctx, guidance)
+    test = read_examples("test")
+    if ep.subset_items and not last_round:
+        test = test.head(ep.subset_items)
+    table, summary, token_ids, rewards = evaluate_lm(model, tok, test, mp, ep.max_new_tokens, ep.batch_size, ctx,
+                                                     guidance)
     write_table(table, predictions_path, schemas.Predictions)
-    write_json(metrics_path, summary)
+    # Per-example scores beside the metrics (small, kept in git): paired statistics across runs read them.
+    with atomic_path(metrics_path.with_name("evaluate_items.csv")) as tmp:
+        table.drop(columns=["prediction", "references"]).to_csv(tmp, index=False)
+    write_json(metrics_path, summary | {"items": len(table)})
     files = [predictions_path]
     if guidance is not None:
         files += save_heatmaps(tok, table, token_ids, rewards, predictions_path.with_name("heatmap"))

@@ -325,6 +325,24 @@ def score(metric: str, predictions: Sequence[str], references: Sequence[Sequence
     return _SCORERS[metric](predictions, references)
 
 
+def item_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, list[float]]:
+    """Per-example rouge1, rouge2, rougeL, rougeLsum and meteor F in [0, 1], and gen_len (words of the
+    prediction, whitespace-separated): what paired comparisons of two systems on the same examples need."""
+    _check_inputs(predictions, references)
+    out = rouge_scores(predictions, references)
+    out["meteor"] = meteor(predictions, references)
+    out["gen_len"] = [float(len(p.split())) for p in predictions]
+    return out
+
+
+def summarize(items: dict[str, list[float]]) -> dict[str, float]:
+    """Corpus means of ``item_scores``: the F scores x100, gen_len as is. Nothing is rounded."""
+    n = len(items["meteor"])
+    if n == 0:
+        raise ValueError("predictions is empty: a summary needs at least one example")
+    return {key: (1.0 if key == "gen_len" else 100.0) * sum(values) / n for key, values in items.items()}
+
+
 def summary(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
     """Corpus means x100 of rouge1, rouge2, rougeL, rougeLsum and meteor, plus gen_len (mean words per prediction).
 
@@ -333,8 +351,4 @@ def summary(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> 
     _check_inputs(predictions, references)
     if len(predictions) == 0:
         raise ValueError("predictions is empty: a summary needs at least one example")
-    n = len(predictions)
-    out = {key: 100.0 * sum(values) / n for key, values in rouge_scores(predictions, references).items()}
-    out["meteor"] = 100.0 * sum(meteor(predictions, references)) / n
-    out["gen_len"] = sum(len(p.split()) for p in predictions) / n
-    return out
+    return summarize(item_scores(predictions, references))

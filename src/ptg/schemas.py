@@ -215,13 +215,18 @@ class HumanScores(pa.DataFrameModel):
 
 
 class Predictions(pa.DataFrameModel):
-    """One generated prediction per test input with its metrics (ROUGE-L and METEOR F in [0, 1])."""
+    """One generated prediction per test input with its metrics (ROUGE and METEOR F in [0, 1]) and length."""
 
     id: Series[str] = pa.Field(unique=True, str_length={"min_value": 1}, coerce=True)
     prediction: Series[str]
     references: Series[object]
+    rouge1: Series[float] = pa.Field(ge=0.0, le=1.0, coerce=True)
+    rouge2: Series[float] = pa.Field(ge=0.0, le=1.0, coerce=True)
     rougeL: Series[float] = pa.Field(ge=0.0, le=1.0, coerce=True)
+    rougeLsum: Series[float] = pa.Field(ge=0.0, le=1.0, coerce=True)
     meteor: Series[float] = pa.Field(ge=0.0, le=1.0, coerce=True)
+    gen_len: Series[float] = pa.Field(ge=0.0, coerce=True)  # words of the prediction
+    n_tokens: Series[int] = pa.Field(ge=1, coerce=True)  # generated tokens, EOS included
     # Missing (NaN) only for the MLE baseline, which has no guidance; never infinite.
     guidance_score: Series[float] = pa.Field(coerce=True, nullable=True)
 

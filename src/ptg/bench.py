@@ -1,0 +1,247 @@
+"""`make bench`: does PTG beat its baseline here, and by how much? Seeds as DVC experiments, paired statistics.
+
+The benchmark runs the whole pipeline with ``configs/bench.yaml`` once per seed, as DVC experiments
+(``dvc exp run -n bench-seed-<s> -S seed=<s>``) in a git + DVC repository of its own (``build/bench``: the
+pipeline files, a link to ``src/``, the bench params as its params.yaml), each under an MLflow parent run. Each
+experiment stays comparable with ``dvc exp show`` there. Seeds that finished are skipped and an interrupted one
+resumes from DVC's run cache, so a stopped bench continues where it stopped.
+
+The PTG arm and the baseline arm (same training, uniform token weights) are evaluated on the same test items;
+``collect`` turns the per-item scores of every seed into paired differences (PTG - baseline) of ROUGE-L, ROUGE-2
+and METEOR per round, with a two-level bootstrap 95 % CI over test items and seeds (``ptg.stats``), and the
+guidance's held-out pairwise accuracy with its CI, against chance and against a length heuristic. Writes
+``metrics/bench/summary.json``, ``metrics/bench/table.md`` and ``metrics/bench/by_round.png``.
+
+Run: python -m ptg.bench [--params configs/bench.yaml] [--seeds 0 1 2] [--dir build/bench] [--collect-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ptg import stats
+from ptg.io import atomic_path, read_json, write_json
+from ptg.workspace import REPO, dvc_env
+
+log = logging.getLogger(__name__)
+
+PIPELINE_FILES = ("dvc.yaml", "stages")
+METRICS = ("rougeL", "rouge2", "meteor")
+GITIGNORE = "/data/\n/mlflow.db\n/mlartifacts/\n/results/\n"
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
+    subprocess.run(cmd, cwd=cwd, check=True, env=dvc_env())
+
+
+def setup_repo(params_file: Path, directory: Path, repo: Path = REPO) -> Path:
+    """A git + DVC repository at ``directory`` holding the pipeline of ``repo`` with ``params_file`` as its
+    params.yaml (created once; the pipeline files and params are refreshed and committed on every call)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / ".git").is_dir():
+        _run(["git", "init", "-q"], directory)
+        _run(["git", "config", "user.email", "bench@ptg.local"], directory)
+        _run(["git", "config", "user.name", "ptg bench"], directory)
+        _run(["dvc", "init", "-q"], directory)
+        _run(["dvc", "config", "core.analytics", "false"], directory)
+        (directory / ".gitignore").write_text(GITIGNORE)
+    for name in PIPELINE_FILES:
+        target = directory / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        (shutil.copytree if (repo / name).is_dir() else shutil.copy2)(repo / name, target)
+    if not (directory / "src").exists():
+        (directory / "src").symlink_to(repo / "src", target_is_directory=True)
+    shutil.copy2(params_file, directory / "params.yaml")
+    _run(["git", "add", "-A"], directory)
+    if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=directory).returncode:
+        _run(["git", "commit", "-q", "-m", f"bench pipeline from {repo} with {params_file.name}"], directory)
+    return directory
+
+
+def run_seed(directory: Path, seed: int) -> Path:
+    """Run (or resume) the experiment of ``seed``; copy its metrics to results/seed-<seed>/ and return that."""
+    out = directory / "results" / f"seed-{seed}"
+    if (out / "seconds.json").is_file():
+        log.info("seed %d: done before, skipped", seed)
+        return out
+    t0 = time.perf_counter()
+    _run([sys.executable, "-m", "ptg.tracking", "run", "--name", f"bench seed {seed}", "--",
+          "dvc", "exp", "run", "-n", f"bench-seed-{seed}", "-S", f"seed={seed}"], directory)
+    seconds = time.perf_counter() - t0
+    with atomic_path(out) as tmp:
+        shutil.copytree(directory / "metrics", tmp / "metrics")
+        write_json(tmp / "seconds.json", {"seconds": seconds})
+    log.info("seed %d: %.0f s", seed, seconds)
+    return out
+
+
+def _items(seed_dir: Path, arm: str, r: int) -> pd.DataFrame:
+    folder = "rounds" if arm == "ptg" else "baseline"
+    return pd.read_csv(seed_dir / "metrics" / folder / str(r) / "evaluate_items.csv")
+
+
+def round_differences(seed_dirs: list[Path], r: int) -> dict[str, Any]:
+    """PTG - baseline on round r's test items for every metric (x100), paired over items and seeds."""
+    ptg = [_items(d, "ptg", r).set_index("id") for d in seed_dirs]
+    base = [_items(d, "baseline", r).set_index("id") for d in seed_dirs]
+    ids = sorted(set.intersection(*(set(f.index) & set(b.index) for f, b in zip(ptg, base, strict=True))))
+    out: dict[str, Any] = {"round": r, "items": len(ids), "seeds": len(seed_dirs)}
+    for m in METRICS:
+        a = np.stack([f.loc[ids, m].to_numpy(float) for f in ptg]) * 100
+        b = np.stack([f.loc[ids, m].to_numpy(float) for f in base]) * 100
+        out[m] = {"ptg": float(a.mean()), "baseline": float(b.mean())} | stats.paired_bootstrap(a - b)
+    out["words"] = {"ptg": float(np.mean([f.loc[ids, "gen_len"].mean() for f in ptg])),
+                    "baseline": float(np.mean([f.loc[ids, "gen_len"].mean() for f in base]))}
+    return out
+
+
+def guidance_accuracy(seed_dirs: list[Path], r: int) -> dict[str, Any]:
+    """Held-out pairwise accuracy of round r's guidance over validation groups of every seed, with its CI, against
+    chance and against ranking by length (direction chosen on the training groups)."""
+    val, train = [], []
+    for i, d in enumerate(seed_dirs):
+        g = pd.read_csv(d / "metrics" / "rounds" / str(r) / "guidance_groups.csv")
+        g["id"] = f"{i}:" + g["id"].astype(str)
+        val.append(g[g["split"] == "validation"])
+        train.append(g[g["split"] == "train"])
+    v, t = pd.concat(val, ignore_index=True), pd.concat(train, ignore_index=True)
+    guided = stats.pairwise_agreement(v, "guidance")
+    length_score, direction = stats.length_heuristic(v, fit=t)
+    by_length = stats.pairwise_agreement(v.assign(length=length_score), "length")
+    return {"guidance": stats.accuracy_ci(guided), "length": stats.accuracy_ci(by_length) | {"direction": direction},
+            "guidance_minus_length": stats.paired_accuracy_diff(guided, by_length)}
+
+
+def stage_seconds(seed_dirs: list[Path], r: int) -> dict[str, float]:
+    """Mean seconds of round r's timed work over seeds (sampling, LM training of both arms)."""
+    def mean(path: str) -> float:
+        return float(np.mean([read_json(d / "metrics" / path)["seconds"] for d in seed_dirs]))
+    return {"sample": mean(f"rounds/{r}/sample.json"), "train_lm": mean(f"rounds/{r}/train_lm.json"),
+            "baseline_train_lm": mean(f"baseline/{r}/train_lm.json")}
+
+
+def machine() -> dict[str, Any]:
+    flags = set()
+    model = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        text = cpuinfo.read_text()
+        flags = {f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in text}
+        model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                     model)
+    return {"cpu": model, "cores": os.cpu_count(), "flags": sorted(flags)}
+
+
+def collect(directory: Path, out: Path, seeds: list[int]) -> dict[str, Any]:
+    """Statistics over the finished seeds of ``directory``; writes summary.json, table.md and by_round.png."""
+    seed_dirs = [directory / "results" / f"seed-{s}" for s in seeds if (directory / "results" / f"seed-{s}"
+                                                                        / "seconds.json").is_file()]
+    if not seed_dirs:
+        raise FileNotFoundError(f"{directory}/results: no finished seed among {seeds}; run the bench first")
+    rounds = sorted(int(p.name) for p in (seed_dirs[0] / "metrics" / "rounds").iterdir() if p.name.isdigit())
+    summary: dict[str, Any] = {
+        "seeds": [int(d.name.split("-")[1]) for d in seed_dirs], "machine": machine(),
+        "seconds_per_seed": [read_json(d / "seconds.json")["seconds"] for d in seed_dirs], "rounds": []}
+    for r in rounds:
+        ev = [read_json(d / "metrics" / "rounds" / str(r) / "evaluate.json") for d in seed_dirs]
+        summary["rounds"].append(round_differences(seed_dirs, r) | {
+            "guidance": guidance_accuracy(seed_dirs, r), "seconds": stage_seconds(seed_dirs, r),
+            **{k: _nanmean([e[k] for e in ev]) for k in ("reward_eos", "reward_other")}})
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "summary.json", summary)
+    table = format_table(summary)
+    with atomic_path(out / "table.md") as tmp:
+        tmp.write_text(table + "\n")
+    with atomic_path(out / "by_round.png") as tmp:
+        plot(summary, tmp.with_suffix(".png"))
+        tmp.with_suffix(".png").rename(tmp)
+    print(table)
+    return summary
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if not np.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _ci(d: dict[str, float]) -> str:
+    return f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The README table: per round, both arms and the paired difference with its 95 % CI."""
+    lines = ["| round | items x seeds | ROUGE-L PTG / base | ΔROUGE-L [95% CI] | ΔROUGE-2 [95% CI] | ΔMETEOR [95% CI] "
+             "| words PTG / base | guidance val acc [95% CI] (pairs) | length heuristic acc | guidance − length |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in summary["rounds"]:
+        g = row["guidance"]
+        acc, length, diff = g["guidance"], g["length"], g["guidance_minus_length"]
+        lines.append(
+            f"| {row['round']} | {row['items']} x {row['seeds']} | {row['rougeL']['ptg']:.2f} / "
+            f"{row['rougeL']['baseline']:.2f} | {_ci(row['rougeL'])} | {_ci(row['rouge2'])} | {_ci(row['meteor'])} "
+            f"| {row['words']['ptg']:.1f} / {row['words']['baseline']:.1f} "
+            f"| {acc['accuracy']:.3f} [{acc['lo']:.3f}, {acc['hi']:.3f}] ({int(acc['pairs'])}) "
+            f"| {length['accuracy']:.3f} | {diff['diff']:+.3f} [{diff['lo']:+.3f}, {diff['hi']:+.3f}] |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rounds"]
+    rounds = [r["round"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for arm, style in (("ptg", "o-"), ("baseline", "s--")):
+        axes[0].plot(rounds, [r["rougeL"][arm] for r in rows], style, label="PTG" if arm == "ptg" else "baseline")
+    axes[0].set(xlabel="round", ylabel="ROUGE-L (test)", title="both arms")
+    axes[0].legend()
+    mean = np.array([r["rougeL"]["mean"] for r in rows])
+    err = np.array([[m - r["rougeL"]["lo"], r["rougeL"]["hi"] - m] for m, r in zip(mean, rows, strict=True)]).T
+    axes[1].errorbar(rounds, mean, yerr=err, fmt="o-", capsize=4)
+    axes[1].axhline(0, color="grey", lw=0.8)
+    axes[1].set(xlabel="round", ylabel="PTG − baseline ROUGE-L", title="paired difference, 95% CI")
+    for ax in axes:
+        ax.set_xticks(rounds)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ptg.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default=str(REPO / "configs" / "bench.yaml"), help="bench params file")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, one DVC experiment each")
+    ap.add_argument("--dir", default=str(REPO / "build" / "bench"), help="the bench's git + DVC repository")
+    ap.add_argument("--out", default=str(REPO / "metrics" / "bench"), help="where the statistics go")
+    ap.add_argument("--collect-only", action="store_true", help="only compute statistics of finished seeds")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s bench %(levelname)s %(message)s")
+    directory = Path(args.dir).resolve()
+    if not args.collect_only:
+        setup_repo(Path(args.params).resolve(), directory)
+        for seed in args.seeds:
+            run_seed(directory, seed)
+    collect(directory, Path(args.out), args.seeds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

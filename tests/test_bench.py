@@ -1,0 +1,81 @@
+"""ptg.bench: the statistics of a finished bench (synthetic results) and, slow, one seed of the quick profile run
+as a real DVC experiment in a git + DVC repository of its own."""
+
+import json
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ptg import bench
+from ptg.workspace import REPO, dvc_env
+
+
+def _fake_seed(root, seed, rng, delta, n_items=40, rounds=(1, 2)):
+    d = root / "results" / f"seed-{seed}" / "metrics"
+    ids = [f"t{i}" for i in range(n_items)]
+    for r in rounds:
+        base = rng.uniform(0.1, 0.5, n_items)
+        for folder, shift in (("baseline", 0.0), ("rounds", delta)):
+            (d / folder / str(r)).mkdir(parents=True, exist_ok=True)
+            items = pd.DataFrame({"id": ids, "rougeL": base + shift, "rouge2": base / 2, "meteor": base,
+                                  "gen_len": 12.0 if folder == "rounds" else 15.0})
+            items.to_csv(d / folder / str(r) / "evaluate_items.csv", index=False)
+            (d / folder / str(r) / "train_lm.json").write_text(json.dumps({"seconds": 2.0}))
+        rounds_dir = d / "rounds" / str(r)
+        (rounds_dir / "sample.json").write_text(json.dumps({"seconds": 1.0}))
+        (rounds_dir / "evaluate.json").write_text(json.dumps({"reward_eos": 0.6, "reward_other": 0.5}))
+        rows = []
+        for split in ("train", "validation"):
+            for g in range(20):
+                lengths = rng.integers(3, 30, 3)
+                pref = lengths + rng.normal(0, 1, 3)  # longer is better here, and the guidance agrees with pref
+                for k in range(3):
+                    rows.append({"id": f"{split}{g}", "sample_idx": k, "split": split, "preference": pref[k],
+                                 "n_tokens": lengths[k], "finished": True, "guidance": pref[k]})
+        pd.DataFrame(rows).to_csv(rounds_dir / "guidance_groups.csv", index=False)
+    (root / "results" / f"seed-{seed}" / "seconds.json").write_text(json.dumps({"seconds": 100.0}))
+
+
+def test_collect_pairs_items_and_seeds(tmp_path):
+    rng = np.random.default_rng(0)
+    for seed in (0, 1):
+        _fake_seed(tmp_path, seed, rng, delta=0.01)
+    summary = bench.collect(tmp_path, tmp_path / "out", [0, 1, 2])  # seed 2 never ran: left out
+    assert summary["seeds"] == [0, 1]
+    r1 = summary["rounds"][0]
+    assert r1["items"] == 40 and r1["seeds"] == 2
+    # PTG is baseline + 0.01 on every item: +1.00 ROUGE-L x100, no uncertainty; ROUGE-2 identical: 0.
+    assert r1["rougeL"]["mean"] == pytest.approx(1.0) and r1["rougeL"]["lo"] == pytest.approx(1.0)
+    assert r1["rouge2"]["mean"] == pytest.approx(0.0)
+    assert r1["words"] == {"ptg": 12.0, "baseline": 15.0}
+    g = r1["guidance"]
+    assert g["guidance"]["accuracy"] == 1.0 and g["length"]["direction"] == 1
+    assert 0.5 < g["length"]["accuracy"] < 1.0 and g["guidance_minus_length"]["diff"] > 0
+    assert (tmp_path / "out" / "by_round.png").stat().st_size > 1000
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "+1.00 [+1.00, +1.00]" in table and table.count("\n| 1 |") == 1
+
+
+def test_collect_without_a_finished_seed_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no finished seed"):
+        bench.collect(tmp_path, tmp_path / "out", [0])
+
+
+@pytest.mark.slow
+def test_bench_runs_a_seed_as_a_dvc_experiment_and_resumes(tmp_path):
+    directory = tmp_path / "bench"
+    args = ["--params", str(REPO / "configs" / "quick.yaml"), "--seeds", "3", "--dir", str(directory),
+            "--out", str(tmp_path / "out")]
+    assert bench.main(args) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["seeds"] == [3] and [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert summary["rounds"][-1]["items"] == 16  # the quick profile's whole test split
+    shown = subprocess.run(["dvc", "exp", "show", "--json"], cwd=directory, env=dvc_env(), check=True,
+                           capture_output=True, text=True).stdout
+    assert "bench-seed-3" in shown
+    # A second call finds the seed done and only recomputes the statistics.
+    seconds = (directory / "results" / "seed-3" / "seconds.json").read_text()
+    assert bench.main(args) == 0
+    assert (directory / "results" / "seed-3" / "seconds.json").read_text() == seconds
