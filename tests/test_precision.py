@@ -7,7 +7,7 @@ from conftest import EOS, PAD, tiny_llama
 from ptg import losses
 from ptg.guidance import Guidance
 from ptg.models import collate, response_logits
-from ptg.precision import autocast, cpu_has_native_bf16, resolve_device, resolve_precision
+from ptg.precision import autocast, resolve_device, resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -15,7 +15,7 @@ CPU = torch.device("cpu")
 def test_resolve_precision():
     assert resolve_precision("fp32", CPU) == torch.float32
     assert resolve_precision("bf16", CPU) == torch.bfloat16
-    assert resolve_precision("auto", CPU) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert resolve_precision("auto", CPU) == torch.float32  # bf16 autocast measured slower on CPUs
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("fp16", CPU)
     assert resolve_device("cpu") == CPU

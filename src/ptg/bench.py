@@ -2,9 +2,10 @@
 
 The benchmark runs the whole pipeline with ``configs/bench.yaml`` once per seed, as DVC experiments
 (``dvc exp run -n bench-seed-<s> -S seed=<s>``) in a git + DVC repository of its own (``build/bench``: the
-pipeline files, a link to ``src/``, the bench params as its params.yaml), each under an MLflow parent run. Each
-experiment stays comparable with ``dvc exp show`` there. Seeds that finished are skipped and an interrupted one
-resumes from DVC's run cache, so a stopped bench continues where it stopped.
+pipeline files, a snapshot of ``src/`` that its stages import, the bench params as its params.yaml), each under
+an MLflow parent run in the checkout's tracking store. Each experiment stays comparable with ``dvc exp show``
+there. Seeds that finished are skipped and an interrupted one resumes from DVC's run cache, so a stopped bench
+continues where it stopped; editing the checkout while a bench runs does not change the code it runs.
 
 The PTG arm and the baseline arm (same training, uniform token weights) are evaluated on the same test items;
 ``collect`` turns the per-item scores of every seed into paired differences (PTG - baseline) of ROUGE-L, ROUGE-2
@@ -33,17 +34,21 @@ import pandas as pd
 
 from ptg import stats
 from ptg.io import atomic_path, read_json, write_json
+from ptg.tracking import tracking_uri
 from ptg.workspace import REPO, dvc_env
 
 log = logging.getLogger(__name__)
 
-PIPELINE_FILES = ("dvc.yaml", "stages")
+PIPELINE_FILES = ("dvc.yaml", "stages", "src")
 METRICS = ("rougeL", "rouge2", "meteor")
-GITIGNORE = "/data/\n/mlflow.db\n/mlartifacts/\n/results/\n"
+GITIGNORE = "/data/\n/mlflow.db\n/mlartifacts/\n/results/\n__pycache__/\n"
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
-    subprocess.run(cmd, cwd=cwd, check=True, env=dvc_env())
+    # The stages import the snapshot of src/ (PYTHONPATH comes before the editable install's path) and track to
+    # the checkout's MLflow store.
+    env = dvc_env() | {"PYTHONPATH": str(cwd / "src"), "MLFLOW_TRACKING_URI": tracking_uri()}
+    subprocess.run(cmd, cwd=cwd, check=True, env=env)
 
 
 def setup_repo(params_file: Path, directory: Path, repo: Path = REPO) -> Path:
@@ -61,9 +66,11 @@ def setup_repo(params_file: Path, directory: Path, repo: Path = REPO) -> Path:
         target = directory / name
         if target.is_dir():
             shutil.rmtree(target)
-        (shutil.copytree if (repo / name).is_dir() else shutil.copy2)(repo / name, target)
-    if not (directory / "src").exists():
-        (directory / "src").symlink_to(repo / "src", target_is_directory=True)
+        ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+        if (repo / name).is_dir():
+            shutil.copytree(repo / name, target, ignore=ignore)
+        else:
+            shutil.copy2(repo / name, target)
     shutil.copy2(params_file, directory / "params.yaml")
     _run(["git", "add", "-A"], directory)
     if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=directory).returncode:
