@@ -1,5 +1,7 @@
 # ptg. `make run`: the default pipeline (set-up first if needed), `make test`: the test suite, `make quick`: the
-# whole pipeline on tiny models in a scratch workspace (< 3 min), `make setup`: the virtual environment only.
+# whole pipeline on tiny models in a scratch workspace (< 3 min), `make setup`: the virtual environment only,
+# `make bench`: PTG vs its baseline over 3 seeds with confidence intervals (DVC experiments in build/bench),
+# `make ablations`: round 1 of each ablation variant after the bench (same repository, reusing its run cache).
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed-stamp
 QUICK_DIR := build/quick
@@ -7,7 +9,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup test quick run lint clean
+.PHONY: setup test quick run bench ablations lint clean
 
 setup: $(VENV_STAMP)
 
@@ -28,6 +30,17 @@ quick: $(VENV_STAMP)
 run: $(VENV_STAMP)
 	$(PY) -m ptg.tracking run --name "make run" -- dvc repro
 	$(PY) -m ptg.report
+
+bench: $(VENV_STAMP)
+	$(PY) -m ptg.bench
+
+ABLATIONS := --ablation agg-sum fit_guidance.agg=sum --ablation agg-soft-min fit_guidance.agg=soft_min \
+	--ablation agg-soft-max fit_guidance.agg=soft_max --ablation guidance-lr-1e-4 fit_guidance.lr=1.0e-4 \
+	--ablation normalize-batch train_lm.normalize=batch --ablation use-q train_lm.use_q=true \
+	--ablation exp-rewards train_lm.exp_rewards=true --ablation guidance-layers-8 model.guidance_layers=8
+
+ablations: $(VENV_STAMP)
+	$(PY) -m ptg.bench $(ABLATIONS)
 
 lint: $(VENV_STAMP)
 	.venv/bin/ruff check src stages flows tests

@@ -12,8 +12,9 @@ from ptg import bench
 from ptg.workspace import REPO, dvc_env
 
 
-def _fake_seed(root, seed, rng, delta, n_items=40, rounds=(1, 2)):
-    d = root / "results" / f"seed-{seed}" / "metrics"
+def _fake_seed(root, seed, rng, delta, n_items=40, rounds=(1, 2), name=None, info=None):
+    name = name or f"seed-{seed}"
+    d = root / "results" / name / "metrics"
     ids = [f"t{i}" for i in range(n_items)]
     for r in rounds:
         base = rng.uniform(0.1, 0.5, n_items)
@@ -35,7 +36,7 @@ def _fake_seed(root, seed, rng, delta, n_items=40, rounds=(1, 2)):
                     rows.append({"id": f"{split}{g}", "sample_idx": k, "split": split, "preference": pref[k],
                                  "n_tokens": lengths[k], "finished": True, "guidance": pref[k]})
         pd.DataFrame(rows).to_csv(rounds_dir / "guidance_groups.csv", index=False)
-    (root / "results" / f"seed-{seed}" / "seconds.json").write_text(json.dumps({"seconds": 100.0}))
+    (root / "results" / name / "seconds.json").write_text(json.dumps({"seconds": 100.0} | (info or {})))
 
 
 def test_collect_pairs_items_and_seeds(tmp_path):
@@ -56,6 +57,22 @@ def test_collect_pairs_items_and_seeds(tmp_path):
     assert (tmp_path / "out" / "by_round.png").stat().st_size > 1000
     table = (tmp_path / "out" / "table.md").read_text()
     assert "+1.00 [+1.00, +1.00]" in table and table.count("\n| 1 |") == 1
+
+
+def test_ablations_compare_round_one_with_their_baseline(tmp_path):
+    rng = np.random.default_rng(1)
+    _fake_seed(tmp_path, 0, rng, delta=0.01)
+    _fake_seed(tmp_path, 0, np.random.default_rng(1), delta=0.03, rounds=(1,), name="abl-sum",
+               info={"overrides": ["seed=0", "fit_guidance.agg=sum"], "targets": ["evaluate@1"]})
+    assert bench.collect_ablations(tmp_path / "none", tmp_path / "out") == []
+    rows = bench.collect_ablations(tmp_path, tmp_path / "out")
+    assert [r["variant"] for r in rows] == ["bench config", "sum"]
+    assert rows[1]["overrides"] == ["fit_guidance.agg=sum"]
+    # The variant ran no baseline of its own: it is compared with the main run's (the same items, drawn from the
+    # same rng seed), so its difference is exactly +3 where the main run's is +1.
+    assert rows[0]["rougeL_diff"]["mean"] == pytest.approx(1.0)
+    assert rows[1]["rougeL_diff"]["mean"] == pytest.approx(3.0) and rows[1]["rougeL_diff"]["lo"] == pytest.approx(3.0)
+    assert "| sum | fit_guidance.agg=sum |" in (tmp_path / "out" / "ablations.md").read_text()
 
 
 def test_collect_without_a_finished_seed_says_so(tmp_path):

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,21 +79,29 @@ def setup_repo(params_file: Path, directory: Path, repo: Path = REPO) -> Path:
     return directory
 
 
-def run_seed(directory: Path, seed: int) -> Path:
-    """Run (or resume) the experiment of ``seed``; copy its metrics to results/seed-<seed>/ and return that."""
-    out = directory / "results" / f"seed-{seed}"
+def run_experiment(directory: Path, name: str, overrides: list[str], targets: Sequence[str] = ()) -> Path:
+    """Run (or resume) the DVC experiment ``name`` with ``-S`` ``overrides`` (through ``targets``, all stages by
+    default) from the bench params; copy its metrics to results/<name>/ and return that folder."""
+    out = directory / "results" / name
     if (out / "seconds.json").is_file():
-        log.info("seed %d: done before, skipped", seed)
+        log.info("%s: done before, skipped", name)
         return out
+    _run(["git", "checkout", "HEAD", "--", "params.yaml"], directory)  # every experiment starts from the bench params
     t0 = time.perf_counter()
-    _run([sys.executable, "-m", "ptg.tracking", "run", "--name", f"bench seed {seed}", "--",
-          "dvc", "exp", "run", "-n", f"bench-seed-{seed}", "-S", f"seed={seed}"], directory)
+    sets = [a for o in overrides for a in ("-S", o)]
+    _run([sys.executable, "-m", "ptg.tracking", "run", "--name", f"bench {name}", "--",
+          "dvc", "exp", "run", "-n", f"bench-{name}", *sets, *targets], directory)
     seconds = time.perf_counter() - t0
     with atomic_path(out) as tmp:
         shutil.copytree(directory / "metrics", tmp / "metrics")
-        write_json(tmp / "seconds.json", {"seconds": seconds})
-    log.info("seed %d: %.0f s", seed, seconds)
+        write_json(tmp / "seconds.json", {"seconds": seconds, "overrides": overrides, "targets": list(targets)})
+    log.info("%s: %.0f s", name, seconds)
     return out
+
+
+def run_seed(directory: Path, seed: int) -> Path:
+    """The whole pipeline with ``seed``: results/seed-<seed>/."""
+    return run_experiment(directory, f"seed-{seed}", [f"seed={seed}"])
 
 
 def _items(seed_dir: Path, arm: str, r: int) -> pd.DataFrame:
@@ -179,6 +188,43 @@ def collect(directory: Path, out: Path, seeds: list[int]) -> dict[str, Any]:
     return summary
 
 
+def collect_ablations(directory: Path, out: Path, seed: int = 0) -> list[dict[str, Any]]:
+    """Round 1 of every ablation (results/abl-*) against its baseline, beside the bench config's own round 1 of
+    ``seed``: paired difference over test items with its CI, guidance accuracy, output lengths. Writes
+    ablations.json and ablations.md; returns the rows (none when no ablation ran)."""
+    main = directory / "results" / f"seed-{seed}"
+    variants = sorted((directory / "results").glob("abl-*")) if (directory / "results").is_dir() else []
+    if not variants or not (main / "seconds.json").is_file():
+        return []
+    rows = []
+    for d in [main, *variants]:
+        info = read_json(d / "seconds.json")
+        own_baseline = d == main or "baseline" in info.get("targets", [])
+        base_dir = d if own_baseline else main
+        ptg, base = _items(d, "ptg", 1).set_index("id"), _items(base_dir, "baseline", 1).set_index("id")
+        ids = sorted(set(ptg.index) & set(base.index))
+        diff = (ptg.loc[ids, "rougeL"].to_numpy(float) - base.loc[ids, "rougeL"].to_numpy(float))[None] * 100
+        acc = guidance_accuracy([d], 1)["guidance"]
+        rows.append({"variant": "bench config" if d == main else d.name.removeprefix("abl-"),
+                     "overrides": [o for o in info.get("overrides", []) if not o.startswith("seed=")],
+                     "items": len(ids), "rougeL_ptg": float(ptg.loc[ids, "rougeL"].mean() * 100),
+                     "rougeL_diff": stats.paired_bootstrap(diff), "val_accuracy": acc,
+                     "words_ptg": float(ptg.loc[ids, "gen_len"].mean()),
+                     "words_baseline": float(base.loc[ids, "gen_len"].mean()), "seconds": info["seconds"]})
+    write_json(out / "ablations.json", rows)
+    lines = ["| variant | overrides | ROUGE-L PTG | ΔROUGE-L vs baseline [95% CI] | guidance val acc [95% CI] (pairs) "
+             "| words PTG / base |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        a = r["val_accuracy"]
+        lines.append(f"| {r['variant']} | {' '.join(r['overrides']) or '—'} | {r['rougeL_ptg']:.2f} "
+                     f"| {_ci(r['rougeL_diff'])} | {a['accuracy']:.3f} [{a['lo']:.3f}, {a['hi']:.3f}] "
+                     f"({int(a['pairs'])}) | {r['words_ptg']:.1f} / {r['words_baseline']:.1f} |")
+    with atomic_path(out / "ablations.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
+
+
 def _nanmean(values: list[float]) -> float:
     finite = [v for v in values if not np.isnan(v)]
     return float(np.mean(finite)) if finite else float("nan")
@@ -238,15 +284,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, one DVC experiment each")
     ap.add_argument("--dir", default=str(REPO / "build" / "bench"), help="the bench's git + DVC repository")
     ap.add_argument("--out", default=str(REPO / "metrics" / "bench"), help="where the statistics go")
-    ap.add_argument("--collect-only", action="store_true", help="only compute statistics of finished seeds")
+    ap.add_argument("--collect-only", action="store_true", help="only compute statistics of finished runs")
+    ap.add_argument("--ablation", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
+                    help="after the seeds, run round 1 of a variant with the first seed (repeatable), e.g. "
+                         "--ablation agg-min fit_guidance.agg=soft_min; a variant that changes train_lm.* also "
+                         "re-runs its own baseline")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bench %(levelname)s %(message)s")
-    directory = Path(args.dir).resolve()
+    directory, out = Path(args.dir).resolve(), Path(args.out)
     if not args.collect_only:
         setup_repo(Path(args.params).resolve(), directory)
         for seed in args.seeds:
             run_seed(directory, seed)
-    collect(directory, Path(args.out), args.seeds)
+        for name, *overrides in args.ablation:
+            targets = ["evaluate@1"] + (["baseline"] if any(o.startswith("train_lm.") for o in overrides) else [])
+            run_experiment(directory, f"abl-{name}", [f"seed={args.seeds[0]}", *overrides], targets)
+    collect(directory, out, args.seeds)
+    collect_ablations(directory, out, args.seeds[0])
     return 0
 
 
