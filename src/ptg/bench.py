@@ -199,8 +199,11 @@ def collect_ablations(directory: Path, out: Path, seed: int = 0) -> list[dict[st
     rows = []
     for d in [main, *variants]:
         info = read_json(d / "seconds.json")
+        # A variant is compared with the bench config's run of its own seed.
+        seeds = [o.split("=", 1)[1] for o in info.get("overrides", []) if o.startswith("seed=")]
+        own_main = directory / "results" / f"seed-{seeds[0]}" if seeds else main
         own_baseline = d == main or "baseline" in info.get("targets", [])
-        base_dir = d if own_baseline else main
+        base_dir = d if own_baseline else own_main
         ptg, base = _items(d, "ptg", 1).set_index("id"), _items(base_dir, "baseline", 1).set_index("id")
         ids = sorted(set(ptg.index) & set(base.index))
         diff = (ptg.loc[ids, "rougeL"].to_numpy(float) - base.loc[ids, "rougeL"].to_numpy(float))[None] * 100
