@@ -346,7 +346,9 @@ def summarize(items: dict[str, list[float]]) -> dict[str, float]:
 def summary(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
     """Corpus means x100 of rouge1, rouge2, rougeL, rougeLsum and meteor, plus gen_len (mean words per prediction).
 
-    Words for gen_len are whitespace-separated. Nothing is rounded. ``item_scores`` checks the inputs and
-    ``summarize`` rejects an empty list.
+    Words for gen_len are whitespace-separated. Nothing is rounded.
     """
+    _check_inputs(predictions, references)
+    if len(predictions) == 0:
+        raise ValueError("predictions is empty: a summary needs at least one example")
     return summarize(item_scores(predictions, references))
