@@ -1,7 +1,7 @@
 # ptg. `make run`: the default pipeline (set-up first if needed), `make test`: the test suite, `make quick`: the
 # whole pipeline on tiny models in a scratch workspace (< 3 min), `make setup`: the virtual environment only,
 # `make bench`: PTG vs its baseline over 3 seeds with confidence intervals (DVC experiments in build/bench),
-# `make ablations`: round 1 of each ablation variant after the bench (same repository, reusing its run cache).
+# `make ablations`: round 1 of each ablation variant, scored on the validation split (same repository and run cache).
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed-stamp
 QUICK_DIR := build/quick
@@ -34,10 +34,12 @@ run: $(VENV_STAMP)
 bench: $(VENV_STAMP)
 	$(PY) -m ptg.bench
 
-ABLATIONS := --ablation agg-sum fit_guidance.agg=sum --ablation agg-soft-min fit_guidance.agg=soft_min \
-	--ablation agg-soft-max fit_guidance.agg=soft_max --ablation guidance-lr-1e-4 fit_guidance.lr=1.0e-4 \
-	--ablation normalize-batch train_lm.normalize=batch --ablation use-q train_lm.use_q=true \
-	--ablation exp-rewards train_lm.exp_rewards=true --ablation guidance-layers-8 model.guidance_layers=8
+ABLATIONS := --ablation normalize-batch train_lm.normalize=batch --ablation agg-sum fit_guidance.agg=sum \
+	--ablation agg-soft-min fit_guidance.agg=soft_min --ablation agg-soft-max fit_guidance.agg=soft_max \
+	--ablation exp-rewards train_lm.exp_rewards=true --ablation use-q train_lm.use_q=true \
+	--ablation lm-lr-3e-4 train_lm.lr=3.0e-4 --ablation guidance-lr-1e-4 fit_guidance.lr=1.0e-4 \
+	--ablation guidance-layers-8 model.guidance_layers=8 --ablation k-5 sample.num_samples=5 \
+	--ablation reinforce train_lm.objective=reinforce
 
 ablations: $(VENV_STAMP)
 	$(PY) -m ptg.bench $(ABLATIONS)

@@ -59,19 +59,21 @@ def test_collect_pairs_items_and_seeds(tmp_path):
     assert "+1.00 [+1.00, +1.00]" in table and table.count("\n| 1 |") == 1
 
 
-def test_ablations_compare_round_one_with_their_baseline(tmp_path):
-    rng = np.random.default_rng(1)
-    _fake_seed(tmp_path, 0, rng, delta=0.01)
+def test_ablations_compare_round_one_with_the_reference_on_validation(tmp_path):
+    _fake_seed(tmp_path, 0, np.random.default_rng(1), delta=0.01, rounds=(1,), name="abl-reference",
+               info={"overrides": ["seed=0", bench.VALIDATION], "targets": ["evaluate@1", "baseline"]})
     _fake_seed(tmp_path, 0, np.random.default_rng(1), delta=0.03, rounds=(1,), name="abl-sum",
-               info={"overrides": ["seed=0", "fit_guidance.agg=sum"], "targets": ["evaluate@1"]})
+               info={"overrides": ["seed=0", bench.VALIDATION, "fit_guidance.agg=sum"], "targets": ["evaluate@1"]})
     assert bench.collect_ablations(tmp_path / "none", tmp_path / "out") == []
     rows = bench.collect_ablations(tmp_path, tmp_path / "out")
     assert [r["variant"] for r in rows] == ["bench config", "sum"]
-    assert rows[1]["overrides"] == ["fit_guidance.agg=sum"]
-    # The variant ran no baseline of its own: it is compared with the main run's (the same items, drawn from the
-    # same rng seed), so its difference is exactly +3 where the main run's is +1.
-    assert rows[0]["rougeL_diff"]["mean"] == pytest.approx(1.0)
-    assert rows[1]["rougeL_diff"]["mean"] == pytest.approx(3.0) and rows[1]["rougeL_diff"]["lo"] == pytest.approx(3.0)
+    assert rows[0]["overrides"] == [] and rows[1]["overrides"] == ["fit_guidance.agg=sum"]
+    # Same items from the same rng: the variant's PTG is +2 over the reference's PTG and +3 over its baseline
+    # (the variant's own baseline folder is ignored), exactly.
+    assert rows[0]["vs_reference"]["mean"] == pytest.approx(0.0)
+    assert rows[0]["vs_baseline"]["mean"] == pytest.approx(1.0)
+    assert rows[1]["vs_reference"]["mean"] == pytest.approx(2.0) and rows[1]["vs_reference"]["lo"] == pytest.approx(2.0)
+    assert rows[1]["vs_baseline"]["mean"] == pytest.approx(3.0)
     assert "| sum | fit_guidance.agg=sum |" in (tmp_path / "out" / "ablations.md").read_text()
 
 

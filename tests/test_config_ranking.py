@@ -35,6 +35,9 @@ def test_unknown_missing_and_bad_keys_name_the_key(tmp_path):
     path = _write(tmp_path, lambda p: p["train_lm"].update(objective="ppo"))
     with pytest.raises(ParamsError, match="objective"):
         load_group("train_lm", path)
+    path = _write(tmp_path, lambda p: p["evaluate"].update(split="dev"))
+    with pytest.raises(ParamsError, match="evaluate: split must be test or validation; got 'dev'"):
+        load_group("evaluate", path)
 
 
 def test_rounds_must_be_a_quoted_chain(tmp_path):

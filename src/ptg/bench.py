@@ -188,40 +188,58 @@ def collect(directory: Path, out: Path, seeds: list[int]) -> dict[str, Any]:
     return summary
 
 
-def collect_ablations(directory: Path, out: Path, seed: int = 0) -> list[dict[str, Any]]:
-    """Round 1 of every ablation (results/abl-*) against its baseline, beside the bench config's own round 1 of
-    ``seed``: paired difference over test items with its CI, guidance accuracy, output lengths. Writes
-    ablations.json and ablations.md; returns the rows (none when no ablation ran)."""
-    main = directory / "results" / f"seed-{seed}"
-    variants = sorted((directory / "results").glob("abl-*")) if (directory / "results").is_dir() else []
-    if not variants or not (main / "seconds.json").is_file():
+ABLATION_REFERENCE = "abl-reference"
+VALIDATION = "evaluate.split=validation"
+
+
+def run_ablations(directory: Path, seed: int, variants: list[list[str]]) -> None:
+    """Round 1 of the bench config and of each variant (``[name, key=value, ...]``), with ``seed``, the LMs scored
+    on the *validation* split, so that settings are chosen without looking at test: ``abl-reference`` (the bench
+    config, PTG and its baseline) and ``abl-<name>`` (PTG only; compared with the reference's PTG and baseline)."""
+    run_experiment(directory, ABLATION_REFERENCE, [f"seed={seed}", VALIDATION], ["evaluate@1", "baseline"])
+    for name, *overrides in variants:
+        run_experiment(directory, f"abl-{name}", [f"seed={seed}", VALIDATION, *overrides], ["evaluate@1"])
+
+
+def collect_ablations(directory: Path, out: Path) -> list[dict[str, Any]]:
+    """Round 1 of every ablation variant against the reference (the bench config) on the validation split: PTG's
+    ROUGE-L, its paired difference with the reference's PTG and with the reference's baseline (bootstrap 95 % CI
+    over validation items), the guidance's validation pairwise accuracy, output lengths. Writes ablations.json and
+    ablations.md; returns the rows (none when no ablation ran)."""
+    results = directory / "results"
+    reference = results / ABLATION_REFERENCE
+    if not (reference / "seconds.json").is_file():
         return []
+    ref_ptg = _items(reference, "ptg", 1).set_index("id")
+    ref_base = _items(reference, "baseline", 1).set_index("id")
     rows = []
-    for d in [main, *variants]:
+    for d in [reference, *sorted(p for p in results.glob("abl-*") if p != reference
+                                 and (p / "seconds.json").is_file())]:
         info = read_json(d / "seconds.json")
-        # A variant is compared with the bench config's run of its own seed.
-        seeds = [o.split("=", 1)[1] for o in info.get("overrides", []) if o.startswith("seed=")]
-        own_main = directory / "results" / f"seed-{seeds[0]}" if seeds else main
-        own_baseline = d == main or "baseline" in info.get("targets", [])
-        base_dir = d if own_baseline else own_main
-        ptg, base = _items(d, "ptg", 1).set_index("id"), _items(base_dir, "baseline", 1).set_index("id")
-        ids = sorted(set(ptg.index) & set(base.index))
-        diff = (ptg.loc[ids, "rougeL"].to_numpy(float) - base.loc[ids, "rougeL"].to_numpy(float))[None] * 100
-        acc = guidance_accuracy([d], 1)["guidance"]
-        rows.append({"variant": "bench config" if d == main else d.name.removeprefix("abl-"),
-                     "overrides": [o for o in info.get("overrides", []) if not o.startswith("seed=")],
+        ptg = _items(d, "ptg", 1).set_index("id")
+        ids = sorted(set(ptg.index) & set(ref_ptg.index) & set(ref_base.index))
+
+        def diff(other: pd.DataFrame, ids: list[str] = ids, ptg: pd.DataFrame = ptg) -> dict[str, float]:
+            d = ptg.loc[ids, "rougeL"].to_numpy(float) - other.loc[ids, "rougeL"].to_numpy(float)
+            return stats.paired_bootstrap(d[None] * 100)
+
+        rows.append({"variant": "bench config" if d == reference else d.name.removeprefix("abl-"),
+                     "overrides": [o for o in info["overrides"] if not o.startswith("seed=") and o != VALIDATION],
                      "items": len(ids), "rougeL_ptg": float(ptg.loc[ids, "rougeL"].mean() * 100),
-                     "rougeL_diff": stats.paired_bootstrap(diff), "val_accuracy": acc,
+                     "rougeL_baseline": float(ref_base.loc[ids, "rougeL"].mean() * 100),
+                     "vs_reference": diff(ref_ptg), "vs_baseline": diff(ref_base),
+                     "val_accuracy": guidance_accuracy([d], 1)["guidance"],
                      "words_ptg": float(ptg.loc[ids, "gen_len"].mean()),
-                     "words_baseline": float(base.loc[ids, "gen_len"].mean()), "seconds": info["seconds"]})
+                     "words_baseline": float(ref_base.loc[ids, "gen_len"].mean()), "seconds": info["seconds"]})
     write_json(out / "ablations.json", rows)
-    lines = ["| variant | overrides | ROUGE-L PTG | ΔROUGE-L vs baseline [95% CI] | guidance val acc [95% CI] (pairs) "
-             "| words PTG / base |", "|---|---|---|---|---|---|"]
+    lines = ["| variant | overrides | val ROUGE-L PTG | Δ vs bench config [95% CI] | Δ vs baseline [95% CI] "
+             "| guidance val acc [95% CI] (pairs) | words PTG / base |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         a = r["val_accuracy"]
         lines.append(f"| {r['variant']} | {' '.join(r['overrides']) or '—'} | {r['rougeL_ptg']:.2f} "
-                     f"| {_ci(r['rougeL_diff'])} | {a['accuracy']:.3f} [{a['lo']:.3f}, {a['hi']:.3f}] "
-                     f"({int(a['pairs'])}) | {r['words_ptg']:.1f} / {r['words_baseline']:.1f} |")
+                     f"| {_ci(r['vs_reference'])} | {_ci(r['vs_baseline'])} "
+                     f"| {a['accuracy']:.3f} [{a['lo']:.3f}, {a['hi']:.3f}] ({int(a['pairs'])}) "
+                     f"| {r['words_ptg']:.1f} / {r['words_baseline']:.1f} |")
     with atomic_path(out / "ablations.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -289,9 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "metrics" / "bench"), help="where the statistics go")
     ap.add_argument("--collect-only", action="store_true", help="only compute statistics of finished runs")
     ap.add_argument("--ablation", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
-                    help="after the seeds, run round 1 of a variant with the first seed (repeatable), e.g. "
-                         "--ablation agg-min fit_guidance.agg=soft_min; a variant that changes train_lm.* also "
-                         "re-runs its own baseline")
+                    help="after the seeds, run round 1 of a variant with the first seed, scored on the validation "
+                         "split (repeatable), e.g. --ablation agg-min fit_guidance.agg=soft_min")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bench %(levelname)s %(message)s")
     directory, out = Path(args.dir).resolve(), Path(args.out)
@@ -299,11 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         setup_repo(Path(args.params).resolve(), directory)
         for seed in args.seeds:
             run_seed(directory, seed)
-        for name, *overrides in args.ablation:
-            targets = ["evaluate@1"] + (["baseline"] if any(o.startswith("train_lm.") for o in overrides) else [])
-            run_experiment(directory, f"abl-{name}", [f"seed={args.seeds[0]}", *overrides], targets)
+        if args.ablation:
+            run_ablations(directory, args.seeds[0], args.ablation)
     collect(directory, out, args.seeds)
-    collect_ablations(directory, out, args.seeds[0])
+    collect_ablations(directory, out)
     return 0
 
 

@@ -75,11 +75,17 @@ class TrainLMParams(TrainConfig):
 
 @dataclass(frozen=True)
 class EvaluateParams:
+    split: str = field(default="test", metadata={
+        "help": "test (reported results) or validation (for choosing settings: ablations never look at test)"})
     max_new_tokens: int = field(default=48, metadata={"help": "greedy decoding length at most"})
     batch_size: int = field(default=16, metadata={"help": "inputs per decoding batch"})
     subset_items: int = field(default=0, metadata={
         "help": "rounds before the last evaluate only the first this many test items (0 = all); the last round "
                 "always evaluates the whole test split"})
+
+    def __post_init__(self) -> None:
+        if self.split not in ("test", "validation"):
+            raise ValueError(f"split must be test or validation; got {self.split!r}")
 
 
 def _build(cls: type[T], values: Any, where: str) -> T:

@@ -92,23 +92,23 @@ def eos_reward(token_ids: list[list[int]], rewards: list[list[float]], finished:
 
 def evaluate_and_save(lm_dir: Path, guidance: Guidance | None, predictions_path: Path, metrics_path: Path,
                       ctx: Context, last_round: bool = True) -> tuple[dict[str, float], list[Path]]:
-    """Evaluate the LM at ``lm_dir`` on the test split (its first ``evaluate.subset_items`` items unless
+    """Evaluate the LM at ``lm_dir`` on the ``evaluate.split`` split (its first ``evaluate.subset_items`` items unless
     ``last_round``); write the Predictions table, the per-item scores (evaluate_items.csv beside the metrics JSON),
     the metrics JSON and, with a guidance, the reward heatmaps beside the predictions. Returns the metrics and the
     files written."""
     mp: ModelParams = load_group("model", ctx.params)
     ep = load_group("evaluate", ctx.params)
     model, tok = load_lm(lm_dir, ctx.device), load_tokenizer(lm_dir)
-    test = read_examples("test")
+    examples = read_examples(ep.split)
     if ep.subset_items and not last_round:
-        test = test.head(ep.subset_items)
-    table, summary, token_ids, rewards = evaluate_lm(model, tok, test, mp, ep.max_new_tokens, ep.batch_size, ctx,
+        examples = examples.head(ep.subset_items)
+    table, summary, token_ids, rewards = evaluate_lm(model, tok, examples, mp, ep.max_new_tokens, ep.batch_size, ctx,
                                                      guidance)
     write_table(table, predictions_path, schemas.Predictions)
     # Per-example scores beside the metrics (small, kept in git): paired statistics across runs read them.
     with atomic_path(metrics_path.with_name("evaluate_items.csv")) as tmp:
         table.drop(columns=["prediction", "references"]).to_csv(tmp, index=False)
-    write_json(metrics_path, summary | {"items": len(table)})
+    write_json(metrics_path, summary | {"items": len(table), "split": ep.split})
     files = [predictions_path]
     if guidance is not None:
         files += save_heatmaps(tok, table, token_ids, rewards, predictions_path.with_name("heatmap"))

@@ -25,7 +25,7 @@ def build_report(round_ids: list[int], metrics_dir: Path) -> tuple[pd.DataFrame,
         ptg = read_json(metrics_dir / "rounds" / str(r) / "evaluate.json")
         mle = read_json(metrics_dir / "baseline" / str(r) / "evaluate.json")
         fit = read_json(metrics_dir / "rounds" / str(r) / "fit_guidance.json")
-        eval_rows.append({"round": r, **{f"ptg_{k}": ptg[k] for k in EVAL_KEYS},
+        eval_rows.append({"round": r, "split": ptg.get("split", "test"), **{f"ptg_{k}": ptg[k] for k in EVAL_KEYS},
                           **{f"mle_{k}": mle[k] for k in EVAL_KEYS}, "ptg_guidance_score": ptg["guidance_score"],
                           "reward_eos": ptg["reward_eos"], "reward_other": ptg["reward_other"]})
         guidance_rows.append({"round": r, **{k: fit[k] for k in GUIDANCE_KEYS}})
@@ -43,8 +43,9 @@ def format_report(evals: pd.DataFrame, guidance: pd.DataFrame) -> str:
         "round": evals["round"], "PTG ROUGE-L": evals["ptg_rougeL"], "base ROUGE-L": evals["mle_rougeL"],
         "PTG METEOR": evals["ptg_meteor"], "base METEOR": evals["mle_meteor"],
         "PTG words": evals["ptg_gen_len"], "base words": evals["mle_gen_len"], "guidance val acc": acc})
-    return ("PTG vs baseline (uniform token weights; same examples, order and updates) on the test split, greedy; "
-            "ROUGE/METEOR x100\n" + shown.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    return ("PTG vs baseline (uniform token weights; same examples, order and updates) on the "
+            f"{evals['split'].iloc[0]} split, greedy; ROUGE/METEOR x100\n"
+            + shown.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
 
 
 def main(metrics_dir: str = "metrics") -> None:
