@@ -1,7 +1,8 @@
 # ptg. `make run`: the default pipeline (set-up first if needed), `make test`: the test suite, `make quick`: the
 # whole pipeline on tiny models in a scratch workspace (< 3 min), `make setup`: the virtual environment only,
 # `make bench`: PTG vs its baseline over 3 seeds with confidence intervals (DVC experiments in build/bench),
-# `make ablations`: round 1 of each ablation variant, scored on the validation split (same repository and run cache).
+# `make ablations`: round 1 of each ablation variant, scored on the validation split (same repository and run cache),
+# `make perf`: sampling, guidance, training and start-up speed as ratios measured in one run (metrics/perf.json).
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed-stamp
 QUICK_DIR := build/quick
@@ -9,7 +10,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup test quick run bench ablations lint clean
+.PHONY: setup test quick run bench ablations perf lint clean
 
 setup: $(VENV_STAMP)
 
@@ -43,6 +44,9 @@ ABLATIONS := --ablation normalize-batch train_lm.normalize=batch --ablation agg-
 
 ablations: $(VENV_STAMP)
 	$(PY) -m ptg.bench $(ABLATIONS)
+
+perf: $(VENV_STAMP)
+	$(PY) -m ptg.perf
 
 lint: $(VENV_STAMP)
 	.venv/bin/ruff check src stages flows tests

@@ -81,3 +81,58 @@ def test_collate_rejects_empty_and_mismatched():
         collate([[1, 2], [3]], [[4], [5], [6]], PAD)
     with pytest.raises(ValueError, match="empty"):
         collate([[1, 2]], [[]], PAD)
+
+
+def test_shared_prompts_give_the_rewards_and_gradients_of_repeated_prompts():
+    """K responses per prompt: running each prompt once and sharing its cache gives the logits, hidden states and
+    gradients of the concatenated prompt + response sequences (decoder-only), to fp32 tolerance."""
+    from ptg.models import _decoder_only_inputs, response_hidden
+
+    model = tiny_llama()
+    prompts = [[2, 5, 6, 7, 8, 9, 10, 11], [2, 9, 4]]
+    responses = [[4, 5, 6], [7, EOS], [8, 9, 10, 11], [12, EOS], [13, 14, 15], [5]]
+    batch = collate(prompts, responses, PAD)
+    assert batch.group_size == 3
+    t, p = batch.response_ids.shape[1], batch.prompt_ids.shape[1]
+    repeated = model(**_decoder_only_inputs(batch, 3), use_cache=False, output_hidden_states=True)
+    mask = batch.response_mask.bool()
+    torch.testing.assert_close(response_logits(model, batch)[mask], repeated.logits[:, p - 1:p - 1 + t][mask],
+                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(response_hidden(model.model, batch)[mask],
+                               model.model(**_decoder_only_inputs(batch, 3)).last_hidden_state[:, p:][mask],
+                               atol=1e-5, rtol=1e-4)
+    grads = []
+    for shared in (True, False):
+        model.zero_grad()
+        logits = response_logits(model, batch) if shared else \
+            model(**_decoder_only_inputs(batch, 3), use_cache=False).logits[:, p - 1:p - 1 + t]
+        (logits.log_softmax(-1)[..., 3] * batch.response_mask).sum().backward()
+        grads.append(torch.cat([q.grad.flatten() for q in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_inverse_cdf_draws_follow_the_distribution_and_never_a_removed_token():
+    from ptg.sampling import _next_tokens
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = probs.log().expand(20000, -1)
+    draws = _next_tokens(logits, SamplingConfig(), torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    torch.testing.assert_close(freq, probs, atol=0.012, rtol=0)
+    top2 = _next_tokens(logits, SamplingConfig(top_k=2), torch.Generator().manual_seed(0))
+    assert set(top2.tolist()) == {0, 1}
+    assert abs((top2 == 0).float().mean().item() - 0.625) < 0.015
+
+
+def test_rows_that_finish_leave_the_batch_without_changing_the_others():
+    """Greedy continuations in one batch, where half of the rows stop early (the batch is compacted), equal each
+    prompt decoded alone."""
+    model = tiny_llama()
+    prompts = [[2, 5, 6, 7], [2, 9], [3, 4, 11, 12, 13], [6, 7, 8]]
+    greedy = SamplingConfig(num_samples=1, max_new_tokens=8, temperature=0)
+    free = [sample(model, [p], greedy, [], PAD, CPU, progress=False)[0][0] for p in prompts]
+    stops = {free[0][1], free[2][2]}  # two rows stop within 3 tokens
+    alone = [sample(model, [p], greedy, sorted(stops), PAD, CPU, progress=False)[0][0] for p in prompts]
+    assert len(alone[0]) <= 2 and len(alone[2]) <= 3
+    batched = [g[0] for g in sample(model, prompts, greedy, sorted(stops), PAD, CPU, progress=False)]
+    assert batched == alone

@@ -215,7 +215,7 @@ def fit_guidance(guidance: Guidance, train: Sequence[RankedGroup], val: Sequence
     _check_groups("val", val)
     gen = torch.Generator().manual_seed(cfg.seed)
     guidance.to(device).train()
-    opt = torch.optim.Adam(guidance.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(guidance.parameters(), lr=cfg.lr, fused=True)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.lr_decay,
                                                        patience=cfg.lr_patience, min_lr=1e-6)
     start = evaluate_guidance(guidance, val, cfg, pad_id, device, dtype)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -97,6 +98,22 @@ def _decoder_only_inputs(batch: Batch, n_prompt_repeat: int) -> dict[str, torch.
     return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}
 
 
+def _shared_prompt_forward(model: PreTrainedModel, batch: Batch, **prompt_kwargs: Any) -> tuple[Any, Any]:
+    """Decoder-only forward of K responses per prompt that runs each prompt once: the prompt pass fills a cache,
+    repeated K times, which the responses' pass attends to (same positions and masks as the concatenated
+    sequence). Returns both passes' outputs; gradients flow through the cache."""
+    pos = (batch.prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    prompt = model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask, position_ids=pos, use_cache=True,
+                   **prompt_kwargs)
+    cache = prompt.past_key_values
+    cache.batch_repeat_interleave(batch.group_size)
+    full = _decoder_only_inputs(batch, batch.group_size)
+    p = batch.prompt_ids.shape[1]
+    responses = model(input_ids=batch.response_ids, attention_mask=full["attention_mask"],
+                      position_ids=full["position_ids"][:, p:], past_key_values=cache, use_cache=True)
+    return prompt, responses
+
+
 def _encode_once(model: PreTrainedModel, batch: Batch) -> tuple[tuple[torch.Tensor], torch.Tensor]:
     """Run the encoder once per prompt and expand its states to the K responses of that prompt."""
     encoder = model.get_encoder()
@@ -119,7 +136,11 @@ def response_logits(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
         out = model(encoder_outputs=enc, attention_mask=enc_mask, decoder_input_ids=dec_ids,
                     decoder_attention_mask=dec_mask, use_cache=False)
         return out.logits
-    out = model(**_decoder_only_inputs(batch, batch.group_size), use_cache=False, logits_to_keep=t + 1)
+    if batch.group_size > 1:
+        prompt, responses = _shared_prompt_forward(model, batch, logits_to_keep=1)
+        first = prompt.logits[:, -1:].repeat_interleave(batch.group_size, dim=0)  # predicts response token 0
+        return torch.cat([first, responses.logits[:, : t - 1]], dim=1)
+    out = model(**_decoder_only_inputs(batch, 1), use_cache=False, logits_to_keep=t + 1)
     # logits_to_keep keeps the last t + 1 positions: those from column p - 1 on, which predict response tokens.
     return out.logits[:, :t]
 
@@ -136,7 +157,9 @@ def response_hidden(backbone: PreTrainedModel, batch: Batch) -> torch.Tensor:
         out = backbone(encoder_outputs=enc, attention_mask=enc_mask, decoder_input_ids=dec_ids,
                        decoder_attention_mask=dec_mask, use_cache=False)
         return out.last_hidden_state[:, 1:]
-    out = backbone(**_decoder_only_inputs(batch, batch.group_size), use_cache=False)
+    if batch.group_size > 1:
+        return _shared_prompt_forward(backbone, batch)[1].last_hidden_state
+    out = backbone(**_decoder_only_inputs(batch, 1), use_cache=False)
     return out.last_hidden_state[:, p:]
 
 

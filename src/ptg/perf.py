@@ -1,0 +1,272 @@
+"""`make perf`: how fast ptg's hot paths run on this machine, each as a ratio measured in the same run.
+
+Rows (SmolLM2-135M-Instruct, the default policy, materialised offline into build/perf/lm once):
+- **sample**: ``ptg.sampling.sample`` (K samples per prompt) against transformers' ``generate`` with
+  identical settings (do_sample, temperature 1, top-k off, top-p 1, ``num_return_sequences`` = K) on the same
+  prompts, and against the compute bound: the useful FLOPs (real prompt tokens once, generated tokens, attention)
+  at the matmul peak measured in this run for the same dtype.
+- **greedy** (what `evaluate` decodes): ``sample`` with temperature 0 against greedy ``generate``, and the bound.
+- **guidance**: forward rows/s of the guidance backbone with each prompt encoded once and shared by its K
+  responses, against the prompt repeated K times (prompts about 4x longer than responses).
+- **train_lm**: achieved FLOP/s of weighted-MLE training (6 x parameters x tokens, attention included) against the
+  same-dtype matmul peak.
+- **start-up**: seconds from process start to the stage's argument parsing (every import it does) per stage.
+
+Writes metrics/perf.json and prints a table. Run: python -m ptg.perf [--threads N] [--out metrics/perf.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ptg.io import write_json
+from ptg.workspace import REPO
+
+log = logging.getLogger(__name__)
+
+PERF_DIR = REPO / "build" / "perf"
+STAGES = ("prepare", "base_model", "sample", "rank", "fit_guidance", "train_lm", "evaluate", "baseline", "report")
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of an n x n matmul in ``dtype`` on the CPU (the threads torch uses now)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _shape(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters in the decoder layers' matmuls, vocabulary, width, layers, attention width."""
+    cfg = model.config
+    linear = sum(m.weight.numel() for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and "lm_head" not in name)
+    heads = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+    return {"linear": linear, "vocab": cfg.vocab_size, "width": cfg.hidden_size, "layers": cfg.num_hidden_layers,
+            "attn": heads}
+
+
+def forward_flops(shape: dict[str, int], contexts: list[int], with_logits: int) -> float:
+    """FLOPs of a forward over tokens at the given context lengths (each attends to that many positions), with
+    the LM head applied to ``with_logits`` of them."""
+    per_token = 2 * shape["linear"]
+    attention = 4 * shape["layers"] * shape["attn"] * sum(contexts)
+    return per_token * len(contexts) + attention + 2 * shape["vocab"] * shape["width"] * with_logits
+
+
+def decode_flops(shape: dict[str, int], prompts: list[list[int]], outputs: list[list[list[int]]]) -> float:
+    """Useful FLOPs of sampling ``outputs`` (K per prompt): each prompt prefilled once, each new token decoded."""
+    total = 0.0
+    for p, group in zip(prompts, outputs, strict=True):
+        total += forward_flops(shape, list(range(1, len(p) + 1)), 1)
+        for seq in group:
+            steps = max(len(seq) - 1, 0)  # the last token is sampled, never fed back
+            total += forward_flops(shape, [len(p) + i + 1 for i in range(steps)], steps)
+    return total
+
+
+def _generate(model: torch.nn.Module, prompts: list[list[int]], k: int, greedy: bool, max_new: int,
+              eos: list[int], pad_id: int, batch_size: int) -> list[list[list[int]]]:
+    from ptg.models import _pad
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # the same batches as ptg's
+    results: dict[int, list[list[int]]] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        ids, mask = _pad([prompts[i] for i in chunk], pad_id, left=True)
+        kwargs = {"do_sample": False} if greedy else {"do_sample": True, "temperature": 1.0, "top_k": 0,
+                                                        "top_p": 1.0, "num_return_sequences": k}
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=eos,
+                             pad_token_id=pad_id, **kwargs)[:, ids.shape[1]:].tolist()
+        for j, i in enumerate(chunk):
+            rows = gen[j * k:(j + 1) * k] if not greedy else [gen[j]]
+            results[i] = [r[:next((n + 1 for n, t in enumerate(r) if t in eos), len(r))] for r in rows]
+    return [results[i] for i in range(len(prompts))]
+
+
+def decoding_rows(model: torch.nn.Module, prompts: list[list[int]], eos: list[int], pad_id: int, peak: float,
+                  k: int = 3, max_new: int = 32, batch_size: int = 16) -> dict[str, dict[str, float]]:
+    """The sample and greedy rows: ptg against generate and against the compute bound."""
+    from ptg.sampling import SamplingConfig, sample
+
+    shape = _shape(model)
+    rows = {}
+    for name, temperature, kk in (("sample", 1.0, k), ("greedy", 0.0, 1)):
+        cfg = SamplingConfig(num_samples=kk, max_new_tokens=max_new, temperature=temperature)
+        res: dict[str, Any] = {}
+        for who in ("ptg", "generate"):
+            torch.manual_seed(0)
+            t0 = time.perf_counter()
+            if who == "ptg":
+                outputs = sample(model, prompts, cfg, eos, pad_id, torch.device("cpu"), batch_size=batch_size,
+                                 generator=torch.Generator().manual_seed(0), progress=False)
+            else:
+                with torch.no_grad():
+                    outputs = _generate(model, prompts, kk, temperature == 0, max_new, eos, pad_id, batch_size)
+            seconds = time.perf_counter() - t0
+            tokens = sum(len(s) for g in outputs for s in g)
+            res[who] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+                        "bound_s": decode_flops(shape, prompts, outputs) / peak}
+        ptg, gen = res["ptg"], res["generate"]
+        rows[name] = {"ptg_tokens_per_s": ptg["tokens_per_s"], "generate_tokens_per_s": gen["tokens_per_s"],
+                      "vs_generate": ptg["tokens_per_s"] / gen["tokens_per_s"],
+                      "of_compute_bound": ptg["bound_s"] / ptg["seconds"], "ptg_seconds": ptg["seconds"],
+                      "generate_seconds": gen["seconds"], "tokens": ptg["tokens"]}
+        log.info("%s: %s", name, rows[name])
+    return rows
+
+
+def guidance_backbone(policy_dir: Path, layers: int = 4) -> torch.nn.Module:
+    """The default guidance backbone: the policy's first ``layers`` layers (materialised once under build/perf)."""
+    from transformers import AutoModel
+
+    from ptg.base_models import truncate_backbone
+
+    directory = PERF_DIR / f"guidance-{layers}"
+    if not (directory / "config.json").is_file():
+        truncate_backbone(policy_dir, layers, directory)
+    return AutoModel.from_pretrained(directory).eval()
+
+
+def guidance_row(backbone: torch.nn.Module, prompts: list[list[int]], pad_id: int, k: int = 3,
+                 repeats: int = 3) -> dict[str, float]:
+    """Guidance backbone forward rows/s with K responses per prompt, each a quarter of its prompt's length:
+    the prompt run once and its cache shared by the K responses, against the prompt repeated K times. No
+    gradients (scoring, validation); fitting runs the same forward with them."""
+    from ptg.models import _decoder_only_inputs, collate, response_hidden
+
+    responses = [p[-max(len(p) // 4, 1):] for p in prompts for _ in range(k)]
+    batches = [collate(prompts[i:i + 8], responses[i * k:(i + 8) * k], pad_id) for i in range(0, len(prompts), 8)]
+    seconds = {}
+    with torch.no_grad():
+        for name, fn in (("shared", lambda b: response_hidden(backbone, b)),
+                         ("repeated", lambda b: backbone(**_decoder_only_inputs(b, k)).last_hidden_state)):
+            fn(batches[0])  # warm-up
+            seconds[name] = min(_timed(lambda fn=fn: [fn(b) for b in batches]) for _ in range(repeats))
+    rows = len(responses)
+    return {"k": k, "shared_rows_per_s": rows / seconds["shared"], "repeated_rows_per_s": rows / seconds["repeated"],
+            "speedup": seconds["repeated"] / seconds["shared"]}
+
+
+def train_row(model: torch.nn.Module, prompts: list[list[int]], targets: list[list[int]], pad_id: int,
+              peak: float, updates: int = 3, batch_size: int = 8) -> dict[str, float]:
+    """Achieved FLOP/s of ``updates`` weighted-MLE updates (uniform weights) against the matmul peak."""
+    from ptg.train import Example, TrainConfig, train_lm
+
+    examples = [Example(p, t) for p, t in zip(prompts, targets, strict=True)]
+    cfg = TrainConfig(max_updates=updates, batch_size=batch_size, lr=1e-5)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    t0 = time.perf_counter()
+    history = train_lm(model, examples, cfg, pad_id, torch.device("cpu"), progress=False)
+    seconds = time.perf_counter() - t0
+    model.load_state_dict(state)
+    shape = _shape(model)
+    # Tokens per update: the same seeded batches train_lm drew; FLOPs = 3 x forward (forward + backward).
+    gen = torch.Generator().manual_seed(cfg.seed)
+    from ptg.train import _micro_batches
+
+    batches = _micro_batches([len(e.prompt) + len(e.response) for e in examples], batch_size, gen)
+    flops = 0.0
+    for _ in range(updates):
+        for i in next(batches):
+            n_p, n_t = len(examples[i].prompt), len(examples[i].response)
+            flops += 3 * forward_flops(shape, list(range(1, n_p + n_t + 1)), n_t)
+    return {"seconds_per_update": seconds / updates, "flops_per_s": flops / seconds, "of_peak": flops / seconds / peak,
+            "tokens_per_update": sum(h["tokens"] for h in history) / updates}
+
+
+def startup_row(stages: tuple[str, ...] = STAGES) -> dict[str, float]:
+    """Seconds from process start to a parsed command line (every import the stage does), per stage."""
+    out = {}
+    for stage in stages:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, f"stages/{stage}.py", "--help"], cwd=REPO, check=True,
+                       capture_output=True)
+        out[stage] = time.perf_counter() - t0
+    return out
+
+
+def _policy(directory: Path) -> tuple[torch.nn.Module, Any]:
+    from ptg.base_models import materialize_policy
+    from ptg.models import load_lm, load_tokenizer
+
+    if not (directory / "config.json").is_file():
+        materialize_policy("smollm2-135m-instruct", directory)
+    return load_lm(directory), load_tokenizer(directory)
+
+
+def run(n_prompts: int = 24, k: int = 3, max_new: int = 32) -> dict[str, Any]:
+    from ptg.bench import machine
+    from ptg.config import load_group
+    from ptg.data import build_examples
+    from ptg.models import encode_prompts, encode_responses, eos_ids, turn_end_id
+
+    model, tok = _policy(PERF_DIR / "lm")
+    params = REPO / "params.yaml"
+    frame = build_examples(load_group("data", params))["train"].head(n_prompts)
+    prompts = encode_prompts(tok, frame["prompt"].tolist(), load_group("model", params).max_prompt_tokens, False)
+    eos = eos_ids(model, tok)
+    peaks = {"fp32": matmul_peak(torch.float32)}
+    result: dict[str, Any] = {"machine": machine(), "threads": torch.get_num_threads(), "peak_flops": peaks,
+                              "settings": {"prompts": n_prompts, "k": k, "max_new_tokens": max_new}}
+    result |= decoding_rows(model, prompts, eos, tok.pad_token_id, peaks["fp32"], k, max_new)
+    result["guidance"] = guidance_row(guidance_backbone(PERF_DIR / "lm"), prompts, tok.pad_token_id, k=k)
+    targets = encode_responses(tok, frame["target"].tolist(), load_group("model", params).max_target_tokens,
+                               turn_end_id(model, tok))
+    result["train_lm"] = train_row(model, prompts, targets, tok.pad_token_id, peaks["fp32"])
+    result["startup_s"] = startup_row()
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    s, g, t = result["sample"], result["greedy"], result["train_lm"]
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores, flags {' '.join(m['flags'])}; torch threads "
+             f"{result['threads']}; fp32 matmul peak {result['peak_flops']['fp32'] / 1e9:.0f} GFLOP/s",
+             "| path | ptg | transformers generate | ptg / generate | of compute bound |", "|---|---|---|---|---|"]
+    for name, row in ((f"sample (K = {result['settings']['k']})", s), ("greedy (evaluate)", g)):
+        lines.append(f"| {name} | {row['ptg_tokens_per_s']:.1f} tok/s | {row['generate_tokens_per_s']:.1f} tok/s "
+                     f"| {row['vs_generate']:.2f}x | {row['of_compute_bound']:.0%} |")
+    if "guidance" in result:
+        gd = result["guidance"]
+        lines.append(f"| guidance scoring (K = {gd['k']}) | {gd['shared_rows_per_s']:.1f} rows/s shared prompts "
+                     f"| {gd['repeated_rows_per_s']:.1f} rows/s repeated | {gd['speedup']:.2f}x | |")
+    lines.append(f"| train_lm (batch 8) | {t['flops_per_s'] / 1e9:.1f} GFLOP/s, {t['seconds_per_update']:.2f} s/update "
+                 f"| | | {t['of_peak']:.0%} of peak |")
+    lines.append("| start-up (s) | " + ", ".join(f"{k} {v:.1f}" for k, v in result["startup_s"].items()) + " | | | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ptg.perf", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--prompts", type=int, default=24, help="prompts per decoding measurement")
+    ap.add_argument("--out", default=str(REPO / "metrics" / "perf.json"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s perf %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run(args.prompts)
+    write_json(Path(args.out), result)
+    print(format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
