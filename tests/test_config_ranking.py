@@ -9,12 +9,12 @@ from ptg.ranking import human_scores, rank_within_groups
 from ptg.workspace import REPO
 
 
-@pytest.mark.parametrize("params", ["params.yaml", "configs/quick.yaml"])
+@pytest.mark.parametrize("params", ["params.yaml", "configs/quick.yaml", "configs/bench.yaml", "configs/gpu.yaml"])
 def test_shipped_params_files_load_completely(params):
     path = REPO / params
     for group in ("run", "data", "model", "sample", "rank", "fit_guidance", "train_lm", "evaluate"):
         load_group(group, path)
-    assert [r["round"] for r in rounds(path)] == [1, 2]
+    assert [r["round"] for r in rounds(path)][:2] == [1, 2]
 
 
 def _write(tmp_path, mutate):

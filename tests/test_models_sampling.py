@@ -136,3 +136,13 @@ def test_rows_that_finish_leave_the_batch_without_changing_the_others():
     assert len(alone[0]) <= 2 and len(alone[2]) <= 3
     batched = [g[0] for g in sample(model, prompts, greedy, sorted(stops), PAD, CPU, progress=False)]
     assert batched == alone
+
+
+def test_sampling_under_bf16_autocast_runs_and_is_reproducible():
+    """Under autocast a layer's keys and values come out fp32 or bf16 depending on the pass; the static cache
+    stores them in one dtype (precision: bf16 on a CPU, auto on CUDA)."""
+    model = tiny_llama()
+    cfg = SamplingConfig(num_samples=2, max_new_tokens=6)
+    runs = [sample(model, PROMPTS, cfg, [EOS], PAD, CPU, torch.bfloat16, generator=torch.Generator().manual_seed(0),
+                   progress=False) for _ in range(2)]
+    assert runs[0] == runs[1] and [len(g) for g in runs[0]] == [2, 2, 2]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -125,9 +126,20 @@ def _sample_chunk(model: PreTrainedModel, prompts: Sequence[list[int]], cfg: Sam
     return seqs
 
 
+class _StaticCache(StaticCache):
+    """transformers' StaticCache, storing what it is given in the dtype it was first filled with: under bf16
+    autocast, a layer's keys and values are fp32 or bf16 depending on the pass (prefill or decode)."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.layers[layer_idx]
+        dtype = layer.keys.dtype if layer.is_initialized else key_states.dtype
+        return super().update(key_states.to(dtype), value_states.to(dtype), layer_idx, *args, **kwargs)
+
+
 def _static_cache(model: PreTrainedModel, length: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> StaticCache:
     """A static cache of ``length`` positions holding each layer's (keys, values) in its first positions."""
-    cache = StaticCache(config=model.config, max_cache_len=length)
+    cache = _StaticCache(config=model.config, max_cache_len=length)
     for i, (keys, values) in enumerate(layers):
         cache.update(keys, values, i)
     return cache

@@ -1,0 +1,61 @@
+"""The CUDA path (bf16 autocast): sampling, guidance fitting, LM training and greedy evaluation on the GPU, each
+matching fp32 within tolerance. Skipped where no CUDA device is present (the CPU suite covers the same code)."""
+
+import pytest
+import torch
+from conftest import EOS, PAD, tiny_llama
+from test_guidance_train import FIT, X, guidance_for, synthetic_groups
+
+from ptg.guidance import fit_guidance
+from ptg.models import collate, response_logits
+from ptg.precision import resolve_precision
+from ptg.sampling import SamplingConfig, sample
+from ptg.train import Example, TrainConfig, train_lm
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+GPU = torch.device("cuda")
+PROMPTS = [[2, 5, 6, 7], [2, 9], [3, 4, 11, 12, 13]]
+
+
+def test_auto_precision_is_bf16_on_cuda():
+    assert resolve_precision("auto", GPU) == torch.bfloat16
+
+
+def test_sampling_and_greedy_on_the_gpu_match_the_cpu():
+    model = tiny_llama()
+    greedy = SamplingConfig(num_samples=1, max_new_tokens=6, temperature=0)
+    cpu = sample(model, PROMPTS, greedy, [EOS], PAD, torch.device("cpu"), progress=False)
+    gpu = sample(model.to(GPU), PROMPTS, greedy, [EOS], PAD, GPU, progress=False)
+    assert gpu == cpu  # fp32 on both: the same argmax
+    cfg = SamplingConfig(num_samples=4, max_new_tokens=8)
+    a = sample(model, PROMPTS, cfg, [EOS], PAD, GPU, torch.bfloat16, generator=torch.Generator().manual_seed(0),
+               progress=False)
+    b = sample(model, PROMPTS, cfg, [EOS], PAD, GPU, torch.bfloat16, generator=torch.Generator().manual_seed(0),
+               progress=False)
+    assert a == b and all(len(g) == 4 for g in a)
+
+
+def test_bf16_logits_match_fp32_within_tolerance():
+    model = tiny_llama().to(GPU)
+    batch = collate(PROMPTS, [[4, 5, 6], [7, EOS], [8, 9, 10, 11]], PAD).to(GPU)
+    fp32 = response_logits(model, batch)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        bf16 = response_logits(model, batch).float()
+    torch.testing.assert_close(bf16, fp32, atol=0.05, rtol=0.05)
+
+
+def test_guidance_fits_and_the_lm_trains_in_bf16_on_the_gpu():
+    g = guidance_for(tiny_llama())
+    train, val = synthetic_groups(96, 4, seed=1), synthetic_groups(32, 4, seed=2)
+    result = fit_guidance(g, train, val, FIT, PAD, GPU, torch.bfloat16, progress=False)
+    assert result.best_val_accuracy >= 0.85
+    r = g(collate([[2, 7]], [[X, 9, X, 11, EOS]], PAD).to(GPU))[0]
+    assert r[0] > r[1]
+    lm = tiny_llama()
+    examples = [Example([2, 3, 4], [X, X, EOS]), Example([2, 6], [X, EOS])]
+    before = response_logits(lm, collate([[2, 3, 4]], [[X, X, EOS]], PAD)).log_softmax(-1)[0, 0, X].item()
+    history = train_lm(lm, examples, TrainConfig(lr=1e-2, batch_size=2, max_updates=5), PAD, GPU, torch.bfloat16,
+                       guidance=g, progress=False)
+    assert len(history) == 5 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    after = response_logits(lm, collate([[2, 3, 4]], [[X, X, EOS]], PAD).to(GPU)).log_softmax(-1)[0, 0, X].item()
+    assert after > before
