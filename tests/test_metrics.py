@@ -122,6 +122,23 @@ def test_meteor_wordnet_synonyms_score_higher() -> None:
     assert with_wordnet > without
 
 
+def test_english_wordnet_reader_gives_nltk_synonyms() -> None:
+    """ptg's reader (without the multilingual mapping) answers every English lookup as nltk's own reader."""
+    if meteor_backend() != "wordnet":
+        pytest.skip("nltk's WordNet corpus is not installed locally")
+    import random
+
+    from nltk.corpus import wordnet
+
+    from ptg.metrics import _wordnet
+
+    words = sorted(wordnet.all_lemma_names())
+    words = random.Random(0).sample(words, 1500) + ["running", "dogs", "geese", "went", "better", "returns", "is"]
+    for word in words:
+        ours = {lemma.name() for syn in _wordnet().synsets(word) for lemma in syn.lemmas()}
+        assert ours == {lemma.name() for syn in wordnet.synsets(word) for lemma in syn.lemmas()}, word
+
+
 def test_meteor_backend_is_known_and_cached() -> None:
     assert meteor_backend() in {"wordnet", "exact+stem"}
     assert meteor_backend() == meteor_backend()

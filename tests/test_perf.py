@@ -35,7 +35,7 @@ def test_every_row_runs_and_the_table_shows_it():
     result["startup_s"] = {"report": 1.0}
     for row in ("sample", "greedy"):
         assert result[row]["tokens"] > 0 and result[row]["vs_generate"] > 0
-        assert 0 < result[row]["of_compute_bound"]
+        assert result[row]["of_compute_bound"] > 0
     assert result["guidance"]["speedup"] > 0 and result["train_lm"]["of_peak"] > 0
     table = perf.format_table(result)
     for label in ("sample (K = 2)", "greedy (evaluate)", "guidance scoring (K = 2)", "train_lm", "start-up"):
