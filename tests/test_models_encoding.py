@@ -271,3 +271,23 @@ def test_references_end_with_the_turn_end_token(chat_tok, t5_tok):
         assert [r[-1] for r in refs] == [end, end]
         assert len(refs[1]) == 20
         assert tok.decode(refs[0][:-1]) == "Adds two numbers."
+
+
+def test_pickle_checkpoints_are_refused_with_the_folder_and_file_named(tmp_path):
+    """Only safetensors weights load: a folder holding only a pickle checkpoint (which can run code when loaded) is
+    refused before transformers reads it, for the LM and for a guidance backbone."""
+    import torch
+    from conftest import tiny_llama
+
+    from ptg.guidance import Guidance
+    from ptg.models import load_lm
+
+    model = tiny_llama()
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"only safetensors weights are loaded.*pytorch_model\.bin"):
+        load_lm(tmp_path)
+    with pytest.raises(ValueError, match="pytorch_model.bin"):
+        Guidance.from_backbone(tmp_path)
+    model.save_pretrained(tmp_path / "ok")
+    assert load_lm(tmp_path / "ok").config.vocab_size == model.config.vocab_size

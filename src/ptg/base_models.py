@@ -185,7 +185,7 @@ def _load_lm(spec: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
     """A causal or seq2seq LM and its tokenizer from a local folder or a hub id, in fp32."""
     try:
         config = AutoConfig.from_pretrained(spec)
-        model = _lm_class(config).from_pretrained(spec, dtype=torch.float32)
+        model = _lm_class(config).from_pretrained(spec, dtype=torch.float32, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(spec)
     except OSError as e:
         raise OSError(f"cannot load model {spec!r}: not a local folder, and the hub is unreachable or has no such "
@@ -337,7 +337,7 @@ def truncate_backbone(policy_dir: Path, n_layers: int, out_dir: Path) -> None:
     # report about them quiet, and check the other direction (nothing the backbone needs is missing) here.
     with _quiet_transformers():
         model, info = AutoModel.from_pretrained(policy_dir, config=config, dtype=torch.float32,
-                                                output_loading_info=True)
+                                                output_loading_info=True, use_safetensors=True)
     log.info("guidance backbone: %s with the first %d of the policy's %d layers", type(model).__name__, n_layers,
              available)
     if info.get("missing_keys"):
@@ -355,7 +355,7 @@ def copy_backbone(spec_or_path: str | Path, out_dir: Path, policy_dir: Path) -> 
     policy_vocab = AutoTokenizer.from_pretrained(policy_dir).get_vocab()
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec_or_path)
-        model = AutoModel.from_pretrained(spec_or_path, dtype=torch.float32)
+        model = AutoModel.from_pretrained(spec_or_path, dtype=torch.float32, use_safetensors=True)
     except OSError as e:
         raise OSError(f"cannot load backbone {str(spec_or_path)!r}: not a local folder, and the hub is unreachable "
                       f"or has no such model ({e})") from e

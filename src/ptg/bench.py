@@ -217,6 +217,7 @@ def collect_ablations(directory: Path, out: Path) -> list[dict[str, Any]]:
                                  and (p / "seconds.json").is_file())]:
         info = read_json(d / "seconds.json")
         ptg = _items(d, "ptg", 1).set_index("id")
+        ev = read_json(d / "metrics" / "rounds" / "1" / "evaluate.json")
         ids = sorted(set(ptg.index) & set(ref_ptg.index) & set(ref_base.index))
 
         def diff(other: pd.DataFrame, ids: list[str] = ids, ptg: pd.DataFrame = ptg) -> dict[str, float]:
@@ -230,16 +231,19 @@ def collect_ablations(directory: Path, out: Path) -> list[dict[str, Any]]:
                      "vs_reference": diff(ref_ptg), "vs_baseline": diff(ref_base),
                      "val_accuracy": guidance_accuracy([d], 1)["guidance"],
                      "words_ptg": float(ptg.loc[ids, "gen_len"].mean()),
-                     "words_baseline": float(ref_base.loc[ids, "gen_len"].mean()), "seconds": info["seconds"]})
+                     "words_baseline": float(ref_base.loc[ids, "gen_len"].mean()), "seconds": info["seconds"],
+                     **{k: ev.get(k, float("nan")) for k in ("reward_eos", "reward_other")}})
     write_json(out / "ablations.json", rows)
     lines = ["| variant | overrides | val ROUGE-L PTG | Δ vs bench config [95% CI] | Δ vs baseline [95% CI] "
-             "| guidance val acc [95% CI] (pairs) | words PTG / base |", "|---|---|---|---|---|---|---|"]
+             "| guidance val acc [95% CI] (pairs) | words PTG / base | reward EOS / other |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a = r["val_accuracy"]
         lines.append(f"| {r['variant']} | {' '.join(r['overrides']) or '—'} | {r['rougeL_ptg']:.2f} "
                      f"| {_ci(r['vs_reference'])} | {_ci(r['vs_baseline'])} "
                      f"| {a['accuracy']:.3f} [{a['lo']:.3f}, {a['hi']:.3f}] ({int(a['pairs'])}) "
-                     f"| {r['words_ptg']:.1f} / {r['words_baseline']:.1f} |")
+                     f"| {r['words_ptg']:.1f} / {r['words_baseline']:.1f} "
+                     f"| {r['reward_eos']:.3f} / {r['reward_other']:.3f} |")
     with atomic_path(out / "ablations.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

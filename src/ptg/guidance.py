@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, PreTrainedModel
 
 from ptg import losses
-from ptg.models import Batch, collate, response_hidden
+from ptg.models import Batch, collate, require_safetensors, response_hidden
 from ptg.precision import autocast
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,8 @@ class Guidance(nn.Module):
 
     @classmethod
     def from_backbone(cls, path: str | Path, head_hidden: int = 2048, squash: str = "soft_clamp") -> Guidance:
-        return cls(AutoModel.from_pretrained(path, dtype=torch.float32), head_hidden, squash)
+        require_safetensors(path)
+        return cls(AutoModel.from_pretrained(path, dtype=torch.float32, use_safetensors=True), head_hidden, squash)
 
 
 def save_guidance(guidance: Guidance, directory: str | Path) -> None:

@@ -163,11 +163,27 @@ def response_hidden(backbone: PreTrainedModel, batch: Batch) -> torch.Tensor:
     return out.last_hidden_state[:, p:]
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def require_safetensors(path: str | Path) -> None:
+    """Refuse a local model folder whose weights are only pickle checkpoints (loading one can run code)."""
+    folder = Path(path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(f"{folder}: only safetensors weights are loaded, found pickle checkpoint(s) "
+                         f"{', '.join(pickles[:3])}; convert them with `model.save_pretrained(folder)` from a "
+                         "trusted environment")
+
+
 def load_lm(path: str | Path, device: torch.device | str = "cpu") -> PreTrainedModel:
-    """Load a seq2seq or causal LM from a local folder (or a hub id when online), in fp32."""
+    """Load a seq2seq or causal LM from a local folder (or a hub id when online), in fp32, from safetensors only."""
+    require_safetensors(path)
     config = AutoConfig.from_pretrained(path)
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    return cls.from_pretrained(path, dtype=torch.float32).to(device)
+    return cls.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(device)
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
