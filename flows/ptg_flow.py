@@ -83,7 +83,7 @@ def dvc_stage(stage: str, workdir: str, parent_run_id: str | None = None) -> boo
     """``dvc repro --single-item <stage>`` in ``workdir``, output streamed to the run log. True when the stage ran,
     False when DVC found it up to date."""
     logger = get_run_logger()
-    env = dvc_env()
+    env = dvc_env() | {"MLFLOW_TRACKING_URI": tracking.tracking_uri(Path(workdir))}
     env.pop(tracking.PARENT_ENV, None)
     if parent_run_id:
         env[tracking.PARENT_ENV] = parent_run_id
@@ -112,7 +112,7 @@ def ptg_pipeline(rounds: int | None = None, params_file: str = "params.yaml", wo
     params = yaml.safe_load((Path(root) / "params.yaml").read_text())
     ran: dict[str, bool] = {}
     tags = {"prefect_flow_run_id": str(flow_run.id), "params_file": params_file, "workdir": root}
-    with tracking.parent_run(f"ptg-pipeline {flow_run.name}", params, tags) as parent:
+    with tracking.parent_run(f"ptg-pipeline {flow_run.name}", params, tags, project=Path(root)) as parent:
         for name, stage in plan(root):
             ran[name] = dvc_stage.with_options(**_options(name))(stage, root, parent)
     return ran

@@ -291,3 +291,17 @@ def test_against_a_real_mlflow_server(project, tiny_models, mlflow_server, monke
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{tracking.LM_MODEL}/1"))
     assert (local / "MLmodel").is_file()
     assert tracking.folder_md5(next(local.rglob("config.json")).parent) == tracking.folder_md5(tiny_models[1])
+
+
+def test_default_store_is_the_working_directorys_dvc_project(tmp_path, monkeypatch):
+    """Without MLFLOW_TRACKING_URI the store is mlflow.db at the root of the DVC project the command runs in (two
+    checkouts sharing one environment keep separate stores), never next to the installed package."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name in ("a", "b"):
+        (tmp_path / name / ".dvc").mkdir(parents=True)
+        (tmp_path / name / "stages").mkdir()
+    monkeypatch.chdir(tmp_path / "a" / "stages")
+    assert tracking.tracking_uri() == f"sqlite:///{(tmp_path / 'a').resolve() / 'mlflow.db'}"
+    assert tracking.tracking_uri(tmp_path / "b") == f"sqlite:///{(tmp_path / 'b').resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri(tmp_path / "b") == "http://127.0.0.1:5000"

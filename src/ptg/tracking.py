@@ -6,7 +6,8 @@ MLflow only *tracks*. DVC decides what reruns and its outputs are the source of 
 Where runs go (read from the environment at each call, nothing happens at import):
 
 - ``PTG_TRACKING=off`` (or 0/false/no): a no-op tracker; nothing is imported, created or written.
-- ``MLFLOW_TRACKING_URI`` when set (e.g. ``http://127.0.0.1:5000``), else ``sqlite:///<repo>/mlflow.db``. For a
+- ``MLFLOW_TRACKING_URI`` when set (e.g. ``http://127.0.0.1:5000``), else ``sqlite:///<project>/mlflow.db`` where
+  <project> is the DVC project of the working directory (``project_root``). For a
   sqlite store the experiment's artifacts go beside the database, in ``mlartifacts/`` (never the ./mlruns file
   store, which MLflow >= 3.13 refuses). Experiment: ``MLFLOW_EXPERIMENT_NAME``, default ``ptg``.
 - ``PTG_MLFLOW_PARENT_RUN_ID``: the parent run of one pipeline execution, opened by
@@ -131,9 +132,20 @@ class PendingVersionError(LookupError):
 # ------------------------------------------------------------------------------------------------- small helpers
 
 
-def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI``, else the repository's sqlite store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO / 'mlflow.db'}"
+def project_root(start: Path | None = None) -> Path:
+    """The DVC project holding ``start`` (default: the working directory): the nearest folder with ``.dvc/`` or
+    ``dvc.yaml``, else ``start`` itself. Never derived from where ptg is installed."""
+    start = (start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / ".dvc").is_dir() or (folder / "dvc.yaml").is_file():
+            return folder
+    return start
+
+
+def tracking_uri(start: Path | None = None) -> str:
+    """``MLFLOW_TRACKING_URI``, else the sqlite store ``mlflow.db`` at the root of the DVC project of ``start``
+    (the working directory by default): two checkouts sharing one environment keep separate stores."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(start) / 'mlflow.db'}"
 
 
 def tracking_enabled() -> bool:
@@ -470,32 +482,35 @@ class MlflowTracker:
         return best
 
 
-def get_tracker() -> Tracker:
-    """The tracker the environment asks for (read at each call, so tests and callers can switch it)."""
-    return MlflowTracker(tracking_uri()) if tracking_enabled() else NullTracker()
+def get_tracker(project: Path | None = None) -> Tracker:
+    """The tracker the environment asks for (read at each call, so tests and callers can switch it), for the DVC
+    project of ``project`` (default: the working directory)."""
+    return MlflowTracker(tracking_uri(project)) if tracking_enabled() else NullTracker()
 
 
 # ---------------------------------------------------------------------------------------------------- public API
 
 
-def start_parent(name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> str | None:
-    """Open the parent run of one pipeline execution; its id (export it as ``PTG_MLFLOW_PARENT_RUN_ID`` to the
-    stages), or None when tracking is off or the server is unreachable."""
-    return get_tracker().start_parent(name, params, tags)
+def start_parent(name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None,
+                 project: Path | None = None) -> str | None:
+    """Open the parent run of one pipeline execution in the store of ``project`` (default: the working
+    directory's); its id (export it as ``PTG_MLFLOW_PARENT_RUN_ID`` to the stages, with ``MLFLOW_TRACKING_URI``),
+    or None when tracking is off or the server is unreachable."""
+    return get_tracker(project).start_parent(name, params, tags)
 
 
-def end_parent(run_id: str | None, status: str = "FINISHED") -> None:
+def end_parent(run_id: str | None, status: str = "FINISHED", project: Path | None = None) -> None:
     """Close a parent run with ``status`` (FINISHED, FAILED or KILLED); None is ignored."""
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}; got {status!r}")
-    get_tracker().end_parent(run_id, status)
+    get_tracker(project).end_parent(run_id, status)
 
 
 @contextlib.contextmanager
-def parent_run(name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None
-               ) -> Iterator[str | None]:
+def parent_run(name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None,
+               project: Path | None = None) -> Iterator[str | None]:
     """A parent run for the block: FINISHED when it returns, FAILED on an exception, KILLED on an interrupt."""
-    run_id = start_parent(name, params, tags)
+    run_id = start_parent(name, params, tags, project)
     status = "FAILED"
     try:
         yield run_id
@@ -506,7 +521,7 @@ def parent_run(name: str, params: Mapping[str, Any], tags: Mapping[str, str] | N
         status = "KILLED"
         raise
     finally:
-        end_parent(run_id, status)
+        end_parent(run_id, status, project)
 
 
 def log_stage(stage: str, round: int | None, params: Mapping[str, Any], metrics: Mapping[str, Any],
@@ -590,7 +605,7 @@ def run_command(command: Sequence[str], name: str | None = None, params_file: st
     params = (yaml.safe_load(params_file.read_text()) or {}) if params_file.is_file() else {}
     name = name or f"pipeline {datetime.now().strftime('%Y-%m-%d %H:%M:%S')}"
     run_id = start_parent(name, params, {"command": " ".join(command), "params_file": str(params_file)})
-    env = dict(os.environ)
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri())  # the command's stages log where the parent is
     if run_id:
         env[PARENT_ENV] = run_id
     status = "FAILED"
