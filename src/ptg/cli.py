@@ -1,0 +1,111 @@
+"""The `ptg` command: one entry point for what the Makefile and the `python -m ptg.*` modules do.
+
+Each command is a thin front to the module that does the work, so `ptg X` and `python -m ptg.X` never differ.
+Run `ptg --help`, or `ptg COMMAND --help`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import typer
+
+app = typer.Typer(help="PTG: fine-tune language models from sequence-level preferences with token-level guidance.",
+                  no_args_is_help=True, add_completion=False)
+
+
+@app.command()
+def run(params: str = typer.Option("params.yaml", help="params file of this DVC project"),
+        name: str = typer.Option("ptg run", help="MLflow parent run name")) -> None:
+    """`dvc repro` of the pipeline in the working directory under one MLflow parent run, then the PTG-vs-baseline
+    table (what `make run` does)."""
+    from ptg import report, tracking
+
+    code = tracking.run_command(["dvc", "repro"], name, params)
+    if code:
+        raise typer.Exit(code)
+    report.main()
+
+
+@app.command()
+def quick(directory: str = typer.Option("build/quick", "--dir", help="scratch workspace"),
+          params: str = typer.Option("", help="params file (default: the checkout's configs/quick.yaml)")) -> None:
+    """The whole pipeline on tiny random models in a scratch DVC workspace (params.yaml untouched)."""
+    from ptg import report, tracking
+    from ptg.workspace import REPO, make_workspace
+
+    root = make_workspace(params or REPO / "configs" / "quick.yaml", directory)
+    os.chdir(root)
+    code = tracking.run_command(["dvc", "repro"], "ptg quick", "params.yaml")
+    if code:
+        raise typer.Exit(code)
+    report.main()
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context) -> None:
+    """PTG vs its baseline over seeds with paired CIs (options as `python -m ptg.bench --help`)."""
+    from ptg import bench as module
+
+    raise typer.Exit(module.main(ctx.args))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def perf(ctx: typer.Context) -> None:
+    """Sampling, guidance, training and start-up speed as ratios measured in one run (`python -m ptg.perf`)."""
+    from ptg import perf as module
+
+    raise typer.Exit(module.main(ctx.args))
+
+
+@app.command()
+def report(metrics_dir: str = typer.Argument("metrics", help="the metrics folder of a finished run")) -> None:
+    """Print the PTG-vs-baseline table of a finished run."""
+    from ptg import report as module
+
+    module.main(metrics_dir)
+
+
+@app.command()
+def backfill(directory: str = typer.Option(None, "--dir", help="folder of pending records")) -> None:
+    """Replay the MLflow records a stage could not log (server down) into the configured store."""
+    from ptg import tracking
+
+    args = ["backfill"] + (["--dir", directory] if directory else [])
+    raise typer.Exit(tracking.main(args))
+
+
+@app.command()
+def ui(port: int = typer.Option(5000, help="MLflow UI port"),
+       prefect: bool = typer.Option(False, help="also start a Prefect server (port 4200)"),
+       host: str = typer.Option("127.0.0.1", help="interface to bind; 127.0.0.1 unless you mean otherwise")) -> None:
+    """Start the MLflow UI on this project's store (and a Prefect server if asked), print the URLs, and stop them
+    on Ctrl-C."""
+    from ptg.tracking import project_root, tracking_uri
+
+    uri = tracking_uri()
+    procs = [subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host,
+                               "--port", str(port)], cwd=project_root())]
+    typer.echo(f"MLflow UI: http://{host}:{port}  (store {uri})")
+    if prefect:
+        procs.append(subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host]))
+        typer.echo(f"Prefect UI: http://{host}:4200  (export PREFECT_API_URL=http://{host}:4200/api)")
+    try:
+        for p in procs:
+            p.wait()
+    except KeyboardInterrupt:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            p.wait(timeout=30)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
