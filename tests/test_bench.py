@@ -98,3 +98,23 @@ def test_bench_runs_a_seed_as_a_dvc_experiment_and_resumes(tmp_path):
     seconds = (directory / "results" / "seed-3" / "seconds.json").read_text()
     assert bench.main(args) == 0
     assert (directory / "results" / "seed-3" / "seconds.json").read_text() == seconds
+
+
+def test_a_finished_experiment_is_reused_only_with_the_same_params(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(cmd, cwd):
+        calls.append(cmd)
+        (cwd / "metrics").mkdir(exist_ok=True)
+
+    monkeypatch.setattr(bench, "_run", fake_run)
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    ran = lambda: sum("exp" in c for c in calls)  # noqa: E731
+    bench.run_experiment(tmp_path, "seed-0", ["seed=0"])
+    bench.run_experiment(tmp_path, "seed-0", ["seed=0"])
+    assert ran() == 1  # the same bench params: skipped
+    (tmp_path / "params.yaml").write_text("seed: 0\ntrain_lm: {normalize: batch}\n")
+    bench.run_experiment(tmp_path, "seed-0", ["seed=0"])
+    assert ran() == 2  # other bench params: the stale result is not reused
+    bench.run_experiment(tmp_path, "seed-0", ["seed=1"])
+    assert ran() == 3

@@ -4,8 +4,9 @@ The benchmark runs the whole pipeline with ``configs/bench.yaml`` once per seed,
 (``dvc exp run -n bench-seed-<s> -S seed=<s>``) in a git + DVC repository of its own (``build/bench``: the
 pipeline files, a snapshot of ``src/`` that its stages import, the bench params as its params.yaml), each under
 an MLflow parent run in the checkout's tracking store. Each experiment stays comparable with ``dvc exp show``
-there. Seeds that finished are skipped and an interrupted one resumes from DVC's run cache, so a stopped bench
-continues where it stopped; editing the checkout while a bench runs does not change the code it runs.
+there. Seeds that finished with the same bench params are skipped (other params run them again) and an
+interrupted one resumes from DVC's run cache, so a stopped bench continues where it stopped; editing the checkout
+while a bench runs does not change the code it runs.
 
 The PTG arm and the baseline arm (same training, uniform token weights) are evaluated on the same test items;
 ``collect`` turns the per-item scores of every seed into paired differences (PTG - baseline) of ROUGE-L, ROUGE-2
@@ -19,6 +20,8 @@ Run: python -m ptg.bench [--params configs/bench.yaml] [--seeds 0 1 2] [--dir bu
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import os
 import platform
@@ -83,10 +86,14 @@ def run_experiment(directory: Path, name: str, overrides: list[str], targets: Se
     """Run (or resume) the DVC experiment ``name`` with ``-S`` ``overrides`` (through ``targets``, all stages by
     default) from the bench params; copy its metrics to results/<name>/ and return that folder."""
     out = directory / "results" / name
-    if (out / "seconds.json").is_file():
-        log.info("%s: done before, skipped", name)
-        return out
     _run(["git", "checkout", "HEAD", "--", "params.yaml"], directory)  # every experiment starts from the bench params
+    # What the results depend on besides the code: the bench params and this experiment's overrides and targets.
+    key = hashlib.md5(json.dumps([(directory / "params.yaml").read_text(), overrides, list(targets)]).encode())
+    if (out / "seconds.json").is_file():
+        if read_json(out / "seconds.json").get("key") == key.hexdigest():
+            log.info("%s: done before, skipped", name)
+            return out
+        log.warning("%s: finished with other bench params or overrides; running it again", name)
     t0 = time.perf_counter()
     sets = [a for o in overrides for a in ("-S", o)]
     _run([sys.executable, "-m", "ptg.tracking", "run", "--name", f"bench {name}", "--",
@@ -94,7 +101,8 @@ def run_experiment(directory: Path, name: str, overrides: list[str], targets: Se
     seconds = time.perf_counter() - t0
     with atomic_path(out) as tmp:
         shutil.copytree(directory / "metrics", tmp / "metrics")
-        write_json(tmp / "seconds.json", {"seconds": seconds, "overrides": overrides, "targets": list(targets)})
+        write_json(tmp / "seconds.json", {"seconds": seconds, "overrides": overrides, "targets": list(targets),
+                                          "key": key.hexdigest()})
     log.info("%s: %.0f s", name, seconds)
     return out
 
