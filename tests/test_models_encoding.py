@@ -291,3 +291,19 @@ def test_pickle_checkpoints_are_refused_with_the_folder_and_file_named(tmp_path)
         Guidance.from_backbone(tmp_path)
     model.save_pretrained(tmp_path / "ok")
     assert load_lm(tmp_path / "ok").config.vocab_size == model.config.vocab_size
+
+
+def test_no_code_path_runs_untrusted_code():
+    """What ptg's own code never does, checked on its source: trust_remote_code, torch.load / pickle loading of
+    weights, eval / exec of configuration strings, yaml.load without the safe loader."""
+    import re
+
+    from ptg.workspace import REPO
+
+    forbidden = re.compile(r"trust_remote_code\s*=\s*True|torch\.load\(|pickle\.loads?\(|(?<![\w.])eval\(|"
+                           r"(?<![\w.])exec\(|yaml\.load\(|yaml\.unsafe_load|weights_only\s*=\s*False")
+    sources = [*REPO.glob("src/ptg/*.py"), *REPO.glob("stages/*.py"), *REPO.glob("flows/*.py")]
+    assert len(sources) > 20
+    hits = [f"{p.relative_to(REPO)}:{i}: {line.strip()}" for p in sources
+            for i, line in enumerate(p.read_text().splitlines(), 1) if forbidden.search(line)]
+    assert hits == []
