@@ -99,9 +99,10 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], k: int, greedy: 
     return [results[i] for i in range(len(prompts))]
 
 
-def decoding_rows(model: torch.nn.Module, prompts: list[list[int]], eos: list[int], pad_id: int, peak: float,
+def decoding_rows(model: torch.nn.Module, prompts: list[list[int]], eos: list[int], pad_id: int,
                   k: int = 3, max_new: int = 32, batch_size: int = 16) -> dict[str, dict[str, float]]:
-    """The sample and greedy rows: ptg against generate and against the compute bound."""
+    """The sample and greedy rows: ptg against generate, and ptg's useful FLOP/s (``with_peak`` turns it into the
+    fraction of the compute bound)."""
     from ptg.sampling import SamplingConfig, sample
 
     shape = _shape(model)
@@ -121,11 +122,11 @@ def decoding_rows(model: torch.nn.Module, prompts: list[list[int]], eos: list[in
             seconds = time.perf_counter() - t0
             tokens = sum(len(s) for g in outputs for s in g)
             res[who] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
-                        "bound_s": decode_flops(shape, prompts, outputs) / peak}
+                        "flops_per_s": decode_flops(shape, prompts, outputs) / seconds}
         ptg, gen = res["ptg"], res["generate"]
         rows[name] = {"ptg_tokens_per_s": ptg["tokens_per_s"], "generate_tokens_per_s": gen["tokens_per_s"],
                       "vs_generate": ptg["tokens_per_s"] / gen["tokens_per_s"],
-                      "of_compute_bound": ptg["bound_s"] / ptg["seconds"], "ptg_seconds": ptg["seconds"],
+                      "flops_per_s": ptg["flops_per_s"], "ptg_seconds": ptg["seconds"],
                       "generate_seconds": gen["seconds"], "tokens": ptg["tokens"]}
         log.info("%s: %s", name, rows[name])
     return rows
@@ -164,8 +165,9 @@ def guidance_row(backbone: torch.nn.Module, prompts: list[list[int]], pad_id: in
 
 
 def train_row(model: torch.nn.Module, prompts: list[list[int]], targets: list[list[int]], pad_id: int,
-              peak: float, updates: int = 3, batch_size: int = 8) -> dict[str, float]:
-    """Achieved FLOP/s of ``updates`` weighted-MLE updates (uniform weights) against the matmul peak."""
+              updates: int = 3, batch_size: int = 8) -> dict[str, float]:
+    """Achieved FLOP/s of ``updates`` weighted-MLE updates (uniform weights; ``with_peak`` adds the fraction of
+    the matmul peak)."""
     from ptg.train import Example, TrainConfig, train_lm
 
     examples = [Example(p, t) for p, t in zip(prompts, targets, strict=True)]
@@ -186,8 +188,17 @@ def train_row(model: torch.nn.Module, prompts: list[list[int]], targets: list[li
         for i in next(batches):
             n_p, n_t = len(examples[i].prompt), len(examples[i].response)
             flops += 3 * forward_flops(shape, list(range(1, n_p + n_t + 1)), n_t)
-    return {"seconds_per_update": seconds / updates, "flops_per_s": flops / seconds, "of_peak": flops / seconds / peak,
+    return {"seconds_per_update": seconds / updates, "flops_per_s": flops / seconds,
             "tokens_per_update": sum(h["tokens"] for h in history) / updates}
+
+
+def with_peak(result: dict[str, Any], peak: float) -> dict[str, Any]:
+    """``result`` with every achieved FLOP/s also as a fraction of ``peak``: of the compute bound for decoding,
+    of the matmul peak for training."""
+    for row in ("sample", "greedy"):
+        result[row]["of_compute_bound"] = result[row]["flops_per_s"] / peak
+    result["train_lm"]["of_peak"] = result["train_lm"]["flops_per_s"] / peak
+    return result
 
 
 def startup_row(stages: tuple[str, ...] = STAGES) -> dict[str, float]:
@@ -222,24 +233,19 @@ def run(n_prompts: int = 24, k: int = 3, max_new: int = 32) -> dict[str, Any]:
     prompts = encode_prompts(tok, frame["prompt"].tolist(), load_group("model", params).max_prompt_tokens, False)
     eos = eos_ids(model, tok)
     first = matmul_peak(torch.float32)
-    peaks = {"fp32": first}
-    result: dict[str, Any] = {"machine": machine(), "threads": torch.get_num_threads(), "peak_flops": peaks,
+    result: dict[str, Any] = {"machine": machine(), "threads": torch.get_num_threads(),
                               "settings": {"prompts": n_prompts, "k": k, "max_new_tokens": max_new}}
-    result |= decoding_rows(model, prompts, eos, tok.pad_token_id, peaks["fp32"], k, max_new)
+    result |= decoding_rows(model, prompts, eos, tok.pad_token_id, k, max_new)
     result["guidance"] = guidance_row(guidance_backbone(PERF_DIR / "lm"), prompts, tok.pad_token_id, k=k)
     targets = encode_responses(tok, frame["target"].tolist(), load_group("model", params).max_target_tokens,
                                turn_end_id(model, tok))
-    result["train_lm"] = train_row(model, prompts, targets, tok.pad_token_id, peaks["fp32"])
+    result["train_lm"] = train_row(model, prompts, targets, tok.pad_token_id)
     result["startup_s"] = startup_row()
     # The peak again after the work, and the higher of the two for every fraction: on a shared or throttled
     # machine one measurement can catch a bad moment (166 against 335 GFLOP/s on two threads here).
     last = matmul_peak(torch.float32)
-    peak = max(first, last)
-    for row in (result["sample"], result["greedy"]):
-        row["of_compute_bound"] *= first / peak
-    result["train_lm"]["of_peak"] *= first / peak
-    result["peak_flops"] = {"fp32": peak, "fp32_start": first, "fp32_end": last}
-    return result
+    result["peak_flops"] = {"fp32": max(first, last), "fp32_start": first, "fp32_end": last}
+    return with_peak(result, max(first, last))
 
 
 def format_table(result: dict[str, Any]) -> str:
