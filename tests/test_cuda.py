@@ -59,3 +59,29 @@ def test_guidance_fits_and_the_lm_trains_in_bf16_on_the_gpu():
     assert len(history) == 5 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     after = response_logits(lm, collate([[2, 3, 4]], [[X, X, EOS]], PAD).to(GPU)).log_softmax(-1)[0, 0, X].item()
     assert after > before
+
+
+def test_perf_rows_run_on_the_gpu():
+    from ptg import perf
+
+    model = tiny_llama().to(GPU)
+    rows = perf.decoding_rows(model, PROMPTS, [EOS], PAD, k=2, max_new=4, batch_size=2, device=GPU,
+                              dtype=torch.bfloat16)
+    assert all(rows[r]["tokens"] > 0 and rows[r]["vs_generate"] > 0 for r in ("sample", "greedy"))
+    assert perf.guidance_row(model.model, PROMPTS, PAD, k=2, repeats=1, device=GPU, dtype=torch.bfloat16)["speedup"] > 0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    t = perf.train_row(model, PROMPTS, [[4, 5, EOS], [6, EOS], [7, 8, 9, EOS]], PAD, updates=1, batch_size=2,
+                       device=GPU, dtype=torch.bfloat16)
+    assert t["flops_per_s"] > 0 and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert perf.matmul_peak(torch.bfloat16, GPU, n=1024, repeats=1) > 1e12  # any GPU does > 1 TFLOP/s in bf16
+
+
+def test_group_scores_run_on_the_gpu_whatever_device_the_guidance_was_left_on():
+    # fit_guidance@r saves the guidance from the CPU, then scores every group on ctx.device: on CUDA that raised
+    # "Expected all tensors to be on the same device" (found on an H200; the CPU suite cannot see it).
+    from ptg.guidance import group_scores
+
+    g = guidance_for(tiny_llama()).cpu()
+    groups = synthetic_groups(8, 4, seed=3)
+    scores = group_scores(g, groups, FIT, PAD, GPU, torch.bfloat16)
+    assert scores.shape == (8, 4) and torch.isfinite(scores).all()

@@ -158,6 +158,7 @@ def stage_seconds(seed_dirs: list[Path], r: int) -> dict[str, float]:
 
 
 def machine() -> dict[str, Any]:
+    """The CPU (model, cores, the flags that decide fp32/bf16 speed) and, where CUDA is present, the GPU."""
     flags = set()
     model = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
@@ -166,7 +167,12 @@ def machine() -> dict[str, Any]:
         flags = {f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in text}
         model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
                      model)
-    return {"cpu": model, "cores": os.cpu_count(), "flags": sorted(flags)}
+    out: dict[str, Any] = {"cpu": model, "cores": os.cpu_count(), "flags": sorted(flags)}
+    import torch
+
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
 
 
 def collect(directory: Path, out: Path, seeds: list[int]) -> dict[str, Any]:

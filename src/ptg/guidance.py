@@ -179,7 +179,7 @@ def group_scores(guidance: Guidance, groups: Sequence[RankedGroup], cfg: FitConf
                  device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """e_phi of every response of ``groups``, in eval mode: (G, K) float32 on the CPU."""
     was_training = guidance.training
-    guidance.eval()
+    guidance.to(device).eval()
     out = []
     for batch, _ in _group_batches(groups, cfg.batch_groups, pad_id):
         with autocast(device, dtype):

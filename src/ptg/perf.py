@@ -12,7 +12,11 @@ Rows (SmolLM2-135M-Instruct, the default policy, materialised offline into build
   same-dtype matmul peak.
 - **start-up**: seconds from process start to the stage's argument parsing (every import it does) per stage.
 
-Writes metrics/perf.json and prints a table. Run: python -m ptg.perf [--threads N] [--out metrics/perf.json]
+On CUDA (``--device cuda``, or ``auto`` where a GPU is present) every row runs on the GPU in the pipeline's
+precision there (bf16 autocast, ``generate`` under the same autocast) and the peak is the bf16 matmul peak.
+
+Writes metrics/perf.json and prints a table.
+Run: python -m ptg.perf [--device auto|cpu|cuda] [--threads N] [--prompts N] [--batch-size N] [--out metrics/perf.json]
 """
 
 from __future__ import annotations
@@ -29,25 +33,36 @@ from typing import Any
 import torch
 
 from ptg.io import write_json
+from ptg.precision import autocast, resolve_device, resolve_precision
 from ptg.workspace import REPO
 
 log = logging.getLogger(__name__)
+CPU = torch.device("cpu")
 
 PERF_DIR = REPO / "build" / "perf"
 STAGES = ("prepare", "base_model", "sample", "rank", "fit_guidance", "train_lm", "evaluate", "baseline", "report")
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """Best FLOP/s of an n x n matmul in ``dtype`` on the CPU (the threads torch uses now)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+def matmul_peak(dtype: torch.dtype, device: torch.device = CPU, n: int = 0, repeats: int = 5) -> float:
+    """Best FLOP/s of an n x n matmul in ``dtype`` on ``device`` (on the CPU: the threads torch uses now). ``n``
+    defaults to 2048 on the CPU and 8192 on a GPU (large enough to fill it)."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
     a @ b  # warm-up
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    best = min(_timed(lambda: a @ b, device) for _ in range(repeats))
     return 2 * n**3 / best
 
 
-def _timed(fn: Callable[[], Any]) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device = CPU) -> float:
+    _sync(device)
     t0 = time.perf_counter()
     fn()
+    _sync(device)
     return time.perf_counter() - t0
 
 
@@ -81,7 +96,8 @@ def decode_flops(shape: dict[str, int], prompts: list[list[int]], outputs: list[
 
 
 def _generate(model: torch.nn.Module, prompts: list[list[int]], k: int, greedy: bool, max_new: int,
-              eos: list[int], pad_id: int, batch_size: int) -> list[list[list[int]]]:
+              eos: list[int], pad_id: int, batch_size: int, device: torch.device = CPU,
+              dtype: torch.dtype = torch.float32) -> list[list[list[int]]]:
     from ptg.models import _pad
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # the same batches as ptg's
@@ -91,8 +107,9 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], k: int, greedy: 
         ids, mask = _pad([prompts[i] for i in chunk], pad_id, left=True)
         kwargs = {"do_sample": False} if greedy else {"do_sample": True, "temperature": 1.0, "top_k": 0,
                                                         "top_p": 1.0, "num_return_sequences": k}
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=eos,
-                             pad_token_id=pad_id, **kwargs)[:, ids.shape[1]:].tolist()
+        with autocast(device, dtype):
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new,
+                                 eos_token_id=eos, pad_token_id=pad_id, **kwargs)[:, ids.shape[1]:].tolist()
         for j, i in enumerate(chunk):
             rows = gen[j * k:(j + 1) * k] if not greedy else [gen[j]]
             results[i] = [r[:next((n + 1 for n, t in enumerate(r) if t in eos), len(r))] for r in rows]
@@ -100,7 +117,8 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], k: int, greedy: 
 
 
 def decoding_rows(model: torch.nn.Module, prompts: list[list[int]], eos: list[int], pad_id: int,
-                  k: int = 3, max_new: int = 32, batch_size: int = 16) -> dict[str, dict[str, float]]:
+                  k: int = 3, max_new: int = 32, batch_size: int = 16, device: torch.device = CPU,
+                  dtype: torch.dtype = torch.float32) -> dict[str, dict[str, float]]:
     """The sample and greedy rows: ptg against generate, and ptg's useful FLOP/s (``with_peak`` turns it into the
     fraction of the compute bound)."""
     from ptg.sampling import SamplingConfig, sample
@@ -112,13 +130,16 @@ def decoding_rows(model: torch.nn.Module, prompts: list[list[int]], eos: list[in
         res: dict[str, Any] = {}
         for who in ("ptg", "generate"):
             torch.manual_seed(0)
+            _sync(device)
             t0 = time.perf_counter()
             if who == "ptg":
-                outputs = sample(model, prompts, cfg, eos, pad_id, torch.device("cpu"), batch_size=batch_size,
+                outputs = sample(model, prompts, cfg, eos, pad_id, device, dtype, batch_size=batch_size,
                                  generator=torch.Generator().manual_seed(0), progress=False)
             else:
                 with torch.no_grad():
-                    outputs = _generate(model, prompts, kk, temperature == 0, max_new, eos, pad_id, batch_size)
+                    outputs = _generate(model, prompts, kk, temperature == 0, max_new, eos, pad_id, batch_size,
+                                        device, dtype)
+            _sync(device)
             seconds = time.perf_counter() - t0
             tokens = sum(len(s) for g in outputs for s in g)
             res[who] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
@@ -145,27 +166,30 @@ def guidance_backbone(policy_dir: Path, layers: int = 4) -> torch.nn.Module:
 
 
 def guidance_row(backbone: torch.nn.Module, prompts: list[list[int]], pad_id: int, k: int = 3,
-                 repeats: int = 3) -> dict[str, float]:
+                 repeats: int = 3, device: torch.device = CPU, dtype: torch.dtype = torch.float32
+                 ) -> dict[str, float]:
     """Guidance backbone forward rows/s with K responses per prompt, each a quarter of its prompt's length:
     the prompt run once and its cache shared by the K responses, against the prompt repeated K times. No
     gradients (scoring, validation); fitting runs the same forward with them."""
     from ptg.models import _decoder_only_inputs, collate, response_hidden
 
     responses = [p[-max(len(p) // 4, 1):] for p in prompts for _ in range(k)]
-    batches = [collate(prompts[i:i + 8], responses[i * k:(i + 8) * k], pad_id) for i in range(0, len(prompts), 8)]
+    batches = [collate(prompts[i:i + 8], responses[i * k:(i + 8) * k], pad_id).to(device)
+               for i in range(0, len(prompts), 8)]
     seconds = {}
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, dtype):
         for name, fn in (("shared", lambda b: response_hidden(backbone, b)),
                          ("repeated", lambda b: backbone(**_decoder_only_inputs(b, k)).last_hidden_state)):
             fn(batches[0])  # warm-up
-            seconds[name] = min(_timed(lambda fn=fn: [fn(b) for b in batches]) for _ in range(repeats))
+            seconds[name] = min(_timed(lambda fn=fn: [fn(b) for b in batches], device) for _ in range(repeats))
     rows = len(responses)
     return {"k": k, "shared_rows_per_s": rows / seconds["shared"], "repeated_rows_per_s": rows / seconds["repeated"],
             "speedup": seconds["repeated"] / seconds["shared"]}
 
 
 def train_row(model: torch.nn.Module, prompts: list[list[int]], targets: list[list[int]], pad_id: int,
-              updates: int = 3, batch_size: int = 8) -> dict[str, float]:
+              updates: int = 3, batch_size: int = 8, device: torch.device = CPU,
+              dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Achieved FLOP/s of ``updates`` weighted-MLE updates (uniform weights; ``with_peak`` adds the fraction of
     the matmul peak)."""
     from ptg.train import Example, TrainConfig, train_lm
@@ -173,8 +197,10 @@ def train_row(model: torch.nn.Module, prompts: list[list[int]], targets: list[li
     examples = [Example(p, t) for p, t in zip(prompts, targets, strict=True)]
     cfg = TrainConfig(max_updates=updates, batch_size=batch_size, lr=1e-5)
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    _sync(device)
     t0 = time.perf_counter()
-    history = train_lm(model, examples, cfg, pad_id, torch.device("cpu"), progress=False)
+    history = train_lm(model, examples, cfg, pad_id, device, dtype, progress=False)
+    _sync(device)
     seconds = time.perf_counter() - t0
     model.load_state_dict(state)
     shape = _shape(model)
@@ -221,38 +247,50 @@ def _policy(directory: Path) -> tuple[torch.nn.Module, Any]:
     return load_lm(directory), load_tokenizer(directory)
 
 
-def run(n_prompts: int = 24, k: int = 3, max_new: int = 32) -> dict[str, Any]:
+def run(n_prompts: int = 24, k: int = 3, max_new: int = 32, device: torch.device = CPU, batch_size: int = 16
+        ) -> dict[str, Any]:
     from ptg.bench import machine
     from ptg.config import load_group
     from ptg.data import build_examples
     from ptg.models import encode_prompts, encode_responses, eos_ids, turn_end_id
 
+    dtype = resolve_precision("auto", device)  # what the pipeline computes in on this device
     model, tok = _policy(PERF_DIR / "lm")
+    model.to(device)
     params = REPO / "params.yaml"
     frame = build_examples(load_group("data", params))["train"].head(n_prompts)
     prompts = encode_prompts(tok, frame["prompt"].tolist(), load_group("model", params).max_prompt_tokens, False)
     eos = eos_ids(model, tok)
-    first = matmul_peak(torch.float32)
+    first = matmul_peak(dtype, device)
     result: dict[str, Any] = {"machine": machine(), "threads": torch.get_num_threads(),
-                              "settings": {"prompts": n_prompts, "k": k, "max_new_tokens": max_new}}
-    result |= decoding_rows(model, prompts, eos, tok.pad_token_id, k, max_new)
-    result["guidance"] = guidance_row(guidance_backbone(PERF_DIR / "lm"), prompts, tok.pad_token_id, k=k)
+                              "device": device.type, "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
+                              "settings": {"prompts": n_prompts, "k": k, "max_new_tokens": max_new,
+                                           "batch_size": batch_size}}
+    result |= decoding_rows(model, prompts, eos, tok.pad_token_id, k, max_new, batch_size, device, dtype)
+    result["guidance"] = guidance_row(guidance_backbone(PERF_DIR / "lm").to(device), prompts, tok.pad_token_id, k=k,
+                                      device=device, dtype=dtype)
+    log.info("guidance: %s", result["guidance"])
     targets = encode_responses(tok, frame["target"].tolist(), load_group("model", params).max_target_tokens,
                                turn_end_id(model, tok))
-    result["train_lm"] = train_row(model, prompts, targets, tok.pad_token_id)
+    result["train_lm"] = train_row(model, prompts, targets, tok.pad_token_id, device=device, dtype=dtype)
+    log.info("train_lm: %s", result["train_lm"])
     result["startup_s"] = startup_row()
+    log.info("start-up: %s", result["startup_s"])
     # The peak again after the work, and the higher of the two for every fraction: on a shared or throttled
     # machine one measurement can catch a bad moment (166 against 335 GFLOP/s on two threads here).
-    last = matmul_peak(torch.float32)
-    result["peak_flops"] = {"fp32": max(first, last), "fp32_start": first, "fp32_end": last}
+    last = matmul_peak(dtype, device)
+    name = result["dtype"]
+    result["peak_flops"] = {name: max(first, last), f"{name}_start": first, f"{name}_end": last}
     return with_peak(result, max(first, last))
 
 
 def format_table(result: dict[str, Any]) -> str:
     m = result["machine"]
     s, g, t = result["sample"], result["greedy"], result["train_lm"]
-    lines = [f"machine: {m['cpu']}, {m['cores']} cores, flags {' '.join(m['flags'])}; torch threads "
-             f"{result['threads']}; fp32 matmul peak {result['peak_flops']['fp32'] / 1e9:.0f} GFLOP/s",
+    dtype = result.get("dtype", "fp32")
+    where = f"GPU {m['gpu']} ({dtype} autocast); host " if "gpu" in m else ""
+    lines = [f"machine: {where}{m['cpu']}, {m['cores']} cores, flags {' '.join(m['flags'])}; torch threads "
+             f"{result['threads']}; {dtype} matmul peak {result['peak_flops'][dtype] / 1e9:.0f} GFLOP/s",
              "| path | ptg | transformers generate | ptg / generate | of compute bound |", "|---|---|---|---|---|"]
     for name, row in ((f"sample (K = {result['settings']['k']})", s), ("greedy (evaluate)", g)):
         lines.append(f"| {name} | {row['ptg_tokens_per_s']:.1f} tok/s | {row['generate_tokens_per_s']:.1f} tok/s "
@@ -270,14 +308,16 @@ def format_table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ptg.perf", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--prompts", type=int, default=24, help="prompts per decoding measurement")
+    ap.add_argument("--batch-size", type=int, default=16, help="prompts per decoding batch")
     ap.add_argument("--out", default=str(REPO / "metrics" / "perf.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s perf %(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run(args.prompts)
+    result = run(args.prompts, device=resolve_device(args.device), batch_size=args.batch_size)
     write_json(Path(args.out), result)
     print(format_table(result))
     return 0
