@@ -67,7 +67,7 @@ def plan(workdir: str) -> list[tuple[str, str]]:
     """(task name, DVC stage name) in pipeline order; fails when dvc.yaml has a stage this plan lacks."""
     params = Path(workdir) / "params.yaml"
     rounds = [item["round"] for item in read_rounds(params)]
-    steps = [("prepare", "prepare"), ("base_model", "base_model")]
+    steps = [("prepare", "prepare"), ("base_model", "base_model"), ("preferences", "preferences")]
     steps += [(f"{stage}@{r}", tracking.dvc_stage_name(stage, r, params)) for r in rounds for stage in ROUND_STAGES]
     steps += [("baseline", "baseline"), ("report", "report")]
     listed = subprocess.run(["dvc", "stage", "list", "--name-only"], cwd=workdir, env=dvc_env(), check=True,

@@ -8,23 +8,14 @@ Run: python stages/base_model.py [--params params.yaml]
 import dataclasses
 
 from ptg import pipeline, tracking
-from ptg.base_models import TINY_KINDS, build_tiny, copy_backbone, materialize_policy, truncate_backbone
+from ptg.base_models import materialize_base
 from ptg.config import load_group
-from ptg.guidance import BACKBONE_DIR
 
 
 def main(params: str = "params.yaml") -> None:
     ctx = pipeline.start("base_model", params)
     mp = load_group("model", params)
-    lm_dir, guidance_dir = pipeline.round_dir(0) / "lm", pipeline.round_dir(0) / "guidance" / BACKBONE_DIR
-    if mp.policy in TINY_KINDS:
-        build_tiny(mp.policy, lm_dir, seed=ctx.run.seed)
-    else:
-        materialize_policy(mp.policy, lm_dir)
-    if mp.guidance is None:
-        truncate_backbone(lm_dir, mp.guidance_layers, guidance_dir)
-    else:
-        copy_backbone(mp.guidance, guidance_dir, policy_dir=lm_dir)
+    materialize_base(mp, pipeline.round_dir(0), ctx.run.seed)
     tracking.log_stage("base_model", None, dataclasses.asdict(mp), {})
 
 

@@ -6,6 +6,9 @@ the untrained (constant) guidance, and a later round that keeps its warm start s
 is `fit_guidance.max_updates`, or the round's `fit_guidance_updates` in `rounds`. Writes data/rounds/r/guidance
 (safetensors), metrics/rounds/r/fit_guidance.json, fit_guidance_history.csv (the per-update curve) and
 guidance_groups.csv (every sample's preference, guidance score e_phi and length, for held-out statistics).
+With preference data (`preferences.path`, stage `preferences`), a `preferences.weight` share of the training
+groups are preference groups, round 1 may first fit `preferences.prior_updates` updates on them alone (a prior
+guidance it warm-starts from), and the metrics add the guidance's accuracy on the held-out preference groups.
 Run: python stages/fit_guidance.py --round r [--params params.yaml]
 """
 
@@ -13,9 +16,17 @@ import dataclasses
 
 import pandas as pd
 
-from ptg import pipeline, schemas, tracking
+from ptg import pipeline, preferences, schemas, tracking
 from ptg.config import load_group, round_budget
-from ptg.guidance import FitConfig, RankedGroup, fit_guidance, group_scores, load_guidance, save_guidance
+from ptg.guidance import (
+    FitConfig,
+    RankedGroup,
+    evaluate_guidance,
+    fit_guidance,
+    group_scores,
+    load_guidance,
+    save_guidance,
+)
 from ptg.io import atomic_path, read_table, write_json
 from ptg.models import load_tokenizer
 
@@ -41,7 +52,18 @@ def main(r: int, params: str = "params.yaml") -> None:
     train, val = (_groups(by_split[s], prompts) for s in ("train", "validation"))
     cfg = FitConfig(**{f.name: getattr(fp, f.name) for f in dataclasses.fields(FitConfig)})
     cfg = dataclasses.replace(cfg, seed=ctx.seed("fit_guidance", r))
-    result = fit_guidance(guidance, train, val, cfg, tok.pad_token_id, ctx.device, ctx.dtype, ctx.progress)
+    pp = load_group("preferences", params)
+    prefs = read_table(pipeline.PREFERENCES, schemas.Preferences)
+    pref_train, pref_val = ([] if prefs.empty or not (prefs["split"] == s).any() else preferences.ranked_groups(
+        prefs[prefs["split"] == s], tok, guidance.backbone, pp, mp) for s in ("train", "validation"))
+    extra = {}
+    if r == 1 and pref_train and pp.prior_updates:
+        prior_cfg = dataclasses.replace(cfg, max_updates=pp.prior_updates)
+        prior = fit_guidance(guidance, pref_train, pref_val or val, prior_cfg, tok.pad_token_id, ctx.device, ctx.dtype,
+                             ctx.progress)
+        extra |= {"prior_updates": prior.updates, "prior_val_accuracy": prior.best_val_accuracy}
+    fitted_on = preferences.mix_groups(train, pref_train, pp.weight, cfg.seed)
+    result = fit_guidance(guidance, fitted_on, val, cfg, tok.pad_token_id, ctx.device, ctx.dtype, ctx.progress)
     out = pipeline.round_dir(r) / "guidance"
     with atomic_path(out) as tmp:
         save_guidance(guidance.cpu(), tmp)
@@ -49,7 +71,11 @@ def main(r: int, params: str = "params.yaml") -> None:
     summary = {"val_loss": result.best_val_loss, "val_accuracy": result.best_val_accuracy,
                "val_pairs": result.val_pairs, "best_update": result.best_update, "kept_start": result.kept_start,
                "updates": result.updates, "val_loss_start": start["val_loss"],
-               "val_accuracy_start": start["val_accuracy"], "train_groups": len(train), "val_groups": len(val)}
+               "val_accuracy_start": start["val_accuracy"], "train_groups": len(train), "val_groups": len(val),
+               "fitted_groups": len(fitted_on), "preference_train_groups": len(pref_train), **extra}
+    if pref_val:
+        held = evaluate_guidance(guidance, pref_val, cfg, tok.pad_token_id, ctx.device, ctx.dtype)
+        summary |= {"preferences_val_accuracy": held["accuracy"], "preferences_val_pairs": held["pairs"]}
     write_json(pipeline.round_metrics(r, "fit_guidance"), summary)
     history = pd.DataFrame(result.history)
     with atomic_path(pipeline.round_metrics(r, "fit_guidance_history").with_suffix(".csv")) as tmp:
@@ -58,7 +84,7 @@ def main(r: int, params: str = "params.yaml") -> None:
     for split, groups in (("train", train), ("validation", val)):
         scores = group_scores(guidance, groups, cfg, tok.pad_token_id, ctx.device, ctx.dtype)
         frames.append(by_split[split][["id", "sample_idx", "split", "score", "n_tokens", "finished"]]
-                      .rename(columns={"score": "preference"}).assign(guidance=scores.flatten().tolist()))
+                      .rename(columns={"score": "preference"}).assign(guidance=[x for row in scores for x in row]))
     with atomic_path(pipeline.round_metrics(r, "guidance_groups").with_suffix(".csv")) as tmp:
         pd.concat(frames).to_csv(tmp, index=False)
     tracking.log_stage("fit_guidance", r, dataclasses.asdict(cfg), summary, history=history, model_dir=out,

@@ -32,7 +32,8 @@ from ptg.workspace import REPO
 VENV_BIN = Path(sys.executable).parent
 QUICK = REPO / "configs" / "quick.yaml"
 ROUND_STAGES = ("sample", "rank", "fit_guidance", "train_lm", "evaluate")
-TASKS = ["prepare", "base_model", *(f"{s}@{r}" for r in (1, 2) for s in ROUND_STAGES), "baseline", "report"]
+TASKS = ["prepare", "base_model", "preferences", *(f"{s}@{r}" for r in (1, 2) for s in ROUND_STAGES), "baseline",
+         "report"]
 
 
 def free_port() -> int:
@@ -168,7 +169,8 @@ def test_failed_run_resumes_at_the_failed_stage(quick_run, harness, flows, env, 
     params["evaluate"]["batch_size"] = 8  # differs from quick.yaml, so the evaluations really run again
     (env / "fixed.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = flows.ptg_pipeline(rounds=2, params_file=str(env / "fixed.yaml"), workdir=str(resume))
-    skipped = [name for name in TASKS if name.split("@")[0] != "evaluate" and name not in ("baseline", "report")]
+    skipped = [name for name in TASKS
+               if name.split("@")[0] != "evaluate" and name not in ("baseline", "report", "preferences")]
     assert not any(ran[name] for name in skipped), ran
     assert ran["evaluate@1"] and ran["evaluate@2"] and ran["baseline"]
     assert lm.stat().st_mtime_ns == lm_mtime

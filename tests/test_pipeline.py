@@ -88,10 +88,11 @@ def test_fit_guidance_param_change_reruns_only_downstream(quick):
         # For real: a dry run cannot know which outputs will change, so it lists only fit_guidance@1 and @2.
         # rank@2 re-runs only if LM_1's samples changed (a tiny random LM may draw the same tokens again).
         stages = ran(quick)
+        # `preferences` always runs (its data is outside the project); its unchanged output reruns nothing.
         assert {"fit_guidance@1", "train_lm@1", "evaluate@1", "sample@2", "fit_guidance@2", "train_lm@2",
-                "evaluate@2", "report"} <= stages <= {"fit_guidance@1", "train_lm@1", "evaluate@1", "sample@2",
-                                                      "rank@2", "fit_guidance@2", "train_lm@2", "evaluate@2",
-                                                      "report"}
+                "evaluate@2", "report"} <= stages <= {"preferences", "fit_guidance@1", "train_lm@1", "evaluate@1",
+                                                      "sample@2", "rank@2", "fit_guidance@2", "train_lm@2",
+                                                      "evaluate@2", "report"}
     finally:
         (quick / "params.yaml").write_text(original)
 

@@ -31,6 +31,7 @@ import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -472,6 +473,21 @@ def build_tiny(kind: str, out_dir: Path, tokenizer_dir: Path | None = None, seed
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI
+
+
+def materialize_base(mp: Any, root: Path, seed: int = 0) -> None:
+    """The policy (root/lm) and the guidance backbone (root/guidance/backbone) of ``mp`` (params' ``model``
+    group): a tiny random model for ``tiny-*``, else the materialised policy; the backbone its first
+    ``guidance_layers`` layers, or ``mp.guidance``."""
+    lm_dir, guidance_dir = root / "lm", root / "guidance" / "backbone"
+    if mp.policy in TINY_KINDS:
+        build_tiny(mp.policy, lm_dir, seed=seed)
+    else:
+        materialize_policy(mp.policy, lm_dir)
+    if mp.guidance is None:
+        truncate_backbone(lm_dir, mp.guidance_layers, guidance_dir)
+    else:
+        copy_backbone(mp.guidance, guidance_dir, policy_dir=lm_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

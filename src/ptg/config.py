@@ -20,6 +20,7 @@ from ptg.sampling import SamplingConfig
 from ptg.train import TrainConfig
 
 T = TypeVar("T")
+PREFERENCE_LAYOUTS = ("auto", "listwise", "pairwise")
 
 
 class ParamsError(ValueError):
@@ -88,6 +89,47 @@ class EvaluateParams:
             raise ValueError(f"split must be test or validation; got {self.split!r}")
 
 
+@dataclass(frozen=True)
+class PreferencesParams:
+    path: str | None = field(default=None, metadata={
+        "help": "preference data: a jsonl/csv/parquet file, a folder of them, or a hub dataset id (online); "
+                "null = none"})
+    layout: str = field(default="auto", metadata={
+        "help": "listwise (input, text, score rows), pairwise (prompt, chosen, rejected) or auto (pairwise when "
+                "the chosen column exists)"})
+    input_field: str = field(default="input", metadata={"help": "listwise: the column the candidates answer"})
+    text_field: str = field(default="text", metadata={"help": "listwise: the candidate column"})
+    score_field: str = field(default="score", metadata={"help": "listwise: the score column (higher = better)"})
+    group_field: str = field(default="group", metadata={
+        "help": "listwise: the column that groups candidates into one list (absent: the input does)"})
+    reference_field: str = field(default="reference", metadata={"help": "optional reference column"})
+    prompt_field: str = field(default="prompt", metadata={"help": "pairwise: the prompt column"})
+    chosen_field: str = field(default="chosen", metadata={"help": "pairwise: the preferred response column"})
+    rejected_field: str = field(default="rejected", metadata={"help": "pairwise: the other response column"})
+    prompt_template: str = field(default="{input}", metadata={
+        "help": "how an input becomes the prompt the guidance reads (the data group's template, e.g.)"})
+    heldout_fraction: float = field(default=0.2, metadata={
+        "help": "share of inputs held out for evaluation when the data has no split column"})
+    weight: float = field(default=0.0, metadata={
+        "help": "share of preference groups among the guidance's training groups in every round (0 = the LM's "
+                "own samples only, 1 = preferences only)"})
+    prior_updates: int = field(default=0, metadata={
+        "help": "round 1 first fits this many updates on the preference groups alone (a prior guidance)"})
+    seed: int = field(default=0, metadata={"help": "seed of the held-out split and of the mixing draw"})
+
+    def __post_init__(self) -> None:
+        if self.layout not in PREFERENCE_LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(PREFERENCE_LAYOUTS)}; got {self.layout!r}")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must be in [0, 1); got {self.heldout_fraction}")
+        if not 0.0 <= self.weight <= 1.0:
+            raise ValueError(f"weight must be in [0, 1]; got {self.weight}")
+        if self.prior_updates < 0:
+            raise ValueError(f"prior_updates must be >= 0; got {self.prior_updates}")
+        if "{input}" not in self.prompt_template:
+            raise ValueError(f"prompt_template must contain {{input}}; got {self.prompt_template!r}")
+
+
 def _build(cls: type[T], values: Any, where: str) -> T:
     if not isinstance(values, dict):
         raise ParamsError(f"{where}: expected a mapping, got {type(values).__name__}")
@@ -107,6 +149,7 @@ def _build(cls: type[T], values: Any, where: str) -> T:
 GROUPS: dict[str, type] = {
     "data": DataConfig, "model": ModelParams, "sample": SampleParams, "rank": RankParams,
     "fit_guidance": FitGuidanceParams, "train_lm": TrainLMParams, "evaluate": EvaluateParams,
+    "preferences": PreferencesParams,
 }
 RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunParams))
 

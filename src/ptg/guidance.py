@@ -140,20 +140,36 @@ class FitResult:
 
 def _group_batches(groups: Sequence[RankedGroup], size: int, pad_id: int,
                    order: list[int] | None = None) -> Iterator[tuple[Batch, torch.Tensor]]:
+    """Batches of up to ``size`` groups in ``order``; groups of different K never share a batch (a batch is a
+    (B, K) list), so with several K each K fills its own batches in order of first appearance and a batch is
+    yielded when it is full (the rest at the end). With one K this is plain chunking of ``order``."""
     order = order if order is not None else list(range(len(groups)))
-    for i in range(0, len(order), size):
-        chunk = [groups[j] for j in order[i:i + size]]
+    pending: dict[int, list[RankedGroup]] = {}
+
+    def make(chunk: list[RankedGroup]) -> tuple[Batch, torch.Tensor]:
         batch = collate([g.prompt for g in chunk], [r for g in chunk for r in g.responses], pad_id)
-        yield batch, torch.tensor([g.scores for g in chunk], dtype=torch.float32)
+        return batch, torch.tensor([g.scores for g in chunk], dtype=torch.float32)
+
+    for j in order:
+        chunk = pending.setdefault(len(groups[j].responses), [])
+        chunk.append(groups[j])
+        if len(chunk) == size:
+            yield make(chunk)
+            chunk.clear()
+    for chunk in pending.values():
+        if chunk:
+            yield make(chunk)
 
 
-def _check_groups(name: str, groups: Sequence[RankedGroup]) -> int:
+def _check_groups(name: str, groups: Sequence[RankedGroup]) -> None:
     if not groups:
         raise ValueError(f"{name} is empty")
-    ks = {len(g.responses) for g in groups} | {len(g.scores) for g in groups}
-    if len(ks) != 1 or min(ks) < 2:
-        raise ValueError(f"{name}: every group needs the same K >= 2 responses and scores; got sizes {sorted(ks)}")
-    return ks.pop()
+    bad = [i for i, g in enumerate(groups) if len(g.responses) != len(g.scores) or len(g.responses) < 2]
+    if bad:
+        i = bad[0]
+        raise ValueError(f"{name}: every group needs K >= 2 responses with one score each; group {i} has "
+                         f"{len(groups[i].responses)} responses and {len(groups[i].scores)} scores "
+                         f"({len(bad)} such group(s))")
 
 
 def pairwise_accuracy(scores: torch.Tensor, preferences: torch.Tensor) -> tuple[float, int]:
@@ -176,27 +192,36 @@ def sequence_scores(guidance: Guidance, batch: Batch, cfg: FitConfig) -> torch.T
 
 @torch.no_grad()
 def group_scores(guidance: Guidance, groups: Sequence[RankedGroup], cfg: FitConfig, pad_id: int,
-                 device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """e_phi of every response of ``groups``, in eval mode: (G, K) float32 on the CPU."""
+                 device: torch.device, dtype: torch.dtype) -> list[list[float]]:
+    """e_phi of every response of ``groups``, in eval mode: one list of K scores per group, in group order."""
     was_training = guidance.training
     guidance.to(device).eval()
-    out = []
-    for batch, _ in _group_batches(groups, cfg.batch_groups, pad_id):
+    out: list[list[float]] = []
+    order = sorted(range(len(groups)), key=lambda i: len(groups[i].responses))  # equal K side by side
+    for batch, _ in _group_batches([groups[i] for i in order], cfg.batch_groups, pad_id):
         with autocast(device, dtype):
-            out.append(sequence_scores(guidance, batch.to(device), cfg).float().cpu())
+            out.extend(sequence_scores(guidance, batch.to(device), cfg).float().cpu().tolist())
     guidance.train(was_training)
-    return torch.cat(out)
+    by_group = [[] for _ in groups]
+    for i, row in zip(order, out, strict=True):
+        by_group[i] = row
+    return by_group
 
 
 def evaluate_guidance(guidance: Guidance, groups: Sequence[RankedGroup], cfg: FitConfig, pad_id: int,
                       device: torch.device, dtype: torch.dtype) -> dict[str, float]:
-    """Mean ListMLE (ties broken by a fixed generator, so validations are comparable), pairwise accuracy and the
-    number of compared pairs behind it."""
+    """ListMLE (mean over groups, tie breaks seeded per K) and pairwise accuracy of ``groups``."""
     scores = group_scores(guidance, groups, cfg, pad_id, device, dtype)
-    prefs = torch.tensor([g.scores for g in groups], dtype=torch.float32)
-    loss = losses.list_mle(scores, prefs, generator=torch.Generator().manual_seed(0))
-    agree, compared = pairwise_accuracy(scores, prefs)
-    return {"loss": loss.item(), "accuracy": agree / compared if compared else float("nan"), "pairs": compared}
+    total, agree, compared = 0.0, 0, 0
+    for k in sorted({len(g.scores) for g in groups}):
+        idx = [i for i, g in enumerate(groups) if len(g.scores) == k]
+        s = torch.tensor([scores[i] for i in idx], dtype=torch.float32)
+        prefs = torch.tensor([groups[i].scores for i in idx], dtype=torch.float32)
+        total += losses.list_mle(s, prefs, generator=torch.Generator().manual_seed(0)).item() * len(idx)
+        a, c = pairwise_accuracy(s, prefs)
+        agree, compared = agree + a, compared + c
+    return {"loss": total / len(groups), "accuracy": agree / compared if compared else float("nan"),
+            "pairs": compared}
 
 
 def fit_guidance(guidance: Guidance, train: Sequence[RankedGroup], val: Sequence[RankedGroup], cfg: FitConfig,

@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
 
 PERF_DIR = REPO / "build" / "perf"
-STAGES = ("prepare", "base_model", "sample", "rank", "fit_guidance", "train_lm", "evaluate", "baseline", "report")
+STAGES = ("prepare", "base_model", "preferences", "sample", "rank", "fit_guidance", "train_lm", "evaluate", "baseline",
+          "report")
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device = CPU, n: int = 0, repeats: int = 5) -> float:

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 DATA = Path("data")
 PREPARED = DATA / "prepared"
+PREFERENCES = DATA / "preferences.parquet"
 METRICS = Path("metrics")
 SPLITS = ("train", "validation", "test")
 

@@ -199,6 +199,35 @@ class Rankings(pa.DataFrameModel):
         return (~(df["rank"] == 1) | (score >= best)).astype(bool)
 
 
+class Preferences(pa.DataFrameModel):
+    """Preference data in the long layout (``ptg.preferences``): one row per candidate of a ranked group."""
+
+    group: Series[str] = pa.Field(str_length={"min_value": 1})
+    input: Series[str]
+    text: Series[str]
+    score: Series[float] = pa.Field(coerce=True)
+    reference: Series[str]
+    split: Series[str] = pa.Field(isin=["", "train", "validation"])
+
+    class Config:
+        strict = True
+        unique = ["group", "text"]  # a duplicate candidate would be ranked against itself
+
+    @pa.check("input", "text", name="non_blank")
+    def _non_blank(cls, s: pd.Series) -> pd.Series:
+        return _non_blank(s)
+
+    @pa.check("score", name="finite")
+    def _finite_score(cls, s: pd.Series) -> pd.Series:
+        return _finite(s)
+
+    @pa.dataframe_check(name="one_input_per_group")
+    def _one_input(cls, df: pd.DataFrame) -> pd.Series:
+        if not _has(df, "group", "input"):
+            return _all_true(df)
+        return df.groupby("group", sort=False)["input"].transform("nunique").eq(1).astype(bool)
+
+
 class HumanScores(pa.DataFrameModel):
     """Human preference scores imported from a file: one score (higher = better) per (id, response text)."""
 

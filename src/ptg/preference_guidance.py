@@ -1,0 +1,195 @@
+"""Guidance from a preference file alone: fit it, report held-out accuracy, score texts with it.
+
+``fit`` fits a token-level guidance (the policy's truncated backbone + head, params' ``model`` and
+``fit_guidance`` groups) on a listwise or pairwise preference file (``ptg.preferences``), then reports its
+held-out pairwise accuracy with a bootstrap 95 % CI against chance, against ranking by length and, with
+references, against ROUGE-L and METEOR; writes token-reward heatmaps of held-out candidates (HTML + PNG); and
+tracks the run in MLflow like a stage (``fit_preferences``). ``score`` writes every token's reward and each
+text's score for a file of (input, text) rows.
+
+Run: python -m ptg.preference_guidance fit FILE --out DIR [--params params.yaml] [--updates N]
+     python -m ptg.preference_guidance score GUIDANCE FILE --out FILE.jsonl [--tokenizer DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ptg import stats
+from ptg.config import PreferencesParams
+from ptg.io import read_records
+from ptg.preferences import as_text, load, ranked_groups, require_columns
+
+
+def heldout_report(long: pd.DataFrame, scores: list[float], n_tokens: list[int], fit: pd.DataFrame | None = None,
+                   fit_tokens: list[int] | None = None) -> dict[str, Any]:
+    """Pairwise accuracy of ``scores`` (one per row of ``long``, the held-out rows) with a bootstrap 95 % CI over
+    groups and its p against chance; the same for ranking by length in tokens (direction chosen on ``fit`` rows
+    when given) and, when the rows have references, for ROUGE-L and METEOR of each candidate against them; and
+    the paired difference guidance - length."""
+    from ptg import metrics
+
+    frame = long.assign(id=long["group"], preference=long["score"], guidance=scores, n_tokens=n_tokens)
+    guided = stats.pairwise_agreement(frame, "guidance")
+    fit_frame = None if fit is None else fit.assign(id=fit["group"], preference=fit["score"], n_tokens=fit_tokens)
+    length, direction = stats.length_heuristic(frame, fit=fit_frame)
+    by_length = stats.pairwise_agreement(frame.assign(length=length), "length")
+    report: dict[str, Any] = {"guidance": stats.accuracy_ci(guided), "length": stats.accuracy_ci(by_length)
+                              | {"direction": direction},
+                              "guidance_minus_length": stats.paired_accuracy_diff(guided, by_length)}
+    if (frame["reference"] != "").all():
+        refs = [[r] for r in frame["reference"]]
+        for name in ("rouge", "meteor"):
+            metric = frame.assign(m=metrics.score(name, frame["text"].tolist(), refs))
+            report[f"{name}_vs_reference"] = stats.accuracy_ci(stats.pairwise_agreement(metric, "m"))
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The held-out table as markdown: one row per scorer."""
+    lines = ["| scorer | pairwise accuracy [95% CI] | p vs chance | groups | pairs |", "|---|---|---|---|---|"]
+    names = {"guidance": "guidance", "length": "length (direction fitted on train)",
+             "rouge_vs_reference": "ROUGE-L vs reference", "meteor_vs_reference": "METEOR vs reference"}
+    for key, label in names.items():
+        if key in report:
+            r = report[key]
+            lines.append(f"| {label} | {r['accuracy']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] | {r['p_vs_chance']:.4f} "
+                         f"| {int(r['groups'])} | {int(r['pairs'])} |")
+    d = report["guidance_minus_length"]
+    lines.append(f"\nguidance − length: {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] (p {d['p_value']:.4f})")
+    return "\n".join(lines)
+
+
+def fit_file(pp: PreferencesParams, out: Path, params: str | Path = "params.yaml", base: Path | None = None,
+             max_updates: int | None = None) -> dict[str, Any]:
+    """Fit a guidance on the preference data of ``pp`` alone; write out/guidance, out/heldout.{json,md},
+    out/heldout_candidates.csv and out/heatmap.{html,png}; track it in MLflow like a stage (``fit_preferences``).
+    The backbone and tokenizer come from ``base`` (a folder with lm/ and guidance/backbone, e.g. data/rounds/0 of a
+    pipeline), else are materialised from params' ``model`` group into out/base."""
+    from ptg import tracking
+    from ptg.base_models import materialize_base
+    from ptg.config import load_group
+    from ptg.evaluation import save_heatmaps, token_rewards
+    from ptg.guidance import FitConfig, fit_guidance, group_scores, load_guidance, save_guidance
+    from ptg.io import atomic_path, write_json
+    from ptg.models import load_tokenizer
+    from ptg.pipeline import start
+
+    ctx = start("fit_preferences", params)
+    mp, fp = load_group("model", params), load_group("fit_guidance", params)
+    if base is None:
+        base = out / "base"
+        if not (base / "lm" / "config.json").is_file():
+            materialize_base(mp, base, ctx.run.seed)
+    tok = load_tokenizer(base / "lm")
+    guidance = load_guidance(base / "guidance", fp.head_hidden, fp.squash)
+    long, counts = load(pp)
+    fit_rows, val_rows = (long[long["split"] == s].reset_index(drop=True) for s in ("train", "validation"))
+    if fit_rows.empty or val_rows.empty:
+        raise ValueError(f"{pp.path}: need groups in both splits; got {counts}")
+    train, val = (ranked_groups(f, tok, guidance.backbone, pp, mp) for f in (fit_rows, val_rows))
+    cfg = FitConfig(**{f.name: getattr(fp, f.name) for f in dataclasses.fields(FitConfig)})
+    cfg = dataclasses.replace(cfg, seed=pp.seed, max_updates=max_updates or fp.max_updates)
+    result = fit_guidance(guidance, train, val, cfg, tok.pad_token_id, ctx.device, ctx.dtype, ctx.progress)
+    with atomic_path(out / "guidance") as tmp:
+        save_guidance(guidance.cpu(), tmp)
+        tok.save_pretrained(tmp / "backbone")  # `score` reads texts with the guidance's own tokenizer
+    scores = [x for row in group_scores(guidance, val, cfg, tok.pad_token_id, ctx.device, ctx.dtype) for x in row]
+    lengths = [len(r) for g in val for r in g.responses]
+    report = heldout_report(val_rows, scores, lengths, fit_rows, [len(r) for g in train for r in g.responses])
+    summary = {"val_loss": result.best_val_loss, "val_accuracy": result.best_val_accuracy,
+               "val_pairs": result.val_pairs, "best_update": result.best_update, "updates": result.updates, **counts}
+    write_json(out / "heldout.json", {"summary": summary, "report": report})
+    with atomic_path(out / "heldout.md") as tmp:
+        tmp.write_text(format_report(report) + "\n")
+    with atomic_path(out / "heldout_candidates.csv") as tmp:
+        val_rows.assign(guidance=scores, n_tokens=lengths).to_csv(tmp, index=False)
+    prompts = [g.prompt for g in val for _ in g.responses]
+    responses = [r for g in val for r in g.responses]
+    rewards = token_rewards(guidance, prompts, responses, tok.pad_token_id, ctx)
+    shown = pd.DataFrame({"id": val_rows["group"], "prediction": [f"score {s:g}: {t}" for s, t in
+                                                                   zip(val_rows["score"], val_rows["text"],
+                                                                       strict=True)]})
+    files = save_heatmaps(tok, shown, responses, rewards, out / "heatmap")
+    tracking.log_stage("fit_preferences", None, dataclasses.asdict(pp) | {"fit_guidance": dataclasses.asdict(cfg)},
+                       summary | {f"heldout_{k}_accuracy": v["accuracy"] for k, v in report.items() if "accuracy" in v},
+                       history=pd.DataFrame(result.history), artifacts=[out / "heldout.md", *files],
+                       model_dir=out / "guidance", registered_name="ptg-guidance", step_metrics_on_parent=False)
+    print(format_report(report))
+    return {"summary": summary, "report": report}
+
+
+def score_file(guidance_dir: Path, path: Path, out: Path, pp: PreferencesParams,
+               params: str | Path = "params.yaml", tokenizer: Path | None = None) -> pd.DataFrame:
+    """Per-token and per-sequence guidance scores of the texts in ``path`` (columns input and text, named as in
+    ``pp``): writes ``out`` (parquet or jsonl by suffix) with tokens, token_rewards and score (their mean). The
+    tokenizer is ``tokenizer`` or the one saved beside the backbone (``fit`` saves it; a pipeline round's guidance
+    needs ``--tokenizer data/rounds/0/lm``)."""
+    from ptg.config import load_group
+    from ptg.evaluation import token_rewards
+    from ptg.guidance import load_guidance
+    from ptg.io import atomic_path
+    from ptg.models import encode_prompts, encode_responses, is_seq2seq, load_tokenizer, turn_end_id
+    from ptg.pipeline import start
+
+    ctx = start("score_preferences", params)
+    mp = load_group("model", params)
+    raw = read_records(path)
+    require_columns(raw, str(path), {"input_field": pp.input_field, "text_field": pp.text_field})
+    guidance = load_guidance(guidance_dir)
+    tokenizer = tokenizer or guidance_dir / "backbone"
+    if not any((tokenizer / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise FileNotFoundError(f"{tokenizer}: no tokenizer here; pass --tokenizer (e.g. data/rounds/0/lm)")
+    tok = load_tokenizer(tokenizer)
+    prompts = encode_prompts(tok, [pp.prompt_template.format(input=as_text(x)) for x in raw[pp.input_field]],
+                             mp.max_prompt_tokens, is_seq2seq(guidance.backbone))
+    responses = encode_responses(tok, raw[pp.text_field].map(as_text).tolist(), mp.max_target_tokens,
+                                 turn_end_id(guidance.backbone, tok))
+    rewards = token_rewards(guidance, prompts, responses, tok.pad_token_id, ctx)
+    table = raw.assign(tokens=[[tok.decode([t]) for t in r] for r in responses], token_rewards=rewards,
+                       score=[float(np.mean(r)) for r in rewards])
+    with atomic_path(out) as tmp:
+        if out.suffix == ".parquet":
+            table.to_parquet(tmp, index=False)
+        else:
+            table.to_json(tmp, orient="records", lines=True, force_ascii=False)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ptg.preference_guidance", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("fit", help="fit a guidance on a preference file and report held-out accuracy")
+    f.add_argument("path")
+    f.add_argument("--out", required=True)
+    f.add_argument("--base", default=None, help="folder with lm/ and guidance/backbone (default: from params)")
+    f.add_argument("--updates", type=int, default=None, help="guidance updates (default: fit_guidance.max_updates)")
+    s = sub.add_parser("score", help="token-level and sequence scores of a file of texts")
+    s.add_argument("guidance")
+    s.add_argument("path")
+    s.add_argument("--out", required=True)
+    s.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the guidance's backbone folder)")
+    for p in (f, s):
+        p.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    from ptg.config import load_group
+
+    pp = dataclasses.replace(load_group("preferences", args.params), path=args.path)
+    if args.command == "fit":
+        fit_file(pp, Path(args.out), args.params, Path(args.base) if args.base else None, args.updates)
+    else:
+        score_file(Path(args.guidance), Path(args.path), Path(args.out), pp, args.params,
+                   Path(args.tokenizer) if args.tokenizer else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
