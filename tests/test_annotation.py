@@ -1,4 +1,4 @@
-"""ptg.annotation: a round's samples out as a sheet people score, the scores back in as the
+"""ptg.annotation and `ptg annotate`: a round's samples out as a sheet people score, the scores back in as the
 HumanScores table that `rank.metric: file` ranks with; a bad sheet stops the import with the file, the column and
 the rows, and writes nothing."""
 
@@ -7,8 +7,10 @@ import json
 
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
 from ptg import annotation, schemas
+from ptg.cli import app
 from ptg.io import TableError, read_records, read_table, write_table
 from ptg.ranking import human_scores, rank_within_groups
 
@@ -213,3 +215,32 @@ def test_import_rejects_an_empty_score_range():
     with pytest.raises(ValueError, match="min 2 is above max 1"):
         annotation.import_scores(pd.DataFrame(columns=["id", "candidate", "score"]), make_samples(TEXTS), "s.csv",
                                  (2, 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ptg annotate
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_round_trip_in_a_project_folder(project):
+    runner = CliRunner()
+    out = runner.invoke(app, ["annotate", "export", "--round", "1", "--out", "sheets/r1.csv", "--seed", "3"])
+    assert out.exit_code == 0, out.output
+    assert "wrote 11 candidates of 3 inputs to sheets/r1.csv" in out.output
+    examples = pd.concat([make_examples(["q1", "q2"], "train"), make_examples(["v1"], "validation")])
+    expected = annotation.export_samples(make_samples(TEXTS), examples, seed=3)
+    written = read_records(project / "sheets/r1.csv")
+    assert written[["item", "id", "input", "candidate"]].values.tolist() == expected.iloc[:, :4].values.tolist()
+    fill(project / "sheets/r1.csv")
+    args = ["annotate", "import", "sheets/r1.csv", "--round", "1", "--out", "human/r1.csv", "--min", "-1"]
+    out = runner.invoke(app, [*args, "--max", "3"])  # v1's 4.0 is out of range
+    assert out.exit_code != 0 and isinstance(out.exception, TableError)
+    assert "outside [-1, 3]" in str(out.exception) and not (project / "human").exists()
+    out = runner.invoke(app, args)  # --min alone: no upper bound
+    assert out.exit_code == 0, out.output
+    assert "rank.metric: file" in out.output and "rank.scores_file: human/r1.csv" in out.output
+    assert "dvc repro rank@1" in out.output
+    table = read_table(project / "human/r1.csv", schemas.HumanScores)
+    samples = make_samples(TEXTS)
+    expected = [SCORES[k] for k in zip(samples["id"], samples["text"], strict=True)]
+    assert human_scores(samples, table, "human/r1.csv") == expected
