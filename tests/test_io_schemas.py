@@ -7,7 +7,16 @@ import pandas as pd
 import pytest
 
 from ptg import schemas
-from ptg.io import TableError, atomic_path, read_json, read_table, validate_table, write_json, write_table
+from ptg.io import (
+    TableError,
+    atomic_path,
+    read_json,
+    read_table,
+    validate_table,
+    write_json,
+    write_records,
+    write_table,
+)
 from ptg.schemas import Examples, HumanScores, Predictions, Rankings, Samples, check_disjoint_splits
 
 
@@ -155,6 +164,21 @@ def test_human_scores_and_coercion():
     assert out["id"].tolist() == ["1", "2"] and out["score"].dtype == float
     with pytest.raises(TableError, match="finite"):
         validate_table(pd.DataFrame({"id": ["1"], "text": ["a"], "score": [float("-inf")]}), HumanScores)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_write_records_by_suffix_round_trips_and_refuses_bad_tables(tmp_path, suffix):
+    scores = pd.DataFrame({"id": ["7", "a"], "text": ['x, "y"\nz', ""], "score": [1.5, -2.0]})
+    path = tmp_path / f"scores{suffix}"
+    write_records(scores, path, HumanScores)
+    pd.testing.assert_frame_equal(read_table(path, HumanScores), validate_table(scores, HumanScores))
+    before = path.read_bytes()
+    with pytest.raises(TableError, match=f"(?s)scores{suffix}: .*column 'score'"):
+        write_records(scores.assign(score=[np.nan, 1.0]), path, HumanScores)
+    assert path.read_bytes() == before
+    with pytest.raises(ValueError, match=r"scores\.txt: unsupported table format"):
+        write_records(scores, tmp_path / "scores.txt", HumanScores)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
 def test_rank_ties_are_allowed():

@@ -103,6 +103,47 @@ def ui(port: int = typer.Option(5000, help="MLflow UI port"),
             p.wait(timeout=30)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# ptg annotate: a round's samples out to people and their scores back in (ptg.annotation)
+# ---------------------------------------------------------------------------------------------------------------
+
+annotate = typer.Typer(help="Human preferences: export a round's samples to score, import the scores for `rank`.",
+                       no_args_is_help=True)
+app.add_typer(annotate, name="annotate")
+
+
+@annotate.command("export")
+def annotate_export(round_: int = typer.Option(..., "--round", help="the round whose samples people score"),
+                    out: str = typer.Option(..., help="the sheet to write: .csv or .jsonl"),
+                    seed: int = typer.Option(0, help="seed of the candidates' shuffled order within each input")
+                    ) -> None:
+    """Write data/rounds/R/samples.parquet as a sheet with an empty `score` column (higher = better), one row per
+    distinct candidate of each input, candidates shuffled."""
+    from ptg import annotation
+
+    sheet = annotation.export_round(round_, out, seed)
+    typer.echo(f"wrote {len(sheet)} candidates of {sheet['id'].nunique()} inputs to {out}: fill its score column "
+               f"(higher = better), then `ptg annotate import {out} --round {round_} --out SCORES_FILE`")
+
+
+@annotate.command("import")
+def annotate_import(file: str = typer.Argument(..., help="the scored sheet (.csv or .jsonl)"),
+                    round_: int = typer.Option(..., "--round", help="the round the sheet was exported from"),
+                    out: str = typer.Option(..., help="the scores file to write: .csv, .jsonl or .parquet"),
+                    low: float | None = typer.Option(None, "--min", help="lowest allowed score (default: no bound)"),
+                    high: float | None = typer.Option(None, "--max", help="highest allowed score (default: no bound)")
+                    ) -> None:
+    """Check a scored sheet against round R's samples (every candidate scored, numbers, in range, nothing stale)
+    and write the id, text, score table that `rank.metric: file` reads; nothing is written on a problem."""
+    from ptg import annotation
+
+    bounds = None if low is None and high is None else (
+        float("-inf") if low is None else low, float("inf") if high is None else high)
+    scores = annotation.import_round(file, round_, out, bounds)
+    typer.echo(f"wrote {len(scores)} scores to {out}. Next: set `rank.metric: file` and `rank.scores_file: {out}` "
+               f"in params.yaml and run `dvc repro rank@{round_}` (then `dvc repro` for the rounds after it)")
+
+
 def main() -> None:
     app()
 

@@ -219,6 +219,26 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike[str], schema: Schema) 
     return valid
 
 
+def write_records(df: pd.DataFrame, path: str | os.PathLike[str], schema: Schema) -> pd.DataFrame:
+    """``write_table`` for the formats people open and edit too, by extension: .parquet, .csv (no index) or JSON
+    lines (.jsonl; one object per row, missing values as null). Every one reads back with ``read_records``."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return write_table(df, path, schema)
+    if suffix not in (".csv", ".jsonl"):
+        raise ValueError(f"{path}: unsupported table format {suffix!r} (use .csv, .jsonl or .parquet)")
+    valid = validate_table(df, schema, str(path))
+    with atomic_path(path) as tmp:
+        if suffix == ".csv":
+            valid.to_csv(tmp, index=False)
+        else:
+            rows = valid.astype(object).where(valid.notna(), None).to_dict("records")
+            tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    log.debug("wrote %s (%d rows, %s)", path, len(valid), _schema_name(schema))
+    return valid
+
+
 def read_records(path: str | os.PathLike[str]) -> pd.DataFrame:
     """A table file as a frame, by extension: .parquet, .csv, or JSON lines (.jsonl / .json; a .json file may
     also hold one array of records). A missing file is a ``FileNotFoundError`` naming the path."""

@@ -8,8 +8,9 @@ crashing later in training. The models are strict (no extra columns) and coerce 
 List-valued columns (``references``, ``token_ids``) come back from parquet as numpy arrays, so their checks
 accept a ``list``, ``tuple`` or 1-D ``numpy.ndarray``.
 
-Tables: ``Examples`` (prepare), ``Samples`` (sampling), ``Rankings`` (scoring), ``HumanScores`` (imported human
-preferences) and ``Predictions`` (evaluation). ``check_disjoint_splits`` guards against an id in two splits.
+Tables: ``Examples`` (prepare), ``Samples`` (sampling), ``Rankings`` (scoring), ``AnnotationSheet`` (samples
+exported for people to score), ``HumanScores`` (imported human preferences) and ``Predictions`` (evaluation).
+``check_disjoint_splits`` guards against an id in two splits.
 """
 
 from __future__ import annotations
@@ -226,6 +227,21 @@ class Preferences(pa.DataFrameModel):
         if not _has(df, "group", "input"):
             return _all_true(df)
         return df.groupby("group", sort=False)["input"].transform("nunique").eq(1).astype(bool)
+
+
+class AnnotationSheet(pa.DataFrameModel):
+    """One round's candidates as exported for people to score (``ptg annotate export``): one row per distinct
+    (id, candidate text), ``score`` left empty for the annotator."""
+
+    item: Series[str] = pa.Field(unique=True, str_length={"min_value": 1})
+    id: Series[str] = pa.Field(str_length={"min_value": 1}, coerce=True)
+    input: Series[str]
+    candidate: Series[str]
+    score: Series[object] = pa.Field(nullable=True)
+
+    class Config:
+        strict = True
+        unique = ["id", "candidate"]
 
 
 class HumanScores(pa.DataFrameModel):
