@@ -14,7 +14,7 @@ runner = CliRunner()
 def test_help_lists_every_command():
     out = runner.invoke(app, ["--help"])
     assert out.exit_code == 0
-    for command in ("run", "quick", "bench", "perf", "report", "backfill", "ui"):
+    for command in ("run", "quick", "bench", "perf", "guidance", "annotate", "report", "backfill", "ui"):
         assert command in out.output
     console = shutil.which("ptg", path=str(REPO / ".venv" / "bin"))
     if console:  # the installed console script is the same app
@@ -38,3 +38,9 @@ def test_bench_passes_its_options_through(tmp_path):
     out = runner.invoke(app, ["bench", "--collect-only", "--dir", str(tmp_path / "none"), "--out",
                               str(tmp_path / "out")])
     assert isinstance(out.exception, FileNotFoundError) and "no finished seed" in str(out.exception)
+
+
+def test_guidance_passes_its_options_through(tmp_path):
+    result = runner.invoke(app, ["guidance", "score", str(tmp_path / "nowhere"), "texts.jsonl", "--out",
+                                 str(tmp_path / "s.jsonl"), "--params", str(tmp_path / "missing.yaml")])
+    assert result.exit_code != 0 and "missing.yaml" in str(result.exception)
