@@ -1,6 +1,9 @@
 """rank.metric reward_model: a local sequence-classification model scores (prompt, response) pairs, batched and
-padded without changing a single score."""
+padded without changing a single score, and the rank stage ranks round r's samples by those scores."""
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -12,9 +15,11 @@ from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig,
 from ptg import metrics
 from ptg.base_models import build_tiny_tokenizer
 from ptg.config import RANK_METRICS, ParamsError, load_group
+from ptg.io import read_table
 from ptg.ranking import rank_within_groups
 from ptg.reward_model import encode_reward_inputs, load_reward_model, reward_scores
-from ptg.workspace import REPO
+from ptg.schemas import Rankings
+from ptg.workspace import REPO, dvc_env, make_workspace
 
 CPU, FP32 = torch.device("cpu"), torch.float32
 PROMPTS = ["Summarize: the park opened in the city centre.", "What is the capital of France?",
@@ -185,3 +190,45 @@ def test_rank_params_validate_the_reward_keys(tmp_path):
 
 def test_rank_metrics_are_the_reference_metrics_plus_file_and_reward_model():
     assert (*metrics.METRICS, "file", "reward_model") == RANK_METRICS
+
+
+def _stage(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = dvc_env() | {"PTG_TRACKING": "off", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.mark.slow
+def test_rank_stage_ranks_samples_by_the_reward_model(tmp_path, rm_dir):
+    """prepare, then round 1's samples (written here, as a sampling stage would), then rank@1 with metric
+    reward_model: the rankings hold the reward model's scores of (prompt, sample) and rank by them."""
+    params = _params(tmp_path, metric="reward_model", reward_model=str(rm_dir), reward_batch_size=2)
+    ws = make_workspace(params, tmp_path / "ws")
+    _stage(["stages/prepare.py"], ws)
+    examples = pd.concat([pd.read_parquet(ws / "data" / "prepared" / f"{s}.parquet") for s in ("train", "validation")])
+    picked = examples.iloc[[0, 1, -1]]  # two training inputs and one validation input
+    texts = ["Return the sum.", "Parse the file and return a list of lines.", "Yes", "It opens a socket.",
+             "Compute the hash of a string.", "", "Split the path.", "Write the data to disk and close it.", "no"]
+    samples = pd.DataFrame({"id": [i for i in picked["id"] for _ in range(3)], "sample_idx": [0, 1, 2] * 3,
+                            "text": texts, "token_ids": [[5, 4]] * 9, "n_tokens": [2] * 9, "finished": [True] * 9})
+    (ws / "data" / "rounds" / "1").mkdir(parents=True)
+    samples.to_parquet(ws / "data" / "rounds" / "1" / "samples.parquet")
+    _stage(["stages/rank.py", "--round", "1"], ws)
+
+    model, tok = load_reward_model(rm_dir)
+    prompts = [p for p in picked["prompt"] for _ in range(3)]
+    expected = reward_scores(model, tok, prompts, texts, 32, 0, "higher", CPU, FP32, progress=False)
+    ranked = read_table(ws / "data" / "rounds" / "1" / "rankings.parquet", Rankings)
+    assert ranked["score"].tolist() == pytest.approx(expected, abs=1e-5)
+    want = rank_within_groups(samples[["id", "sample_idx"]].assign(score=expected))
+    assert ranked[["id", "sample_idx", "rank"]].values.tolist() == want[["id", "sample_idx", "rank"]].values.tolist()
+    assert sorted(ranked.groupby("id")["rank"].apply(list).map(tuple)) != [(1, 2, 3)] * 3  # not just sample order
+    summary = json.loads((ws / "metrics" / "rounds" / "1" / "rank.json").read_text())
+    assert summary["metric"] == "reward_model" and summary["mean_score"] == pytest.approx(sum(expected) / 9, abs=1e-5)
+
+    missing = tmp_path / "missing-rm"
+    (ws / "params.yaml").write_text(_params(tmp_path, metric="reward_model", reward_model=str(missing)).read_text())
+    proc = _stage(["stages/rank.py", "--round", "1"], ws, check=False)
+    assert proc.returncode != 0 and f"rank.reward_model: cannot load the reward model '{missing}'" in proc.stderr
