@@ -56,11 +56,46 @@ class SampleParams(SamplingConfig):
     validation_inputs: int = field(default=16, metadata={"help": "validation inputs sampled per round"})
 
 
+# ptg.metrics.METRICS plus the two non-reference sources; spelled out here so that every stage (they all load their
+# params through this module) does not depend on the metrics code. tests/test_reward_model.py checks they agree.
+RANK_METRICS: tuple[str, ...] = ("meteor", "rouge", "chrf", "bleu", "file", "reward_model")
+REWARD_DIRECTIONS: tuple[str, ...] = ("higher", "lower")
+REWARD_INPUTS: tuple[str, ...] = ("prompt+response", "response")
+
+
 @dataclass(frozen=True)
 class RankParams:
-    metric: str = field(default="meteor", metadata={"help": "meteor, rouge, chrf, bleu, or file (human scores)"})
+    metric: str = field(default="meteor", metadata={
+        "help": "meteor, rouge, chrf, bleu (against the references), file (human scores from scores_file) or "
+                "reward_model (a local sequence-classification model's score, see reward_model)"})
     scores_file: str | None = field(default=None, metadata={
         "help": "with metric: file, a table (csv/jsonl/parquet) of id, text, score"})
+    reward_model: str | None = field(default=None, metadata={
+        "help": "with metric: reward_model, a local Hugging Face sequence-classification folder (safetensors "
+                "weights and its tokenizer); a hub id only works online"})
+    reward_batch_size: int = field(default=32, metadata={"help": "sequences per reward-model forward pass"})
+    reward_label: int = field(default=0, metadata={
+        "help": "the logit column that is the score: 0 for a 1-label reward head, the 'good' class of a classifier"})
+    reward_direction: str = field(default="higher", metadata={
+        "help": "higher (a larger score is better) or lower (the score is negated before ranking)"})
+    reward_input: str = field(default="prompt+response", metadata={
+        "help": "prompt+response (one user turn and one assistant turn through the reward model's chat template, "
+                "else prompt + newline + response) or response (the response text alone)"})
+
+    def __post_init__(self) -> None:
+        if self.metric not in RANK_METRICS:
+            raise ValueError(f"metric must be one of {', '.join(RANK_METRICS)}; got {self.metric!r}")
+        if self.metric == "reward_model" and not self.reward_model:
+            raise ValueError(f"metric reward_model needs reward_model, a model folder; got {self.reward_model!r}")
+        if isinstance(self.reward_batch_size, bool) or not isinstance(self.reward_batch_size, int) \
+                or self.reward_batch_size < 1:
+            raise ValueError(f"reward_batch_size must be an integer >= 1; got {self.reward_batch_size!r}")
+        if isinstance(self.reward_label, bool) or not isinstance(self.reward_label, int) or self.reward_label < 0:
+            raise ValueError(f"reward_label must be an integer >= 0; got {self.reward_label!r}")
+        if self.reward_direction not in REWARD_DIRECTIONS:
+            raise ValueError(f"reward_direction must be higher or lower; got {self.reward_direction!r}")
+        if self.reward_input not in REWARD_INPUTS:
+            raise ValueError(f"reward_input must be prompt+response or response; got {self.reward_input!r}")
 
 
 @dataclass(frozen=True)
