@@ -31,7 +31,7 @@ from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, t
 
 from ptg import tracking
 from ptg.config import rounds as read_rounds
-from ptg.workspace import REPO, dvc_env, make_workspace
+from ptg.workspace import REPO, dvc_env, make_workspace, workspace_lock
 
 ROUND_STAGES = ("sample", "rank", "fit_guidance", "train_lm", "evaluate")
 # Stages that download (base_model), run the model on the accelerator or write large folders: worth a retry.
@@ -46,13 +46,21 @@ def _resolve(params_file: str) -> Path:
     return path.resolve() if path.exists() or path.is_absolute() else (REPO / path).resolve()
 
 
-@task(cache_policy=NO_CACHE)
-def prepare_workdir(params_file: str, workdir: str | None, rounds: int | None) -> str:
+def workdir_of(params_file: str, workdir: str | None, rounds: int | None) -> Path:
     """The folder ``dvc repro`` runs in: the repository for its own params.yaml, else a scratch workspace."""
     params = _resolve(params_file)
     if params == REPO / "params.yaml" and workdir is None and rounds is None:
+        return REPO
+    return Path(workdir or WORKSPACES / params.stem).resolve()
+
+
+@task(cache_policy=NO_CACHE)
+def prepare_workdir(params_file: str, root: Path, rounds: int | None) -> str:
+    """Make or refresh the scratch workspace ``root`` (nothing to do for the repository itself)."""
+    params = _resolve(params_file)
+    if root == REPO:
         return str(REPO)
-    root = make_workspace(params, workdir or WORKSPACES / params.stem)
+    root = make_workspace(params, root)
     if rounds is not None:
         if rounds < 1:
             raise ValueError(f"rounds must be >= 1; got {rounds}")
@@ -107,15 +115,17 @@ def _options(name: str) -> dict:
 @flow(name="ptg-pipeline")
 def ptg_pipeline(rounds: int | None = None, params_file: str = "params.yaml", workdir: str | None = None
                  ) -> dict[str, bool]:
-    """Run the pipeline; returns, per stage task, whether DVC ran it (False: up to date, skipped)."""
-    root = prepare_workdir(params_file, workdir, rounds)
-    params = yaml.safe_load((Path(root) / "params.yaml").read_text())
-    ran: dict[str, bool] = {}
-    tags = {"prefect_flow_run_id": str(flow_run.id), "params_file": params_file, "workdir": root}
-    with tracking.parent_run(f"ptg-pipeline {flow_run.name}", params, tags, project=Path(root)) as parent:
-        for name, stage in plan(root):
-            ran[name] = dvc_stage.with_options(**_options(name))(stage, root, parent)
-    return ran
+    """Run the pipeline; returns, per stage task, whether DVC ran it (False: up to date, skipped). A second run in
+    the same workspace fails at once (``ptg.workspace.WorkspaceBusy``) and leaves the first one alone."""
+    with workspace_lock(workdir_of(params_file, workdir, rounds)) as locked:
+        root = prepare_workdir(params_file, locked, rounds)
+        params = yaml.safe_load((Path(root) / "params.yaml").read_text())
+        ran: dict[str, bool] = {}
+        tags = {"prefect_flow_run_id": str(flow_run.id), "params_file": params_file, "workdir": root}
+        with tracking.parent_run(f"ptg-pipeline {flow_run.name}", params, tags, project=Path(root)) as parent:
+            for name, stage in plan(root):
+                ran[name] = dvc_stage.with_options(**_options(name))(stage, root, parent)
+        return ran
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from ptg.io import write_json, write_table
 
 
 def main(params: str = "params.yaml") -> None:
-    pipeline.start("preferences", params)
+    pipeline.start("preferences", params, with_torch=False)
     pp = load_group("preferences", params)
     if pp.path:
         table, counts = preferences.load(pp)

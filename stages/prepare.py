@@ -13,7 +13,7 @@ from ptg.io import write_json, write_table
 
 
 def main(params: str = "params.yaml") -> None:
-    pipeline.start("prepare", params)
+    pipeline.start("prepare", params, with_torch=False)
     cfg = load_group("data", params)
     frames = build_examples(cfg)
     for split, frame in frames.items():

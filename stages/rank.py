@@ -16,12 +16,13 @@ from ptg import metrics, pipeline, schemas, tracking
 from ptg.config import ParamsError, RankParams, load_group
 from ptg.io import read_table, write_json, write_table
 from ptg.ranking import human_scores, rank_within_groups
-from ptg.reward_model import load_reward_model, reward_scores
 
 
 def model_scores(rp: RankParams, samples: pd.DataFrame, ctx: pipeline.Context) -> list[float]:
     """metric reward_model: each sample's text scored by the reward model, after its prompt unless reward_input is
     response."""
+    from ptg.reward_model import load_reward_model, reward_scores  # torch and transformers: only this metric
+
     try:
         model, tokenizer = load_reward_model(rp.reward_model, ctx.device)
     except (OSError, ValueError) as e:
@@ -35,8 +36,8 @@ def model_scores(rp: RankParams, samples: pd.DataFrame, ctx: pipeline.Context) -
 
 
 def main(r: int, params: str = "params.yaml") -> None:
-    ctx = pipeline.start(f"rank@{r}", params)
     rp = load_group("rank", params)
+    ctx = pipeline.start(f"rank@{r}", params, with_torch=rp.metric == "reward_model")
     samples = read_table(pipeline.round_dir(r) / "samples.parquet", schemas.Samples)
     if rp.metric == "file":
         scores = human_scores(samples, read_table(Path(rp.scores_file), schemas.HumanScores), rp.scores_file)

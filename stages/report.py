@@ -14,7 +14,7 @@ from ptg.report import build_report, format_report
 
 
 def main(params: str = "params.yaml") -> None:
-    pipeline.start("report", params)
+    pipeline.start("report", params, with_torch=False)
     evals, guidance = build_report([item["round"] for item in rounds(params)], pipeline.METRICS)
     out = pipeline.METRICS / "report"
     with atomic_path(out / "metrics_by_round.png") as tmp:

@@ -26,6 +26,17 @@ def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
     return T5ForConditionalGeneration(cfg).eval()
 
 
+def hold_workspace(directory) -> subprocess.Popen:
+    """Another process holding ``ptg.workspace.workspace_lock(directory)`` (for two minutes, or until killed)."""
+    import sys
+
+    code = ("import sys, time; from ptg.workspace import workspace_lock\nwith workspace_lock(sys.argv[1]):\n"
+            "    print('held', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(directory)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
 def stop_process_group(proc: subprocess.Popen) -> None:
     """Terminate a server started with start_new_session=True, and its children (SIGKILL after 30 s)."""
     if proc.poll() is None:

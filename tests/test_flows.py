@@ -23,7 +23,7 @@ from types import ModuleType
 
 import pytest
 import yaml
-from conftest import stop_process_group
+from conftest import hold_workspace, stop_process_group
 from mlflow import MlflowClient
 
 from ptg import tracking
@@ -260,3 +260,21 @@ def test_deployment_runs_on_a_process_worker(quick_run, prefect_server, tmp_path
     for r in (1, 2):
         assert json.loads((workdir / "metrics" / "rounds" / str(r) / "evaluate.json").read_text())["items"] > 0
     assert (workdir / "metrics" / "report" / "eval_by_round.csv").is_file()
+
+
+def test_a_second_flow_in_a_busy_workspace_fails_before_touching_it(env, harness, flows):
+    from ptg.workspace import workspace_lock
+
+    workdir = env / "busy"
+    holder = hold_workspace(workdir)
+    try:
+        state = flows.ptg_pipeline(rounds=1, params_file=str(QUICK), workdir=str(workdir), return_state=True)
+        assert state.is_failed()
+        with pytest.raises(Exception, match=f"another run holds this workspace \\(pid {holder.pid}"):
+            state.result()
+        assert not (workdir / "dvc.yaml").exists()  # the workspace was not refreshed under the holder
+    finally:
+        holder.kill()
+        holder.wait()
+    with workspace_lock(workdir):
+        pass

@@ -8,6 +8,7 @@ import json
 import pandas as pd
 import pytest
 import torch
+import yaml
 from conftest import EOS, PAD, tiny_llama
 from test_guidance_train import FIT, guidance_for, synthetic_groups
 
@@ -198,3 +199,49 @@ def test_standalone_fit_reports_heldout_accuracy_writes_heatmaps_and_scores_text
     assert len(table["token_rewards"][0]) == len(table["tokens"][0]) > 0
     assert table["score"][0] == pytest.approx(sum(table["token_rewards"][0]) / len(table["token_rewards"][0]))
     assert (tmp_path / "scored.jsonl").is_file()
+
+
+def _word_level_base(root, texts, vocab_size=400):
+    """lm/ and guidance/backbone of a tiny Llama whose tokenizer has one token per frequent word ([UNK] for the
+    rest), so that a corrupted word is one token: the signal a guidance can learn in a minute on a CPU."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from ptg.base_models import build_tiny, truncate_backbone
+
+    specials = ["<pad>", "</s>", "<s>", "<|im_start|>", "<|im_end|>", "[UNK]"]
+    words = [w for w, _ in Counter(w for t in texts for w in t.split()).most_common(vocab_size)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                   pad_token="<pad>", unk_token="[UNK]")
+    fast.save_pretrained(root / "tok")
+    build_tiny("tiny-llama", root / "lm", tokenizer_dir=root / "tok")
+    truncate_backbone(root / "lm", 1, root / "guidance" / "backbone")
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["listwise", "pairwise"])
+def test_the_guidance_learns_the_corruption_fixture_well_above_chance_and_length(tmp_path, monkeypatch, layout):
+    from ptg.config import load_group
+    from ptg.data import build_examples
+    from ptg.preference_guidance import fit_file
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PTG_TRACKING", "off")
+    params = yaml.safe_load(REPO_QUICK.read_text())
+    params["data"]["max_train"] = 400
+    params["fit_guidance"] |= {"lr": 1e-3, "max_updates": 150, "eval_every": 25, "head_hidden": 128}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    examples = build_examples(load_group("data", "params.yaml"))["train"]
+    # Without wrong-function docstrings (level 3): telling those apart needs a backbone that reads code.
+    fixture = preferences.corruption_fixture(examples, seed=0, layout=layout, levels=(0, 1, 2))
+    base = _word_level_base(tmp_path / "base", examples["target"].tolist())
+    pp = dataclasses.replace(PP, path=_write(tmp_path, fixture.to_dict("records")), heldout_fraction=0.25)
+    report = fit_file(pp, tmp_path / "out", base=base)["report"]
+    acc = report["guidance"]
+    assert acc["lo"] > 0.6 and acc["p_vs_chance"] < 0.01, report  # well above chance, CI included
+    assert report["guidance_minus_length"]["lo"] > 0, report       # and above ranking by length

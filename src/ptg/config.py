@@ -1,8 +1,8 @@
 """Typed, frozen views of ``params.yaml`` groups: each stage loads its group at the top of ``main()``.
 
 Unknown or missing keys fail fast with the file and the key's name, so a typo in params.yaml never silently falls
-back to a default. Library configs (``FitConfig``, ``TrainConfig``, ``SamplingConfig``) are reused, extended with
-the stage-only keys.
+back to a default. The library's configs (``FitConfig``, ``TrainConfig``, ``SamplingConfig``) live here too, so that
+reading params imports no torch, and the stage groups extend them with stage-only keys.
 """
 
 from __future__ import annotations
@@ -15,16 +15,84 @@ from typing import Any, TypeVar
 import yaml
 
 from ptg.data import DataConfig
-from ptg.guidance import FitConfig
-from ptg.sampling import SamplingConfig
-from ptg.train import TrainConfig
 
 T = TypeVar("T")
+OBJECTIVES: tuple[str, ...] = ("wmle", "reinforce")  # train_lm.objective
+NORMALIZATIONS: tuple[str, ...] = ("sequence", "batch")  # how wmle normalises token weights (ptg.losses)
 PREFERENCE_LAYOUTS = ("auto", "listwise", "pairwise")
 
 
 class ParamsError(ValueError):
     """A params file is missing a key, has an unknown one, or a value of the wrong type."""
+
+
+# The library's configs (ptg.sampling, ptg.train, ptg.guidance use them); defined here, with no torch import, so
+# reading params is cheap for every stage.
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    num_samples: int = field(default=1, metadata={"help": "K: continuations per input"})
+    max_new_tokens: int = field(default=64, metadata={"help": "tokens per continuation at most (EOS included)"})
+    temperature: float = field(default=1.0, metadata={"help": "softmax temperature; 0 decodes greedily"})
+    top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens; 0 keeps all"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1.0 keeps all"})
+
+    def __post_init__(self) -> None:
+        for name, ok in (("num_samples", self.num_samples >= 1), ("max_new_tokens", self.max_new_tokens >= 1),
+                         ("temperature", self.temperature >= 0), ("top_k", self.top_k >= 0),
+                         ("top_p", 0 < self.top_p <= 1)):
+            if not ok:
+                raise ValueError(f"SamplingConfig.{name} is out of range: {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    objective: str = field(default="wmle", metadata={"help": "wmle or reinforce"})
+    lr: float = field(default=5e-5, metadata={"help": "AdamW learning rate (constant, as the reference)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on matrices"})
+    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer update"})
+    max_updates: int = field(default=100, metadata={"help": "optimizer updates"})
+    clip_norm: float = field(default=5.0, metadata={"help": "gradient-norm clipping"})
+    use_q: bool = field(default=False, metadata={"help": "weight tokens by Q_t = sum_{t'>=t} r_t' instead of r_t"})
+    exp_rewards: bool = field(default=False, metadata={"help": "wmle: weight by exp(r_t)"})
+    normalize: str = field(default="sequence", metadata={
+        "help": "wmle: token weights sum to 1 per sequence (the paper's) or per batch (token-mean with uniform "
+                "weights)"})
+    carry_optimizer: bool = field(default=False, metadata={
+        "help": "keep the AdamW state from round to round (the reference's default); false = fresh each round"})
+    entropy_coeff: float = field(default=0.125, metadata={"help": "reinforce: max-entropy bonus alpha"})
+    seed: int = field(default=0, metadata={"help": "seed of data order and REINFORCE sampling"})
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}; got {self.normalize!r}")
+        for name in ("batch_size", "grad_accum", "max_updates"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1; got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    agg: str = field(default="avg", metadata={"help": "aggregation of token rewards: avg, sum, soft_max, soft_min"})
+    temperature: float = field(default=2.0, metadata={"help": "beta of soft_max / soft_min aggregation"})
+    lr: float = field(default=5e-5, metadata={"help": "Adam learning rate"})
+    batch_groups: int = field(default=8, metadata={"help": "inputs (lists of K samples) per optimizer step"})
+    max_updates: int = field(default=100, metadata={"help": "optimizer steps in this round"})
+    eval_every: int = field(default=25, metadata={"help": "validate every this many updates (and at the end)"})
+    clip_norm: float = field(default=5.0, metadata={"help": "gradient-norm clipping"})
+    lr_decay: float = field(default=0.8, metadata={"help": "ReduceLROnPlateau factor"})
+    lr_patience: int = field(default=2, metadata={"help": "ReduceLROnPlateau patience, in validations"})
+    early_stop: int = field(default=7, metadata={"help": "stop after this many validations without improvement"})
+    seed: int = field(default=0, metadata={"help": "seed of batch order and ListMLE tie breaks"})
+
+    def __post_init__(self) -> None:
+        for name in ("batch_groups", "max_updates", "eval_every", "early_stop"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"FitConfig.{name} must be >= 1; got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

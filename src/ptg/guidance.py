@@ -16,7 +16,7 @@ import copy
 import json
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, PreTrainedModel
 
 from ptg import losses
+from ptg.config import FitConfig
 from ptg.models import Batch, collate, require_safetensors, response_hidden
 from ptg.precision import autocast
 
@@ -102,26 +103,6 @@ class RankedGroup:
     prompt: list[int]
     responses: list[list[int]]
     scores: list[float]
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    agg: str = field(default="avg", metadata={"help": "aggregation of token rewards: avg, sum, soft_max, soft_min"})
-    temperature: float = field(default=2.0, metadata={"help": "beta of soft_max / soft_min aggregation"})
-    lr: float = field(default=5e-5, metadata={"help": "Adam learning rate"})
-    batch_groups: int = field(default=8, metadata={"help": "inputs (lists of K samples) per optimizer step"})
-    max_updates: int = field(default=100, metadata={"help": "optimizer steps in this round"})
-    eval_every: int = field(default=25, metadata={"help": "validate every this many updates (and at the end)"})
-    clip_norm: float = field(default=5.0, metadata={"help": "gradient-norm clipping"})
-    lr_decay: float = field(default=0.8, metadata={"help": "ReduceLROnPlateau factor"})
-    lr_patience: int = field(default=2, metadata={"help": "ReduceLROnPlateau patience, in validations"})
-    early_stop: int = field(default=7, metadata={"help": "stop after this many validations without improvement"})
-    seed: int = field(default=0, metadata={"help": "seed of batch order and ListMLE tie breaks"})
-
-    def __post_init__(self) -> None:
-        for name in ("batch_groups", "max_updates", "eval_every", "early_stop"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"FitConfig.{name} must be >= 1; got {getattr(self, name)}")
 
 
 @dataclass

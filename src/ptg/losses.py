@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ptg.config import NORMALIZATIONS
+
 SquashMode = Literal["soft_clamp", "sigmoid"]
 AggMethod = Literal["avg", "sum", "soft_max", "soft_min"]
 
@@ -145,7 +147,6 @@ def _token_weights(rewards: torch.Tensor, mask: torch.Tensor, use_q: bool) -> to
     return w
 
 
-NORMALIZATIONS: tuple[str, ...] = ("sequence", "batch")
 
 
 def weighted_mle(

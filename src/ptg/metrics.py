@@ -23,13 +23,15 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from functools import cache, lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nltk.stem.porter import PorterStemmer
 from nltk.tokenize import NLTKWordTokenizer
 from nltk.translate.meteor_score import meteor_score as _nltk_meteor_score
 from rouge_score import rouge_scorer
-from sacrebleu.metrics import BLEU, CHRF
+
+if TYPE_CHECKING:
+    from sacrebleu.metrics import BLEU, CHRF
 
 log = logging.getLogger(__name__)
 
@@ -302,11 +304,15 @@ def _rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) ->
 
 @cache
 def _chrf() -> CHRF:
+    from sacrebleu.metrics import CHRF  # only chrf and bleu need sacrebleu
+
     return CHRF()
 
 
 @cache
 def _bleu() -> BLEU:
+    from sacrebleu.metrics import BLEU
+
     return BLEU(smooth_method="exp", effective_order=True)
 
 

@@ -1,7 +1,8 @@
 """Glue shared by the DVC stages: artifact paths, stage start-up, reading the prepared examples as token ids,
 turning samples into tables, and training an LM from one folder into another (``ptg.evaluation`` evaluates).
 The stages stay a dozen lines each; the math stays in ``ptg.losses``, the learning in ``ptg.guidance`` and
-``ptg.train``.
+``ptg.train``. torch and transformers are imported only by the functions that use them, so a stage that loads no
+model (prepare, preferences, rank with a metric, report) starts without them (``start(..., with_torch=False)``).
 """
 
 from __future__ import annotations
@@ -14,28 +15,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ptg import schemas
-from ptg.config import ModelParams, RunParams, load_group
-from ptg.guidance import Guidance
+from ptg.config import ModelParams, RunParams, SamplingConfig, TrainConfig, load_group
 from ptg.io import atomic_path, read_table, write_json
-from ptg.models import (
-    encode_prompts,
-    encode_responses,
-    eos_ids,
-    is_seq2seq,
-    load_lm,
-    load_tokenizer,
-    turn_end_id,
-)
-from ptg.precision import resolve_device, resolve_precision
-from ptg.sampling import SamplingConfig, sample
-from ptg.train import Example, TrainConfig, load_optimizer, make_optimizer, save_optimizer, train_lm
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from ptg.guidance import Guidance
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +58,8 @@ class Context:
 
     params: Path
     run: RunParams
-    device: torch.device
-    dtype: torch.dtype
+    device: torch.device | None  # None for a stage started without torch
+    dtype: torch.dtype | None
 
     def seed(self, stage: str, r: int = 0) -> int:
         """A seed per (base seed, stage, round), stable across Python processes."""
@@ -75,6 +67,8 @@ class Context:
         return int.from_bytes(digest[:4], "little")
 
     def generator(self, stage: str, r: int = 0) -> torch.Generator:
+        import torch
+
         return torch.Generator().manual_seed(self.seed(stage, r))
 
     @property
@@ -95,10 +89,17 @@ def cli(main: Callable[..., None], doc: str | None, per_round: bool = True) -> N
         main(args.params)
 
 
-def start(stage: str, params: str | Path = "params.yaml") -> Context:
-    """Configure logging and resolve device and precision for ``stage``."""
+def start(stage: str, params: str | Path = "params.yaml", with_torch: bool = True) -> Context:
+    """Configure logging for ``stage``; with ``with_torch`` (a stage that runs a model) also resolve the device and
+    precision and seed torch. Without it, torch is never imported."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {stage} %(levelname)s %(message)s")
     run: RunParams = load_group("run", params)
+    if not with_torch:
+        return Context(Path(params), run, None, None)
+    import torch
+
+    from ptg.precision import resolve_device, resolve_precision
+
     device = resolve_device(run.device)
     dtype = resolve_precision(run.precision, device)
     torch.manual_seed(run.seed)
@@ -114,6 +115,8 @@ def read_examples(*splits: str) -> pd.DataFrame:
 def encode_prompts_of(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, frame: pd.DataFrame,
                       mp: ModelParams) -> list[list[int]]:
     """Prompt token ids of ``frame`` (chat template for decoder-only models that have one)."""
+    from ptg.models import encode_prompts, is_seq2seq
+
     return encode_prompts(tokenizer, frame["prompt"].tolist(), mp.max_prompt_tokens, is_seq2seq(model))
 
 
@@ -121,6 +124,8 @@ def encode_targets_of(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel
                       mp: ModelParams) -> list[list[int]]:
     """Reference token ids of ``frame``, ending with the token the model ends its own turn with (``turn_end_id``:
     e.g. ``<|im_end|>`` for a ChatML model, however its EOS ids sort)."""
+    from ptg.models import encode_responses, turn_end_id
+
     return encode_responses(tokenizer, frame["target"].tolist(), mp.max_target_tokens, turn_end_id(model, tokenizer))
 
 
@@ -128,6 +133,9 @@ def sample_table(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fra
                  cfg: SamplingConfig, batch_size: int, ctx: Context, generator: torch.Generator | None
                  ) -> tuple[pd.DataFrame, dict[str, float]]:
     """K continuations of every row of ``frame`` as a Samples table, plus throughput figures."""
+    from ptg.models import eos_ids
+    from ptg.sampling import sample
+
     prompts = encode_prompts_of(tokenizer, model, frame, mp)
     stops = eos_ids(model, tokenizer)
     t0 = time.perf_counter()
@@ -153,6 +161,9 @@ def train_and_save(src: Path, dst: Path, cfg: TrainConfig, guidance: Guidance | 
     """Load the LM at ``src``, train it on the training split with ``cfg`` (uniform token weights without a
     guidance), save it (with its tokenizer, and its optimizer state when ``cfg.carry_optimizer``) to ``dst``
     atomically, and write the summary JSON and the per-update history CSV; return both."""
+    from ptg.models import eos_ids, load_lm, load_tokenizer
+    from ptg.train import Example, load_optimizer, make_optimizer, save_optimizer, train_lm
+
     mp: ModelParams = load_group("model", ctx.params)
     model, tok = load_lm(src, ctx.device), load_tokenizer(src)
     train = read_examples("train")

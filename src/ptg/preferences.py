@@ -225,21 +225,23 @@ def corrupt(words: list[str], level: int, vocabulary: list[str], other: list[str
     return out
 
 
-def corruption_fixture(examples: pd.DataFrame, seed: int = 0, layout: str = "listwise") -> pd.DataFrame:
-    """A scored preference table from ``examples`` (columns id, input, target): per example the target at every
-    corruption level (score 3 - level). ``layout="pairwise"``: one (prompt, chosen, rejected) row per example, a
-    seeded pair of two different levels. ``reference`` is the uncorrupted target."""
+def corruption_fixture(examples: pd.DataFrame, seed: int = 0, layout: str = "listwise",
+                       levels: Sequence[int] = (0, 1, 2, 3)) -> pd.DataFrame:
+    """A scored preference table from ``examples`` (columns id, input, target): per example the target at each of
+    ``levels`` (``CORRUPTIONS``; score 3 - level). ``layout="pairwise"``: one (prompt, chosen, rejected) row per
+    example, a seeded pair of two different levels. ``reference`` is the uncorrupted target. Level 3 (another
+    function's docstring) is told apart only by reading the code; levels 1-2 by the words themselves."""
     rng = random.Random(seed)
     targets = examples["target"].astype(str).tolist()
     vocabulary = sorted({w for t in targets for w in t.split()})
     rows, pairs = [], []
     for i, (ex_id, text, target) in enumerate(zip(examples["id"], examples["input"], targets, strict=True)):
         other = targets[(i + 1 + rng.randrange(len(targets) - 1)) % len(targets)].split()
-        candidates = [" ".join(corrupt(target.split(), lv, vocabulary, other, rng)) for lv in range(len(CORRUPTIONS))]
-        for level, cand in enumerate(candidates):
+        candidates = {lv: " ".join(corrupt(target.split(), lv, vocabulary, other, rng)) for lv in levels}
+        for level, cand in candidates.items():
             rows.append({"group": str(ex_id), "input": text, "text": cand, "score": float(3 - level),
                          "reference": target, "corruption": CORRUPTIONS[level]})
-        a, b = sorted(rng.sample(range(len(CORRUPTIONS)), 2))
+        a, b = sorted(rng.sample(list(levels), 2))
         pairs.append({"prompt": text, "chosen": candidates[a], "rejected": candidates[b], "reference": target})
     table = pd.DataFrame(rows if layout == "listwise" else pairs)
     if layout == "listwise":  # a corruption can collide with another level's text (one-word targets): keep one

@@ -10,31 +10,15 @@ reproducible and leaves the global RNG alone.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, StaticCache
 
+from ptg.config import SamplingConfig
 from ptg.models import _pad, decoder_start_id, is_seq2seq
 from ptg.precision import autocast
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    num_samples: int = field(default=1, metadata={"help": "K: continuations per input"})
-    max_new_tokens: int = field(default=64, metadata={"help": "tokens per continuation at most (EOS included)"})
-    temperature: float = field(default=1.0, metadata={"help": "softmax temperature; 0 decodes greedily"})
-    top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens; 0 keeps all"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1.0 keeps all"})
-
-    def __post_init__(self) -> None:
-        for name, ok in (("num_samples", self.num_samples >= 1), ("max_new_tokens", self.max_new_tokens >= 1),
-                         ("temperature", self.temperature >= 0), ("top_k", self.top_k >= 0),
-                         ("top_p", 0 < self.top_p <= 1)):
-            if not ok:
-                raise ValueError(f"SamplingConfig.{name} is out of range: {getattr(self, name)!r}")
 
 
 def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ptg import losses
+from ptg.config import TrainConfig
 from ptg.guidance import Guidance
 from ptg.models import Batch, collate, response_logits
 from ptg.precision import autocast
@@ -33,36 +34,6 @@ from ptg.sampling import SamplingConfig, filter_logits, sample
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES: tuple[str, ...] = ("wmle", "reinforce")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    objective: str = field(default="wmle", metadata={"help": "wmle or reinforce"})
-    lr: float = field(default=5e-5, metadata={"help": "AdamW learning rate (constant, as the reference)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on matrices"})
-    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer update"})
-    max_updates: int = field(default=100, metadata={"help": "optimizer updates"})
-    clip_norm: float = field(default=5.0, metadata={"help": "gradient-norm clipping"})
-    use_q: bool = field(default=False, metadata={"help": "weight tokens by Q_t = sum_{t'>=t} r_t' instead of r_t"})
-    exp_rewards: bool = field(default=False, metadata={"help": "wmle: weight by exp(r_t)"})
-    normalize: str = field(default="sequence", metadata={
-        "help": "wmle: token weights sum to 1 per sequence (the paper's) or per batch (token-mean with uniform "
-                "weights)"})
-    carry_optimizer: bool = field(default=False, metadata={
-        "help": "keep the AdamW state from round to round (the reference's default); false = fresh each round"})
-    entropy_coeff: float = field(default=0.125, metadata={"help": "reinforce: max-entropy bonus alpha"})
-    seed: int = field(default=0, metadata={"help": "seed of data order and REINFORCE sampling"})
-
-    def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
-        if self.normalize not in losses.NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {', '.join(losses.NORMALIZATIONS)}; got {self.normalize!r}")
-        for name in ("batch_size", "grad_accum", "max_updates"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1; got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
