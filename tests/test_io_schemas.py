@@ -281,3 +281,15 @@ def test_element_predicates():
     assert schemas.is_token_list([0, 5]) and schemas.is_token_list(np.array([3], dtype=np.int64))
     assert not schemas.is_token_list([]) and not schemas.is_token_list([True])
     assert not schemas.is_token_list(np.array([1.0])) and not schemas.is_token_list([1, -2])
+
+
+def test_atomic_write_removes_what_a_killed_writer_left_beside_the_path(tmp_path):
+    # SIGKILL inside atomic_path leaves .<name>.tmp-* (and, mid-swap, .<name>.old-*); the next write cleans up.
+    (tmp_path / ".lm.tmp-dead").mkdir()
+    (tmp_path / ".lm.tmp-dead" / "model.safetensors").write_bytes(b"partial")
+    (tmp_path / ".lm.old-dead").mkdir()
+    (tmp_path / ".other.tmp-keep").write_text("another path's temporary is not ours")
+    with atomic_path(tmp_path / "lm") as tmp:
+        tmp.mkdir()
+        (tmp / "model.safetensors").write_bytes(b"complete")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-keep", "lm"]

@@ -61,9 +61,14 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     with one atomic ``os.replace``; a folder replaces an existing ``path`` by moving the old one aside, moving the
     new one in and deleting the old one (restored if the move in fails). If the block raises, the temporary path
     is removed, ``path`` is untouched and the exception propagates. The parent folder is created if needed.
+    A process killed inside the block (SIGKILL, power loss) cannot clean up: the temporaries it left beside
+    ``path`` are removed by the next write of ``path`` (one writer per workspace: DVC's lock, ``workspace_lock``).
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.old-*")):
+        log.warning("removing %s, left by an interrupted write of %s", stale, final)
+        _remove(stale)
     tmp = _sibling(final, "tmp")
     try:
         yield tmp

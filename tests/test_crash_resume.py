@@ -1,0 +1,68 @@
+"""kill -9 of a stage process in the middle of its work: the next `dvc repro` completes, leaves no temporary
+files, and every data output is byte-identical to an uninterrupted run's (dvc.lock's hashes; the metrics files,
+which hold timings, are left out)."""
+
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_pipeline import BIN, run
+
+from ptg.workspace import REPO, make_workspace
+
+pytestmark = pytest.mark.slow
+KILLED = ("sample.py --round 1", "fit_guidance.py --round 1", "train_lm.py --round 2", "evaluate.py --round 1",
+          "baseline.py")
+
+
+def _stage_pid(ws: Path, needle: str) -> int | None:
+    """The pid of a process running ``stages/<needle>`` in ``ws``."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if f"stages/{needle}" in cmd and os.readlink(d / "cwd") == str(ws):
+                return int(d.name)
+        except OSError:
+            continue
+    return None
+
+
+def _data_hashes(ws: Path) -> dict[str, str]:
+    """md5 of every data output in dvc.lock (metrics and plots, with their timings, left out)."""
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
+    return {out["path"]: out["md5"] for st in lock.values() for out in st.get("outs", [])
+            if out["path"].startswith("data/")}
+
+
+def _killed_mid_stage(ws: Path, needle: str, rng: random.Random) -> None:
+    env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PTG_TRACKING": "off",
+                        "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.Popen(["dvc", "repro"], cwd=ws, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while (pid := _stage_pid(ws, needle)) is None:
+        assert proc.poll() is None, f"dvc repro ended before stages/{needle} ran"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(rng.uniform(1.0, 4.0))  # somewhere inside the stage: model load, the work, or the write
+    os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=300) != 0
+
+
+def test_kill_9_inside_any_stage_then_repro_gives_the_uninterrupted_outputs(tmp_path):
+    reference = make_workspace(REPO / "configs" / "quick.yaml", tmp_path / "reference")
+    run(["dvc", "repro"], reference)
+    ws = make_workspace(REPO / "configs" / "quick.yaml", tmp_path / "killed")
+    rng = random.Random(0)
+    for needle in KILLED:
+        _killed_mid_stage(ws, needle, rng)
+    run(["dvc", "repro"], ws)
+    assert _data_hashes(ws) == _data_hashes(reference)
+    leftovers = [p for p in (ws / "data").rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+    assert not leftovers, leftovers
