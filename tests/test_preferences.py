@@ -178,7 +178,7 @@ def test_a_pipeline_round_fits_a_prior_then_mixes_preferences_with_its_own_sampl
 
 @pytest.mark.slow
 def test_standalone_fit_reports_heldout_accuracy_writes_heatmaps_and_scores_texts(tmp_path, monkeypatch):
-    from ptg.preference_guidance import fit_file, score_file
+    from ptg.preference_guidance import evaluate_file, fit_file, score_file
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PTG_TRACKING", "off")
@@ -194,6 +194,9 @@ def test_standalone_fit_reports_heldout_accuracy_writes_heatmaps_and_scores_text
     for name in ("heldout.json", "heldout.md", "heldout_candidates.csv", "heatmap.html", "heatmap.png",
                  "guidance/head.safetensors"):
         assert (tmp_path / "out" / name).is_file(), name
+    # Any guidance evaluates on the same held-out lists: the fitted one gives the fit's own table again.
+    again = evaluate_file(tmp_path / "out" / "guidance", pp, tmp_path / "eval")
+    assert again["guidance"] == report["guidance"] and (tmp_path / "eval" / "heldout.md").is_file()
     texts = _write(tmp_path, [{"input": "def g(): pass", "text": "Do nothing."}], "texts.jsonl")
     table = score_file(tmp_path / "out" / "guidance", tmp_path / texts, tmp_path / "scored.jsonl", pp)
     assert len(table["token_rewards"][0]) == len(table["tokens"][0]) > 0

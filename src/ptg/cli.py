@@ -56,8 +56,9 @@ def bench(ctx: typer.Context) -> None:
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def guidance(ctx: typer.Context) -> None:
     """A token-level guidance from a preference file alone: `ptg guidance fit FILE --out DIR` (held-out accuracy
-    against chance, length, ROUGE-L and METEOR; heatmaps; MLflow) and `ptg guidance score GUIDANCE FILE --out
-    FILE` (every token's reward); options as `python -m ptg.preference_guidance --help`."""
+    against chance, length, ROUGE-L and METEOR; heatmaps; MLflow), `ptg guidance eval GUIDANCE FILE --out DIR`
+    (the same table for any guidance) and `ptg guidance score GUIDANCE FILE --out FILE` (every token's reward);
+    options as `python -m ptg.preference_guidance --help`."""
     from ptg import preference_guidance as module
 
     raise typer.Exit(module.main(ctx.args))

@@ -8,6 +8,7 @@ tracks the run in MLflow like a stage (``fit_preferences``). ``score`` writes ev
 text's score for a file of (input, text) rows.
 
 Run: python -m ptg.preference_guidance fit FILE --out DIR [--params params.yaml] [--updates N]
+     python -m ptg.preference_guidance eval GUIDANCE FILE --out DIR [--tokenizer DIR]   (any guidance)
      python -m ptg.preference_guidance score GUIDANCE FILE --out FILE.jsonl [--tokenizer DIR]
 """
 
@@ -76,9 +77,8 @@ def fit_file(pp: PreferencesParams, out: Path, params: str | Path = "params.yaml
     from ptg import tracking
     from ptg.base_models import materialize_base
     from ptg.config import load_group
-    from ptg.evaluation import save_heatmaps, token_rewards
-    from ptg.guidance import FitConfig, fit_guidance, group_scores, load_guidance, save_guidance
-    from ptg.io import atomic_path, write_json
+    from ptg.guidance import FitConfig, fit_guidance, load_guidance, save_guidance
+    from ptg.io import atomic_path
     from ptg.models import load_tokenizer
     from ptg.pipeline import start
 
@@ -101,29 +101,80 @@ def fit_file(pp: PreferencesParams, out: Path, params: str | Path = "params.yaml
     with atomic_path(out / "guidance") as tmp:
         save_guidance(guidance.cpu(), tmp)
         tok.save_pretrained(tmp / "backbone")  # `score` reads texts with the guidance's own tokenizer
-    scores = [x for row in group_scores(guidance, val, cfg, tok.pad_token_id, ctx.device, ctx.dtype) for x in row]
-    lengths = [len(r) for g in val for r in g.responses]
-    report = heldout_report(val_rows, scores, lengths, fit_rows, [len(r) for g in train for r in g.responses])
     summary = {"val_loss": result.best_val_loss, "val_accuracy": result.best_val_accuracy,
                "val_pairs": result.val_pairs, "best_update": result.best_update, "updates": result.updates, **counts}
+    report, files = write_heldout(guidance, tok, (fit_rows, train), (val_rows, val), cfg, ctx, out, summary)
+    tracking.log_stage("fit_preferences", None, dataclasses.asdict(pp) | {"fit_guidance": dataclasses.asdict(cfg)},
+                       summary | {f"heldout_{k}_accuracy": v["accuracy"] for k, v in report.items() if "accuracy" in v},
+                       history=pd.DataFrame(result.history), artifacts=files,
+                       model_dir=out / "guidance", registered_name="ptg-guidance", step_metrics_on_parent=False)
+    print(format_report(report))
+    return {"summary": summary, "report": report}
+
+
+def write_heldout(guidance: Any, tok: Any, fit: tuple[pd.DataFrame, list[Any]], held: tuple[pd.DataFrame, list[Any]],
+                  cfg: Any, ctx: Any, out: Path, summary: dict[str, Any]) -> tuple[dict[str, Any], list[Path]]:
+    """Score the held-out groups with ``guidance`` and write out/heldout.{json,md}, out/heldout_candidates.csv and
+    out/heatmap.{html,png}; ``fit`` (rows, groups) chooses the length heuristic's direction. Returns the report and
+    the files written."""
+    from ptg.evaluation import save_heatmaps, token_rewards
+    from ptg.guidance import group_scores
+    from ptg.io import atomic_path, write_json
+
+    (fit_rows, fit_groups), (rows, groups) = fit, held
+    scores = [x for row in group_scores(guidance, groups, cfg, tok.pad_token_id, ctx.device, ctx.dtype) for x in row]
+    lengths = [len(r) for g in groups for r in g.responses]
+    fit_lengths = [len(r) for g in fit_groups for r in g.responses]
+    report = heldout_report(rows, scores, lengths, fit_rows if fit_lengths else None, fit_lengths or None)
     write_json(out / "heldout.json", {"summary": summary, "report": report})
     with atomic_path(out / "heldout.md") as tmp:
         tmp.write_text(format_report(report) + "\n")
     with atomic_path(out / "heldout_candidates.csv") as tmp:
-        val_rows.assign(guidance=scores, n_tokens=lengths).to_csv(tmp, index=False)
-    prompts = [g.prompt for g in val for _ in g.responses]
-    responses = [r for g in val for r in g.responses]
-    rewards = token_rewards(guidance, prompts, responses, tok.pad_token_id, ctx)
-    shown = pd.DataFrame({"id": val_rows["group"], "prediction": [f"score {s:g}: {t}" for s, t in
-                                                                   zip(val_rows["score"], val_rows["text"],
-                                                                       strict=True)]})
+        rows.assign(guidance=scores, n_tokens=lengths).to_csv(tmp, index=False)
+    responses = [r for g in groups for r in g.responses]
+    rewards = token_rewards(guidance, [g.prompt for g in groups for _ in g.responses], responses, tok.pad_token_id,
+                            ctx)
+    shown = pd.DataFrame({"id": rows["group"], "prediction": [f"score {s:g}: {t}" for s, t in
+                                                               zip(rows["score"], rows["text"], strict=True)]})
     files = save_heatmaps(tok, shown, responses, rewards, out / "heatmap")
-    tracking.log_stage("fit_preferences", None, dataclasses.asdict(pp) | {"fit_guidance": dataclasses.asdict(cfg)},
-                       summary | {f"heldout_{k}_accuracy": v["accuracy"] for k, v in report.items() if "accuracy" in v},
-                       history=pd.DataFrame(result.history), artifacts=[out / "heldout.md", *files],
-                       model_dir=out / "guidance", registered_name="ptg-guidance", step_metrics_on_parent=False)
     print(format_report(report))
-    return {"summary": summary, "report": report}
+    return report, [out / "heldout.json", out / "heldout.md", out / "heldout_candidates.csv", *files]
+
+
+def evaluate_file(guidance_dir: Path, pp: PreferencesParams, out: Path, params: str | Path = "params.yaml",
+                  tokenizer: Path | None = None) -> dict[str, Any]:
+    """The held-out table of any guidance (a pipeline round's, or one ``fit`` made) on the held-out groups of the
+    preference data of ``pp`` (its validation split; the train split chooses the length direction), written like
+    ``fit``'s and tracked in MLflow as ``evaluate_preferences``."""
+    from ptg import tracking
+    from ptg.config import load_group
+    from ptg.guidance import FitConfig, load_guidance
+    from ptg.pipeline import start
+
+    ctx = start("evaluate_preferences", params)
+    mp, fp = load_group("model", params), load_group("fit_guidance", params)
+    guidance, tok = load_guidance(guidance_dir), _tokenizer(guidance_dir, tokenizer)
+    long, counts = load(pp)
+    fit_rows, val_rows = (long[long["split"] == s].reset_index(drop=True) for s in ("train", "validation"))
+    if val_rows.empty:
+        raise ValueError(f"{pp.path}: no held-out groups to evaluate on; got {counts}")
+    groups = [ranked_groups(f, tok, guidance.backbone, pp, mp) if len(f) else [] for f in (fit_rows, val_rows)]
+    cfg = FitConfig(**{f.name: getattr(fp, f.name) for f in dataclasses.fields(FitConfig)})
+    report, files = write_heldout(guidance, tok, (fit_rows, groups[0]), (val_rows, groups[1]), cfg, ctx, out,
+                                  {"guidance": str(guidance_dir), **counts})
+    tracking.log_stage("evaluate_preferences", None, dataclasses.asdict(pp),
+                       {f"heldout_{k}_accuracy": v["accuracy"] for k, v in report.items() if "accuracy" in v},
+                       artifacts=files, step_metrics_on_parent=False)
+    return report
+
+
+def _tokenizer(guidance_dir: Path, tokenizer: Path | None) -> Any:
+    from ptg.models import load_tokenizer
+
+    tokenizer = tokenizer or guidance_dir / "backbone"
+    if not any((tokenizer / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise FileNotFoundError(f"{tokenizer}: no tokenizer here; pass --tokenizer (e.g. data/rounds/0/lm)")
+    return load_tokenizer(tokenizer)
 
 
 def score_file(guidance_dir: Path, path: Path, out: Path, pp: PreferencesParams,
@@ -136,18 +187,14 @@ def score_file(guidance_dir: Path, path: Path, out: Path, pp: PreferencesParams,
     from ptg.evaluation import token_rewards
     from ptg.guidance import load_guidance
     from ptg.io import atomic_path
-    from ptg.models import encode_prompts, encode_responses, is_seq2seq, load_tokenizer, turn_end_id
+    from ptg.models import encode_prompts, encode_responses, is_seq2seq, turn_end_id
     from ptg.pipeline import start
 
     ctx = start("score_preferences", params)
     mp = load_group("model", params)
     raw = read_records(path)
     require_columns(raw, str(path), {"input_field": pp.input_field, "text_field": pp.text_field})
-    guidance = load_guidance(guidance_dir)
-    tokenizer = tokenizer or guidance_dir / "backbone"
-    if not any((tokenizer / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        raise FileNotFoundError(f"{tokenizer}: no tokenizer here; pass --tokenizer (e.g. data/rounds/0/lm)")
-    tok = load_tokenizer(tokenizer)
+    guidance, tok = load_guidance(guidance_dir), _tokenizer(guidance_dir, tokenizer)
     prompts = encode_prompts(tok, [pp.prompt_template.format(input=as_text(x)) for x in raw[pp.input_field]],
                              mp.max_prompt_tokens, is_seq2seq(guidance.backbone))
     responses = encode_responses(tok, raw[pp.text_field].map(as_text).tolist(), mp.max_target_tokens,
@@ -172,22 +219,29 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--out", required=True)
     f.add_argument("--base", default=None, help="folder with lm/ and guidance/backbone (default: from params)")
     f.add_argument("--updates", type=int, default=None, help="guidance updates (default: fit_guidance.max_updates)")
+    e = sub.add_parser("eval", help="held-out accuracy of any guidance on a preference file")
+    e.add_argument("guidance")
+    e.add_argument("path")
+    e.add_argument("--out", required=True)
     s = sub.add_parser("score", help="token-level and sequence scores of a file of texts")
     s.add_argument("guidance")
     s.add_argument("path")
     s.add_argument("--out", required=True)
-    s.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the guidance's backbone folder)")
-    for p in (f, s):
+    for p in (e, s):
+        p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the guidance's backbone folder)")
+    for p in (f, e, s):
         p.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     from ptg.config import load_group
 
     pp = dataclasses.replace(load_group("preferences", args.params), path=args.path)
+    tokenizer = Path(args.tokenizer) if getattr(args, "tokenizer", None) else None
     if args.command == "fit":
         fit_file(pp, Path(args.out), args.params, Path(args.base) if args.base else None, args.updates)
+    elif args.command == "eval":
+        evaluate_file(Path(args.guidance), pp, Path(args.out), args.params, tokenizer)
     else:
-        score_file(Path(args.guidance), Path(args.path), Path(args.out), pp, args.params,
-                   Path(args.tokenizer) if args.tokenizer else None)
+        score_file(Path(args.guidance), Path(args.path), Path(args.out), pp, args.params, tokenizer)
     return 0
 
 
