@@ -11,6 +11,7 @@ from ptg.io import (
     TableError,
     atomic_path,
     read_json,
+    read_records,
     read_table,
     validate_table,
     write_json,
@@ -293,3 +294,11 @@ def test_atomic_write_removes_what_a_killed_writer_left_beside_the_path(tmp_path
         tmp.mkdir()
         (tmp / "model.safetensors").write_bytes(b"complete")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-keep", "lm"]
+
+
+def test_a_truncated_parquet_table_names_itself_and_the_remedy(tmp_path):
+    path = tmp_path / "samples.parquet"
+    pd.DataFrame({"a": range(100)}).to_parquet(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"samples.parquet: not a readable parquet table, truncated or corrupt"):
+        read_records(path)

@@ -307,3 +307,17 @@ def test_no_code_path_runs_untrusted_code():
     hits = [f"{p.relative_to(REPO)}:{i}: {line.strip()}" for p in sources
             for i, line in enumerate(p.read_text().splitlines(), 1) if forbidden.search(line)]
     assert hits == []
+
+
+def test_a_truncated_safetensors_file_is_named_before_any_loader_reads_it(tmp_path):
+    from conftest import tiny_llama
+
+    from ptg.guidance import Guidance
+    from ptg.models import load_lm
+
+    tiny_llama().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    for load in (load_lm, Guidance.from_backbone):
+        with pytest.raises(ValueError, match=r"model\.safetensors: damaged weights .*dvc checkout --force"):
+            load(tmp_path)

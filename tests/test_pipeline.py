@@ -143,3 +143,28 @@ def test_nan_human_score_is_rejected_and_no_ranking_is_written(tmp_path):
     assert proc.returncode != 0
     assert "scores.csv" in proc.stderr and "score" in proc.stderr and "[1]" in proc.stderr
     assert not (ws / "data" / "rounds" / "1" / "rankings.parquet").exists()
+
+
+def test_a_damaged_artifact_is_reported_by_the_stage_that_reads_it_and_dvc_restores_it(quick):
+    weights = quick / "data" / "rounds" / "1" / "lm" / "model.safetensors"
+    table = quick / "data" / "rounds" / "2" / "samples.parquet"
+    originals = {p: p.read_bytes() for p in (weights, table)}
+    try:
+        for p, data in originals.items():
+            p.chmod(0o644)  # DVC may link cache files read-only
+            p.unlink()
+            p.write_bytes(data[: len(data) // 2])
+        proc = run([sys.executable, "stages/sample.py", "--round", "2"], quick, check=False)
+        assert proc.returncode != 0 and "model.safetensors: damaged weights" in proc.stderr
+        proc = run([sys.executable, "stages/rank.py", "--round", "2"], quick, check=False)
+        assert proc.returncode != 0 and "samples.parquet: not a readable parquet table" in proc.stderr
+        status = run(["dvc", "status"], quick).stdout
+        assert "data/rounds/1/lm" in status and "data/rounds/2/samples.parquet" in status
+        run(["dvc", "checkout", "--force"], quick)
+        assert all(p.read_bytes() == data for p, data in originals.items())
+        assert ran(quick, "--dry") == {"preferences"}
+    finally:
+        for p, data in originals.items():
+            if p.read_bytes() != data:
+                p.unlink()
+                p.write_bytes(data)

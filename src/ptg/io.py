@@ -252,7 +252,12 @@ def read_records(path: str | os.PathLike[str]) -> pd.DataFrame:
         raise FileNotFoundError(f"{path}: no such table (has the stage that writes it run?)")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        return pd.read_parquet(path)
+        try:
+            return pd.read_parquet(path)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise ValueError(f"{path}: not a readable parquet table, truncated or corrupt ({e}); if it is a pipeline "
+                             "output, `dvc status` shows it as modified and `dvc checkout --force` (or `dvc repro`) "
+                             "restores it") from None
     if suffix == ".csv":
         return pd.read_csv(path, dtype=str, keep_default_na=False)
     if suffix not in (".jsonl", ".json"):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -167,9 +168,20 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def require_safetensors(path: str | Path) -> None:
-    """Refuse a local model folder whose weights are only pickle checkpoints (loading one can run code)."""
+    """Refuse a local model folder whose weights are only pickle checkpoints (loading one can run code), or whose
+    safetensors files are damaged (a truncated file names itself here, not deep inside a loader)."""
     folder = Path(path)
-    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+    if not folder.is_dir():
+        return
+    weights = sorted(folder.glob("*.safetensors"))
+    for file in weights:
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 (safetensors raises its own SafetensorError, not exported)
+            raise ValueError(f"{file}: damaged weights ({e}); if it is a pipeline output, `dvc status` shows it "
+                             "as modified and `dvc checkout --force` (or `dvc repro`) restores it") from None
+    if weights:
         return
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
