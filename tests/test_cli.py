@@ -14,7 +14,7 @@ runner = CliRunner()
 def test_help_lists_every_command():
     out = runner.invoke(app, ["--help"])
     assert out.exit_code == 0
-    for command in ("run", "quick", "bench", "perf", "guidance", "annotate", "report", "backfill", "ui"):
+    for command in ("run", "quick", "bench", "perf", "guidance", "annotate", "model", "report", "backfill", "ui"):
         assert command in out.output
     console = shutil.which("ptg", path=str(REPO / ".venv" / "bin"))
     if console:  # the installed console script is the same app
@@ -44,3 +44,11 @@ def test_guidance_passes_its_options_through(tmp_path):
     result = runner.invoke(app, ["guidance", "score", str(tmp_path / "nowhere"), "texts.jsonl", "--out",
                                  str(tmp_path / "s.jsonl"), "--params", str(tmp_path / "missing.yaml")])
     assert result.exit_code != 0 and "missing.yaml" in str(result.exception)
+
+
+def test_model_tiny_writes_a_loadable_model(tmp_path):
+    out = runner.invoke(app, ["model", "tiny", "tiny-llama", str(tmp_path / "lm")])
+    assert out.exit_code == 0, out.output
+    from ptg.models import load_lm
+
+    assert load_lm(tmp_path / "lm").config.num_hidden_layers == 2

