@@ -83,3 +83,18 @@ def test_rounds_carry_per_round_budgets_and_reject_bad_ones(tmp_path):
         path = _write(tmp_path, lambda p, b=bad: p.update(rounds={"1": b}))
         with pytest.raises(ParamsError, match=match):
             rounds(path)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("agg", "median", "agg must be one of avg, sum, soft_max, soft_min; got 'median'"),
+    ("squash", "tanh", "squash must be one of soft_clamp, sigmoid; got 'tanh'"),
+])
+def test_an_unknown_guidance_name_fails_when_params_are_read(tmp_path, key, value, message):
+    from ptg.config import ParamsError, load_group
+    from ptg.workspace import REPO
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["fit_guidance"][key] = value
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match=rf"p.yaml: fit_guidance: {message}"):
+        load_group("fit_guidance", tmp_path / "p.yaml")

@@ -19,6 +19,8 @@ from ptg.data import DataConfig
 T = TypeVar("T")
 OBJECTIVES: tuple[str, ...] = ("wmle", "reinforce")  # train_lm.objective
 NORMALIZATIONS: tuple[str, ...] = ("sequence", "batch")  # how wmle normalises token weights (ptg.losses)
+AGG_METHODS: tuple[str, ...] = ("avg", "sum", "soft_max", "soft_min")  # sequence score from token rewards
+SQUASH_MODES: tuple[str, ...] = ("soft_clamp", "sigmoid")  # token reward from the head's output
 PREFERENCE_LAYOUTS = ("auto", "listwise", "pairwise")
 
 
@@ -90,6 +92,8 @@ class FitConfig:
     seed: int = field(default=0, metadata={"help": "seed of batch order and ListMLE tie breaks"})
 
     def __post_init__(self) -> None:
+        if self.agg not in AGG_METHODS:
+            raise ValueError(f"agg must be one of {', '.join(AGG_METHODS)}; got {self.agg!r}")
         for name in ("batch_groups", "max_updates", "eval_every", "early_stop"):
             if getattr(self, name) < 1:
                 raise ValueError(f"FitConfig.{name} must be >= 1; got {getattr(self, name)}")
@@ -170,6 +174,11 @@ class RankParams:
 class FitGuidanceParams(FitConfig):
     head_hidden: int = field(default=2048, metadata={"help": "hidden width of the MLP head"})
     squash: str = field(default="soft_clamp", metadata={"help": "soft_clamp (reference) or sigmoid"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.squash not in SQUASH_MODES:
+            raise ValueError(f"squash must be one of {', '.join(SQUASH_MODES)}; got {self.squash!r}")
 
 
 @dataclass(frozen=True)

@@ -216,8 +216,6 @@ def fit_guidance(guidance: Guidance, train: Sequence[RankedGroup], val: Sequence
     iterate). The starting state competes for "best" only when it was itself fitted (a warm start): an unfitted
     head is the constant guidance, and keeping it would silently turn PTG into plain MLE.
     """
-    if cfg.agg not in losses.AGG_METHODS:
-        raise ValueError(f"agg must be one of {', '.join(losses.AGG_METHODS)}; got {cfg.agg!r}")
     _check_groups("train", train)
     _check_groups("val", val)
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -13,13 +13,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ptg.config import NORMALIZATIONS
+from ptg.config import AGG_METHODS, NORMALIZATIONS, SQUASH_MODES
 
 SquashMode = Literal["soft_clamp", "sigmoid"]
 AggMethod = Literal["avg", "sum", "soft_max", "soft_min"]
 
-SQUASH_MODES: tuple[str, ...] = ("soft_clamp", "sigmoid")
-AGG_METHODS: tuple[str, ...] = ("avg", "sum", "soft_max", "soft_min")
 
 _CLAMP_MAX = 1.0  # M of the reference's soft clamp
 _CLAMP_MIN = 1e-8  # m of the reference's soft clamp
