@@ -19,7 +19,6 @@ import pandas as pd
 from ptg import pipeline, preferences, schemas, tracking
 from ptg.config import load_group, round_budget
 from ptg.guidance import (
-    FitConfig,
     RankedGroup,
     evaluate_guidance,
     fit_guidance,
@@ -50,7 +49,7 @@ def main(r: int, params: str = "params.yaml") -> None:
     merged["split"] = merged["id"].map(dict(zip(examples["id"], examples["split"], strict=True)))
     by_split = {s: merged[merged["split"] == s] for s in ("train", "validation")}
     train, val = (_groups(by_split[s], prompts) for s in ("train", "validation"))
-    cfg = FitConfig(**{f.name: getattr(fp, f.name) for f in dataclasses.fields(FitConfig)})
+    cfg = fp.fit_config()
     cfg = dataclasses.replace(cfg, seed=ctx.seed("fit_guidance", r))
     pp = load_group("preferences", params)
     prefs = read_table(pipeline.PREFERENCES, schemas.Preferences)

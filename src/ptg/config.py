@@ -180,6 +180,10 @@ class FitGuidanceParams(FitConfig):
         if self.squash not in SQUASH_MODES:
             raise ValueError(f"squash must be one of {', '.join(SQUASH_MODES)}; got {self.squash!r}")
 
+    def fit_config(self) -> FitConfig:
+        """The library's FitConfig part of these params (without the stage-only head keys)."""
+        return FitConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FitConfig)})
+
 
 @dataclass(frozen=True)
 class TrainLMParams(TrainConfig):

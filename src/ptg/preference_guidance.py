@@ -77,7 +77,7 @@ def fit_file(pp: PreferencesParams, out: Path, params: str | Path = "params.yaml
     from ptg import tracking
     from ptg.base_models import materialize_base
     from ptg.config import load_group
-    from ptg.guidance import FitConfig, fit_guidance, load_guidance, save_guidance
+    from ptg.guidance import fit_guidance, load_guidance, save_guidance
     from ptg.io import atomic_path
     from ptg.models import load_tokenizer
     from ptg.pipeline import start
@@ -95,7 +95,7 @@ def fit_file(pp: PreferencesParams, out: Path, params: str | Path = "params.yaml
     if fit_rows.empty or val_rows.empty:
         raise ValueError(f"{pp.path}: need groups in both splits; got {counts}")
     train, val = (ranked_groups(f, tok, guidance.backbone, pp, mp) for f in (fit_rows, val_rows))
-    cfg = FitConfig(**{f.name: getattr(fp, f.name) for f in dataclasses.fields(FitConfig)})
+    cfg = fp.fit_config()
     cfg = dataclasses.replace(cfg, seed=pp.seed, max_updates=max_updates or fp.max_updates)
     result = fit_guidance(guidance, train, val, cfg, tok.pad_token_id, ctx.device, ctx.dtype, ctx.progress)
     with atomic_path(out / "guidance") as tmp:
@@ -148,7 +148,7 @@ def evaluate_file(guidance_dir: Path, pp: PreferencesParams, out: Path, params: 
     ``fit``'s and tracked in MLflow as ``evaluate_preferences``."""
     from ptg import tracking
     from ptg.config import load_group
-    from ptg.guidance import FitConfig, load_guidance
+    from ptg.guidance import load_guidance
     from ptg.pipeline import start
 
     ctx = start("evaluate_preferences", params)
@@ -159,7 +159,7 @@ def evaluate_file(guidance_dir: Path, pp: PreferencesParams, out: Path, params: 
     if val_rows.empty:
         raise ValueError(f"{pp.path}: no held-out groups to evaluate on; got {counts}")
     groups = [ranked_groups(f, tok, guidance.backbone, pp, mp) if len(f) else [] for f in (fit_rows, val_rows)]
-    cfg = FitConfig(**{f.name: getattr(fp, f.name) for f in dataclasses.fields(FitConfig)})
+    cfg = fp.fit_config()
     report, files = write_heldout(guidance, tok, (fit_rows, groups[0]), (val_rows, groups[1]), cfg, ctx, out,
                                   {"guidance": str(guidance_dir), **counts})
     tracking.log_stage("evaluate_preferences", None, dataclasses.asdict(pp),
