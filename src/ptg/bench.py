@@ -141,12 +141,7 @@ def guidance_accuracy(seed_dirs: list[Path], r: int) -> dict[str, Any]:
         g["id"] = f"{i}:" + g["id"].astype(str)
         val.append(g[g["split"] == "validation"])
         train.append(g[g["split"] == "train"])
-    v, t = pd.concat(val, ignore_index=True), pd.concat(train, ignore_index=True)
-    guided = stats.pairwise_agreement(v, "guidance")
-    length_score, direction = stats.length_heuristic(v, fit=t)
-    by_length = stats.pairwise_agreement(v.assign(length=length_score), "length")
-    return {"guidance": stats.accuracy_ci(guided), "length": stats.accuracy_ci(by_length) | {"direction": direction},
-            "guidance_minus_length": stats.paired_accuracy_diff(guided, by_length)}
+    return stats.guidance_vs_length(pd.concat(val, ignore_index=True), pd.concat(train, ignore_index=True))
 
 
 def stage_seconds(seed_dirs: list[Path], r: int) -> dict[str, float]:

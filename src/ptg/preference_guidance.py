@@ -38,13 +38,8 @@ def heldout_report(long: pd.DataFrame, scores: list[float], n_tokens: list[int],
     from ptg import metrics
 
     frame = long.assign(id=long["group"], preference=long["score"], guidance=scores, n_tokens=n_tokens)
-    guided = stats.pairwise_agreement(frame, "guidance")
     fit_frame = None if fit is None else fit.assign(id=fit["group"], preference=fit["score"], n_tokens=fit_tokens)
-    length, direction = stats.length_heuristic(frame, fit=fit_frame)
-    by_length = stats.pairwise_agreement(frame.assign(length=length), "length")
-    report: dict[str, Any] = {"guidance": stats.accuracy_ci(guided), "length": stats.accuracy_ci(by_length)
-                              | {"direction": direction},
-                              "guidance_minus_length": stats.paired_accuracy_diff(guided, by_length)}
+    report: dict[str, Any] = stats.guidance_vs_length(frame, fit_frame)
     if (frame["reference"] != "").all():
         refs = [[r] for r in frame["reference"]]
         for name in ("rouge", "meteor"):

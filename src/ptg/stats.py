@@ -258,3 +258,15 @@ def length_heuristic(groups: pd.DataFrame, length_col: str = "n_tokens", pref_co
         raise ValueError(f"{name} has no pair of candidates with different preferences to choose a direction on")
     direction = 1 if counts["agree"].sum() >= 0.5 * counts["pairs"].sum() else -1
     return pd.Series(direction * lengths, index=groups.index, name=f"{length_col}_score"), direction
+
+
+def guidance_vs_length(held: pd.DataFrame, fit: pd.DataFrame | None = None, score_col: str = "guidance"
+                       ) -> dict[str, dict[str, float]]:
+    """Held-out pairwise accuracy of ``score_col`` with its CI, of ranking by length (``n_tokens``, direction chosen
+    on ``fit`` when given), and their paired difference. ``held``/``fit``: one row per candidate with columns id,
+    preference, n_tokens and ``score_col``."""
+    guided = pairwise_agreement(held, score_col)
+    length_score, direction = length_heuristic(held, fit=fit)
+    by_length = pairwise_agreement(held.assign(length=length_score), "length")
+    return {"guidance": accuracy_ci(guided), "length": accuracy_ci(by_length) | {"direction": direction},
+            "guidance_minus_length": paired_accuracy_diff(guided, by_length)}
