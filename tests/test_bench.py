@@ -7,6 +7,7 @@ import subprocess
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from ptg import bench
 from ptg.workspace import REPO, dvc_env
@@ -75,6 +76,10 @@ def test_ablations_compare_round_one_with_the_reference_on_validation(tmp_path):
     assert rows[1]["vs_reference"]["mean"] == pytest.approx(2.0) and rows[1]["vs_reference"]["lo"] == pytest.approx(2.0)
     assert rows[1]["vs_baseline"]["mean"] == pytest.approx(3.0)
     assert "| sum | fit_guidance.agg=sum |" in (tmp_path / "out" / "ablations.md").read_text()
+    # A variant run with other code or bench params than the reference is not comparable: left out.
+    _fake_seed(tmp_path, 0, np.random.default_rng(1), delta=0.05, rounds=(1,), name="abl-old",
+               info={"overrides": ["seed=0", bench.VALIDATION], "targets": ["evaluate@1"], "tree": "older"})
+    assert [r["variant"] for r in bench.collect_ablations(tmp_path, tmp_path / "out")] == ["bench config", "sum"]
 
 
 def test_collect_without_a_finished_seed_says_so(tmp_path):
@@ -83,17 +88,24 @@ def test_collect_without_a_finished_seed_says_so(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_runs_a_seed_as_a_dvc_experiment_and_resumes(tmp_path):
+def test_bench_runs_seeds_side_by_side_as_dvc_experiments_and_resumes(tmp_path):
     directory = tmp_path / "bench"
-    args = ["--params", str(REPO / "configs" / "quick.yaml"), "--seeds", "3", "--dir", str(directory),
-            "--out", str(tmp_path / "out")]
+    args = ["--params", str(REPO / "configs" / "quick.yaml"), "--seeds", "3", "4", "--jobs", "2",
+            "--dir", str(directory), "--out", str(tmp_path / "out")]
     assert bench.main(args) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["seeds"] == [3] and [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert summary["seeds"] == [3, 4] and [r["round"] for r in summary["rounds"]] == [1, 2]
     assert summary["rounds"][-1]["items"] == 16  # the quick profile's whole test split
+    assert all(s > 0 for s in summary["cpu_seconds_per_seed"])
+    # Each seed's own results (not the other's, not the workspace's): different seeds sample differently.
+    ranks = [(directory / "results" / f"seed-{s}" / "metrics" / "rounds" / "1" / "rank.json").read_text()
+               for s in (3, 4)]
+    assert ranks[0] != ranks[1]
     shown = subprocess.run(["dvc", "exp", "show", "--json"], cwd=directory, env=dvc_env(), check=True,
                            capture_output=True, text=True).stdout
-    assert "bench-seed-3" in shown
+    assert "bench-seed-3" in shown and "bench-seed-4" in shown
+    assert subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=directory,
+                          capture_output=True, text=True, check=True).stdout == ""  # the workspace is untouched
     # A second call finds the seed done and only recomputes the statistics.
     seconds = (directory / "results" / "seed-3" / "seconds.json").read_text()
     assert bench.main(args) == 0
@@ -103,11 +115,14 @@ def test_bench_runs_a_seed_as_a_dvc_experiment_and_resumes(tmp_path):
 def test_a_finished_experiment_is_reused_only_with_the_same_params(tmp_path, monkeypatch):
     calls = []
 
-    def fake_run(cmd, cwd):
+    def fake_run(cmd, cwd, threads=None):
         calls.append(cmd)
-        (cwd / "metrics").mkdir(exist_ok=True)
+        return 1.0
 
     monkeypatch.setattr(bench, "_run", fake_run)
+    monkeypatch.setattr(bench, "_snapshot", lambda directory: (directory / "params.yaml").read_text())
+    monkeypatch.setattr(bench, "_export_metrics", lambda directory, name, dest: (dest / "metrics").mkdir(parents=True))
+    (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
     (tmp_path / "params.yaml").write_text("seed: 0\n")
     ran = lambda: sum("exp" in c for c in calls)  # noqa: E731
     bench.run_experiment(tmp_path, "seed-0", ["seed=0"])
@@ -118,3 +133,12 @@ def test_a_finished_experiment_is_reused_only_with_the_same_params(tmp_path, mon
     assert ran() == 2  # other bench params: the stale result is not reused
     bench.run_experiment(tmp_path, "seed-0", ["seed=1"])
     assert ran() == 3
+    # The parent run records the experiment's own params, not the bench params it started from.
+    assert yaml.safe_load((tmp_path / ".dvc" / "tmp" / "bench-seed-0.params.yaml").read_text())["seed"] == 1
+
+
+def test_overrides_apply_to_nested_params_as_yaml_values():
+    params = {"seed": 0, "train_lm": {"lr": 1e-4}}
+    out = bench._with_overrides(params, ["seed=2", "train_lm.lr=3.0e-4", "evaluate.split=validation"])
+    assert out == {"seed": 2, "train_lm": {"lr": 3e-4}, "evaluate": {"split": "validation"}}
+    assert params == {"seed": 0, "train_lm": {"lr": 1e-4}}  # the bench params are not changed

@@ -1,12 +1,13 @@
 """`make bench`: does PTG beat its baseline here, and by how much? Seeds as DVC experiments, paired statistics.
 
 The benchmark runs the whole pipeline with ``configs/bench.yaml`` once per seed, as DVC experiments
-(``dvc exp run -n bench-seed-<s> -S seed=<s>``) in a git + DVC repository of its own (``build/bench``: the
-pipeline files, a snapshot of ``src/`` that its stages import, the bench params as its params.yaml), each under
-an MLflow parent run in the checkout's tracking store. Each experiment stays comparable with ``dvc exp show``
-there. Seeds that finished with the same bench params are skipped (other params run them again) and an
-interrupted one resumes from DVC's run cache, so a stopped bench continues where it stopped; editing the checkout
-while a bench runs does not change the code it runs.
+(``dvc exp run --temp -n bench-seed-<s> -S seed=<s>``) in a git + DVC repository of its own (``build/bench``:
+the pipeline files, a snapshot of ``src/`` that its stages import, the bench params as its params.yaml), each
+under an MLflow parent run in the checkout's tracking store. ``--jobs`` experiments run side by side (each in
+DVC's temporary copy of the repository, sharing its cache and run cache), each stage on cores // jobs threads.
+Each experiment stays comparable with ``dvc exp show`` there. Seeds that finished with the same bench params are
+skipped (other params run them again) and an interrupted one resumes from DVC's run cache, so a stopped bench
+continues where it stopped; editing the checkout while a bench runs does not change the code it runs.
 
 The PTG arm and the baseline arm (same training, uniform token weights) are evaluated on the same test items;
 ``collect`` turns the per-item scores of every seed into paired differences (PTG - baseline) of ROUGE-L, ROUGE-2
@@ -14,13 +15,14 @@ and METEOR per round, with a two-level bootstrap 95 % CI over test items and see
 guidance's held-out pairwise accuracy with its CI, against chance and against a length heuristic. Writes
 ``metrics/bench/summary.json``, ``metrics/bench/table.md`` and ``metrics/bench/by_round.png``.
 
-Run: python -m ptg.bench [--params configs/bench.yaml] [--seeds 0 1 2] [--dir build/bench] [--collect-only]
+Run: python -m ptg.bench [--params configs/bench.yaml] [--seeds 0 1 2] [--jobs 3] [--dir build/bench] [--collect-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import logging
 import os
@@ -28,13 +30,16 @@ import platform
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from ptg import stats
 from ptg.io import atomic_path, read_json, write_json
@@ -48,11 +53,19 @@ METRICS = ("rougeL", "rouge2", "meteor")
 GITIGNORE = "/data/\n/mlflow.db\n/mlartifacts/\n/results/\n__pycache__/\n"
 
 
-def _run(cmd: list[str], cwd: Path) -> None:
-    # The stages import the snapshot of src/ (PYTHONPATH comes before the editable install's path) and track to
-    # the checkout's MLflow store.
+def _run(cmd: list[str], cwd: Path, threads: int | None = None) -> float:
+    """Run ``cmd`` in ``cwd``; raises on failure, returns the CPU seconds (user + system) of it and of every process
+    it waited for. The stages import the snapshot of src/ (PYTHONPATH comes before the editable install's path),
+    track to the checkout's MLflow store and, with ``threads``, use that many threads each."""
     env = dvc_env() | {"PYTHONPATH": str(cwd / "src"), "MLFLOW_TRACKING_URI": tracking_uri()}
-    subprocess.run(cmd, cwd=cwd, check=True, env=env)
+    if threads is not None:
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return usage.ru_utime + usage.ru_stime
 
 
 def setup_repo(params_file: Path, directory: Path, repo: Path = REPO) -> Path:
@@ -66,6 +79,9 @@ def setup_repo(params_file: Path, directory: Path, repo: Path = REPO) -> Path:
         _run(["dvc", "init", "-q"], directory)
         _run(["dvc", "config", "core.analytics", "false"], directory)
         (directory / ".gitignore").write_text(GITIGNORE)
+    elif not subprocess.run(["git", "rev-parse", "-q", "--verify", "HEAD"], cwd=directory,
+                            capture_output=True).returncode:
+        _run(["git", "reset", "-q", "--hard"], directory)  # experiments start from the committed snapshot
     for name in PIPELINE_FILES:
         target = directory / name
         if target.is_dir():
@@ -82,34 +98,85 @@ def setup_repo(params_file: Path, directory: Path, repo: Path = REPO) -> Path:
     return directory
 
 
-def run_experiment(directory: Path, name: str, overrides: list[str], targets: Sequence[str] = ()) -> Path:
+def _with_overrides(params: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``params`` with DVC-style ``key.sub=value`` overrides applied (values parsed as YAML), for the parent run."""
+    out = json.loads(json.dumps(params))
+    for item in overrides:
+        key, _, value = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def _snapshot(directory: Path) -> str:
+    """The git tree of the repository's HEAD: the pipeline, the src/ snapshot and the bench params it runs."""
+    return subprocess.run(["git", "rev-parse", "HEAD^{tree}"], cwd=directory, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def _export_metrics(directory: Path, name: str, dest: Path) -> None:
+    """The metrics/ folder of experiment ``bench-<name>`` of the repository's HEAD (its git commit) into ``dest``."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=directory, check=True, capture_output=True,
+                          text=True).stdout.strip()
+    ref = f"refs/exps/{head[:2]}/{head[2:]}/bench-{name}"
+    archive = subprocess.run(["git", "archive", "--format=tar", ref, "metrics"], cwd=directory, check=True,
+                             capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dest, filter="data")
+
+
+def run_experiment(directory: Path, name: str, overrides: list[str], targets: Sequence[str] = (),
+                   threads: int | None = None) -> Path:
     """Run (or resume) the DVC experiment ``name`` with ``-S`` ``overrides`` (through ``targets``, all stages by
-    default) from the bench params; copy its metrics to results/<name>/ and return that folder."""
+    default) from the bench params, in a temporary copy of the repository (``dvc exp run --temp``: experiments
+    run side by side and never touch the workspace); copy its metrics to results/<name>/ and return that folder.
+    ``threads``: torch threads of its stages (default: torch's own choice)."""
     out = directory / "results" / name
-    _run(["git", "checkout", "HEAD", "--", "params.yaml"], directory)  # every experiment starts from the bench params
-    # What the results depend on besides the code: the bench params and this experiment's overrides and targets.
-    key = hashlib.md5(json.dumps([(directory / "params.yaml").read_text(), overrides, list(targets)]).encode())
+    params = (directory / "params.yaml").read_text()
+    # What the results depend on: the code and bench params (the snapshot), this experiment's overrides, targets.
+    tree = _snapshot(directory)
+    key = hashlib.md5(json.dumps([tree, overrides, list(targets)]).encode())
     if (out / "seconds.json").is_file():
         if read_json(out / "seconds.json").get("key") == key.hexdigest():
             log.info("%s: done before, skipped", name)
             return out
-        log.warning("%s: finished with other bench params or overrides; running it again", name)
+        log.warning("%s: finished with other code, bench params or overrides; running it again", name)
+    # The parent MLflow run records the experiment's own params (the workspace keeps the bench params).
+    parent_params = directory / ".dvc" / "tmp" / f"bench-{name}.params.yaml"
+    parent_params.write_text(yaml.safe_dump(_with_overrides(yaml.safe_load(params) or {}, overrides)))
     t0 = time.perf_counter()
     sets = [a for o in overrides for a in ("-S", o)]
-    _run([sys.executable, "-m", "ptg.tracking", "run", "--name", f"bench {name}", "--",
-          "dvc", "exp", "run", "-n", f"bench-{name}", *sets, *targets], directory)
+    cpu = _run([sys.executable, "-m", "ptg.tracking", "run", "--name", f"bench {name}", "--params",
+                str(parent_params), "--", "dvc", "exp", "run", "--temp", "-n", f"bench-{name}", *sets, *targets],
+               directory, threads)
     seconds = time.perf_counter() - t0
     with atomic_path(out) as tmp:
-        shutil.copytree(directory / "metrics", tmp / "metrics")
-        write_json(tmp / "seconds.json", {"seconds": seconds, "overrides": overrides, "targets": list(targets),
+        _export_metrics(directory, name, tmp)
+        write_json(tmp / "seconds.json", {"seconds": seconds, "cpu_seconds": cpu, "threads": threads,
+                                          "overrides": overrides, "targets": list(targets), "tree": tree,
                                           "key": key.hexdigest()})
-    log.info("%s: %.0f s", name, seconds)
+    log.info("%s: %.0f s wall, %.0f s CPU", name, seconds, cpu)
     return out
 
 
-def run_seed(directory: Path, seed: int) -> Path:
+def run_all(directory: Path, experiments: Sequence[tuple[str, list[str], Sequence[str]]], jobs: int) -> None:
+    """Run ``experiments`` ((name, overrides, targets)), ``jobs`` at a time, each stage with cores // jobs
+    threads; the first failure is raised after the others finish (each resumes on the next call)."""
+    jobs = max(1, min(jobs, len(experiments)))
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(run_experiment, directory, name, overrides, targets, threads)
+                   for name, overrides, targets in experiments]
+    for future in futures:
+        future.result()
+
+
+def seed_experiment(seed: int) -> tuple[str, list[str], Sequence[str]]:
     """The whole pipeline with ``seed``: results/seed-<seed>/."""
-    return run_experiment(directory, f"seed-{seed}", [f"seed={seed}"])
+    return f"seed-{seed}", [f"seed={seed}"], ()
 
 
 def _items(seed_dir: Path, arm: str, r: int) -> pd.DataFrame:
@@ -179,7 +246,8 @@ def collect(directory: Path, out: Path, seeds: list[int]) -> dict[str, Any]:
     rounds = sorted(int(p.name) for p in (seed_dirs[0] / "metrics" / "rounds").iterdir() if p.name.isdigit())
     summary: dict[str, Any] = {
         "seeds": [int(d.name.split("-")[1]) for d in seed_dirs], "machine": machine(),
-        "seconds_per_seed": [read_json(d / "seconds.json")["seconds"] for d in seed_dirs], "rounds": []}
+        "seconds_per_seed": [read_json(d / "seconds.json")["seconds"] for d in seed_dirs],
+        "cpu_seconds_per_seed": [read_json(d / "seconds.json").get("cpu_seconds") for d in seed_dirs], "rounds": []}
     for r in rounds:
         ev = [read_json(d / "metrics" / "rounds" / str(r) / "evaluate.json") for d in seed_dirs]
         summary["rounds"].append(round_differences(seed_dirs, r) | {
@@ -201,13 +269,13 @@ ABLATION_REFERENCE = "abl-reference"
 VALIDATION = "evaluate.split=validation"
 
 
-def run_ablations(directory: Path, seed: int, variants: list[list[str]]) -> None:
+def ablation_experiments(seed: int, variants: list[list[str]]) -> list[tuple[str, list[str], Sequence[str]]]:
     """Round 1 of the bench config and of each variant (``[name, key=value, ...]``), with ``seed``, the LMs scored
     on the *validation* split, so that settings are chosen without looking at test: ``abl-reference`` (the bench
     config, PTG and its baseline) and ``abl-<name>`` (PTG only; compared with the reference's PTG and baseline)."""
-    run_experiment(directory, ABLATION_REFERENCE, [f"seed={seed}", VALIDATION], ["evaluate@1", "baseline"])
-    for name, *overrides in variants:
-        run_experiment(directory, f"abl-{name}", [f"seed={seed}", VALIDATION, *overrides], ["evaluate@1"])
+    return [(ABLATION_REFERENCE, [f"seed={seed}", VALIDATION], ["evaluate@1", "baseline"]),
+            *((f"abl-{name}", [f"seed={seed}", VALIDATION, *overrides], ["evaluate@1"])
+              for name, *overrides in variants)]
 
 
 def collect_ablations(directory: Path, out: Path) -> list[dict[str, Any]]:
@@ -221,10 +289,14 @@ def collect_ablations(directory: Path, out: Path) -> list[dict[str, Any]]:
         return []
     ref_ptg = _items(reference, "ptg", 1).set_index("id")
     ref_base = _items(reference, "baseline", 1).set_index("id")
+    tree = read_json(reference / "seconds.json").get("tree")
     rows = []
     for d in [reference, *sorted(p for p in results.glob("abl-*") if p != reference
                                  and (p / "seconds.json").is_file())]:
         info = read_json(d / "seconds.json")
+        if info.get("tree") != tree:  # another code or bench params than the reference: not comparable
+            log.info("%s: ran with another snapshot than %s; left out", d.name, ABLATION_REFERENCE)
+            continue
         ptg = _items(d, "ptg", 1).set_index("id")
         ev = read_json(d / "metrics" / "rounds" / "1" / "evaluate.json")
         ids = sorted(set(ptg.index) & set(ref_ptg.index) & set(ref_base.index))
@@ -318,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, one DVC experiment each")
     ap.add_argument("--dir", default=str(REPO / "build" / "bench"), help="the bench's git + DVC repository")
     ap.add_argument("--out", default=str(REPO / "metrics" / "bench"), help="where the statistics go")
+    ap.add_argument("--jobs", type=int, default=3,
+                    help="experiments run side by side, each stage on cores // jobs threads (at least 1)")
     ap.add_argument("--collect-only", action="store_true", help="only compute statistics of finished runs")
     ap.add_argument("--ablation", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
                     help="after the seeds, run round 1 of a variant with the first seed, scored on the validation "
@@ -327,10 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     directory, out = Path(args.dir).resolve(), Path(args.out)
     if not args.collect_only:
         setup_repo(Path(args.params).resolve(), directory)
-        for seed in args.seeds:
-            run_seed(directory, seed)
+        experiments = [seed_experiment(seed) for seed in args.seeds]
         if args.ablation:
-            run_ablations(directory, args.seeds[0], args.ablation)
+            experiments += ablation_experiments(args.seeds[0], args.ablation)
+        run_all(directory, experiments, args.jobs)
     collect(directory, out, args.seeds)
     collect_ablations(directory, out)
     return 0
