@@ -35,12 +35,13 @@ run: $(VENV_STAMP)
 bench: $(VENV_STAMP)
 	$(PY) -m ptg.bench
 
-ABLATIONS := --ablation normalize-batch train_lm.normalize=batch --ablation agg-sum fit_guidance.agg=sum \
+ABLATIONS := --ablation normalize-sequence train_lm.normalize=sequence --ablation agg-sum fit_guidance.agg=sum \
 	--ablation agg-soft-min fit_guidance.agg=soft_min --ablation agg-soft-max fit_guidance.agg=soft_max \
 	--ablation exp-rewards train_lm.exp_rewards=true --ablation use-q train_lm.use_q=true \
 	--ablation lm-lr-3e-4 train_lm.lr=3.0e-4 --ablation guidance-lr-1e-4 fit_guidance.lr=1.0e-4 \
 	--ablation guidance-layers-8 model.guidance_layers=8 --ablation k-5 sample.num_samples=5 \
-	--ablation reinforce train_lm.objective=reinforce
+	--ablation reinforce train_lm.objective=reinforce --ablation unfinished-last rank.unfinished=last \
+	--ablation top-k-50 sample.top_k=50 --ablation guidance-8-lr-1e-4 model.guidance_layers=8 fit_guidance.lr=1.0e-4
 
 ablations: $(VENV_STAMP)
 	$(PY) -m ptg.bench $(ABLATIONS)

@@ -2,7 +2,8 @@
 
 `rank.metric` is meteor (the paper's), rouge (ROUGE-L F1), chrf or bleu against the references, `file`: human
 scores from `rank.scores_file` (columns id, text, score), or `reward_model`: the score of the sequence-classification
-model at `rank.reward_model` for each sample after its prompt (`rank.reward_*`). Writes
+model at `rank.reward_model` for each sample after its prompt (`rank.reward_*`). With `rank.unfinished: last`, samples
+that hit the token limit rank below every finished sample of their input (their score lowered). Writes
 data/rounds/r/rankings.parquet (schema Rankings; rank 1 = best) and metrics/rounds/r/rank.json.
 Run: python stages/rank.py --round r [--params params.yaml]
 """
@@ -15,7 +16,7 @@ import pandas as pd
 from ptg import metrics, pipeline, schemas, tracking
 from ptg.config import ParamsError, RankParams, load_group
 from ptg.io import read_table, write_json, write_table
-from ptg.ranking import human_scores, rank_within_groups
+from ptg.ranking import human_scores, rank_within_groups, unfinished_last
 
 
 def model_scores(rp: RankParams, samples: pd.DataFrame, ctx: pipeline.Context) -> list[float]:
@@ -46,6 +47,8 @@ def main(r: int, params: str = "params.yaml") -> None:
     else:
         refs = pipeline.read_examples("train", "validation").set_index("id")["references"]
         scores = metrics.score(rp.metric, samples["text"].tolist(), [list(refs[i]) for i in samples["id"]])
+    if rp.unfinished == "last":
+        scores = unfinished_last(pd.Series(scores, index=samples.index, dtype=float), samples["finished"])
     table = rank_within_groups(samples[["id", "sample_idx"]].assign(score=scores))
     out = pipeline.round_dir(r) / "rankings.parquet"
     write_table(table, out, schemas.Rankings)

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from ptg.config import ParamsError, load_group, rounds
-from ptg.ranking import human_scores, rank_within_groups
+from ptg.ranking import human_scores, rank_within_groups, unfinished_last
 from ptg.workspace import REPO
 
 
@@ -55,6 +55,24 @@ def test_rank_within_groups_orders_by_score_with_stable_ties():
     ranked = rank_within_groups(scores)
     assert ranked[["id", "sample_idx"]].values.tolist() == [["a", 0], ["a", 1], ["b", 0], ["b", 1], ["b", 2]]
     assert ranked["rank"].tolist() == [2, 1, 2, 1, 3]
+
+
+def test_unfinished_samples_rank_below_finished_ones_and_keep_their_order():
+    scores = pd.DataFrame({"id": ["a", "a", "a", "b", "b"], "sample_idx": [0, 1, 2, 0, 1],
+                           "score": [0.9, 0.2, 0.5, 0.7, 0.6]})
+    finished = pd.Series([False, True, False, False, False])
+    ranked = rank_within_groups(scores.assign(score=unfinished_last(scores["score"], finished)))
+    # a: the only finished sample wins despite the lowest score; the unfinished keep their score order.
+    assert ranked["rank"].tolist() == [2, 1, 3, 1, 2]
+    assert rank_within_groups(scores)["rank"].tolist() == [1, 3, 2, 1, 2]  # keep: by score alone
+
+
+def test_an_unknown_unfinished_ranking_names_the_param(tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["rank"]["unfinished"] = "drop"
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match="p.yaml: rank: unfinished must be keep or last; got 'drop'"):
+        load_group("rank", tmp_path / "p.yaml")
 
 
 def test_human_scores_lookup_names_missing_samples():

@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 
 from ptg import tracking
 from ptg.base_models import build_tiny
+from ptg.config import ParamsError
 
 VENV_BIN = str(Path(sys.executable).parent)
 TOY_DVC = """\
@@ -159,6 +160,34 @@ def test_log_stage_nested_runs_registry_and_alias(project, tiny_models, monkeypa
     model = mlflow.pyfunc.load_model(f"models:/{tracking.LM_MODEL}@best")
     predictions = model.predict(["Summarize: def f(): return 1"], params=None)
     assert len(predictions) == 1 and isinstance(predictions[0], str)
+
+
+@pytest.mark.parametrize("how", ["params", "env"])
+def test_log_models_none_keeps_models_out_of_the_store(project, tiny_models, monkeypatch, how):
+    if how == "params":
+        with (project / "params.yaml").open("a") as f:
+            f.write("tracking: {log_models: none}\n")
+    else:
+        monkeypatch.setenv(tracking.LOG_MODELS_ENV, "none")
+    log_round(1, tiny_models[1], "train_lm", tracking.LM_MODEL)
+    assert tracking.set_best_alias(tracking.LM_MODEL, tiny_models[1], "rougeL", 12.0) is None
+    c = client()
+    run = runs_by_name(c)["train_lm@1"]
+    assert run.data.metrics["loss"] == 2.0  # the run itself is tracked
+    assert run.data.tags["content_md5"] == tracking.folder_md5(tiny_models[1])
+    assert run.data.tags["model_dir"] == str(tiny_models[1].resolve())
+    assert c.search_registered_models() == [] and not c.search_logged_models([run.info.experiment_id])
+    assert not tracking.PENDING_DIR.exists()
+
+
+def test_a_bad_log_models_value_names_the_param(project, monkeypatch):
+    with (project / "params.yaml").open("a") as f:
+        f.write("tracking: {log_models: some}\n")
+    with pytest.raises(ParamsError, match="params.yaml: tracking: log_models must be one of all, none; got 'some'"):
+        tracking.log_models_mode()
+    monkeypatch.setenv(tracking.LOG_MODELS_ENV, "most")
+    with pytest.raises(ParamsError, match="PTG_LOG_MODELS must be one of all, none; got 'most'"):
+        tracking.log_models_mode()
 
 
 def test_stage_without_parent_is_standalone(project):

@@ -132,6 +132,7 @@ class SampleParams(SamplingConfig):
 # params through this module) does not depend on the metrics code. tests/test_reward_model.py checks they agree.
 RANK_METRICS: tuple[str, ...] = ("meteor", "rouge", "chrf", "bleu", "file", "reward_model")
 REWARD_DIRECTIONS: tuple[str, ...] = ("higher", "lower")
+UNFINISHED_RANKING: tuple[str, ...] = ("keep", "last")
 REWARD_INPUTS: tuple[str, ...] = ("prompt+response", "response")
 
 
@@ -153,6 +154,9 @@ class RankParams:
     reward_input: str = field(default="prompt+response", metadata={
         "help": "prompt+response (one user turn and one assistant turn through the reward model's chat template, "
                 "else prompt + newline + response) or response (the response text alone)"})
+    unfinished: str = field(default="keep", metadata={
+        "help": "keep (rank by the score alone) or last (samples that hit sample.max_new_tokens without a stop "
+                "token rank below every finished sample of their input, by score among themselves)"})
 
     def __post_init__(self) -> None:
         if self.metric not in RANK_METRICS:
@@ -168,6 +172,8 @@ class RankParams:
             raise ValueError(f"reward_direction must be higher or lower; got {self.reward_direction!r}")
         if self.reward_input not in REWARD_INPUTS:
             raise ValueError(f"reward_input must be prompt+response or response; got {self.reward_input!r}")
+        if self.unfinished not in UNFINISHED_RANKING:
+            raise ValueError(f"unfinished must be keep or last; got {self.unfinished!r}")
 
 
 @dataclass(frozen=True)
@@ -262,10 +268,26 @@ def _build(cls: type[T], values: Any, where: str) -> T:
         raise ParamsError(f"{where}: {e}") from e
 
 
+LOG_MODELS: tuple[str, ...] = ("all", "none")
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    """What MLflow keeps (not a DVC param: changing it reruns nothing)."""
+
+    log_models: str = field(default="all", metadata={
+        "help": "all (every train_lm, fit_guidance and baseline model folder logged and registered) or none "
+                "(runs, metrics and artifacts only; the models stay in DVC)"})
+
+    def __post_init__(self) -> None:
+        if self.log_models not in LOG_MODELS:
+            raise ValueError(f"log_models must be one of {', '.join(LOG_MODELS)}; got {self.log_models!r}")
+
+
 GROUPS: dict[str, type] = {
     "data": DataConfig, "model": ModelParams, "sample": SampleParams, "rank": RankParams,
     "fit_guidance": FitGuidanceParams, "train_lm": TrainLMParams, "evaluate": EvaluateParams,
-    "preferences": PreferencesParams,
+    "preferences": PreferencesParams, "tracking": TrackingParams,
 }
 RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunParams))
 

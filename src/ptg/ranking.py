@@ -13,6 +13,13 @@ def rank_within_groups(scores: pd.DataFrame) -> pd.DataFrame:
     return ordered.sort_values(["id", "sample_idx"], kind="stable").reset_index(drop=True)
 
 
+def unfinished_last(scores: pd.Series, finished: pd.Series) -> pd.Series:
+    """Ranking scores with every unfinished sample (``finished`` False) below every finished one: unfinished scores
+    are lowered by more than the spread of all scores, so the order within each class is the score's."""
+    offset = float(scores.max() - scores.min()) + 1.0
+    return scores - offset * (~finished.astype(bool)).astype(float)
+
+
 def human_scores(samples: pd.DataFrame, scores: pd.DataFrame, source: str) -> list[float]:
     """Look up each sample's score by (id, text) in a human-scores table; a missing pair is an error naming it."""
     lookup = scores.drop_duplicates(["id", "text"], keep="last").set_index(["id", "text"])["score"]

@@ -82,6 +82,7 @@ STATUSES = ("FINISHED", "FAILED", "KILLED")
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
 HEALTH_TIMEOUT_S = 3.0
+LOG_MODELS_ENV = "PTG_LOG_MODELS"
 LOADER_MODULE = "ptg.tracking"  # this module, also when run as __main__
 MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "safetensors", "tokenizers")
 
@@ -150,6 +151,22 @@ def tracking_uri(start: Path | None = None) -> str:
 
 def tracking_enabled() -> bool:
     return os.environ.get(SWITCH_ENV, "on").strip().lower() not in {"off", "0", "false", "no"}
+
+
+def log_models_mode(start: Path | None = None) -> str:
+    """``$PTG_LOG_MODELS`` when set, else params' ``tracking.log_models`` of the DVC project (``all`` without
+    a params.yaml or a tracking group)."""
+    from ptg.config import LOG_MODELS, ParamsError, load_group, read_params
+
+    value = os.environ.get(LOG_MODELS_ENV)
+    if value is not None:
+        if value not in LOG_MODELS:
+            raise ParamsError(f"{LOG_MODELS_ENV} must be one of {', '.join(LOG_MODELS)}; got {value!r}")
+        return value
+    params = project_root(start) / "params.yaml"
+    if not params.is_file() or "tracking" not in read_params(params):
+        return "all"
+    return load_group("tracking", params).log_models
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -545,6 +562,9 @@ def log_stage(stage: str, round: int | None, params: Mapping[str, Any], metrics:
     if isinstance(tracker, NullTracker):
         return
     numbers, info = _split_metrics(metrics)
+    if model_dir is not None and log_models_mode() == "none":  # the run says which folder; DVC keeps it
+        info |= {"model_dir": str(Path(model_dir).resolve()), "content_md5": folder_md5(model_dir)}
+        model_dir = registered_name = None
     record = StageRecord(
         stage=stage, round=round,
         params={k: _param_value(v) for k, v in flatten(params).items()}, metrics=numbers,
@@ -566,7 +586,7 @@ def set_best_alias(registered_name: str, model_dir: str | Path, metric: str, val
     (None when tracking is off or skipped; then a pending record is written for ``backfill``).
     """
     tracker = get_tracker()
-    if isinstance(tracker, NullTracker):
+    if isinstance(tracker, NullTracker) or log_models_mode() == "none":
         return None
     model_dir = Path(model_dir).resolve()
     return tracker.set_best_alias(AliasRecord(registered_name, str(model_dir), folder_md5(model_dir), metric,
