@@ -26,12 +26,12 @@ def main(params: str = "params.yaml") -> None:
             src, out / "lm", cfg, None, ctx, met / "train_lm.json",
             pipeline.METRICS / "baseline_history" / str(r) / "train_lm_history.csv")
         tracking.log_stage("baseline_train_lm", r, dataclasses.asdict(cfg), summary, history=history,
-                           model_dir=out / "lm", registered_name="ptg-lm-baseline", dvc_stage="baseline")
+                           model_dir=out / "lm", registered_name=tracking.BASELINE_MODEL, dvc_stage="baseline")
         scores, files = evaluation.evaluate_and_save(out / "lm", None, out / "predictions.parquet",
                                                      met / "evaluate.json", ctx,
                                                      last_round=r == rounds(params)[-1]["round"])
         tracking.log_stage("baseline_evaluate", r, {}, scores, artifacts=files, dvc_stage="baseline")
-        tracking.set_best_alias("ptg-lm-baseline", out / "lm", "rougeL", scores["rougeL"])
+        tracking.set_best_alias(tracking.BASELINE_MODEL, out / "lm", "rougeL", scores["rougeL"], weights=False)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ def main(r: int, params: str = "params.yaml") -> None:
                                                  pipeline.round_metrics(r, "evaluate"), ctx,
                                                  last_round=r == rounds(params)[-1]["round"])
     tracking.log_stage("evaluate", r, dataclasses.asdict(load_group("evaluate", params)), scores, artifacts=files)
-    tracking.set_best_alias("ptg-lm", lm_dir, "rougeL", scores["rougeL"])
+    tracking.set_best_alias(tracking.LM_MODEL, lm_dir, "rougeL", scores["rougeL"])
+    # The guidance that trained the best LM.
+    tracking.set_best_alias(tracking.GUIDANCE_MODEL, pipeline.round_dir(r) / "guidance", "rougeL", scores["rougeL"])
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ def main(r: int, params: str = "params.yaml") -> None:
     out = pipeline.round_dir(r) / "guidance"
     with atomic_path(out) as tmp:
         save_guidance(guidance.cpu(), tmp)
+        tok.save_pretrained(tmp / "backbone")  # self-contained: `ptg guidance score` and MLflow's pyfunc need it
     start = result.history[0]
     summary = {"val_loss": result.best_val_loss, "val_accuracy": result.best_val_accuracy,
                "val_pairs": result.val_pairs, "best_update": result.best_update, "kept_start": result.kept_start,
@@ -87,7 +88,7 @@ def main(r: int, params: str = "params.yaml") -> None:
     with atomic_path(pipeline.round_metrics(r, "guidance_groups").with_suffix(".csv")) as tmp:
         pd.concat(frames).to_csv(tmp, index=False)
     tracking.log_stage("fit_guidance", r, dataclasses.asdict(cfg), summary, history=history, model_dir=out,
-                       registered_name="ptg-guidance")
+                       registered_name=tracking.GUIDANCE_MODEL)
 
 
 if __name__ == "__main__":

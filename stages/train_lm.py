@@ -24,7 +24,7 @@ def main(r: int, params: str = "params.yaml") -> None:
                                                pipeline.round_metrics(r, "train_lm"),
                                                pipeline.round_metrics(r, "train_lm_history").with_suffix(".csv"))
     tracking.log_stage("train_lm", r, dataclasses.asdict(cfg), summary, history=history, model_dir=out,
-                       registered_name="ptg-lm")
+                       registered_name=tracking.LM_MODEL)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,15 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
+import torch
+import yaml
 from conftest import stop_process_group
 from mlflow import MlflowClient
 
@@ -87,6 +90,7 @@ def project(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     for name in (tracking.SWITCH_ENV, tracking.PARENT_ENV, "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(tracking.LOG_MODELS_ENV, "all")  # every stage registers its model; tests of best/none say so
     return root
 
 
@@ -165,6 +169,7 @@ def test_log_stage_nested_runs_registry_and_alias(project, tiny_models, monkeypa
 @pytest.mark.parametrize("how", ["params", "env"])
 def test_log_models_none_keeps_models_out_of_the_store(project, tiny_models, monkeypatch, how):
     if how == "params":
+        monkeypatch.delenv(tracking.LOG_MODELS_ENV)
         with (project / "params.yaml").open("a") as f:
             f.write("tracking: {log_models: none}\n")
     else:
@@ -181,13 +186,83 @@ def test_log_models_none_keeps_models_out_of_the_store(project, tiny_models, mon
 
 
 def test_a_bad_log_models_value_names_the_param(project, monkeypatch):
+    monkeypatch.delenv(tracking.LOG_MODELS_ENV)
+    assert tracking.log_models_mode() == "best"  # the default without a tracking group
     with (project / "params.yaml").open("a") as f:
         f.write("tracking: {log_models: some}\n")
-    with pytest.raises(ParamsError, match="params.yaml: tracking: log_models must be one of all, none; got 'some'"):
+    with pytest.raises(ParamsError, match="tracking: log_models must be one of best, all, none; got .some."):
         tracking.log_models_mode()
     monkeypatch.setenv(tracking.LOG_MODELS_ENV, "most")
-    with pytest.raises(ParamsError, match="PTG_LOG_MODELS must be one of all, none; got 'most'"):
+    with pytest.raises(ParamsError, match="PTG_LOG_MODELS must be one of best, all, none; got 'most'"):
         tracking.log_models_mode()
+
+
+def _local(uri: str) -> Path:
+    return Path(urllib.parse.urlparse(uri).path)
+
+
+def test_log_models_best_keeps_one_version_with_weights(project, tiny_models, tmp_path, monkeypatch):
+    """The best-evaluated LM is logged once, into its stage's run, as a transformers pipeline in bf16; a better one
+    replaces it and the superseded version's weights leave the store; a worse one logs nothing."""
+    monkeypatch.setenv(tracking.LOG_MODELS_ENV, "best")
+    third = tmp_path / "third"
+    shutil.copytree(tiny_models[1], third)
+    (third / "round.txt").write_text("3\n")
+    for r, model in ((1, tiny_models[1]), (2, tiny_models[2]), (3, third)):
+        log_round(r, model, "train_lm", tracking.LM_MODEL)
+    c = client()
+    assert c.search_registered_models() == []  # nothing logged when the stages ended
+    assert tracking.set_best_alias(tracking.LM_MODEL, tiny_models[1], "rougeL", 12.0) == "1"
+    assert tracking.set_best_alias(tracking.LM_MODEL, tiny_models[2], "rougeL", 11.0) == "1"  # worse: nothing
+    assert [str(v.version) for v in c.search_model_versions(f"name='{tracking.LM_MODEL}'")] == ["1"]
+    first_id = tracking._logged_model_id(c.get_model_version(tracking.LM_MODEL, "1"))
+    first = _local(c.get_logged_model(first_id).artifact_location)
+    assert any(first.rglob("*.safetensors"))
+    assert tracking.set_best_alias(tracking.LM_MODEL, third, "rougeL", 13.0) == "2"
+    versions = c.search_model_versions(f"name='{tracking.LM_MODEL}'")
+    assert [str(v.version) for v in versions] == ["2"] and aliases(c, tracking.LM_MODEL) == {"best": "2"}
+    assert not first.exists()  # the superseded weights are gone from mlartifacts
+    tags = versions[0].tags
+    assert (tags["round"], tags["stage"], tags["eval.rougeL"]) == ("3", "train_lm", "13.0")
+    assert tags["run_id"] == runs_by_name(c)["train_lm@3"].info.run_id
+    assert tags["content_md5"] == tracking.folder_md5(third)
+    pipe = mlflow.transformers.load_model(f"models:/{tracking.LM_MODEL}@best")
+    assert next(pipe.model.parameters()).dtype == torch.bfloat16
+    assert isinstance(pipe("def f(): return 1", max_new_tokens=3)[0]["generated_text"], str)
+    # The baseline arm keeps its weights in DVC only under best.
+    assert tracking.set_best_alias(tracking.BASELINE_MODEL, tiny_models[1], "rougeL", 99.0, weights=False) is None
+
+
+def test_registered_guidance_returns_per_token_rewards(project, tiny_models, tmp_path, monkeypatch):
+    from ptg.base_models import truncate_backbone
+    from ptg.guidance import load_guidance, save_guidance
+    from ptg.models import load_tokenizer
+
+    folder = tmp_path / "guidance"
+    truncate_backbone(tiny_models[1], 1, folder / "backbone")
+    guidance = load_guidance(folder, head_hidden=16)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in guidance.head.parameters():  # a head that is not the constant initial one
+            p.normal_(0, 0.5)
+    save_guidance(guidance, folder)
+    tok = load_tokenizer(tiny_models[1])
+    tok.save_pretrained(folder / "backbone")
+    monkeypatch.setenv(tracking.LOG_MODELS_ENV, "best")
+    tracking.log_stage("fit_guidance", 1, {}, {"val_accuracy": 0.5}, model_dir=folder,
+                       registered_name=tracking.GUIDANCE_MODEL)
+    assert tracking.set_best_alias(tracking.GUIDANCE_MODEL, folder, "rougeL", 10.0) == "1"
+    model = mlflow.pyfunc.load_model(f"models:/{tracking.GUIDANCE_MODEL}@best")
+    frame = pd.DataFrame({"prompt": ["def f(): return 1", "def g(x): return x"], "response": ["one", "x back x"]})
+    rewards = model.predict(frame)
+    lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in frame["response"]]  # + stop token
+    assert [len(r) for r in rewards] == lengths
+    flat = [x for r in rewards for x in r]
+    assert max(flat) - min(flat) > 1e-3  # token rewards differ along the response
+    own = tracking.HFFolderModel(folder).predict(frame)  # the folder's own rewards, through the registry unchanged
+    assert flat == pytest.approx([x for r in own for x in r], abs=1e-6)
+    with pytest.raises(ValueError, match="missing response"):
+        model.predict(frame[["prompt"]])
 
 
 def test_stage_without_parent_is_standalone(project):
@@ -302,24 +377,34 @@ def mlflow_server(tmp_path):
 
 @pytest.mark.slow
 def test_against_a_real_mlflow_server(project, tiny_models, mlflow_server, monkeypatch):
+    """log_models: best through a tracking server: the better round replaces the first, whose weights the server
+    deletes; the kept version is a transformers model of the evaluated folder."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv(tracking.LOG_MODELS_ENV, "best")
     parent = tracking.start_parent("served", {"seed": 0})
     monkeypatch.setenv(tracking.PARENT_ENV, parent)
-    log_round(1, tiny_models[1], "train_lm", tracking.LM_MODEL)
+    for r in (1, 2):
+        log_round(r, tiny_models[r], "train_lm", tracking.LM_MODEL)
     assert tracking.set_best_alias(tracking.LM_MODEL, tiny_models[1], "rougeL", 5.0) == "1"
+    c = client()
+    first_id = tracking._logged_model_id(c.get_model_version(tracking.LM_MODEL, "1"))
+    assert c.list_logged_model_artifacts(first_id)
+    assert tracking.set_best_alias(tracking.LM_MODEL, tiny_models[2], "rougeL", 6.0) == "2"
     tracking.end_parent(parent)
     assert not tracking.PENDING_DIR.exists()
 
-    c = client()
     (version,) = c.search_model_versions(f"name='{tracking.LM_MODEL}'")
     run = c.get_run(version.tags["run_id"])
-    assert run.info.run_name == "train_lm@1" and run.data.tags["mlflow.parentRunId"] == parent
-    assert aliases(c, tracking.LM_MODEL) == {"best": "1"}
+    assert run.info.run_name == "train_lm@2" and run.data.tags["mlflow.parentRunId"] == parent
+    assert aliases(c, tracking.LM_MODEL) == {"best": "2"}
     mlflow.set_tracking_uri(mlflow_server)
     mlflow.set_registry_uri(mlflow_server)
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{tracking.LM_MODEL}/1"))
-    assert (local / "MLmodel").is_file()
-    assert tracking.folder_md5(next(local.rglob("config.json")).parent) == tracking.folder_md5(tiny_models[1])
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{tracking.LM_MODEL}/2"))
+    assert "transformers" in yaml.safe_load((local / "MLmodel").read_text())["flavors"]
+    saved = json.loads(next(local.rglob("config.json")).read_text())
+    original = json.loads((tiny_models[2] / "config.json").read_text())
+    assert {k: saved[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")} == \
+        {k: original[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
 
 
 def test_default_store_is_the_working_directorys_dvc_project(tmp_path, monkeypatch):

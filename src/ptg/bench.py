@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from ptg import stats
+from ptg import stats, tracking
 from ptg.io import atomic_path, read_json, write_json
 from ptg.tracking import tracking_uri
 from ptg.workspace import REPO, dvc_env
@@ -162,10 +162,20 @@ def run_experiment(directory: Path, name: str, overrides: list[str], targets: Se
     return out
 
 
+def _init_store() -> None:
+    """Create the checkout's MLflow store and experiment once, before experiments open runs side by side (MLflow's
+    sqlite schema migration fails when several processes create the same new database at once)."""
+    tracker = tracking.get_tracker()
+    if isinstance(tracker, tracking.MlflowTracker):
+        tracker._guard("creating the tracking store", lambda: tracker.experiment_id(tracker.client()))
+
+
 def run_all(directory: Path, experiments: Sequence[tuple[str, list[str], Sequence[str]]], jobs: int) -> None:
     """Run ``experiments`` ((name, overrides, targets)), ``jobs`` at a time, each stage with cores // jobs
     threads; the first failure is raised after the others finish (each resumes on the next call)."""
     jobs = max(1, min(jobs, len(experiments)))
+    if jobs > 1:
+        _init_store()
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = [pool.submit(run_experiment, directory, name, overrides, targets, threads)

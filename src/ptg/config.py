@@ -268,16 +268,18 @@ def _build(cls: type[T], values: Any, where: str) -> T:
         raise ParamsError(f"{where}: {e}") from e
 
 
-LOG_MODELS: tuple[str, ...] = ("all", "none")
+LOG_MODELS: tuple[str, ...] = ("best", "all", "none")
 
 
 @dataclass(frozen=True)
 class TrackingParams:
     """What MLflow keeps (not a DVC param: changing it reruns nothing)."""
 
-    log_models: str = field(default="all", metadata={
-        "help": "all (every train_lm, fit_guidance and baseline model folder logged and registered) or none "
-                "(runs, metrics and artifacts only; the models stay in DVC)"})
+    log_models: str = field(default="best", metadata={
+        "help": "best (one registered version each of the best-evaluated PTG LM, transformers flavour in bf16, and "
+                "of the guidance that trained it; superseded versions are deleted with their weights), all (every "
+                "train_lm, fit_guidance and baseline folder logged and registered) or none (runs, metrics and "
+                "artifacts only); the models always stay in DVC"})
 
     def __post_init__(self) -> None:
         if self.log_models not in LOG_MODELS:

@@ -124,6 +124,7 @@ class AliasRecord:
     value: float
     alias: str = "best"
     greater_is_better: bool = True
+    log_best: bool = False  # tracking.log_models: best: log the folder now if it beats the alias holder
 
 
 class PendingVersionError(LookupError):
@@ -154,9 +155,9 @@ def tracking_enabled() -> bool:
 
 
 def log_models_mode(start: Path | None = None) -> str:
-    """``$PTG_LOG_MODELS`` when set, else params' ``tracking.log_models`` of the DVC project (``all`` without
-    a params.yaml or a tracking group)."""
-    from ptg.config import LOG_MODELS, ParamsError, load_group, read_params
+    """``$PTG_LOG_MODELS`` when set, else params' ``tracking.log_models`` of the DVC project (its default,
+    ``best``, without a params.yaml or a tracking group)."""
+    from ptg.config import LOG_MODELS, ParamsError, TrackingParams, load_group, read_params
 
     value = os.environ.get(LOG_MODELS_ENV)
     if value is not None:
@@ -165,7 +166,7 @@ def log_models_mode(start: Path | None = None) -> str:
         return value
     params = project_root(start) / "params.yaml"
     if not params.is_file() or "tracking" not in read_params(params):
-        return "all"
+        return TrackingParams().log_models
     return load_group("tracking", params).log_models
 
 
@@ -443,24 +444,46 @@ class MlflowTracker:
         return run_id
 
     def _log_model(self, client: MlflowClient, run_id: str, record: StageRecord) -> None:
-        """The folder as a pyfunc model's data (copied into the store once), registered when a name is given."""
+        """The stage's folder as a model of its run, registered when a name is given."""
+        version_tags = {"round": record.tags.get("round", ""), "stage": record.stage,
+                        "dvc_hash": record.tags.get("dvc_hash", "unknown")}
+        self._register(client, run_id, Path(record.model_dir), record.registered_name, version_tags)
+
+    def _register(self, client: MlflowClient, run_id: str, model_dir: Path, registered_name: str | None,
+                  version_tags: Mapping[str, str]) -> str | None:
+        """Log ``model_dir`` into run ``run_id``: a decoder-only LM folder with MLflow's transformers flavour
+        (bf16 weights, loadable as a text-generation pipeline), any other folder (a guidance, a seq2seq LM) as a
+        pyfunc model whose data is the folder (``HFFolderModel``). Registers it as ``registered_name`` (when
+        given) with ``version_tags`` plus run_id and content_md5; returns the version."""
         import mlflow
 
-        model_dir = Path(record.model_dir)
         md5 = folder_md5(model_dir)
         requirements = [f"{p}=={metadata.version(p)}" for p in MODEL_REQUIREMENTS]
         with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(name="model", loader_module=LOADER_MODULE, data_path=str(model_dir),
-                                           pip_requirements=requirements,
-                                           registered_model_name=record.registered_name)
-        if record.registered_name is None:
-            return
+            info = _log_causal_lm(model_dir, registered_name, requirements)
+            if info is None:
+                info = mlflow.pyfunc.log_model(name="model", loader_module=LOADER_MODULE, data_path=str(model_dir),
+                                               pip_requirements=requirements,
+                                               registered_model_name=registered_name)
+        if registered_name is None:
+            return None
         version = str(info.registered_model_version)
-        version_tags = {"run_id": run_id, "round": record.tags.get("round", ""), "stage": record.stage,
-                        "content_md5": md5, "dvc_hash": record.tags.get("dvc_hash", "unknown")}
-        for key, value in version_tags.items():
-            client.set_model_version_tag(record.registered_name, version, key, value)
-        log.info("registered %s version %s", record.registered_name, version)
+        for key, value in {**version_tags, "run_id": run_id, "content_md5": md5}.items():
+            client.set_model_version_tag(registered_name, version, key, value)
+        log.info("registered %s version %s", registered_name, version)
+        return version
+
+    def _drop_version(self, client: MlflowClient, name: str, version: Any) -> None:
+        """Delete a registered version and the weights its logged model holds (log_models: best keeps one)."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        model_id = _logged_model_id(version)
+        if model_id:
+            location = client.get_logged_model(model_id).artifact_location
+            get_artifact_repository(location).delete_artifacts()
+            client.delete_logged_model(model_id)
+        client.delete_model_version(name, version.version)
+        log.info("%s version %s superseded: deleted with its weights", name, version.version)
 
     # -- aliases
 
@@ -483,6 +506,8 @@ class MlflowTracker:
         client = self.client()
         name, key = record.registered_name, f"eval.{record.metric}"
         versions = client.search_model_versions(f"name='{name}'")
+        if record.log_best:
+            return self._replace_best(client, record, versions)
         mine = [v for v in versions if v.tags.get("content_md5") == record.content_md5]
         if not mine:
             raise PendingVersionError(f"no version of {name} holds the evaluated model (content md5 "
@@ -497,6 +522,43 @@ class MlflowTracker:
         client.set_registered_model_alias(name, record.alias, best)
         log.info("%s@%s -> version %s (%s)", name, record.alias, best, key)
         return best
+
+    def _replace_best(self, client: MlflowClient, record: AliasRecord, versions: list[Any]) -> str:
+        """log_models: best. Keep the alias holder unless the evaluated folder beats it (ties keep it); else log
+        the folder into the stage run that wrote it (found by its content_md5 tag), register it, move the alias
+        and delete every other version with its weights: one version per registered name holds weights."""
+        name, key = record.registered_name, f"eval.{record.metric}"
+        value = repr(float(record.value))
+        from mlflow.exceptions import MlflowException
+
+        try:
+            holder = client.get_model_version_by_alias(name, record.alias) if versions else None
+        except MlflowException:  # no version holds the alias
+            holder = None
+        if holder is not None and holder.tags.get("content_md5") == record.content_md5:
+            client.set_model_version_tag(name, holder.version, key, value)
+            return str(holder.version)
+        sign = 1.0 if record.greater_is_better else -1.0
+        if holder is not None and key in holder.tags and math.isfinite(float(holder.tags[key])) and (
+                not math.isfinite(record.value) or sign * float(holder.tags[key]) >= sign * record.value):
+            log.info("%s@%s stays version %s (%s %s against %s)", name, record.alias, holder.version, key,
+                     holder.tags[key], value)
+            return str(holder.version)
+        runs = client.search_runs([self.experiment_id(client)], f"tags.content_md5 = '{record.content_md5}'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        if not runs:
+            raise PendingVersionError(f"no run of {name}'s stage holds the evaluated model (content md5 "
+                                      f"{record.content_md5}); its stage's logging may be pending")
+        run = runs[0]
+        version = self._register(client, run.info.run_id, Path(record.model_dir), name,
+                                 {"round": run.data.tags.get("round", ""), "stage": run.data.tags.get("stage", ""),
+                                  "dvc_hash": run.data.tags.get("dvc_hash", "unknown"), key: value})
+        assert version is not None
+        client.set_registered_model_alias(name, record.alias, version)
+        for old in versions:
+            self._drop_version(client, name, old)
+        log.info("%s@%s -> version %s (%s %s)", name, record.alias, version, key, value)
+        return version
 
 
 def get_tracker(project: Path | None = None) -> Tracker:
@@ -562,7 +624,8 @@ def log_stage(stage: str, round: int | None, params: Mapping[str, Any], metrics:
     if isinstance(tracker, NullTracker):
         return
     numbers, info = _split_metrics(metrics)
-    if model_dir is not None and log_models_mode() == "none":  # the run says which folder; DVC keeps it
+    if model_dir is not None and log_models_mode() != "all":  # the run names its folder; DVC keeps it, and with
+        # log_models: best, set_best_alias logs it into this run once it is the best evaluated one
         info |= {"model_dir": str(Path(model_dir).resolve()), "content_md5": folder_md5(model_dir)}
         model_dir = registered_name = None
     record = StageRecord(
@@ -576,7 +639,7 @@ def log_stage(stage: str, round: int | None, params: Mapping[str, Any], metrics:
 
 
 def set_best_alias(registered_name: str, model_dir: str | Path, metric: str, value: float, alias: str = "best",
-                   greater_is_better: bool = True) -> str | None:
+                   greater_is_better: bool = True, weights: bool = True) -> str | None:
     """Record that the model in ``model_dir`` scored ``value`` on ``metric`` and point ``alias`` at the best version.
 
     The versions of ``registered_name`` holding ``model_dir`` (matched by ``content_md5``, so a DVC-skipped
@@ -584,13 +647,18 @@ def set_best_alias(registered_name: str, model_dir: str | Path, metric: str, val
     value. Call it from ``evaluate@r`` after ``log_stage``, e.g.
     ``set_best_alias("ptg-lm", round_dir(r) / "lm", "rougeL", summary["rougeL"])``. Returns the aliased version
     (None when tracking is off or skipped; then a pending record is written for ``backfill``).
+
+    With ``tracking.log_models: best`` no stage logged its folder: the folder is logged now, into the run of the
+    stage that wrote it, only if it beats the version holding ``alias``, and the superseded version is deleted
+    with its weights. ``weights=False`` (the baseline arm) logs nothing under ``best``.
     """
     tracker = get_tracker()
-    if isinstance(tracker, NullTracker) or log_models_mode() == "none":
+    mode = log_models_mode()
+    if isinstance(tracker, NullTracker) or mode == "none" or (mode == "best" and not weights):
         return None
     model_dir = Path(model_dir).resolve()
     return tracker.set_best_alias(AliasRecord(registered_name, str(model_dir), folder_md5(model_dir), metric,
-                                              float(value), alias, greater_is_better))
+                                              float(value), alias, greater_is_better, log_best=mode == "best"))
 
 
 def backfill(directory: str | Path = PENDING_DIR) -> tuple[int, int]:
@@ -640,34 +708,90 @@ def run_command(command: Sequence[str], name: str | None = None, params_file: st
         end_parent(run_id, status)
 
 
+def _logged_model_id(version: Any) -> str | None:
+    """The logged model behind a registered version (MLflow 3 records it as the source ``models:/m-...``)."""
+    model_id = getattr(version, "model_id", None)
+    if not model_id and str(version.source).startswith("models:/m-"):
+        model_id = str(version.source).removeprefix("models:/")
+    return model_id or None
+
+
+def _log_causal_lm(model_dir: Path, registered_name: str | None, requirements: list[str]) -> Any:
+    """``model_dir`` with MLflow's transformers flavour (task text-generation, weights in bf16) when it is a
+    decoder-only LM folder; None for anything else (a guidance folder, a seq2seq LM)."""
+    if not (model_dir / "config.json").is_file():
+        return None
+    import mlflow
+    import torch
+
+    from ptg.models import is_seq2seq, load_lm, load_tokenizer
+
+    model = load_lm(model_dir)
+    if is_seq2seq(model):
+        return None
+    return mlflow.transformers.log_model(
+        transformers_model={"model": model.to(torch.bfloat16), "tokenizer": load_tokenizer(model_dir)},
+        name="model", task="text-generation", pip_requirements=requirements, registered_model_name=registered_name)
+
+
 # ------------------------------------------------------------------------------------------------- pyfunc loader
 
 
 class HFFolderModel:
-    """What ``mlflow.pyfunc.load_model`` gives for a ptg model: ``path`` is the logged folder (an HF LM folder or
-    a guidance folder: load the latter with ``ptg.guidance.load_guidance(path)``). ``predict`` decodes LMs
-    greedily: prompts (a list, a Series, or a DataFrame's first column) -> completions."""
+    """What ``mlflow.pyfunc.load_model`` gives for a ptg model logged as a folder: ``path`` is that folder.
+
+    - A guidance folder (``guidance.json``, ``backbone/`` with its tokenizer): ``predict`` takes a DataFrame (or
+      records) with columns ``prompt`` and ``response`` and returns each response's per-token rewards (lists of
+      floats, one per response token including the stop token), as the pipeline computes them on CPU.
+    - An LM folder logged this way (a seq2seq LM): ``predict`` decodes greedily: prompts (a list, a Series, or a
+      DataFrame's first column) -> completions. Decoder-only LMs are logged with the transformers flavour instead.
+    ``params``: ``max_prompt_tokens`` (default 512), ``max_new_tokens`` / ``max_target_tokens`` (default 64)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 
-    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> list[Any]:
         import pandas as pd
         import torch
 
-        from ptg.models import encode_prompts, eos_ids, is_seq2seq, load_lm, load_tokenizer
+        from ptg.models import (
+            encode_prompts,
+            encode_responses,
+            eos_ids,
+            is_seq2seq,
+            load_lm,
+            load_tokenizer,
+            turn_end_id,
+        )
+
+        params = params or {}
+        cpu = torch.device("cpu")
+        if (self.path / "guidance.json").is_file():
+            from ptg.evaluation import token_rewards
+            from ptg.guidance import load_guidance
+
+            frame = pd.DataFrame(model_input)
+            missing = sorted({"prompt", "response"} - set(frame.columns))
+            if missing:
+                raise ValueError(f"guidance input needs columns prompt and response; missing {', '.join(missing)}")
+            guidance, tok = load_guidance(self.path), load_tokenizer(self.path / "backbone")
+            prompts = encode_prompts(tok, frame["prompt"].astype(str).tolist(),
+                                     int(params.get("max_prompt_tokens", 512)), is_seq2seq(guidance.backbone))
+            responses = encode_responses(tok, frame["response"].astype(str).tolist(),
+                                         int(params.get("max_target_tokens", 64)), turn_end_id(guidance.backbone, tok))
+            ctx = argparse.Namespace(device=cpu, dtype=torch.float32)
+            return token_rewards(guidance, prompts, responses, tok.pad_token_id, ctx)  # type: ignore[arg-type]
         from ptg.sampling import SamplingConfig, sample
 
         if not (self.path / "config.json").is_file():
-            raise TypeError(f"{self.path} is not an LM folder; load a guidance with ptg.guidance.load_guidance")
+            raise TypeError(f"{self.path} is neither a guidance nor an LM folder")
         if isinstance(model_input, pd.DataFrame):
             model_input = model_input.iloc[:, 0]
         prompts = [model_input] if isinstance(model_input, str) else [str(x) for x in model_input]
-        params = params or {}
         model, tok = load_lm(self.path), load_tokenizer(self.path)
         ids = encode_prompts(tok, prompts, int(params.get("max_prompt_tokens", 512)), is_seq2seq(model))
         cfg = SamplingConfig(num_samples=1, max_new_tokens=int(params.get("max_new_tokens", 64)), temperature=0.0)
-        drawn = sample(model, ids, cfg, eos_ids(model, tok), tok.pad_token_id, torch.device("cpu"), progress=False)
+        drawn = sample(model, ids, cfg, eos_ids(model, tok), tok.pad_token_id, cpu, progress=False)
         return [tok.decode(group[0], skip_special_tokens=True).strip() for group in drawn]
 
 
