@@ -56,8 +56,10 @@ GITIGNORE = "/data/\n/mlflow.db\n/mlartifacts/\n/results/\n__pycache__/\n"
 def _run(cmd: list[str], cwd: Path, threads: int | None = None) -> float:
     """Run ``cmd`` in ``cwd``; raises on failure, returns the CPU seconds (user + system) of it and of every process
     it waited for. The stages import the snapshot of src/ (PYTHONPATH comes before the editable install's path),
-    track to the checkout's MLflow store and, with ``threads``, use that many threads each."""
-    env = dvc_env() | {"PYTHONPATH": str(cwd / "src"), "MLFLOW_TRACKING_URI": tracking_uri()}
+    track to the checkout's MLflow store, find the model wheel in the checkout's cache (experiments run in DVC's
+    temporary copies) and, with ``threads``, use that many threads each."""
+    env = dvc_env() | {"PYTHONPATH": str(cwd / "src"), "MLFLOW_TRACKING_URI": tracking_uri(),
+                       "PTG_CACHE": os.environ.get("PTG_CACHE", str(REPO / ".cache"))}  # the checkout's model wheel
     if threads is not None:
         env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(cmd, cwd=cwd, env=env)
