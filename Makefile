@@ -25,15 +25,13 @@ test: $(VENV_STAMP)
 	$(PY) -m pytest -q
 
 quick: $(VENV_STAMP)
-	$(PY) -m ptg.workspace configs/quick.yaml $(QUICK_DIR)
-	cd $(QUICK_DIR) && python -m ptg.tracking run --name "make quick" -- dvc repro && python -m ptg.report
+	ptg quick --dir $(QUICK_DIR)
 
 run: $(VENV_STAMP)
-	$(PY) -m ptg.tracking run --name "make run" -- dvc repro
-	$(PY) -m ptg.report
+	ptg run --name "make run"
 
 bench: $(VENV_STAMP)
-	$(PY) -m ptg.bench
+	ptg bench
 
 ABLATIONS := --ablation normalize-sequence train_lm.normalize=sequence --ablation agg-sum fit_guidance.agg=sum \
 	--ablation agg-soft-min fit_guidance.agg=soft_min --ablation agg-soft-max fit_guidance.agg=soft_max \
@@ -44,10 +42,10 @@ ABLATIONS := --ablation normalize-sequence train_lm.normalize=sequence --ablatio
 	--ablation top-k-50 sample.top_k=50 --ablation guidance-8-lr-1e-4 model.guidance_layers=8 fit_guidance.lr=1.0e-4
 
 ablations: $(VENV_STAMP)
-	$(PY) -m ptg.bench $(ABLATIONS)
+	ptg bench $(ABLATIONS)
 
 perf: $(VENV_STAMP)
-	$(PY) -m ptg.perf
+	ptg perf
 
 lint: $(VENV_STAMP)
 	.venv/bin/ruff check src stages flows tests
