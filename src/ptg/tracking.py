@@ -526,7 +526,8 @@ class MlflowTracker:
     def _replace_best(self, client: MlflowClient, record: AliasRecord, versions: list[Any]) -> str:
         """log_models: best. Keep the alias holder unless the evaluated folder beats it (ties keep it); else log
         the folder into the stage run that wrote it (found by its content_md5 tag), register it, move the alias
-        and delete every other version with its weights: one version per registered name holds weights."""
+        and delete every other version with its weights: one version per registered name holds weights. Runs that
+        wrote identical bytes (a round that kept its warm start) resolve to the first of them, the folder's origin."""
         name, key = record.registered_name, f"eval.{record.metric}"
         value = repr(float(record.value))
         from mlflow.exceptions import MlflowException
@@ -545,7 +546,7 @@ class MlflowTracker:
                      holder.tags[key], value)
             return str(holder.version)
         runs = client.search_runs([self.experiment_id(client)], f"tags.content_md5 = '{record.content_md5}'",
-                                  order_by=["attributes.start_time DESC"], max_results=1)
+                                  order_by=["attributes.start_time ASC"], max_results=1)
         if not runs:
             raise PendingVersionError(f"no run of {name}'s stage holds the evaluated model (content md5 "
                                       f"{record.content_md5}); its stage's logging may be pending")
