@@ -35,11 +35,29 @@ def _groups(merged: pd.DataFrame, prompts: dict[str, list[int]]) -> list[RankedG
             for i, g in merged.groupby("id", sort=True)]
 
 
+def _check_ranked(samples: pd.DataFrame, rankings: pd.DataFrame, r: int) -> None:
+    """Every sample has a rank and every rank a sample: a rankings table of another sample@r run (another K, other
+    ids) is an error naming the first (id, sample_idx) pairs on each side, not a silently smaller group."""
+    keys = ["id", "sample_idx"]
+    both = samples[keys].merge(rankings[keys], on=keys, how="outer", indicator=True)
+    problems = []
+    for side, what in (("left_only", "samples.parquet has samples that rankings.parquet does not rank"),
+                       ("right_only", "rankings.parquet ranks samples that samples.parquet does not have")):
+        rows = both[both["_merge"] == side]
+        if not rows.empty:
+            shown = ", ".join(f"({i!r}, {int(k)})" for i, k in zip(rows["id"][:5], rows["sample_idx"][:5], strict=True))
+            problems.append(f"{what}: {len(rows)} (id, sample_idx) pair(s), e.g. {shown}")
+    if problems:
+        raise ValueError(f"{pipeline.round_dir(r)}: " + "; ".join(problems) + f" (rank@{r} ran on other samples: "
+                         f"`dvc repro rank@{r}` ranks these)")
+
+
 def main(r: int, params: str = "params.yaml") -> None:
     ctx = pipeline.start(f"fit_guidance@{r}", params)
     mp, fp = load_group("model", params), round_budget("fit_guidance", r, params)
     samples = read_table(pipeline.round_dir(r) / "samples.parquet", schemas.Samples)
     rankings = read_table(pipeline.round_dir(r) / "rankings.parquet", schemas.Rankings)
+    _check_ranked(samples, rankings, r)
     examples = pipeline.read_examples("train", "validation")
     examples = examples[examples["id"].isin(samples["id"])]
     guidance = load_guidance(pipeline.round_dir(r - 1) / "guidance", fp.head_hidden, fp.squash)

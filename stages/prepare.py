@@ -9,13 +9,16 @@ import dataclasses
 from ptg import pipeline, schemas, tracking
 from ptg.config import load_group
 from ptg.data import build_examples, source_info
-from ptg.io import write_json, write_table
+from ptg.io import validate_table, write_json, write_table
 
 
 def main(params: str = "params.yaml") -> None:
     pipeline.start("prepare", params, with_torch=False)
     cfg = load_group("data", params)
     frames = build_examples(cfg)
+    # Every split passes its schema before any is written: a bad test split leaves no train table behind.
+    frames = {split: validate_table(frame, schemas.Examples, str(pipeline.PREPARED / f"{split}.parquet"))
+              for split, frame in frames.items()}
     for split, frame in frames.items():
         write_table(frame, pipeline.PREPARED / f"{split}.parquet", schemas.Examples)
     info = source_info(cfg, frames)

@@ -182,8 +182,17 @@ def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: P
              model.num_parameters() / 1e6, out_dir)
 
 
+def _require_folder(spec: str | Path, what: str) -> None:
+    """A spec that can only be a local path (``ptg.models.is_local_path``) must be an existing folder."""
+    from ptg.models import is_local_path
+
+    if is_local_path(spec) and not Path(spec).expanduser().is_dir():
+        raise FileNotFoundError(f"cannot load {what} {str(spec)!r}: no such local folder")
+
+
 def _load_lm(spec: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal or seq2seq LM and its tokenizer from a local folder or a hub id, in fp32."""
+    _require_folder(spec, "model")
     try:
         config = AutoConfig.from_pretrained(spec)
         model = _lm_class(config).from_pretrained(spec, dtype=torch.float32, use_safetensors=True)
@@ -298,8 +307,22 @@ def materialize_policy(spec: str, out_dir: Path) -> None:
         model, tokenizer = load_gguf(Path(spec))
     else:
         model, tokenizer = _load_lm(spec)
+    _check_embeddings(model, tokenizer, spec)
     _finish_generation_config(model, tokenizer)
     _save(model, tokenizer, Path(out_dir))
+
+
+def _check_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: str) -> None:
+    """Every token id the tokenizer can produce must have a row in the model's input embeddings (a model may have
+    more rows than tokens, padding, but never fewer): else the folder's tokenizer is not the model's."""
+    emb = model.get_input_embeddings()
+    rows = getattr(emb, "num_embeddings", None)
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        vocab = tokenizer.get_vocab()
+        beyond = sorted((i, t) for t, i in vocab.items() if i >= rows)[:5]
+        raise ValueError(f"{spec}: the tokenizer has {len(tokenizer)} tokens but the model embeds only {rows}: "
+                         f"token ids >= {rows} (e.g. {beyond}) have no embedding, so this tokenizer is not the "
+                         "model's (put the model's own tokenizer files in the folder)")
 
 
 # ------------------------------------------------------------------------------------------------------ backbone
@@ -348,12 +371,15 @@ def truncate_backbone(policy_dir: Path, n_layers: int, out_dir: Path) -> None:
     _save(model, tokenizer, Path(out_dir))
 
 
-def copy_backbone(spec_or_path: str | Path, out_dir: Path, policy_dir: Path) -> None:
+def copy_backbone(spec_or_path: str | Path, out_dir: Path, policy_dir: Path, policy_name: str | None = None) -> None:
     """Save another model's base (``AutoModel``) as guidance backbone; it must share the policy's vocabulary.
 
     Token rewards are read at the policy's tokens, so the backbone's tokenizer must map every token to the same id.
+    ``policy_name`` names the policy in errors (default: ``policy_dir``).
     """
+    policy_name = policy_name or str(policy_dir)
     policy_vocab = AutoTokenizer.from_pretrained(policy_dir).get_vocab()
+    _require_folder(spec_or_path, "backbone")
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec_or_path)
         model = AutoModel.from_pretrained(spec_or_path, dtype=torch.float32, use_safetensors=True)
@@ -363,7 +389,7 @@ def copy_backbone(spec_or_path: str | Path, out_dir: Path, policy_dir: Path) -> 
     vocab = tokenizer.get_vocab()
     if vocab != policy_vocab:
         differ = sorted(set(vocab.items()) ^ set(policy_vocab.items()), key=lambda kv: kv[1])[:5]
-        raise ValueError(f"backbone {str(spec_or_path)!r} has a different vocabulary from the policy in {policy_dir} "
+        raise ValueError(f"backbone {str(spec_or_path)!r} has a different vocabulary from the policy {policy_name!r} "
                          f"({len(vocab)} vs {len(policy_vocab)} tokens; e.g. {differ}): token rewards would not "
                          f"align with the policy's tokens")
     emb = model.get_input_embeddings()
@@ -479,15 +505,30 @@ def materialize_base(mp: Any, root: Path, seed: int = 0) -> None:
     """The policy (root/lm) and the guidance backbone (root/guidance/backbone) of ``mp`` (params' ``model``
     group): a tiny random model for ``tiny-*``, else the materialised policy; the backbone its first
     ``guidance_layers`` layers, or ``mp.guidance``."""
-    lm_dir, guidance_dir = root / "lm", root / "guidance" / "backbone"
-    if mp.policy in TINY_KINDS:
-        build_tiny(mp.policy, lm_dir, seed=seed)
-    else:
-        materialize_policy(mp.policy, lm_dir)
-    if mp.guidance is None:
-        truncate_backbone(lm_dir, mp.guidance_layers, guidance_dir)
-    else:
-        copy_backbone(mp.guidance, guidance_dir, policy_dir=lm_dir)
+    with _atomic_dir(Path(root)) as tmp:  # both or neither: a backbone that fails leaves no policy behind
+        lm_dir, guidance_dir = tmp / "lm", tmp / "guidance" / "backbone"
+        with _param("model.policy"):
+            if mp.policy in TINY_KINDS:
+                build_tiny(mp.policy, lm_dir, seed=seed)
+            else:
+                materialize_policy(mp.policy, lm_dir)
+        if mp.guidance is None:
+            with _param("model.guidance_layers"):
+                truncate_backbone(lm_dir, mp.guidance_layers, guidance_dir)
+        else:
+            with _param("model.guidance"):
+                copy_backbone(mp.guidance, guidance_dir, policy_dir=lm_dir, policy_name=mp.policy)
+
+
+@contextlib.contextmanager
+def _param(name: str) -> Iterator[None]:
+    """Prefix the message of an OSError or ValueError raised inside with the param it comes from."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(f"{name}: {e}") from e
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from e
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,12 +1,15 @@
 """Typed, frozen views of ``params.yaml`` groups: each stage loads its group at the top of ``main()``.
 
 Unknown or missing keys fail fast with the file and the key's name, so a typo in params.yaml never silently falls
-back to a default. The library's configs (``FitConfig``, ``TrainConfig``, ``SamplingConfig``) live here too, so that
-reading params imports no torch, and the stage groups extend them with stage-only keys.
+back to a default; so does a value of the wrong type (``lr: 5e-4``, which YAML reads as a string; ``"3"`` for an
+integer; ``true`` for a number) or out of range, naming the group, key and value. The library's configs
+(``FitConfig``, ``TrainConfig``, ``SamplingConfig``) live here too, so that reading params imports no torch, and the
+stage groups extend them with stage-only keys.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +29,12 @@ PREFERENCE_LAYOUTS = ("auto", "listwise", "pairwise")
 
 class ParamsError(ValueError):
     """A params file is missing a key, has an unknown one, or a value of the wrong type."""
+
+
+def _at_least(cfg: Any, minimum: int, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < minimum:
+            raise ValueError(f"{name} must be >= {minimum}; got {getattr(cfg, name)!r}")
 
 
 # The library's configs (ptg.sampling, ptg.train, ptg.guidance use them); defined here, with no torch import, so
@@ -120,12 +129,22 @@ class ModelParams:
         "help": "prompt tokens at most (an over-long prompt loses the end of its text; instruction and template stay)"})
     max_target_tokens: int = field(default=48, metadata={"help": "reference tokens at most, EOS included"})
 
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "guidance_layers", "max_prompt_tokens", "max_target_tokens")
+
 
 @dataclass(frozen=True)
 class SampleParams(SamplingConfig):
     batch_size: int = field(default=8, metadata={"help": "inputs per sampling batch"})
     train_inputs: int = field(default=64, metadata={"help": "training inputs sampled per round (seeded draw)"})
     validation_inputs: int = field(default=16, metadata={"help": "validation inputs sampled per round"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_samples < 2:
+            raise ValueError(f"num_samples must be >= 2 (rank orders the K samples of each input, and one sample "
+                             f"orders nothing); got {self.num_samples}")
+        _at_least(self, 1, "batch_size", "train_inputs", "validation_inputs")
 
 
 # ptg.metrics.METRICS plus the two non-reference sources; spelled out here so that every stage (they all load their
@@ -183,6 +202,7 @@ class FitGuidanceParams(FitConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _at_least(self, 1, "head_hidden")
         if self.squash not in SQUASH_MODES:
             raise ValueError(f"squash must be one of {', '.join(SQUASH_MODES)}; got {self.squash!r}")
 
@@ -209,6 +229,8 @@ class EvaluateParams:
     def __post_init__(self) -> None:
         if self.split not in ("test", "validation"):
             raise ValueError(f"split must be test or validation; got {self.split!r}")
+        _at_least(self, 1, "max_new_tokens", "batch_size")
+        _at_least(self, 0, "subset_items")
 
 
 @dataclass(frozen=True)
@@ -252,6 +274,34 @@ class PreferencesParams:
             raise ValueError(f"prompt_template must contain {{input}}; got {self.prompt_template!r}")
 
 
+_KINDS: dict[str, tuple[str, Any]] = {
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+}
+
+
+def _type_error(name: str, annotation: Any, value: Any) -> str | None:
+    """Why ``value`` does not fit a field annotated ``annotation`` (a string: this module and ptg.data use postponed
+    annotations), or None when it fits or the annotation is not a plain scalar type."""
+    kinds = [k.strip() for k in str(annotation).split("|")]
+    optional = "None" in kinds
+    kinds = [k for k in kinds if k != "None"]
+    if len(kinds) != 1 or kinds[0] not in _KINDS or (value is None and optional):
+        return None
+    what, fits = _KINDS[kinds[0]]
+    if fits(value):
+        return None
+    hint = ""
+    if isinstance(value, str) and kinds[0] in ("int", "float"):
+        with contextlib.suppress(ValueError):
+            float(value)
+            hint = (" (YAML reads an exponent without a dot as a string: write 5.0e-4, not 5e-4)"
+                    if "e" in value.lower() else " (quoted, it is a string: write it without quotes)")
+    return f"{name} must be {what}{' or null' if optional else ''}; got {value!r} ({type(value).__name__}){hint}"
+
+
 def _build(cls: type[T], values: Any, where: str) -> T:
     if not isinstance(values, dict):
         raise ParamsError(f"{where}: expected a mapping, got {type(values).__name__}")
@@ -262,6 +312,9 @@ def _build(cls: type[T], values: Any, where: str) -> T:
     missing = sorted(n for n, f in fields.items() if n not in values)
     if missing:
         raise ParamsError(f"{where}: missing key(s) {', '.join(missing)}")
+    wrong = [e for n, f in fields.items() if (e := _type_error(n, f.type, values[n])) is not None]
+    if wrong:
+        raise ParamsError(f"{where}: " + "; ".join(wrong))
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:

@@ -275,6 +275,20 @@ def _references(value: Any) -> list[str]:
     return [r for r in refs if r.strip()]
 
 
+def _not_text(value: Any) -> bool:
+    """A cell that is neither a scalar nor a list of them: a mapping, or a list that holds one."""
+    if isinstance(value, Mapping):
+        return True
+    return isinstance(value, (list, tuple, np.ndarray)) and any(_not_text(v) for v in value)
+
+
+def _rows(index: Any, ids: Any, values: Any = None, shown: int = 5) -> str:
+    """``row i (id 'x')`` for the first ``shown`` rows, each with its value when ``values`` is given."""
+    values = [None] * len(index) if values is None else list(values)
+    return ", ".join(f"row {i} (id {ex_id!r})" + ("" if v is None else f": {str(v)[:60]!r}")
+                     for i, ex_id, v in list(zip(index, ids, values, strict=True))[:shown])
+
+
 def normalize_fields(df: pd.DataFrame, split: str, input_field: str, target_field: str, where: str,
                      strict: bool = True) -> pd.DataFrame:
     """Raw rows -> columns id, split, input, references.
@@ -283,12 +297,24 @@ def normalize_fields(df: pd.DataFrame, split: str, input_field: str, target_fiel
     (``strict``, for the user's own files), or is dropped with a warning (hub datasets, which have a few).
 
     ``id`` is the ``id`` column as strings when there is one, else ``<split>-<row>``. ``where`` names the source
-    in errors: a missing field is a ``ValueError`` naming it, the field and the available columns.
+    in errors: a missing field is a ``ValueError`` naming it, the field and the available columns; so are an id
+    given twice and a field value that is not text or a list of texts (a JSON object, say), with their rows.
     """
     for name in (input_field, target_field):
         if name not in df.columns:
             raise ValueError(f"{where}: no field {name!r}; available columns: {', '.join(map(str, df.columns))}")
     ids = df["id"].map(str) if "id" in df.columns else pd.Series([f"{split}-{i}" for i in range(len(df))])
+    ids.index = range(len(df))
+    for name in (input_field, target_field):
+        odd = [i for i, v in enumerate(df[name]) if _not_text(v)]
+        if odd:
+            raise ValueError(f"{where}: field {name!r} must hold text or a list of texts; {len(odd)} row(s) hold "
+                             f"something else: {_rows(odd, ids[odd], df[name].iloc[odd])}")
+    dup = ids[ids.duplicated(keep=False)]
+    if not dup.empty:
+        groups = dup.groupby(dup, sort=False).groups
+        shown = "; ".join(f"{v!r} (rows {', '.join(map(str, rows))})" for v, rows in list(groups.items())[:5])
+        raise ValueError(f"{where}: field 'id' must be unique; {len(groups)} id(s) occur more than once: {shown}")
     out = pd.DataFrame({
         "id": ids.to_numpy(dtype=object),
         "split": split,
@@ -300,7 +326,7 @@ def normalize_fields(df: pd.DataFrame, split: str, input_field: str, target_fiel
         bad = out[~keep]
         fields = [f for f, ok in ((input_field, bad["input"].str.strip().astype(bool).all()),
                                   (target_field, bad["references"].map(bool).all())) if not ok]
-        rows = ", ".join(f"row {i} (id {ex_id!r})" for i, ex_id in zip(bad.index[:5], bad["id"][:5], strict=True))
+        rows = _rows(bad.index, bad["id"])
         raise ValueError(f"{where}: empty {' / '.join(map(repr, fields))} in {len(bad)} row(s): {rows}")
     if not keep.all():
         log.warning("%s: dropped %d of %d rows with an empty %r or %r", where, int((~keep).sum()), len(out),
@@ -333,7 +359,10 @@ def load_local(folder: str | os.PathLike[str], input_field: str = "input",
     frames = []
     for split in SPLITS:
         path = _split_file(folder, split)
-        frames.append(normalize_fields(read_records(path), split, input_field, target_field, str(path)))
+        raw = read_records(path)
+        if raw.empty:
+            raise ValueError(f"{path}: the {split} file has no rows")
+        frames.append(normalize_fields(raw, split, input_field, target_field, str(path)))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -416,7 +445,7 @@ def build_examples(cfg: DataConfig) -> dict[str, pd.DataFrame]:
             "target": [refs[0] for refs in references],
             "references": pd.Series(references, dtype=object),
         }, columns=list(EXAMPLE_COLUMNS))
-    check_disjoint_splits(frames)
+    check_disjoint_splits(frames, where=cfg.source)
     return frames
 
 

@@ -12,6 +12,7 @@ offending rows, in a form meant to be read in one screen.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -244,9 +245,26 @@ def write_records(df: pd.DataFrame, path: str | os.PathLike[str], schema: Schema
     return valid
 
 
+def _utf8_text(path: Path) -> str:
+    """The text of ``path`` as UTF-8 (a leading byte-order mark dropped); ``ValueError`` naming the file, the line
+    and the bytes that are not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        start = data.rfind(b"\n", 0, err.start) + 1
+        end = data.find(b"\n", err.start)
+        context = data[start:end if end >= 0 else len(data)][:_MAX_VALUE_CHARS].decode("utf-8", "backslashreplace")
+        raise ValueError(f"{path}:{line}: not UTF-8 text: byte(s) {data[err.start:err.end]!r} at byte offset "
+                         f"{err.start} ({err.reason}) in {context!r}; save the file as UTF-8") from None
+
+
 def read_records(path: str | os.PathLike[str]) -> pd.DataFrame:
     """A table file as a frame, by extension: .parquet, .csv, or JSON lines (.jsonl / .json; a .json file may
-    also hold one array of records). A missing file is a ``FileNotFoundError`` naming the path."""
+    also hold one array of records). Text files must be UTF-8. A missing file is a ``FileNotFoundError`` naming
+    the path; bytes that are not UTF-8 are a ``ValueError`` naming the file, the line and the bytes. An empty file
+    is a frame without columns or rows."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such table (has the stage that writes it run?)")
@@ -258,11 +276,13 @@ def read_records(path: str | os.PathLike[str]) -> pd.DataFrame:
             raise ValueError(f"{path}: not a readable parquet table, truncated or corrupt ({e}); if it is a pipeline "
                              "output, `dvc status` shows it as modified and `dvc checkout --force` (or `dvc repro`) "
                              "restores it") from None
-    if suffix == ".csv":
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    if suffix not in (".jsonl", ".json"):
+    if suffix not in (".csv", ".jsonl", ".json"):
         raise ValueError(f"{path}: unsupported table format {suffix!r} (use .parquet, .csv, .jsonl or .json)")
-    text = path.read_text(encoding="utf-8")
+    text = _utf8_text(path)
+    if suffix == ".csv":
+        if not text.strip():  # an empty file: no columns, no rows (as an empty JSON lines file)
+            return pd.DataFrame()
+        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     if suffix == ".json" and text.lstrip().startswith("["):
         return pd.DataFrame.from_records(json.loads(text))
     records = []

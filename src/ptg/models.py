@@ -167,6 +167,20 @@ def response_hidden(backbone: PreTrainedModel, batch: Batch) -> torch.Tensor:
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+def is_local_path(spec: str | Path) -> bool:
+    """Whether a model spec can only be a local path, never a hub id (``name`` or ``namespace/name``): absolute,
+    starting with ``.`` or ``~``, or with more than one ``/``."""
+    text = str(spec)
+    return Path(text).is_absolute() or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text
+
+
+def require_model_folder(path: str | Path) -> None:
+    """A spec that can only be a local path must be an existing folder: ``FileNotFoundError`` naming it (instead
+    of the hub's complaint about a malformed repository id)."""
+    if is_local_path(path) and not Path(path).expanduser().is_dir():
+        raise FileNotFoundError(f"{path}: no such model folder (has the stage that writes it run?)")
+
+
 def require_safetensors(path: str | Path) -> None:
     """Refuse a local model folder whose weights are only pickle checkpoints (loading one can run code), or whose
     safetensors files are damaged (a truncated file names itself here, not deep inside a loader)."""
@@ -192,6 +206,7 @@ def require_safetensors(path: str | Path) -> None:
 
 def load_lm(path: str | Path, device: torch.device | str = "cpu") -> PreTrainedModel:
     """Load a seq2seq or causal LM from a local folder (or a hub id when online), in fp32, from safetensors only."""
+    require_model_folder(path)
     require_safetensors(path)
     config = AutoConfig.from_pretrained(path)
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
@@ -199,6 +214,7 @@ def load_lm(path: str | Path, device: torch.device | str = "cpu") -> PreTrainedM
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    require_model_folder(path)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

@@ -12,9 +12,10 @@ online (``PreferencesParams.path``):
 Column names are configurable. ``normalize`` turns either into the validated long table (schema
 ``schemas.Preferences``: group, input, text, score, reference, split). Groups with fewer than two candidates or
 with one score for all candidates carry no ranking and are skipped and counted (an error when all are); a
-duplicate candidate, a blank text, a NaN or infinite score, and an input in both the fitting and the held-out
-split are errors naming the file, column and rows. Inputs without a ``split`` go to the held-out split by a
-stable hash of the input (``heldout_fraction``), so an input never lands on both sides.
+duplicate candidate, a blank text, a list where text belongs, a score that is no number, NaN or infinite, an
+empty file and an input in both the fitting and the held-out split are errors naming the file, column and rows.
+Inputs without a ``split`` go to the held-out split by a stable hash of the input (``heldout_fraction``), so an
+input never lands on both sides.
 
 ``corruption_fixture`` makes a scored fixture from any examples: each
 reference with known degrees of corruption, the degree as the score.
@@ -85,33 +86,62 @@ def _score(v: Any) -> float:
         return float("nan")  # the schema reports it, with its row
 
 
+def _shown(values: pd.Series, shown: int = 5) -> str:
+    return "; ".join(f"[{i}] {str(v)[:60]!r}" for i, v in list(values.items())[:shown]) + (
+        f" (+{len(values) - shown} more)" if len(values) > shown else "")
+
+
+def _texts(raw: pd.DataFrame, column: str, param: str, source: str) -> pd.Series:
+    """A text column as strings (missing = ""); a list or mapping in it is an error naming the column and rows."""
+    odd = raw[column][raw[column].map(lambda v: isinstance(v, (list, tuple, dict, np.ndarray)))]
+    if not odd.empty:
+        raise ValueError(f"{source}: column {column!r} (preferences.{param}) must hold text; {len(odd)} row(s) "
+                         f"hold a {type(odd.iloc[0]).__name__}: {_shown(odd)}")
+    return raw[column].map(as_text)
+
+
+def _scores(raw: pd.DataFrame, column: str, source: str) -> pd.Series:
+    """The score column as floats; a value that is no number (a word, a list) is an error naming it and its row
+    (a missing or NaN score becomes NaN, which the schema reports)."""
+    scores = raw[column].map(_score)
+    missing = raw[column].map(lambda v: v is None or bool(pd.api.types.is_scalar(v) and pd.isna(v)))
+    odd = raw[column][scores.isna() & ~missing & ~raw[column].map(lambda v: str(v).strip().lower() == "nan")]
+    if not odd.empty:
+        raise ValueError(f"{source}: column {column!r} (preferences.score_field) must hold numbers; {len(odd)} row(s) "
+                         f"do not: {_shown(odd)}")
+    return scores
+
+
 def normalize(raw: pd.DataFrame, pp: PreferencesParams, source: str) -> pd.DataFrame:
     """The long table (schemas.Preferences) of a listwise or pairwise ``raw`` frame, before cleaning."""
     layout = pp.layout
     if layout == "auto":
         layout = "pairwise" if pp.chosen_field in raw.columns else "listwise"
+    if raw.empty:
+        raise ValueError(f"{source}: no preference rows (an empty table)")
     has_ref = pp.reference_field in raw.columns
-    refs = raw[pp.reference_field].map(as_text) if has_ref else pd.Series("", index=raw.index)
+    refs = _texts(raw, pp.reference_field, "reference_field", source) if has_ref else pd.Series("", index=raw.index)
     splits = raw["split"].map(as_text) if "split" in raw.columns else pd.Series("", index=raw.index)
     if layout == "pairwise":
         require_columns(raw, source, {"prompt_field": pp.prompt_field, "chosen_field": pp.chosen_field,
                                "rejected_field": pp.rejected_field})
         n = len(raw)
         group = [f"pair-{i}" for i in range(n)]
-        prompts = raw[pp.prompt_field].map(as_text).tolist()
+        prompts = _texts(raw, pp.prompt_field, "prompt_field", source).tolist()
         long = pd.DataFrame({
             "group": group + group, "input": prompts + prompts,
-            "text": raw[pp.chosen_field].map(as_text).tolist() + raw[pp.rejected_field].map(as_text).tolist(),
+            "text": _texts(raw, pp.chosen_field, "chosen_field", source).tolist()
+            + _texts(raw, pp.rejected_field, "rejected_field", source).tolist(),
             "score": [1.0] * n + [0.0] * n, "reference": refs.tolist() * 2, "split": splits.tolist() * 2,
             "row": list(range(n)) * 2})
         long = long.sort_values(["row", "score"], ascending=[True, False], kind="stable").drop(columns="row")
     else:
         require_columns(raw, source, {"input_field": pp.input_field, "text_field": pp.text_field,
                                "score_field": pp.score_field})
-        inputs = raw[pp.input_field].map(as_text)
+        inputs = _texts(raw, pp.input_field, "input_field", source)
         group = raw[pp.group_field].map(as_text) if pp.group_field in raw.columns else inputs
-        long = pd.DataFrame({"group": group, "input": inputs, "text": raw[pp.text_field].map(as_text),
-                             "score": raw[pp.score_field].map(_score), "reference": refs, "split": splits})
+        long = pd.DataFrame({"group": group, "input": inputs, "text": _texts(raw, pp.text_field, "text_field", source),
+                             "score": _scores(raw, pp.score_field, source), "reference": refs, "split": splits})
     return validate_table(long.reset_index(drop=True), schemas.Preferences, source)
 
 

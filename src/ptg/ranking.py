@@ -21,7 +21,14 @@ def unfinished_last(scores: pd.Series, finished: pd.Series) -> pd.Series:
 
 
 def human_scores(samples: pd.DataFrame, scores: pd.DataFrame, source: str) -> list[float]:
-    """Look up each sample's score by (id, text) in a human-scores table; a missing pair is an error naming it."""
+    """Look up each sample's score by (id, text) in a human-scores table; a missing pair, and a pair scored twice
+    differently, are errors naming it."""
+    spread = scores.groupby(["id", "text"], sort=False)["score"].agg(["nunique", list])
+    twice = spread[spread["nunique"] > 1]
+    if not twice.empty:
+        shown = "; ".join(f"id={i!r} text={t[:60]!r}: {s}" for (i, t), s in twice["list"][:5].items())
+        raise ValueError(f"{source}: {len(twice)} (id, text) pair(s) have different scores in different rows, "
+                         f"e.g. {shown}")
     lookup = scores.drop_duplicates(["id", "text"], keep="last").set_index(["id", "text"])["score"]
     keys = list(zip(samples["id"], samples["text"], strict=True))
     missing = [k for k in keys if k not in lookup.index]

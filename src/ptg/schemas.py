@@ -133,7 +133,8 @@ class Examples(pa.DataFrameModel):
 
 
 class Samples(pa.DataFrameModel):
-    """K sampled continuations per input id: ``sample_idx`` is 0..K-1 for every id, K the same for all ids."""
+    """K sampled continuations per input id: ``sample_idx`` is 0..K-1 for every id, K >= 2 and the same for all
+    ids."""
 
     id: Series[str] = pa.Field(str_length={"min_value": 1}, coerce=True)
     sample_idx: Series[int] = pa.Field(ge=0, coerce=True)
@@ -164,6 +165,13 @@ class Samples(pa.DataFrameModel):
         per_id = df.groupby("id", sort=False).size()
         k = per_id.mode().min()  # the most common K (the smallest of equally common ones)
         return df["id"].map(per_id).eq(k).astype(bool)
+
+    @pa.dataframe_check(name="at_least_2_samples_per_id")
+    def _two_or_more(cls, df: pd.DataFrame) -> pd.Series:
+        # One sample per input ranks nothing: the guidance learns from the order of two or more.
+        if df.empty or not _has(df, "id"):
+            return _all_true(df)
+        return df.groupby("id", sort=False)["id"].transform("size").ge(2).astype(bool)
 
     @pa.dataframe_check(name="sample_idx_is_0_to_K-1_per_id")
     def _sample_idx_range(cls, df: pd.DataFrame) -> pd.Series:
@@ -292,8 +300,9 @@ class Predictions(pa.DataFrameModel):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def check_disjoint_splits(frames: Mapping[str, pd.DataFrame], max_shown: int = 10) -> None:
-    """Raise ``ValueError`` naming the shared ids (at most ``max_shown``) when an id occurs in two splits."""
+def check_disjoint_splits(frames: Mapping[str, pd.DataFrame], max_shown: int = 10, where: str | None = None) -> None:
+    """Raise ``ValueError`` naming the shared ids (at most ``max_shown``) when an id occurs in two splits; ``where``
+    (the data source) starts the message."""
     ids = {name: set(df["id"].astype(str)) for name, df in frames.items()}
     names = list(ids)
     problems = []
@@ -305,5 +314,5 @@ def check_disjoint_splits(frames: Mapping[str, pd.DataFrame], max_shown: int = 1
                 listed = ", ".join(map(repr, shared[:max_shown]))
                 problems.append(f"{a} & {b}: {len(shared)} shared ids: {listed}{more}")
     if problems:
-        raise ValueError("splits are not disjoint: " + "; ".join(problems))
+        raise ValueError(f"{where + ': ' if where else ''}splits are not disjoint: " + "; ".join(problems))
 
