@@ -8,6 +8,7 @@ every stage whose inputs did not change.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -219,47 +220,113 @@ def prefect_server(tmp_path):
             stop_process_group(proc)
 
 
+def prefect(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """The prefect CLI against the test server, from the repository root (prefect.yaml); must exit 0."""
+    done = subprocess.run([str(VENV_BIN / "prefect"), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+    return done
+
+
+def deploy_and_run(env: dict[str, str], workdir: Path, deploy: bool = True) -> str:
+    """prefect.yaml's ptg-local on a process pool (created and deployed, exit 0, when ``deploy``); triggers a quick
+    run in ``workdir`` and returns its flow run id."""
+    if deploy:
+        prefect(env, "work-pool", "create", "ptg-process", "--type", "process")
+        prefect(env, "--no-prompt", "deploy", "--name", "ptg-local")  # exit 0: prefect 3.9 with its FastAPI
+        prefect(env, "deployment", "inspect", "ptg-pipeline/ptg-local")
+    params = json.dumps({"params_file": "configs/quick.yaml", "rounds": 2, "workdir": str(workdir)})
+    out = prefect(env, "deployment", "run", "ptg-pipeline/ptg-local", "--params", params).stdout
+    return re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
+
+
+def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    with open(log_path, "w") as log:
+        return subprocess.Popen([str(VENV_BIN / "prefect"), "worker", "start", "--pool", "ptg-process"],
+                                cwd=log_path.parent, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def flow_run_state(env: dict[str, str], flow_run_id: str) -> str:
+    with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/flow_runs/{flow_run_id}", timeout=10) as r:
+        return json.load(r)["state"]["type"]
+
+
+def wait_until_final(env: dict[str, str], flow_run_id: str, seconds: float = 600) -> str:
+    deadline, state = time.monotonic() + seconds, None
+    while time.monotonic() < deadline:
+        state = flow_run_state(env, flow_run_id)
+        if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            break
+        time.sleep(3)
+    return state
+
+
+def locked_stages(workdir: Path) -> set[str]:
+    lock = workdir / "dvc.lock"
+    return set(yaml.safe_load(lock.read_text())["stages"]) if lock.is_file() else set()
+
+
 @pytest.mark.slow
 def test_deployment_runs_on_a_process_worker(quick_run, prefect_server, tmp_path):
     """prefect.yaml's ptg-local: create the pool, deploy (exit 0), trigger a quick run in a fresh workspace, and a
     process worker executes every stage there."""
     workdir = tmp_path / "worker-workspace"  # fresh: the stages must really run on the worker
     env = prefect_server
-
-    def prefect(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-        done = subprocess.run([str(VENV_BIN / "prefect"), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=300)
-        output = done.stdout[-3000:] + done.stderr[-3000:]
-        assert not check or done.returncode == 0, f"prefect {' '.join(args)}:\n{output}"
-        return done
-
-    prefect("work-pool", "create", "ptg-process", "--type", "process")
-    prefect("--no-prompt", "deploy", "--name", "ptg-local")  # exits 0 (prefect 3.9 with the FastAPI it supports)
-    prefect("deployment", "inspect", "ptg-pipeline/ptg-local")
-    params = json.dumps({"params_file": "configs/quick.yaml", "rounds": 2, "workdir": str(workdir)})
-    out = prefect("deployment", "run", "ptg-pipeline/ptg-local", "--params", params).stdout
-    flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
-
+    flow_run_id = deploy_and_run(env, workdir)
     log_path = tmp_path / "worker.log"
-    with open(log_path, "w") as log:
-        worker = subprocess.Popen([str(VENV_BIN / "prefect"), "worker", "start", "--pool", "ptg-process"],
-                                  cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline, state = time.monotonic() + 600, None
-            while time.monotonic() < deadline:
-                with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/flow_runs/{flow_run_id}", timeout=10) as r:
-                    state = json.load(r)["state"]["type"]
-                if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-                    break
-                time.sleep(3)
-        finally:
-            stop_process_group(worker)
+    worker = start_worker(env, log_path)
+    try:
+        state = wait_until_final(env, flow_run_id)
+    finally:
+        stop_process_group(worker)
     assert state == "COMPLETED", f"flow run {flow_run_id} ended {state}:\n{log_path.read_text()[-4000:]}"
-    lock = yaml.safe_load((workdir / "dvc.lock").read_text())["stages"]
-    assert {"prepare", "base_model", "sample@1", "train_lm@2", "evaluate@2", "baseline", "report"} <= set(lock)
+    assert {"prepare", "base_model", "sample@1", "train_lm@2", "evaluate@2", "baseline", "report"} <= \
+        locked_stages(workdir)
     for r in (1, 2):
         assert json.loads((workdir / "metrics" / "rounds" / str(r) / "evaluate.json").read_text())["items"] > 0
     assert (workdir / "metrics" / "report" / "eval_by_round.csv").is_file()
+
+
+@pytest.mark.slow
+def test_a_killed_worker_leaves_a_workspace_the_next_run_resumes(quick_run, prefect_server, tmp_path):
+    """kill -9 of the worker, its flow run and the running stage, mid-pipeline: what finished stays, nothing is
+    half-written, and the deployment run again resumes at the stage that did not finish and completes."""
+    import psutil
+
+    workdir, env = tmp_path / "killed-workspace", prefect_server
+    first = deploy_and_run(env, workdir)
+    worker = start_worker(env, tmp_path / "worker-1.log")
+    try:
+        deadline = time.monotonic() + 600
+        while "train_lm@1" not in locked_stages(workdir):  # round 1 is done, round 2 is starting
+            assert worker.poll() is None and time.monotonic() < deadline, (tmp_path / "worker-1.log").read_text()
+            time.sleep(0.5)
+    finally:
+        tree = [worker.pid, *(c.pid for c in psutil.Process(worker.pid).children(recursive=True))]
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        worker.wait()
+    done_before = locked_stages(workdir)
+    assert "report" not in done_before and flow_run_state(env, first) != "COMPLETED"
+    samples = workdir / "data" / "rounds" / "1" / "samples.parquet"
+    stamp = samples.stat().st_mtime_ns
+    assert not [p for p in workdir.rglob("*") if ".tmp-" in p.name]  # nothing half-written at an output path
+
+    second = deploy_and_run(env, workdir, deploy=False)
+    log_path = tmp_path / "worker-2.log"
+    worker = start_worker(env, log_path)
+    try:
+        state = wait_until_final(env, second)
+    finally:
+        stop_process_group(worker)
+    assert state == "COMPLETED", f"flow run {second} ended {state}:\n{log_path.read_text()[-4000:]}"
+    assert samples.stat().st_mtime_ns == stamp  # sample@1 finished before the kill: not run again
+    assert {"sample@2", "train_lm@2", "evaluate@2", "baseline", "report"} <= locked_stages(workdir)
+    status = subprocess.run(["dvc", "status", "--json"], cwd=workdir, capture_output=True, text=True, check=True)
+    changed = {k: v for k, v in json.loads(status.stdout).items() if v != ["always changed"]}  # preferences
+    assert changed == {}  # every output matches its stage
 
 
 def test_a_second_flow_in_a_busy_workspace_fails_before_touching_it(env, harness, flows):
