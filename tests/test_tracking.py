@@ -214,6 +214,9 @@ def test_log_models_best_keeps_one_version_with_weights(project, tiny_models, tm
     assert c.search_registered_models() == []  # nothing logged when the stages ended
     assert tracking.set_best_alias(tracking.LM_MODEL, tiny_models[1], "rougeL", 12.0) == "1"
     assert tracking.set_best_alias(tracking.LM_MODEL, tiny_models[2], "rougeL", 11.0) == "1"  # worse: nothing
+    # The same bytes evaluated again lower (a round that kept its warm start): the version keeps its best score.
+    assert tracking.set_best_alias(tracking.LM_MODEL, tiny_models[1], "rougeL", 10.0) == "1"
+    assert c.get_model_version(tracking.LM_MODEL, "1").tags["eval.rougeL"] == "12.0"
     assert [str(v.version) for v in c.search_model_versions(f"name='{tracking.LM_MODEL}'")] == ["1"]
     first_id = tracking._logged_model_id(c.get_model_version(tracking.LM_MODEL, "1"))
     first = _local(c.get_logged_model(first_id).artifact_location)

@@ -536,10 +536,12 @@ class MlflowTracker:
             holder = client.get_model_version_by_alias(name, record.alias) if versions else None
         except MlflowException:  # no version holds the alias
             holder = None
-        if holder is not None and holder.tags.get("content_md5") == record.content_md5:
-            client.set_model_version_tag(name, holder.version, key, value)
-            return str(holder.version)
         sign = 1.0 if record.greater_is_better else -1.0
+        if holder is not None and holder.tags.get("content_md5") == record.content_md5:  # the same bytes again
+            old = float(holder.tags.get(key, "nan"))
+            if not math.isfinite(old) or (math.isfinite(record.value) and sign * record.value > sign * old):
+                client.set_model_version_tag(name, holder.version, key, value)  # the tag keeps its best score
+            return str(holder.version)
         if holder is not None and key in holder.tags and math.isfinite(float(holder.tags[key])) and (
                 not math.isfinite(record.value) or sign * float(holder.tags[key]) >= sign * record.value):
             log.info("%s@%s stays version %s (%s %s against %s)", name, record.alias, holder.version, key,
