@@ -352,30 +352,70 @@ def test_run_cli_wraps_dvc_repro(project):
     assert all(len(runs[s].data.tags["dvc_hash"]) == 32 for s in stages)
 
 
+def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on loopback ``port`` with its store under ``root`` (the same store when restarted),
+    answering its health check."""
+    cmd = [str(Path(VENV_BIN) / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+           "--artifacts-destination", str(root / "server-artifacts"), "--workers", "1"]
+    with open(root / "server.log", "a") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc
+        except OSError as e:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop_process_group(proc)
+                raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()}") from e
+            time.sleep(0.5)
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` on a free loopback port; killed on teardown."""
     port = free_port()
-    cmd = [str(Path(VENV_BIN) / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-           "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"]
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed in teardown
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    proc = start_mlflow_server(tmp_path, port)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError as e:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start:\n{(tmp_path / 'server.log').read_text()}") from e
-                time.sleep(0.5)
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
         stop_process_group(proc)
-        log.close()
+
+
+@pytest.mark.slow
+def test_a_tracking_server_killed_mid_pipeline_loses_nothing(project, tmp_path, monkeypatch):
+    """kill -9 of the MLflow server between the stages of a `dvc repro`: every stage still writes its outputs and
+    warns once, what it could not log waits in metrics/.tracking_pending, and `backfill` against the restarted
+    server completes the records."""
+    port = free_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    server = start_mlflow_server(tmp_path, port)
+    try:
+        def repro(*targets: str) -> subprocess.CompletedProcess:
+            done = subprocess.run(["dvc", "repro", *targets], capture_output=True, text=True)
+            assert done.returncode == 0, done.stdout + done.stderr
+            return done
+
+        repro("train_lm@1", "fit_guidance@1")  # round 1 tracked while the server is up
+        os.killpg(server.pid, 9)
+        server.wait()
+        done = repro()  # round 2 with the server gone
+        assert done.stderr.count("tracking skipped: logging train_lm@2") == 1
+        assert done.stderr.count("tracking skipped: logging fit_guidance@2") == 1
+        assert sorted(p.name for p in tracking.PENDING_DIR.iterdir()) == ["fit_guidance@2.json", "train_lm@2.json"]
+        assert json.loads((project / "out" / "train_lm_2.json").read_text()) == {"score": 0.2}
+        status = subprocess.run(["dvc", "status", "--json"], capture_output=True, text=True, check=True)
+        assert json.loads(status.stdout) == {}  # every DVC output is intact
+
+        server = start_mlflow_server(tmp_path, port)  # back, on the same store
+        assert tracking.backfill() == (2, 0)
+        assert not list(tracking.PENDING_DIR.iterdir())
+        runs = runs_by_name(client())
+        assert {"train_lm@1", "fit_guidance@1", "train_lm@2", "fit_guidance@2"} <= set(runs)
+        assert runs["train_lm@2"].data.metrics["score"] == 0.2
+    finally:
+        stop_process_group(server)
 
 
 @pytest.mark.slow
