@@ -268,8 +268,13 @@ def wait_until_final(env: dict[str, str], flow_run_id: str, seconds: float = 600
 
 
 def locked_stages(workdir: Path) -> set[str]:
-    lock = workdir / "dvc.lock"
-    return set(yaml.safe_load(lock.read_text())["stages"]) if lock.is_file() else set()
+    """The stages in ``workdir``'s dvc.lock; none while DVC has not written it, or is rewriting it (read mid-write,
+    the file can be empty or cut)."""
+    try:
+        data = yaml.safe_load((workdir / "dvc.lock").read_text())
+    except (FileNotFoundError, yaml.YAMLError):
+        return set()
+    return set(data["stages"]) if isinstance(data, dict) and isinstance(data.get("stages"), dict) else set()
 
 
 @pytest.mark.slow
