@@ -267,6 +267,16 @@ def wait_until_final(env: dict[str, str], flow_run_id: str, seconds: float = 600
     return state
 
 
+def complete_on_a_worker(env: dict[str, str], flow_run_id: str, log_path: Path) -> None:
+    """Start a process worker, wait for ``flow_run_id`` to end, stop the worker; the run must have completed."""
+    worker = start_worker(env, log_path)
+    try:
+        state = wait_until_final(env, flow_run_id)
+    finally:
+        stop_process_group(worker)
+    assert state == "COMPLETED", f"flow run {flow_run_id} ended {state}:\n{log_path.read_text()[-4000:]}"
+
+
 def locked_stages(workdir: Path) -> set[str]:
     """The stages in ``workdir``'s dvc.lock; none while DVC has not written it, or is rewriting it (read mid-write,
     the file can be empty or cut)."""
@@ -283,14 +293,7 @@ def test_deployment_runs_on_a_process_worker(quick_run, prefect_server, tmp_path
     process worker executes every stage there."""
     workdir = tmp_path / "worker-workspace"  # fresh: the stages must really run on the worker
     env = prefect_server
-    flow_run_id = deploy_and_run(env, workdir)
-    log_path = tmp_path / "worker.log"
-    worker = start_worker(env, log_path)
-    try:
-        state = wait_until_final(env, flow_run_id)
-    finally:
-        stop_process_group(worker)
-    assert state == "COMPLETED", f"flow run {flow_run_id} ended {state}:\n{log_path.read_text()[-4000:]}"
+    complete_on_a_worker(env, deploy_and_run(env, workdir), tmp_path / "worker.log")
     assert {"prepare", "base_model", "sample@1", "train_lm@2", "evaluate@2", "baseline", "report"} <= \
         locked_stages(workdir)
     for r in (1, 2):
@@ -324,14 +327,7 @@ def test_a_killed_worker_leaves_a_workspace_the_next_run_resumes(quick_run, pref
     stamp = samples.stat().st_mtime_ns
     assert not [p for p in workdir.rglob("*") if ".tmp-" in p.name]  # nothing half-written at an output path
 
-    second = deploy_and_run(env, workdir, deploy=False)
-    log_path = tmp_path / "worker-2.log"
-    worker = start_worker(env, log_path)
-    try:
-        state = wait_until_final(env, second)
-    finally:
-        stop_process_group(worker)
-    assert state == "COMPLETED", f"flow run {second} ended {state}:\n{log_path.read_text()[-4000:]}"
+    complete_on_a_worker(env, deploy_and_run(env, workdir, deploy=False), tmp_path / "worker-2.log")
     assert samples.stat().st_mtime_ns == stamp  # sample@1 finished before the kill: not run again
     assert {"sample@2", "train_lm@2", "evaluate@2", "baseline", "report"} <= locked_stages(workdir)
     status = subprocess.run(["dvc", "status", "--json"], cwd=workdir, capture_output=True, text=True, check=True)
