@@ -46,6 +46,19 @@ def test_bf16_logits_match_fp32_within_tolerance():
     torch.testing.assert_close(bf16, fp32, atol=0.05, rtol=0.05)
 
 
+def test_k_responses_per_prompt_repeat_the_prompt_on_the_gpu_and_match_the_shared_cpu_forward():
+    from ptg.models import response_hidden, shares_prompts
+
+    model = tiny_llama()
+    batch = collate(PROMPTS, [[4, 5], [6, EOS], [7], [8, 9, 10], [11, EOS], [12]], PAD)
+    assert batch.group_size == 2 and shares_prompts(batch) and not shares_prompts(batch.to(GPU))
+    cpu = response_logits(model, batch), response_hidden(model.model, batch)
+    gpu = response_logits(model.to(GPU), batch.to(GPU)), response_hidden(model.model, batch.to(GPU))
+    mask = batch.response_mask.bool()
+    for c, g in zip(cpu, gpu, strict=True):
+        torch.testing.assert_close(g.cpu()[mask], c[mask], atol=1e-4, rtol=1e-4)
+
+
 def test_guidance_fits_and_the_lm_trains_in_bf16_on_the_gpu():
     g = guidance_for(tiny_llama())
     train, val = synthetic_groups(96, 4, seed=1), synthetic_groups(32, 4, seed=2)
