@@ -40,6 +40,43 @@ def test_unknown_missing_and_bad_keys_name_the_key(tmp_path):
         load_group("evaluate", path)
 
 
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda lora: lora.pop("alpha"), r"train_lm.lora: missing key\(s\) alpha"),
+    (lambda lora: lora.update(rnk=4), r"train_lm.lora: unknown key\(s\) rnk"),
+    (lambda lora: lora.update(rank="8"), r"train_lm.lora: rank must be an integer; got '8'"),
+    (lambda lora: lora.update(rank=-1), r"train_lm.lora: rank must be >= 0; got -1"),
+    (lambda lora: lora.update(dropout=1.0), r"train_lm.lora: dropout must be in \[0, 1\); got 1.0"),
+])
+def test_lora_params_are_checked_like_a_group(tmp_path, mutate, message):
+    path = _write(tmp_path, lambda p: mutate(p["train_lm"]["lora"]))
+    with pytest.raises(ParamsError, match=message):
+        load_group("train_lm", path)
+
+
+def test_lora_with_a_carried_optimizer_is_refused(tmp_path):
+    path = _write(tmp_path, lambda p: p["train_lm"].update(carry_optimizer=True, lora={**p["train_lm"]["lora"],
+                                                                                      "rank": 4}))
+    with pytest.raises(ParamsError, match="train_lm: carry_optimizer needs full fine-tuning"):
+        load_group("train_lm", path)
+    assert load_group("train_lm", _write(tmp_path, lambda p: p["train_lm"]["lora"].update(rank=4))).lora.enabled
+
+
+def test_add_lora_trains_only_seeded_adapters_and_names_a_bad_target():
+    import torch
+    from conftest import tiny_llama
+
+    from ptg.models import add_lora
+
+    a, b = (add_lora(tiny_llama(), 4, 8.0, 0.0, None, seed=3) for _ in range(2))
+    trainable = {n for n, p in a.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(torch.equal(p, dict(b.named_parameters())[n]) for n, p in a.named_parameters() if "lora_A" in n)
+    c = add_lora(tiny_llama(), 4, 8.0, 0.0, None, seed=4)
+    assert not all(torch.equal(p, dict(c.named_parameters())[n]) for n, p in a.named_parameters() if "lora_A" in n)
+    with pytest.raises(ValueError, match="train_lm.lora.target_modules: 'qkv' does not fit LlamaForCausalLM"):
+        add_lora(tiny_llama(), 4, 8.0, 0.0, "qkv", seed=0)
+
+
 def test_rounds_must_be_a_quoted_chain(tmp_path):
     path = _write(tmp_path, lambda p: p.update(rounds={1: {"prev": 0}}))
     with pytest.raises(ParamsError, match="quoted key"):

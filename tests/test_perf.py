@@ -30,8 +30,10 @@ def test_every_row_runs_and_the_table_shows_it():
               "peak_flops": {"fp32": 1e9}, "settings": {"k": 2}}
     result |= perf.decoding_rows(model, prompts, [EOS], PAD, k=2, max_new=4, batch_size=2)
     result["guidance"] = perf.guidance_row(model.model, prompts, PAD, k=2, repeats=1)
-    result["train_lm"] = perf.train_row(model, prompts, [[4, 5, EOS], [6, EOS], [7, 8, 9, EOS]], PAD,
-                                        updates=1, batch_size=2)
+    for row, rank in (("train_lm", 0), ("train_lm_lora", 2)):
+        result[row] = perf.train_row(model, prompts, [[4, 5, EOS], [6, EOS], [7, 8, 9, EOS]], PAD, updates=1,
+                                     batch_size=2, lora_rank=rank)
+    assert result["train_lm_lora"]["trainable_parameters"] < result["train_lm"]["trainable_parameters"] / 10
     perf.with_peak(result, 1e9)
     result["startup_s"] = {"report": 1.0}
     for row in ("sample", "greedy"):
@@ -39,14 +41,18 @@ def test_every_row_runs_and_the_table_shows_it():
         assert result[row]["of_compute_bound"] > 0
     assert result["guidance"]["speedup"] > 0 and result["train_lm"]["of_peak"] > 0
     table = perf.format_table(result)
-    for label in ("sample (K = 2)", "greedy (evaluate)", "guidance scoring (K = 2)", "train_lm", "start-up"):
+    for label in ("sample (K = 2)", "greedy (evaluate)", "guidance scoring (K = 2)", "train_lm", "LoRA r=8",
+                  "start-up"):
         assert label in table
 
 
-def test_train_row_leaves_the_model_as_it_was():
+@pytest.mark.parametrize("lora_rank", [0, 2])
+def test_train_row_leaves_the_model_as_it_was(lora_rank):
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    perf.train_row(model, [[2, 5, 6], [3, 4]], [[4, EOS], [6, EOS]], PAD, updates=1, batch_size=2)
+    perf.train_row(model, [[2, 5, 6], [3, 4]], [[4, EOS], [6, EOS]], PAD, updates=1, batch_size=2,
+                   lora_rank=lora_rank)
+    assert model.state_dict().keys() == before.keys()  # no adapter layers left behind
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 

@@ -169,3 +169,42 @@ def test_a_damaged_artifact_is_reported_by_the_stage_that_reads_it_and_dvc_resto
             if p.read_bytes() != data:
                 p.unlink()
                 p.write_bytes(data)
+
+
+def test_lora_trains_adapters_for_both_arms_and_saves_them_beside_the_merged_lm(tmp_path):
+    """train_lm.lora.rank > 0: train_lm@1 and the baseline train fresh LoRA adapters (peft) with the same setup;
+    the round's LM folder holds the merged weights, which plain transformers loads and which give the adapted
+    model's logits, and the adapters under adapter/. Only the targeted projections change."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    lora = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": "q_proj,v_proj"}
+    params = yaml.safe_load((REPO / "configs" / "quick.yaml").read_text())
+    params["train_lm"]["lora"] = lora
+    params["train_lm"]["lr"] = 1.0e-2  # adapters start at B = 0: a visible step in 4 updates
+    ws = _workspace_with(tmp_path, train_lm=params["train_lm"])
+    run(["dvc", "repro", "train_lm@1", "baseline"], ws)
+
+    lm0, lm1 = ws / "data" / "rounds" / "0" / "lm", ws / "data" / "rounds" / "1" / "lm"
+    adapter = json.loads((lm1 / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 8.0 and set(adapter["target_modules"]) == {"q_proj",
+                                                                                                      "v_proj"}
+    before, after = load_file(lm0 / "model.safetensors"), load_file(lm1 / "model.safetensors")
+    assert set(after) == set(before)  # merged: no adapter tensors in the LM's own weights
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
+
+    ids = torch.tensor([[2, 5, 6, 7, 8, 9]])
+    merged = AutoModelForCausalLM.from_pretrained(lm1).eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lm0), lm1 / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=1e-4)
+
+    ptg = json.loads((ws / "metrics" / "rounds" / "1" / "train_lm.json").read_text())
+    base = json.loads((ws / "metrics" / "baseline" / "1" / "train_lm.json").read_text())
+    total = sum(t.numel() for t in before.values())
+    assert ptg["lora_rank"] == base["lora_rank"] == 4
+    assert ptg["trainable_parameters"] == base["trainable_parameters"] < total // 10
+    assert (ws / "data" / "baseline" / "1" / "lm" / "adapter" / "adapter_model.safetensors").is_file()

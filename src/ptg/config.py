@@ -212,8 +212,39 @@ class FitGuidanceParams(FitConfig):
 
 
 @dataclass(frozen=True)
+class LoraParams:
+    """LoRA adapters (``peft``) instead of full fine-tuning: each round trains fresh adapters on the previous round's
+    merged LM and saves both (the adapters under ``lm/adapter``; sampling, evaluation and the next round use the
+    merged model). The baseline trains with the same setup."""
+
+    rank: int = field(default=0, metadata={"help": "adapter rank r; 0 = full fine-tuning (no adapters)"})
+    alpha: float = field(default=16.0, metadata={"help": "scaling numerator: updates are scaled by alpha / rank"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapters' input"})
+    target_modules: str | None = field(default=None, metadata={
+        "help": "comma-separated module names (e.g. q_proj,v_proj), all-linear, or null for peft's default of the "
+                "architecture (q_proj,v_proj for Llama, q,v for T5)"})
+
+    def __post_init__(self) -> None:
+        _at_least(self, 0, "rank")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0; got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+@dataclass(frozen=True)
 class TrainLMParams(TrainConfig):
-    pass
+    lora: LoraParams = field(default_factory=LoraParams, metadata={"help": "LoRA adapters (rank 0 = off)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lora.enabled and self.carry_optimizer:
+            raise ValueError("carry_optimizer needs full fine-tuning (lora.rank: 0): every round's LoRA adapters "
+                             "are new parameters, so there is no optimizer state to carry")
 
 
 @dataclass(frozen=True)
@@ -312,6 +343,8 @@ def _build(cls: type[T], values: Any, where: str) -> T:
     missing = sorted(n for n, f in fields.items() if n not in values)
     if missing:
         raise ParamsError(f"{where}: missing key(s) {', '.join(missing)}")
+    values = {n: _build(_NESTED[f.type], values[n], f"{where}.{n}") if f.type in _NESTED else values[n]
+              for n, f in fields.items()}
     wrong = [e for n, f in fields.items() if (e := _type_error(n, f.type, values[n])) is not None]
     if wrong:
         raise ParamsError(f"{where}: " + "; ".join(wrong))
@@ -321,6 +354,7 @@ def _build(cls: type[T], values: Any, where: str) -> T:
         raise ParamsError(f"{where}: {e}") from e
 
 
+_NESTED: dict[str, type] = {"LoraParams": LoraParams}  # a group's sub-mapping, built and checked like a group
 LOG_MODELS: tuple[str, ...] = ("best", "all", "none")
 
 

@@ -80,6 +80,31 @@ def is_seq2seq(model: PreTrainedModel) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
+ADAPTER_DIR = "adapter"  # a trained LM folder's LoRA adapters (peft's adapter_config.json + safetensors)
+
+
+def add_lora(model: PreTrainedModel, rank: int, alpha: float, dropout: float, target_modules: str | None,
+             seed: int) -> Any:
+    """``model`` wrapped with fresh LoRA adapters (peft): only the adapters are trainable. ``target_modules``:
+    comma-separated module names, ``all-linear``, or None for peft's default of the architecture. The adapters'
+    random init is drawn from ``seed`` (so PTG and its baseline start round r from the same adapters) without
+    touching torch's global generator."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets: str | list[str] | None = target_modules
+    if target_modules is not None and target_modules != "all-linear":
+        targets = [t.strip() for t in target_modules.split(",") if t.strip()]
+    task = TaskType.SEQ_2_SEQ_LM if is_seq2seq(model) else TaskType.CAUSAL_LM
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            return get_peft_model(model, cfg)
+        except ValueError as e:  # peft: "Target modules {...} not found in the base model" and the like
+            raise ValueError(f"train_lm.lora.target_modules: {target_modules!r} does not fit "
+                             f"{type(model).__name__}: {e}") from e
+
+
 def decoder_start_id(model: PreTrainedModel) -> int:
     start = model.config.decoder_start_token_id
     if start is None:

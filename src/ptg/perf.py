@@ -191,13 +191,19 @@ def guidance_row(backbone: torch.nn.Module, prompts: list[list[int]], pad_id: in
 
 def train_row(model: torch.nn.Module, prompts: list[list[int]], targets: list[list[int]], pad_id: int,
               updates: int = 3, batch_size: int = 8, device: torch.device = CPU,
-              dtype: torch.dtype = torch.float32) -> dict[str, float]:
+              dtype: torch.dtype = torch.float32, lora_rank: int = 0) -> dict[str, float]:
     """Achieved FLOP/s of ``updates`` weighted-MLE updates (uniform weights; ``with_peak`` adds the fraction of
-    the matmul peak)."""
+    the matmul peak); with ``lora_rank`` > 0, of LoRA adapters (peft's default targets) on ``model``, removed after.
+    The FLOPs counted are the full model's either way (LoRA skips the frozen weights' gradients, not their
+    backward through the activations), so the two rows compare as seconds per update."""
+    from ptg.models import add_lora
     from ptg.train import Example, TrainConfig, train_lm
 
     examples = [Example(p, t) for p, t in zip(prompts, targets, strict=True)]
     cfg = TrainConfig(max_updates=updates, batch_size=batch_size, lr=1e-5)
+    full = model
+    if lora_rank:
+        model = add_lora(model, lora_rank, 2.0 * lora_rank, 0.0, None, seed=0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     # One untimed update first: the first one pays one-off costs (CUDA context and cuBLAS handles, autocast weight
     # casts, allocator growth) that made 3 timed updates on an H100 read 1.38 s each.
@@ -209,7 +215,10 @@ def train_row(model: torch.nn.Module, prompts: list[list[int]], targets: list[li
     _sync(device)
     seconds = time.perf_counter() - t0
     model.load_state_dict(state)
-    shape = _shape(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if lora_rank:
+        model = model.unload()  # the base model as it was, without adapter layers
+    shape = _shape(full)
     # Tokens per update: the same seeded batches train_lm drew; FLOPs = 3 x forward (forward + backward).
     gen = torch.Generator().manual_seed(cfg.seed)
     from ptg.train import _micro_batches
@@ -221,7 +230,7 @@ def train_row(model: torch.nn.Module, prompts: list[list[int]], targets: list[li
             n_p, n_t = len(examples[i].prompt), len(examples[i].response)
             flops += 3 * forward_flops(shape, list(range(1, n_p + n_t + 1)), n_t)
     return {"seconds_per_update": seconds / updates, "flops_per_s": flops / seconds,
-            "tokens_per_update": sum(h["tokens"] for h in history) / updates}
+            "tokens_per_update": sum(h["tokens"] for h in history) / updates, "trainable_parameters": trainable}
 
 
 def with_peak(result: dict[str, Any], peak: float) -> dict[str, Any]:
@@ -229,7 +238,9 @@ def with_peak(result: dict[str, Any], peak: float) -> dict[str, Any]:
     of the matmul peak for training."""
     for row in ("sample", "greedy"):
         result[row]["of_compute_bound"] = result[row]["flops_per_s"] / peak
-    result["train_lm"]["of_peak"] = result["train_lm"]["flops_per_s"] / peak
+    for row in ("train_lm", "train_lm_lora"):
+        if row in result:
+            result[row]["of_peak"] = result[row]["flops_per_s"] / peak
     return result
 
 
@@ -280,6 +291,9 @@ def run(n_prompts: int = 24, k: int = 3, max_new: int = 32, device: torch.device
                                turn_end_id(model, tok))
     result["train_lm"] = train_row(model, prompts, targets, tok.pad_token_id, device=device, dtype=dtype)
     log.info("train_lm: %s", result["train_lm"])
+    result["train_lm_lora"] = train_row(model, prompts, targets, tok.pad_token_id, device=device, dtype=dtype,
+                                        lora_rank=8)
+    log.info("train_lm LoRA r=8: %s", result["train_lm_lora"])
     result["startup_s"] = startup_row()
     log.info("start-up: %s", result["startup_s"])
     # The peak again after the work, and the higher of the two for every fraction: on a shared or throttled
@@ -307,6 +321,12 @@ def format_table(result: dict[str, Any]) -> str:
                      f"| {gd['repeated_rows_per_s']:.1f} rows/s repeated | {gd['speedup']:.2f}x | |")
     lines.append(f"| train_lm (batch 8) | {t['flops_per_s'] / 1e9:.1f} GFLOP/s, {t['seconds_per_update']:.2f} s/update "
                  f"| | | {t['of_peak']:.0%} of peak |")
+    if "train_lm_lora" in result:
+        lo = result["train_lm_lora"]
+        speedup = t["seconds_per_update"] / lo["seconds_per_update"]
+        lines.append(f"| train_lm LoRA r=8 (batch 8) | {lo['seconds_per_update']:.2f} s/update, "
+                     f"{lo['trainable_parameters'] / 1e6:.2f}M trainable | full: {t['seconds_per_update']:.2f} s, "
+                     f"{t['trainable_parameters'] / 1e6:.1f}M | {speedup:.2f}x | |")
     lines.append("| start-up (s) | " + ", ".join(f"{k} {v:.1f}" for k, v in result["startup_s"].items()) + " | | | |")
     return "\n".join(lines)
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from ptg import schemas
-from ptg.config import ModelParams, RunParams, SamplingConfig, TrainConfig, load_group
+from ptg.config import ModelParams, RunParams, SamplingConfig, TrainLMParams, load_group
 from ptg.io import atomic_path, read_table, write_json
 
 if TYPE_CHECKING:
@@ -156,16 +156,21 @@ def sample_table(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fra
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 
-def train_and_save(src: Path, dst: Path, cfg: TrainConfig, guidance: Guidance | None, ctx: Context,
+def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance | None, ctx: Context,
                    metrics_path: Path, history_path: Path) -> tuple[dict[str, Any], pd.DataFrame]:
     """Load the LM at ``src``, train it on the training split with ``cfg`` (uniform token weights without a
-    guidance), save it (with its tokenizer, and its optimizer state when ``cfg.carry_optimizer``) to ``dst``
-    atomically, and write the summary JSON and the per-update history CSV; return both."""
-    from ptg.models import eos_ids, load_lm, load_tokenizer
+    guidance; fresh LoRA adapters when ``cfg.lora.rank`` > 0), save it to ``dst`` atomically with its tokenizer,
+    its optimizer state when ``cfg.carry_optimizer``, and its adapters under ``adapter/`` beside the merged weights
+    with LoRA; write the summary JSON and the per-update history CSV; return both."""
+    from ptg.models import ADAPTER_DIR, add_lora, eos_ids, load_lm, load_tokenizer
     from ptg.train import Example, load_optimizer, make_optimizer, save_optimizer, train_lm
 
     mp: ModelParams = load_group("model", ctx.params)
     model, tok = load_lm(src, ctx.device), load_tokenizer(src)
+    lora = cfg.lora
+    if lora.enabled:
+        model = add_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules, cfg.seed)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     train = read_examples("train")
     prompts = encode_prompts_of(tok, model, train, mp)
     targets = encode_targets_of(tok, model, train, mp)
@@ -183,6 +188,9 @@ def train_and_save(src: Path, dst: Path, cfg: TrainConfig, guidance: Guidance | 
                        eos_ids(model, tok), ctx.progress, optimizer=opt)
     seconds = time.perf_counter() - t0
     with atomic_path(dst) as tmp:
+        if lora.enabled:  # the adapters, and the merged LM that the next stages load
+            model.save_pretrained(tmp / ADAPTER_DIR)
+            model = model.merge_and_unload()
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         if cfg.carry_optimizer:
@@ -190,6 +198,7 @@ def train_and_save(src: Path, dst: Path, cfg: TrainConfig, guidance: Guidance | 
     last = history[-1]
     tokens = sum(h["tokens"] for h in history)
     summary = {"objective": cfg.objective, "guided": guidance is not None, "optimizer_carried": carried,
+               "lora_rank": lora.rank, "trainable_parameters": trainable,
                "updates": len(history), "final_loss": last["loss"], "final_nll": last["nll"], "seconds": seconds,
                "tokens_per_second": tokens / seconds}
     write_json(metrics_path, summary)
