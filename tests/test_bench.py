@@ -60,26 +60,40 @@ def test_collect_pairs_items_and_seeds(tmp_path):
     assert "+1.00 [+1.00, +1.00]" in table and table.count("\n| 1 |") == 1
 
 
-def test_ablations_compare_round_one_with_the_reference_on_validation(tmp_path):
-    _fake_seed(tmp_path, 0, np.random.default_rng(1), delta=0.01, rounds=(1,), name="abl-reference",
-               info={"overrides": ["seed=0", bench.VALIDATION], "targets": ["evaluate@1", "baseline"]})
-    _fake_seed(tmp_path, 0, np.random.default_rng(1), delta=0.03, rounds=(1,), name="abl-sum",
-               info={"overrides": ["seed=0", bench.VALIDATION, "fit_guidance.agg=sum"], "targets": ["evaluate@1"]})
+def _fake_ablation(root, variant, seed, delta, overrides=(), tree="t1"):
+    targets = ["evaluate@1", "baseline"] if variant == bench.ABLATION_REFERENCE else ["evaluate@1"]
+    # The same rng per seed: a variant's items are its reference's plus delta (its own baseline folder is unused).
+    _fake_seed(root, seed, np.random.default_rng(10 + seed), delta=delta, rounds=(1,),
+               name=bench.ablation_name(variant, seed),
+               info={"overrides": [f"seed={seed}", bench.VALIDATION, *overrides], "targets": targets, "tree": tree})
+
+
+def test_ablations_compare_round_one_with_the_reference_on_validation_over_seeds(tmp_path):
+    assert [name for name, _, _ in bench.ablation_experiments([0, 1], [["sum", "fit_guidance.agg=sum"]])] == \
+        ["abl-reference-s0", "abl-sum-s0", "abl-reference-s1", "abl-sum-s1"]
     assert bench.collect_ablations(tmp_path / "none", tmp_path / "out") == []
+    for seed in (0, 1):
+        _fake_ablation(tmp_path, "reference", seed, delta=0.01)
+    _fake_ablation(tmp_path, "sum", 0, delta=0.03, overrides=["fit_guidance.agg=sum"])
+    _fake_ablation(tmp_path, "sum", 1, delta=0.01, overrides=["fit_guidance.agg=sum"])
     rows = bench.collect_ablations(tmp_path, tmp_path / "out")
     assert [r["variant"] for r in rows] == ["bench config", "sum"]
     assert rows[0]["overrides"] == [] and rows[1]["overrides"] == ["fit_guidance.agg=sum"]
-    # Same items from the same rng: the variant's PTG is +2 over the reference's PTG and +3 over its baseline
-    # (the variant's own baseline folder is ignored), exactly.
+    assert rows[0]["seeds"] == rows[1]["seeds"] == [0, 1] and rows[1]["vs_reference"]["n_seeds"] == 2
+    # Paired within each seed: the reference is +1 over its baseline; sum is +2 over the reference with seed 0
+    # and +0 with seed 1, so +1 on average, and the CI spans the two seeds.
     assert rows[0]["vs_reference"]["mean"] == pytest.approx(0.0)
     assert rows[0]["vs_baseline"]["mean"] == pytest.approx(1.0)
-    assert rows[1]["vs_reference"]["mean"] == pytest.approx(2.0) and rows[1]["vs_reference"]["lo"] == pytest.approx(2.0)
-    assert rows[1]["vs_baseline"]["mean"] == pytest.approx(3.0)
-    assert "| sum | fit_guidance.agg=sum |" in (tmp_path / "out" / "ablations.md").read_text()
-    # A variant run with other code or bench params than the reference is not comparable: left out.
-    _fake_seed(tmp_path, 0, np.random.default_rng(1), delta=0.05, rounds=(1,), name="abl-old",
-               info={"overrides": ["seed=0", bench.VALIDATION], "targets": ["evaluate@1"], "tree": "older"})
-    assert [r["variant"] for r in bench.collect_ablations(tmp_path, tmp_path / "out")] == ["bench config", "sum"]
+    assert rows[1]["vs_reference"]["mean"] == pytest.approx(1.0)
+    assert rows[1]["vs_reference"]["lo"] == pytest.approx(0.0) and rows[1]["vs_reference"]["hi"] == pytest.approx(2.0)
+    assert rows[1]["vs_baseline"]["mean"] == pytest.approx(2.0)
+    assert "| sum | fit_guidance.agg=sum | 0,1 |" in (tmp_path / "out" / "ablations.md").read_text()
+    # A seed run with other code or bench params than that seed's reference is not comparable: left out.
+    _fake_ablation(tmp_path, "sum", 1, delta=0.05, overrides=["fit_guidance.agg=sum"], tree="older")
+    _fake_ablation(tmp_path, "old", 0, delta=0.05, tree="older")
+    rows = bench.collect_ablations(tmp_path, tmp_path / "out")
+    assert [(r["variant"], r["seeds"]) for r in rows] == [("bench config", [0, 1]), ("sum", [0])]
+    assert rows[1]["vs_reference"]["mean"] == pytest.approx(2.0)
 
 
 def test_collect_without_a_finished_seed_says_so(tmp_path):

@@ -277,63 +277,88 @@ def collect(directory: Path, out: Path, seeds: list[int]) -> dict[str, Any]:
     return summary
 
 
-ABLATION_REFERENCE = "abl-reference"
+ABLATION_REFERENCE = "reference"
 VALIDATION = "evaluate.split=validation"
 
 
-def ablation_experiments(seed: int, variants: list[list[str]]) -> list[tuple[str, list[str], Sequence[str]]]:
-    """Round 1 of the bench config and of each variant (``[name, key=value, ...]``), with ``seed``, the LMs scored
-    on the *validation* split, so that settings are chosen without looking at test: ``abl-reference`` (the bench
-    config, PTG and its baseline) and ``abl-<name>`` (PTG only; compared with the reference's PTG and baseline)."""
-    return [(ABLATION_REFERENCE, [f"seed={seed}", VALIDATION], ["evaluate@1", "baseline"]),
-            *((f"abl-{name}", [f"seed={seed}", VALIDATION, *overrides], ["evaluate@1"])
-              for name, *overrides in variants)]
+def ablation_name(variant: str, seed: int) -> str:
+    """The experiment of ``variant`` (``reference`` = the bench config) with ``seed``: results/abl-<variant>-s<seed>."""
+    return f"abl-{variant}-s{seed}"
+
+
+def ablation_experiments(seeds: Sequence[int], variants: list[list[str]]
+                         ) -> list[tuple[str, list[str], Sequence[str]]]:
+    """Round 1 of the bench config and of each variant (``[name, key=value, ...]``) with each of ``seeds``, the LMs
+    scored on the *validation* split, so that settings are chosen without looking at test: the reference (the
+    bench config, PTG and its baseline) and each variant (PTG only; compared with the same seed's reference PTG
+    and baseline). Seed-major, so that with fewer jobs than experiments the first seed finishes first."""
+    out: list[tuple[str, list[str], Sequence[str]]] = []
+    for seed in seeds:
+        out.append((ablation_name(ABLATION_REFERENCE, seed), [f"seed={seed}", VALIDATION], ["evaluate@1", "baseline"]))
+        out += [(ablation_name(name, seed), [f"seed={seed}", VALIDATION, *overrides], ["evaluate@1"])
+                for name, *overrides in variants]
+    return out
+
+
+def _ablation_runs(results: Path) -> dict[str, dict[int, Path]]:
+    """Finished ablation experiments under ``results``: {variant: {seed: folder}}."""
+    runs: dict[str, dict[int, Path]] = {}
+    for d in sorted(results.glob("abl-*-s*")):
+        variant, _, seed = d.name.removeprefix("abl-").rpartition("-s")
+        if seed.isdigit() and (d / "seconds.json").is_file():
+            runs.setdefault(variant, {})[int(seed)] = d
+    return runs
 
 
 def collect_ablations(directory: Path, out: Path) -> list[dict[str, Any]]:
-    """Round 1 of every ablation variant against the reference (the bench config) on the validation split: PTG's
-    ROUGE-L, its paired difference with the reference's PTG and with the reference's baseline (bootstrap 95 % CI
-    over validation items), the guidance's validation pairwise accuracy, output lengths. Writes ablations.json and
-    ablations.md; returns the rows (none when no ablation ran)."""
-    results = directory / "results"
-    reference = results / ABLATION_REFERENCE
-    if not (reference / "seconds.json").is_file():
+    """Round 1 of every ablation variant against the reference (the bench config) on the validation split, over
+    every seed both ran with the same snapshot: PTG's ROUGE-L, its paired difference with the reference's PTG and
+    with the reference's baseline (two-level bootstrap 95 % CI over validation items and seeds), the guidance's
+    validation pairwise accuracy, output lengths. Writes ablations.json and ablations.md; returns the rows (none
+    when no reference finished)."""
+    runs = _ablation_runs(directory / "results")
+    references = runs.pop(ABLATION_REFERENCE, {})
+    if not references:
         return []
-    ref_ptg = _items(reference, "ptg", 1).set_index("id")
-    ref_base = _items(reference, "baseline", 1).set_index("id")
-    tree = read_json(reference / "seconds.json").get("tree")
+    trees = {seed: read_json(d / "seconds.json").get("tree") for seed, d in references.items()}
     rows = []
-    for d in [reference, *sorted(p for p in results.glob("abl-*") if p != reference
-                                 and (p / "seconds.json").is_file())]:
-        info = read_json(d / "seconds.json")
-        if info.get("tree") != tree:  # another code or bench params than the reference: not comparable
-            log.info("%s: ran with another snapshot than %s; left out", d.name, ABLATION_REFERENCE)
+    for variant, by_seed in [(ABLATION_REFERENCE, references), *sorted(runs.items())]:
+        # Only seeds whose run shares the reference's snapshot (code + bench params) are comparable.
+        seeds = [s for s, d in sorted(by_seed.items())
+                 if s in trees and read_json(d / "seconds.json").get("tree") == trees[s]]
+        if not seeds:
+            log.info("%s: no run with the snapshot of a reference seed; left out", variant)
             continue
-        ptg = _items(d, "ptg", 1).set_index("id")
-        ev = read_json(d / "metrics" / "rounds" / "1" / "evaluate.json")
-        ids = sorted(set(ptg.index) & set(ref_ptg.index) & set(ref_base.index))
+        dirs = [by_seed[s] for s in seeds]
+        ptg = [_items(d, "ptg", 1).set_index("id") for d in dirs]
+        ref_ptg = [_items(references[s], "ptg", 1).set_index("id") for s in seeds]
+        ref_base = [_items(references[s], "baseline", 1).set_index("id") for s in seeds]
+        ids = sorted(set.intersection(*(set(f.index) for f in ptg + ref_ptg + ref_base)))
 
-        def diff(other: pd.DataFrame, ids: list[str] = ids, ptg: pd.DataFrame = ptg) -> dict[str, float]:
-            d = ptg.loc[ids, "rougeL"].to_numpy(float) - other.loc[ids, "rougeL"].to_numpy(float)
-            return stats.paired_bootstrap(d[None] * 100)
+        def scores(frames: list[pd.DataFrame], column: str = "rougeL", ids: list[str] = ids) -> np.ndarray:
+            return np.stack([f.loc[ids, column].to_numpy(float) for f in frames])
 
-        rows.append({"variant": "bench config" if d == reference else d.name.removeprefix("abl-"),
+        info = read_json(dirs[0] / "seconds.json")
+        evals = [read_json(d / "metrics" / "rounds" / "1" / "evaluate.json") for d in dirs]
+        rows.append({"variant": "bench config" if variant == ABLATION_REFERENCE else variant,
                      "overrides": [o for o in info["overrides"] if not o.startswith("seed=") and o != VALIDATION],
-                     "items": len(ids), "rougeL_ptg": float(ptg.loc[ids, "rougeL"].mean() * 100),
-                     "rougeL_baseline": float(ref_base.loc[ids, "rougeL"].mean() * 100),
-                     "vs_reference": diff(ref_ptg), "vs_baseline": diff(ref_base),
-                     "val_accuracy": guidance_accuracy([d], 1)["guidance"],
-                     "words_ptg": float(ptg.loc[ids, "gen_len"].mean()),
-                     "words_baseline": float(ref_base.loc[ids, "gen_len"].mean()), "seconds": info["seconds"],
-                     **{k: ev.get(k, float("nan")) for k in ("reward_eos", "reward_other")}})
+                     "seeds": seeds, "items": len(ids), "rougeL_ptg": float(scores(ptg).mean() * 100),
+                     "rougeL_baseline": float(scores(ref_base).mean() * 100),
+                     "vs_reference": stats.paired_bootstrap((scores(ptg) - scores(ref_ptg)) * 100),
+                     "vs_baseline": stats.paired_bootstrap((scores(ptg) - scores(ref_base)) * 100),
+                     "val_accuracy": guidance_accuracy(dirs, 1)["guidance"],
+                     "words_ptg": float(scores(ptg, "gen_len").mean()),
+                     "words_baseline": float(scores(ref_base, "gen_len").mean()),
+                     "seconds": float(np.mean([read_json(d / "seconds.json")["seconds"] for d in dirs])),
+                     **{k: _nanmean([e.get(k, float("nan")) for e in evals]) for k in ("reward_eos", "reward_other")}})
     write_json(out / "ablations.json", rows)
-    lines = ["| variant | overrides | val ROUGE-L PTG | Δ vs bench config [95% CI] | Δ vs baseline [95% CI] "
+    lines = ["| variant | overrides | seeds | val ROUGE-L PTG | Δ vs bench config [95% CI] | Δ vs baseline [95% CI] "
              "| guidance val acc [95% CI] (pairs) | words PTG / base | reward EOS / other |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a = r["val_accuracy"]
-        lines.append(f"| {r['variant']} | {' '.join(r['overrides']) or '—'} | {r['rougeL_ptg']:.2f} "
-                     f"| {_ci(r['vs_reference'])} | {_ci(r['vs_baseline'])} "
+        lines.append(f"| {r['variant']} | {' '.join(r['overrides']) or '—'} | {','.join(map(str, r['seeds']))} "
+                     f"| {r['rougeL_ptg']:.2f} | {_ci(r['vs_reference'])} | {_ci(r['vs_baseline'])} "
                      f"| {a['accuracy']:.3f} [{a['lo']:.3f}, {a['hi']:.3f}] ({int(a['pairs'])}) "
                      f"| {r['words_ptg']:.1f} / {r['words_baseline']:.1f} "
                      f"| {r['reward_eos']:.3f} / {r['reward_other']:.3f} |")
@@ -406,18 +431,23 @@ def main(argv: list[str] | None = None) -> int:
                     help="experiments run side by side, each stage on cores // jobs threads (at least 1)")
     ap.add_argument("--collect-only", action="store_true", help="only compute statistics of finished runs")
     ap.add_argument("--ablation", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
-                    help="after the seeds, run round 1 of a variant with the first seed, scored on the validation "
-                         "split (repeatable), e.g. --ablation agg-min fit_guidance.agg=soft_min")
+                    help="after the seeds, run round 1 of a variant, scored on the validation split (repeatable), "
+                         "e.g. --ablation agg-min fit_guidance.agg=soft_min")
+    ap.add_argument("--ablation-seeds", type=int, nargs="+", default=None,
+                    help="seeds of the ablations (default: the first of --seeds)")
+    ap.add_argument("--ablations-only", action="store_true",
+                    help="run only the ablations (the seeds' results are collected as they are)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bench %(levelname)s %(message)s")
     directory, out = Path(args.dir).resolve(), Path(args.out)
     if not args.collect_only:
         setup_repo(Path(args.params).resolve(), directory)
-        experiments = [seed_experiment(seed) for seed in args.seeds]
+        experiments = [] if args.ablations_only else [seed_experiment(seed) for seed in args.seeds]
         if args.ablation:
-            experiments += ablation_experiments(args.seeds[0], args.ablation)
+            experiments += ablation_experiments(args.ablation_seeds or args.seeds[:1], args.ablation)
         run_all(directory, experiments, args.jobs)
-    collect(directory, out, args.seeds)
+    if not args.ablations_only:
+        collect(directory, out, args.seeds)
     collect_ablations(directory, out)
     return 0
 
