@@ -11,7 +11,7 @@ Run: python stages/baseline.py [--params params.yaml]
 
 import dataclasses
 
-from ptg import evaluation, pipeline, tracking
+from ptg import distributed, evaluation, pipeline, tracking
 from ptg.config import round_budget, rounds
 
 
@@ -25,6 +25,8 @@ def main(params: str = "params.yaml") -> None:
         summary, history = pipeline.train_and_save(
             src, out / "lm", cfg, None, ctx, met / "train_lm.json",
             pipeline.METRICS / "baseline_history" / str(r) / "train_lm_history.csv")
+        if not distributed.is_main():  # data-parallel training (accelerate launch): rank 0 evaluates and tracks
+            continue
         tracking.log_stage("baseline_train_lm", r, dataclasses.asdict(cfg), summary, history=history,
                            model_dir=out / "lm", registered_name=tracking.BASELINE_MODEL, dvc_stage="baseline")
         scores, files = evaluation.evaluate_and_save(out / "lm", None, out / "predictions.parquet",

@@ -208,3 +208,33 @@ def test_lora_trains_adapters_for_both_arms_and_saves_them_beside_the_merged_lm(
     assert ptg["lora_rank"] == base["lora_rank"] == 4
     assert ptg["trainable_parameters"] == base["trainable_parameters"] < total // 10
     assert (ws / "data" / "baseline" / "1" / "lm" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_train_lm_under_accelerate_launch_trains_data_parallel_and_writes_once(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 stages/train_lm.py` (gloo on the CPU): the two ranks train
+    one LM on the global batch (the same losses as the stage in one process) and rank 0 alone writes it."""
+    import socket
+
+    from safetensors.torch import load_file
+
+    ws = _workspace_with(tmp_path)
+    run(["dvc", "repro", "train_lm@1"], ws)
+    lm, metrics = ws / "data" / "rounds" / "1" / "lm", ws / "metrics" / "rounds" / "1"
+    one = load_file(lm / "model.safetensors")
+    history_one = pd.read_csv(metrics / "train_lm_history.csv")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
+         "--main_process_port", str(port), "stages/train_lm.py", "--round", "1"], ws)
+    summary = json.loads((metrics / "train_lm.json").read_text())
+    assert summary["processes"] == 2
+    history_two = pd.read_csv(metrics / "train_lm_history.csv")
+    assert history_two["tokens"].tolist() == history_one["tokens"].tolist()  # the global batch, summed over ranks
+    for key in ("loss", "nll", "reward"):
+        assert history_two[key].to_numpy() == pytest.approx(history_one[key].to_numpy(), rel=1e-4), key
+    two = load_file(lm / "model.safetensors")
+    # AdamW at lr 1e-4 for 4 updates: rounding noise can flip near-zero gradients' steps (<= 4e-4), no more.
+    assert max((two[k] - one[k]).abs().max().item() for k in one) <= 4e-4
+    assert not [p for p in ws.rglob("*") if ".tmp-" in p.name]

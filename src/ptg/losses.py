@@ -169,6 +169,21 @@ def weighted_mle(
 
     Returns a scalar.
     """
+    total, count = weighted_mle_parts(nll, rewards, mask, use_q, exp_rewards, normalize)
+    return total / count
+
+
+def weighted_mle_parts(
+    nll: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    use_q: bool = False,
+    exp_rewards: bool = False,
+    normalize: str = "sequence",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weighted_mle`` as (total, count), the loss being total / count: for ``batch`` the weighted NLL sum and the
+    weight sum, for ``sequence`` the sum of per-sequence weighted NLLs and the number of sequences. Summing both
+    over shards of a batch gives the whole batch's parts (data parallelism, ``ptg.distributed``)."""
     _check_ndim("nll", nll, 2)
     _check_same_shape(nll=nll, rewards=rewards, mask=mask)
     _check_choice("normalize", normalize, NORMALIZATIONS)
@@ -179,9 +194,9 @@ def weighted_mle(
     w = _token_weights(r, mask, use_q)
     nll = nll.masked_fill(~mask.bool(), 0.0)
     if normalize == "batch":
-        return (w * nll).sum() / w.sum()
+        return (w * nll).sum(), w.sum().detach()
     w = w / w.sum(-1, keepdim=True)
-    return (w * nll).sum(-1).mean()
+    return (w * nll).sum(), torch.tensor(float(nll.shape[0]), device=nll.device)
 
 
 def reinforce_loss(

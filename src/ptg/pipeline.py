@@ -73,7 +73,7 @@ class Context:
 
     @property
     def progress(self) -> bool:
-        return self.run.progress and not os.environ.get("CI")
+        return self.run.progress and not os.environ.get("CI") and os.environ.get("RANK", "0") == "0"
 
 
 def cli(main: Callable[..., None], doc: str | None, per_round: bool = True) -> None:
@@ -98,8 +98,10 @@ def start(stage: str, params: str | Path = "params.yaml", with_torch: bool = Tru
         return Context(Path(params), run, None, None)
     import torch
 
+    from ptg import distributed
     from ptg.precision import resolve_device, resolve_precision
 
+    distributed.init_from_env()  # under `accelerate launch --num_processes N`: data-parallel train_lm
     device = resolve_device(run.device)
     dtype = resolve_precision(run.precision, device)
     torch.manual_seed(run.seed)
@@ -162,6 +164,7 @@ def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance 
     guidance; fresh LoRA adapters when ``cfg.lora.rank`` > 0), save it to ``dst`` atomically with its tokenizer,
     its optimizer state when ``cfg.carry_optimizer``, and its adapters under ``adapter/`` beside the merged weights
     with LoRA; write the summary JSON and the per-update history CSV; return both."""
+    from ptg import distributed
     from ptg.models import ADAPTER_DIR, add_lora, eos_ids, load_lm, load_tokenizer
     from ptg.train import Example, load_optimizer, make_optimizer, save_optimizer, train_lm
 
@@ -187,22 +190,24 @@ def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance 
     history = train_lm(model, examples, cfg, tok.pad_token_id, ctx.device, ctx.dtype, guidance, sampling,
                        eos_ids(model, tok), ctx.progress, optimizer=opt)
     seconds = time.perf_counter() - t0
-    with atomic_path(dst) as tmp:
-        if lora.enabled:  # the adapters, and the merged LM that the next stages load
-            model.save_pretrained(tmp / ADAPTER_DIR)
-            model = model.merge_and_unload()
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        if cfg.carry_optimizer:
-            save_optimizer(opt, tmp / OPTIMIZER_FILE)
     last = history[-1]
     tokens = sum(h["tokens"] for h in history)
     summary = {"objective": cfg.objective, "guided": guidance is not None, "optimizer_carried": carried,
                "lora_rank": lora.rank, "trainable_parameters": trainable,
                "updates": len(history), "final_loss": last["loss"], "final_nll": last["nll"], "seconds": seconds,
-               "tokens_per_second": tokens / seconds}
-    write_json(metrics_path, summary)
+               "tokens_per_second": tokens / seconds, "processes": distributed.rank_and_world()[1]}
     frame = pd.DataFrame(history)
-    with atomic_path(history_path) as tmp:
-        frame.to_csv(tmp, index=False)
+    if distributed.is_main():  # every rank holds the same weights: one writes
+        with atomic_path(dst) as tmp:
+            if lora.enabled:  # the adapters, and the merged LM that the next stages load
+                model.save_pretrained(tmp / ADAPTER_DIR)
+                model = model.merge_and_unload()
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            if cfg.carry_optimizer:
+                save_optimizer(opt, tmp / OPTIMIZER_FILE)
+        write_json(metrics_path, summary)
+        with atomic_path(history_path) as tmp:
+            frame.to_csv(tmp, index=False)
+    distributed.barrier()  # the other ranks go on (the baseline's next round) once the LM is saved
     return summary, frame

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from ptg import losses
+from ptg import distributed, losses
 from ptg.config import TrainConfig
 from ptg.guidance import Guidance
 from ptg.models import Batch, collate, response_logits
@@ -65,26 +65,67 @@ def _micro_batches(lengths: Sequence[int], size: int, gen: torch.Generator) -> I
 
 
 def _loss(model: PreTrainedModel, batch: Batch, cfg: TrainConfig, guidance: Guidance | None,
-          sampling: SamplingConfig | None) -> tuple[torch.Tensor, dict[str, float]]:
+          sampling: SamplingConfig | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss, count, sums) of one micro-batch shard: the objective is ``loss * count / sum over ranks of count``
+    (in one process, ``loss`` itself); ``sums``: the detached per-token sums the metrics row reports."""
     mask = batch.response_mask
     logits = response_logits(model, batch)
     if cfg.objective == "reinforce":
-        # Score the samples under the distribution they were drawn from (temperature, top-k, top-p).
         assert sampling is not None
         logits = filter_logits(logits.flatten(0, 1), sampling).view(logits.shape)
     nll = losses.token_nll(logits, batch.response_ids, mask)
-    stats: dict[str, float] = {"nll": float((nll.detach() * mask).sum() / mask.sum())}
     if guidance is None:
         rewards = mask.float()
     else:
         with torch.no_grad():
             rewards = guidance(batch)
-    stats["reward"] = float((rewards * mask).sum() / mask.sum())
+    sums = {"tokens": mask.sum().float(), "nll": (nll.detach() * mask).sum(), "reward": (rewards * mask).sum()}
     if cfg.objective == "wmle":
-        return losses.weighted_mle(nll, rewards, mask, cfg.use_q, cfg.exp_rewards, cfg.normalize), stats
+        total, count = losses.weighted_mle_parts(nll, rewards, mask, cfg.use_q, cfg.exp_rewards, cfg.normalize)
+        return total / count, count, sums
     neg_ent = losses.neg_entropy(logits.float(), mask)
-    stats["entropy"] = -float(neg_ent.detach())
-    return losses.reinforce_loss(nll, rewards, mask, cfg.use_q) + cfg.entropy_coeff * neg_ent, stats
+    sums["entropy"] = -neg_ent.detach() * sums["tokens"]
+    return losses.reinforce_loss(nll, rewards, mask, cfg.use_q) + cfg.entropy_coeff * neg_ent, sums["tokens"], sums
+
+
+def _micro_batch(model: PreTrainedModel, chunk: list[Example], cfg: TrainConfig, guidance: Guidance | None,
+                 sampling: SamplingConfig | None, eos_ids: Sequence[int], pad_id: int, device: torch.device,
+                 dtype: torch.dtype, sample_gen: torch.Generator) -> dict[str, float]:
+    """Forward and backward of this rank's ``chunk`` of one micro-batch, its loss scaled to its share of the
+    whole micro-batch's loss (the counts are summed over ranks first); returns the micro-batch's metrics (loss,
+    per-token nll / reward / entropy means, tokens), summed over ranks. A rank with no example (a micro-batch
+    smaller than the world) still joins the reductions and adds nothing."""
+    rank_sums = {"count": torch.zeros((), device=device), "loss": torch.zeros((), device=device),
+                 "tokens": torch.zeros((), device=device), "nll": torch.zeros((), device=device),
+                 "reward": torch.zeros((), device=device), "entropy": torch.zeros((), device=device)}
+    loss = None
+    if chunk:
+        prompts = [e.prompt for e in chunk]
+        if cfg.objective == "reinforce":
+            assert sampling is not None
+            drawn = sample(model, prompts, sampling, eos_ids, pad_id, device, dtype, batch_size=len(prompts),
+                           generator=sample_gen, progress=False)
+            responses = [s[0] for s in drawn]
+            model.train()
+        else:
+            responses = [e.response for e in chunk]
+        batch = collate(prompts, responses, pad_id).to(device)
+        with autocast(device, dtype):
+            loss, count, sums = _loss(model, batch, cfg, guidance, sampling)
+        rank_sums |= {k: v.detach().float() for k, v in sums.items()} | {"count": count.detach().float(),
+                                                                          "loss": loss.detach().float() * count}
+    keys = list(rank_sums)
+    total = distributed.all_reduce_sum(torch.stack([rank_sums[k] for k in keys]))
+    every = dict(zip(keys, total.tolist(), strict=True))
+    if loss is not None:
+        # This rank's share: loss * count / total count (exactly the loss in one process: count / count = 1).
+        (loss * (rank_sums["count"] / total[keys.index("count")]) / cfg.grad_accum).backward()
+    tokens = every["tokens"]
+    out = {"loss": every["loss"] / every["count"], "tokens": tokens, "nll": every["nll"] / tokens,
+           "reward": every["reward"] / tokens}
+    if cfg.objective == "reinforce":
+        out["entropy"] = every["entropy"] / tokens
+    return out
 
 
 def make_optimizer(model: PreTrainedModel, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -136,8 +177,9 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
         raise ValueError("objective 'reinforce' needs a sampling temperature > 0 (greedy decoding has no gradient)")
     if cfg.objective == "wmle" and any(not e.response for e in examples):
         raise ValueError(f"objective {cfg.objective!r} needs a reference response for every example")
-    order_gen = torch.Generator().manual_seed(cfg.seed)
-    sample_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    rank = distributed.rank_and_world()[0]
+    order_gen = torch.Generator().manual_seed(cfg.seed)  # the same micro-batches on every rank
+    sample_gen = torch.Generator().manual_seed(cfg.seed + 1 + 1_000_003 * rank)  # each rank samples its own share
     model.to(device).train()
     if guidance is not None:
         guidance.to(device).eval().requires_grad_(False)
@@ -150,23 +192,11 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
         opt.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
-            chunk = [examples[i] for i in next(batches)]
-            prompts = [e.prompt for e in chunk]
-            if cfg.objective == "reinforce":
-                drawn = sample(model, prompts, sampling, eos_ids, pad_id, device, dtype, batch_size=len(prompts),
-                               generator=sample_gen, progress=False)
-                responses = [s[0] for s in drawn]
-                model.train()
-            else:
-                responses = [e.response for e in chunk]
-            batch = collate(prompts, responses, pad_id).to(device)
-            with autocast(device, dtype):
-                loss, stats = _loss(model, batch, cfg, guidance, sampling)
-            (loss / cfg.grad_accum).backward()
-            stats["loss"] = loss.item()
-            stats["tokens"] = float(batch.response_mask.sum())
-            for k, v in stats.items():
+            chunk = distributed.shard([examples[i] for i in next(batches)])
+            parts = _micro_batch(model, chunk, cfg, guidance, sampling, eos_ids, pad_id, device, dtype, sample_gen)
+            for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + (v if k == "tokens" else v / cfg.grad_accum)
+        distributed.sync_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
         opt.step()
         row = {"update": float(update), **sums, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"]}

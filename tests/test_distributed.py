@@ -1,0 +1,102 @@
+"""Data-parallel train_lm: two processes on gloo (`accelerate launch --multi_gpu --num_processes 2`, on the CPU)
+take the same updates as one process on the same global batch, with a guidance weighting the tokens, micro-batches
+that split unevenly between the ranks and references of different lengths (so a per-rank mean, averaged over
+ranks, would differ), for both normalisations of weighted MLE and for the baseline's uniform weights."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+TESTS = Path(__file__).parent
+VENV_BIN = Path(sys.executable).parent
+
+SCRIPT = textwrap.dedent('''
+    import json, sys
+    import torch
+    from safetensors.torch import save_file
+    from conftest import EOS, PAD, tiny_llama
+    from test_guidance_train import guidance_for
+    from ptg import distributed
+    from ptg.train import Example, TrainConfig, train_lm
+
+    distributed.init_from_env()
+    out = sys.argv[1]
+    # References of 1 to 7 tokens: the ranks' shares of a micro-batch hold different numbers of tokens.
+    examples = [Example([2, 3 + i % 5, 4 + i % 7], [5 + (i * j) % 9 for j in range(1 + i % 7)] + [EOS])
+                for i in range(12)]
+    histories = {}
+    for name, normalize, guided in (("batch", "batch", True), ("sequence", "sequence", True),
+                                    ("uniform", "batch", False)):
+        torch.manual_seed(0)
+        guidance = guidance_for(tiny_llama(1)) if guided else None
+        if guidance is not None:  # a head that tells tokens apart (the initial one gives all the same reward)
+            for layer in (guidance.head[0], guidance.head[2]):
+                torch.nn.init.normal_(layer.weight, std=0.5)
+        model = tiny_llama(0)
+        cfg = TrainConfig(lr=0.5, batch_size=3, max_updates=4, normalize=normalize, seed=5)
+        # Plain SGD: the weights move by lr x the gradient, so equal weights mean equal gradients (AdamW would
+        # turn float-rounding noise in near-zero gradients into steps of up to lr).
+        sgd = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+        histories[name] = train_lm(model, examples, cfg, PAD, torch.device("cpu"), guidance=guidance,
+                                   progress=False, optimizer=sgd)
+        if distributed.is_main():
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/{name}.safetensors")
+    if distributed.is_main():
+        json.dump(histories, open(f"{out}/history.json", "w"))
+''')
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(tmp_path: Path, name: str, processes: int) -> Path:
+    out = tmp_path / name
+    out.mkdir()
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    if processes == 1:
+        cmd = [sys.executable, str(script), str(out)]
+    else:
+        cmd = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()), str(script), str(out)]
+    src = str(TESTS.parent / "src")
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(TESTS), src]), "OMP_NUM_THREADS": "1",
+                        "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    return _train(tmp, "one", 1), _train(tmp, "two", 2)
+
+
+@pytest.mark.parametrize("name", ["batch", "sequence", "uniform"])
+def test_two_processes_take_the_updates_of_one(runs, name):
+    one, two = runs
+    a, b = load_file(one / f"{name}.safetensors"), load_file(two / f"{name}.safetensors")
+    from conftest import tiny_llama
+
+    start = tiny_llama(0).state_dict()
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # the updates moved the weights
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5)
+    h1, h2 = (json.loads((d / "history.json").read_text())[name] for d in (one, two))
+    for r1, r2 in zip(h1, h2, strict=True):
+        assert r2["tokens"] == r1["tokens"]  # the whole micro-batch's tokens, summed over ranks
+        for key in ("loss", "nll", "reward", "grad_norm"):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-5), (name, key)
