@@ -31,6 +31,7 @@ from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, t
 
 from ptg import tracking
 from ptg.config import rounds as read_rounds
+from ptg.prefect_setup import FLOW
 from ptg.workspace import REPO, dvc_env, make_workspace, workspace_lock
 
 ROUND_STAGES = ("sample", "rank", "fit_guidance", "train_lm", "evaluate")
@@ -112,7 +113,7 @@ def _options(name: str) -> dict:
     return {"name": name, "task_run_name": name, "retries": retries, "retry_delay_seconds": RETRY_DELAYS_S}
 
 
-@flow(name="ptg-pipeline")
+@flow(name=FLOW)
 def ptg_pipeline(rounds: int | None = None, params_file: str = "params.yaml", workdir: str | None = None
                  ) -> dict[str, bool]:
     """Run the pipeline; returns, per stage task, whether DVC ran it (False: up to date, skipped). A second run in

@@ -27,7 +27,7 @@ import yaml
 from conftest import hold_workspace, stop_process_group
 from mlflow import MlflowClient
 
-from ptg import tracking
+from ptg import prefect_setup, tracking
 from ptg.workspace import REPO
 
 VENV_BIN = Path(sys.executable).parent
@@ -233,11 +233,19 @@ def prefect(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return done
 
 
+# The zombie automation's window in these tests: `ptg prefect-setup --crash-after`, the setting users change, as
+# short as is safe with the 30 s heartbeat (one late heartbeat still does not crash a live run), so the killed-worker
+# test waits 30-60 s for Crashed instead of 60-90 s.
+TEST_CRASH_AFTER_S = 60
+
+
 def deploy_and_run(env: dict[str, str], workdir: Path, deploy: bool = True) -> str:
-    """prefect.yaml's ptg-local on a process pool (created and deployed, exit 0, when ``deploy``); triggers a quick
-    run in ``workdir`` and returns its flow run id."""
+    """prefect.yaml's ptg-local: when ``deploy``, `ptg prefect-setup` (the process pool and the zombie automation)
+    and `prefect deploy` (exit 0); triggers a quick run in ``workdir`` and returns its flow run id."""
     if deploy:
-        prefect(env, "work-pool", "create", "ptg-process", "--type", "process")
+        done = subprocess.run([str(VENV_BIN / "ptg"), "prefect-setup", "--crash-after", str(TEST_CRASH_AFTER_S)],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         prefect(env, "--no-prompt", "deploy", "--name", "ptg-local")  # exit 0: prefect 3.9 with its FastAPI
         prefect(env, "deployment", "inspect", "ptg-pipeline/ptg-local")
     params = json.dumps({"params_file": "configs/quick.yaml", "rounds": 2, "workdir": str(workdir)})
@@ -252,9 +260,13 @@ def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen:
                                 start_new_session=True)
 
 
-def flow_run_state(env: dict[str, str], flow_run_id: str) -> str:
+def flow_run(env: dict[str, str], flow_run_id: str) -> dict:
     with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/flow_runs/{flow_run_id}", timeout=10) as r:
-        return json.load(r)["state"]["type"]
+        return json.load(r)
+
+
+def flow_run_state(env: dict[str, str], flow_run_id: str) -> str:
+    return flow_run(env, flow_run_id)["state"]["type"]
 
 
 def wait_until_final(env: dict[str, str], flow_run_id: str, seconds: float = 600) -> str:
@@ -304,7 +316,8 @@ def test_deployment_runs_on_a_process_worker(quick_run, prefect_server, tmp_path
 @pytest.mark.slow
 def test_a_killed_worker_leaves_a_workspace_the_next_run_resumes(quick_run, prefect_server, tmp_path):
     """kill -9 of the worker, its flow run and the running stage, mid-pipeline: what finished stays, nothing is
-    half-written, and the deployment run again resumes at the stage that did not finish and completes."""
+    half-written, the zombie automation sets the orphaned flow run to Crashed once its heartbeats stop, and the
+    deployment run again resumes at the stage that did not finish and completes."""
     import psutil
 
     workdir, env = tmp_path / "killed-workspace", prefect_server
@@ -321,11 +334,21 @@ def test_a_killed_worker_leaves_a_workspace_the_next_run_resumes(quick_run, pref
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
         worker.wait()
+        killed = time.monotonic()
     done_before = locked_stages(workdir)
-    assert "report" not in done_before and flow_run_state(env, first) != "COMPLETED"
+    assert "report" not in done_before and flow_run_state(env, first) == "RUNNING"  # nothing left to end it
     samples = workdir / "data" / "rounds" / "1" / "samples.parquet"
     stamp = samples.stat().st_mtime_ns
     assert not [p for p in workdir.rglob("*") if ".tmp-" in p.name]  # nothing half-written at an output path
+
+    # The last heartbeat came at most HEARTBEAT_S before the kill; the automation fires TEST_CRASH_AFTER_S after it
+    # (the server evaluates proactive triggers every 5 s): Crashed 30-60 s after the kill, never Running for good.
+    bound = TEST_CRASH_AFTER_S + prefect_setup.HEARTBEAT_S
+    state = wait_until_final(env, first, seconds=bound)
+    took = time.monotonic() - killed
+    assert state == "CRASHED", f"flow run {first} is {state} {took:.0f} s after its worker was killed"
+    assert f"No heartbeat for {TEST_CRASH_AFTER_S} s" in flow_run(env, first)["state"]["message"]  # the automation
+    print(f"killed worker: flow run Crashed {took:.0f} s after the kill (window {TEST_CRASH_AFTER_S} s)")
 
     complete_on_a_worker(env, deploy_and_run(env, workdir, deploy=False), tmp_path / "worker-2.log")
     assert samples.stat().st_mtime_ns == stamp  # sample@1 finished before the kill: not run again
@@ -333,6 +356,39 @@ def test_a_killed_worker_leaves_a_workspace_the_next_run_resumes(quick_run, pref
     status = subprocess.run(["dvc", "status", "--json"], cwd=workdir, capture_output=True, text=True, check=True)
     changed = {k: v for k, v in json.loads(status.stdout).items() if v != ["always changed"]}  # preferences
     assert changed == {}  # every output matches its stage
+
+
+def test_prefect_setup_is_idempotent_and_matches_prefect_yaml(env, harness, capsys):
+    """`ptg prefect-setup` twice: one pool, one automation, its window the last one asked for; and the heartbeat the
+    window assumes is the one prefect.yaml gives every deployment's runs."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.events.schemas.automations import Posture
+
+    for deployment in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]:
+        heartbeat = deployment["work_pool"]["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]
+        assert heartbeat == str(prefect_setup.HEARTBEAT_S), deployment["name"]
+    assert prefect_setup.HEARTBEAT_S < prefect_setup.CRASH_AFTER_S
+    with pytest.raises(ValueError, match="longer than the heartbeat period"):
+        prefect_setup.zombie_automation(prefect_setup.HEARTBEAT_S)
+
+    pool = "ptg-process-setup-test"
+    assert prefect_setup.main(["--pool", pool, "--crash-after", "45"]) == 0
+    assert prefect_setup.main(["--pool", pool]) == 0
+    out = capsys.readouterr().out
+    assert f"'{pool}': created (process)" in out and f"'{pool}': exists (process)" in out
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_automations_by_name(prefect_setup.AUTOMATION)
+
+    (automation,) = asyncio.run(read())
+    trigger = automation.trigger
+    assert trigger.posture == Posture.Proactive and trigger.within.total_seconds() == prefect_setup.CRASH_AFTER_S
+    assert trigger.after == {"prefect.flow-run.heartbeat"} and trigger.for_each == {"prefect.resource.id"}
+    assert [a.type for a in automation.actions] == ["change-flow-run-state"]
+    assert automation.actions[0].state.value == "CRASHED" and automation.enabled
 
 
 def test_a_second_flow_in_a_busy_workspace_fails_before_touching_it(env, harness, flows):

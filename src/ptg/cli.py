@@ -98,6 +98,16 @@ def backfill(directory: str = typer.Option(None, "--dir", help="folder of pendin
     raise typer.Exit(tracking.main(args))
 
 
+@app.command("prefect-setup", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def prefect_setup(ctx: typer.Context) -> None:
+    """On the Prefect server of $PREFECT_API_URL, idempotently: the work pool ptg-process (if absent) and the
+    automation that sets a ptg-pipeline deployment run to Crashed when its heartbeats stop (its worker died);
+    options as `python -m ptg.prefect_setup --help` (--crash-after SECONDS, --pool, --type)."""
+    from ptg import prefect_setup as module
+
+    raise typer.Exit(module.main(ctx.args))
+
+
 @app.command()
 def ui(port: int = typer.Option(5000, help="MLflow UI port"),
        prefect: bool = typer.Option(False, help="also start a Prefect server (port 4200)"),
@@ -112,7 +122,8 @@ def ui(port: int = typer.Option(5000, help="MLflow UI port"),
     typer.echo(f"MLflow UI: http://{host}:{port}  (store {uri})")
     if prefect:
         procs.append(subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host]))
-        typer.echo(f"Prefect UI: http://{host}:4200  (export PREFECT_API_URL=http://{host}:4200/api)")
+        typer.echo(f"Prefect UI: http://{host}:4200  (export PREFECT_API_URL=http://{host}:4200/api, then "
+                   f"`ptg prefect-setup` once)")
     try:
         for p in procs:
             p.wait()
