@@ -53,6 +53,7 @@ def test_train_row_leaves_the_model_as_it_was(lora_rank):
     perf.train_row(model, [[2, 5, 6], [3, 4]], [[4, EOS], [6, EOS]], PAD, updates=1, batch_size=2,
                    lora_rank=lora_rank)
     assert model.state_dict().keys() == before.keys()  # no adapter layers left behind
+    assert all(p.requires_grad for p in model.parameters())  # and none frozen (peft freezes the base weights)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 

@@ -201,7 +201,7 @@ def train_row(model: torch.nn.Module, prompts: list[list[int]], targets: list[li
 
     examples = [Example(p, t) for p, t in zip(prompts, targets, strict=True)]
     cfg = TrainConfig(max_updates=updates, batch_size=batch_size, lr=1e-5)
-    full = model
+    full, trainable_before = model, [p.requires_grad for p in model.parameters()]
     if lora_rank:
         model = add_lora(model, lora_rank, 2.0 * lora_rank, 0.0, None, seed=0)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -217,7 +217,9 @@ def train_row(model: torch.nn.Module, prompts: list[list[int]], targets: list[li
     model.load_state_dict(state)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if lora_rank:
-        model = model.unload()  # the base model as it was, without adapter layers
+        model = model.unload()  # the base model without adapter layers; peft froze its weights: thaw them
+        for p, flag in zip(full.parameters(), trainable_before, strict=True):
+            p.requires_grad_(flag)
     shape = _shape(full)
     # Tokens per update: the same seeded batches train_lm drew; FLOPs = 3 x forward (forward + backward).
     gen = torch.Generator().manual_seed(cfg.seed)
