@@ -16,7 +16,7 @@ import dataclasses
 
 import pandas as pd
 
-from ptg import pipeline, preferences, schemas, tracking
+from ptg import distributed, pipeline, preferences, schemas, tracking
 from ptg.config import load_group, round_budget
 from ptg.guidance import (
     RankedGroup,
@@ -81,6 +81,8 @@ def main(r: int, params: str = "params.yaml") -> None:
         extra |= {"prior_updates": prior.updates, "prior_val_accuracy": prior.best_val_accuracy}
     fitted_on = preferences.mix_groups(train, pref_train, pp.weight, cfg.seed)
     result = fit_guidance(guidance, fitted_on, val, cfg, tok.pad_token_id, ctx.device, ctx.dtype, ctx.progress)
+    if not distributed.is_main():  # data-parallel fitting (accelerate launch): rank 0 holds the same guidance
+        return
     out = pipeline.round_dir(r) / "guidance"
     with atomic_path(out) as tmp:
         save_guidance(guidance.cpu(), tmp)

@@ -1,4 +1,4 @@
-"""Data-parallel train_lm: two processes on gloo (`accelerate launch --multi_gpu --num_processes 2`, on the CPU)
+"""Data-parallel train_lm and fit_guidance: two processes on gloo (`accelerate launch --multi_gpu --num_processes 2`, on the CPU)
 take the same updates as one process on the same global batch, with a guidance weighting the tokens, micro-batches
 that split unevenly between the ranks and references of different lengths (so a per-rank mean, averaged over
 ranks, would differ), for both normalisations of weighted MLE and for the baseline's uniform weights."""
@@ -49,7 +49,24 @@ SCRIPT = textwrap.dedent('''
                                    progress=False, optimizer=sgd)
         if distributed.is_main():
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/{name}.safetensors")
+    # The guidance: ListMLE over groups of K = 4, 5 groups per update (3 and 2 per rank).
+    from test_guidance_train import synthetic_groups
+    from ptg.config import FitConfig
+    from ptg import guidance as guidance_module
+    from ptg.guidance import fit_guidance
+    # Plain SGD instead of fit_guidance's Adam, for the reason above, from a head that is not near zero (SGD
+    # barely moves the reference's 1e-4-gain init).
+    guidance_module.torch.optim.Adam = lambda params, lr, fused: torch.optim.SGD(params, lr=lr)
+    torch.manual_seed(0)
+    guidance = guidance_for(tiny_llama(2))
+    for layer in (guidance.head[0], guidance.head[2]):
+        torch.nn.init.normal_(layer.weight, std=0.2)
+    fit = FitConfig(agg="avg", lr=0.05, batch_groups=5, max_updates=12, eval_every=4, seed=3)
+    result = fit_guidance(guidance, synthetic_groups(40, 4, seed=1), synthetic_groups(12, 4, seed=2), fit, PAD,
+                          torch.device("cpu"), progress=False)
+    histories["guidance"] = result.history
     if distributed.is_main():
+        save_file({k: v.contiguous() for k, v in guidance.head.state_dict().items()}, f"{out}/guidance.safetensors")
         json.dump(histories, open(f"{out}/history.json", "w"))
 ''')
 
@@ -100,3 +117,19 @@ def test_two_processes_take_the_updates_of_one(runs, name):
         assert r2["tokens"] == r1["tokens"]  # the whole micro-batch's tokens, summed over ranks
         for key in ("loss", "nll", "reward", "grad_norm"):
             assert r2[key] == pytest.approx(r1[key], rel=1e-5), (name, key)
+
+
+def test_two_processes_fit_the_guidance_of_one(runs):
+    """fit_guidance: each rank scores its share of each batch's groups; the ListMLE curve (train and validation)
+    and the fitted head match one process's."""
+    one, two = runs
+    h1, h2 = (json.loads((d / "history.json").read_text())["guidance"] for d in (one, two))
+    assert len(h1) == len(h2) == 13
+    for r1, r2 in zip(h1, h2, strict=True):
+        for key in ("train_loss", "val_loss", "val_accuracy", "grad_norm"):
+            if key in r1:
+                assert r2[key] == pytest.approx(r1[key], rel=1e-4), (r1["update"], key)
+    a, b = load_file(one / "guidance.safetensors"), load_file(two / "guidance.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5)
+    assert h1[-1]["val_loss"] < h1[0]["val_loss"] - 0.01  # the head learned something

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModel, PreTrainedModel
 
-from ptg import losses
+from ptg import distributed, losses
 from ptg.config import FitConfig
 from ptg.models import Batch, collate, require_safetensors, response_hidden
 from ptg.precision import autocast
@@ -205,6 +205,24 @@ def evaluate_guidance(guidance: Guidance, groups: Sequence[RankedGroup], cfg: Fi
             "pairs": compared}
 
 
+def _shard_loss(guidance: Guidance, batch: Batch, prefs: torch.Tensor, cfg: FitConfig, gen: torch.Generator,
+                device: torch.device, dtype: torch.dtype) -> float:
+    """Forward and backward of this rank's groups of one batch (all of them in one process), the ListMLE scaled
+    to their share of the batch's mean; returns the whole batch's loss (summed over ranks). Every rank draws the
+    batch's tie-break permutation, so the generator stays in step with one process's."""
+    rows = distributed.shard(range(prefs.shape[0]))
+    share = torch.zeros((), device=device)
+    if rows:
+        with autocast(device, dtype):
+            scores = sequence_scores(guidance, batch.groups(rows).to(device), cfg).float()
+        loss = losses.list_mle(scores, prefs[rows].to(device), generator=gen) * (len(rows) / prefs.shape[0])
+        loss.backward()
+        share = loss.detach()
+    else:
+        torch.randperm(prefs.shape[1], generator=gen)  # the draw list_mle makes
+    return float(distributed.all_reduce_sum(share.float()))
+
+
 def fit_guidance(guidance: Guidance, train: Sequence[RankedGroup], val: Sequence[RankedGroup], cfg: FitConfig,
                  pad_id: int, device: torch.device, dtype: torch.dtype = torch.float32,
                  progress: bool = True) -> FitResult:
@@ -238,17 +256,14 @@ def fit_guidance(guidance: Guidance, train: Sequence[RankedGroup], val: Sequence
             order = torch.randperm(len(train), generator=gen).tolist()
             batches = _group_batches(train, cfg.batch_groups, pad_id, order)
             continue
-        with autocast(device, dtype):
-            scores = sequence_scores(guidance, batch.to(device), cfg).float()
-        loss = losses.list_mle(scores, prefs.to(device), generator=gen)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = _shard_loss(guidance, batch, prefs, cfg, gen, device, dtype)
+        distributed.sync_gradients(guidance.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(guidance.parameters(), cfg.clip_norm)
         opt.step()
         update += 1
         bar.update(1)
-        row = {"update": update, "train_loss": loss.item(), "grad_norm": float(grad_norm),
-               "lr": opt.param_groups[0]["lr"]}
+        row = {"update": update, "train_loss": loss, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"]}
         if update % cfg.eval_every == 0 or update == cfg.max_updates:
             val_metrics = evaluate_guidance(guidance, val, cfg, pad_id, device, dtype)
             row |= {"val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"]}

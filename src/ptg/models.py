@@ -50,6 +50,13 @@ class Batch:
         tensors = (self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask)
         return Batch(*(t.to(device) for t in tensors))
 
+    def groups(self, rows: list[int]) -> Batch:
+        """The prompts ``rows`` with their K responses each (same padded widths)."""
+        k = self.group_size
+        responses = [r * k + j for r in rows for j in range(k)]
+        return Batch(self.prompt_ids[rows], self.prompt_mask[rows], self.response_ids[responses],
+                     self.response_mask[responses])
+
 
 def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
