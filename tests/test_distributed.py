@@ -1,7 +1,8 @@
-"""Data-parallel train_lm and fit_guidance: two processes on gloo (`accelerate launch --multi_gpu --num_processes 2`, on the CPU)
-take the same updates as one process on the same global batch, with a guidance weighting the tokens, micro-batches
-that split unevenly between the ranks and references of different lengths (so a per-rank mean, averaged over
-ranks, would differ), for both normalisations of weighted MLE and for the baseline's uniform weights."""
+"""Data-parallel train_lm and fit_guidance: two processes on gloo (`accelerate launch --multi_gpu
+--num_processes 2`, on the CPU) take the same updates as one process on the same global batch, with a guidance
+weighting the tokens, batches that split unevenly between the ranks and references of different lengths (so a
+per-rank mean, averaged over ranks, would differ), for both normalisations of weighted MLE, for the baseline's
+uniform weights and for the guidance's ListMLE."""
 
 import json
 import os
