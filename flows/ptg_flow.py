@@ -20,12 +20,22 @@ Deployments (a Prefect server, work pools, workers): see prefect.yaml.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.concurrency.sync import concurrency
+from prefect.context import FlowRunContext
+from prefect.exceptions import ObjectAlreadyExists
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
@@ -40,6 +50,9 @@ RETRIED_STAGES = frozenset({"base_model", "sample", "fit_guidance", "train_lm", 
 RETRIES = 2
 RETRY_DELAYS_S = [30, 120]
 WORKSPACES = REPO / "build"  # `make quick` uses build/quick too
+# A deployment run holds its workspace's slot under a lease it renews every 3/4 of this; a run killed with its
+# worker frees the slot when the lease expires (the server checks every 15 s). 60 s is the server's minimum.
+SLOT_LEASE_S = 60
 
 
 def _resolve(params_file: str) -> Path:
@@ -53,6 +66,35 @@ def workdir_of(params_file: str, workdir: str | None, rounds: int | None) -> Pat
     if params == REPO / "params.yaml" and workdir is None and rounds is None:
         return REPO
     return Path(workdir or WORKSPACES / params.stem).resolve()
+
+
+def workspace_limit_name(root: Path) -> str:
+    """The global concurrency limit of workspace ``root``: one per resolved path (a limit name cannot hold '/')."""
+    root = Path(root).resolve()
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", root.name)[:40]
+    return f"ptg-workspace-{stem}-{hashlib.sha256(str(root).encode()).hexdigest()[:12]}"
+
+
+@contextlib.contextmanager
+def workspace_slot(root: Path) -> Iterator[None]:
+    """For a deployment run: wait for, then hold, the one slot of ``root``'s global concurrency limit, so a second
+    deployment run for the same workspace queues behind the first (runs for other workspaces do not). The limit
+    (limit 1) is created here when missing: Prefect never creates one on acquisition (with ``strict=False`` it
+    only warns and runs unlimited), hence ``strict=True``. Other runs (``python flows/ptg_flow.py``, a flow called
+    in Python) skip this and rely on ``workspace_lock`` alone."""
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None or context.flow_run.deployment_id is None:
+        yield
+        return
+    name = workspace_limit_name(root)
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    get_run_logger().info(f"Waiting for the slot of global concurrency limit {name!r} (workspace {root})")
+    # A failed lease renewal (a busy server) does not stop the run: the file lock still keeps others out.
+    with concurrency(name, occupy=1, lease_duration=SLOT_LEASE_S, strict=True, raise_on_lease_renewal_failure=False,
+                     holder=ConcurrencyLeaseHolder(type="flow_run", id=context.flow_run.id)):
+        get_run_logger().info(f"Holding workspace {root} (global concurrency limit {name!r})")
+        yield
 
 
 @task(cache_policy=NO_CACHE)
@@ -116,9 +158,11 @@ def _options(name: str) -> dict:
 @flow(name=FLOW)
 def ptg_pipeline(rounds: int | None = None, params_file: str = "params.yaml", workdir: str | None = None
                  ) -> dict[str, bool]:
-    """Run the pipeline; returns, per stage task, whether DVC ran it (False: up to date, skipped). A second run in
-    the same workspace fails at once (``ptg.workspace.WorkspaceBusy``) and leaves the first one alone."""
-    with workspace_lock(workdir_of(params_file, workdir, rounds)) as locked:
+    """Run the pipeline; returns, per stage task, whether DVC ran it (False: up to date, skipped). A deployment run
+    waits while another deployment run holds the same workspace (``workspace_slot``); any other second run in a
+    busy workspace fails at once (``ptg.workspace.WorkspaceBusy``) and leaves the first one alone."""
+    root = workdir_of(params_file, workdir, rounds)
+    with workspace_slot(root), workspace_lock(root) as locked:
         root = prepare_workdir(params_file, locked, rounds)
         params = yaml.safe_load((Path(root) / "params.yaml").read_text())
         ran: dict[str, bool] = {}

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from types import ModuleType
 
@@ -356,6 +357,57 @@ def test_a_killed_worker_leaves_a_workspace_the_next_run_resumes(quick_run, pref
     status = subprocess.run(["dvc", "status", "--json"], cwd=workdir, capture_output=True, text=True, check=True)
     changed = {k: v for k, v in json.loads(status.stdout).items() if v != ["always changed"]}  # preferences
     assert changed == {}  # every output matches its stage
+
+
+def api(env: dict[str, str], path: str, body: dict | None = None):
+    """GET (or POST ``body`` to) the test server's API at ``path``; the decoded JSON answer."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{env['PREFECT_API_URL']}/{path}", data=data,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return json.load(r)
+
+
+def task_run_span(env: dict[str, str], flow_run_id: str) -> tuple[datetime | None, datetime | None, int]:
+    """(first task run start, last task run end, task run count) of a flow run, from the API."""
+    runs = api(env, "task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200})
+    starts = [datetime.fromisoformat(r["start_time"]) for r in runs if r["start_time"]]
+    ends = [datetime.fromisoformat(r["end_time"]) for r in runs if r["end_time"]]
+    return min(starts, default=None), max(ends, default=None), len(runs)
+
+
+@pytest.mark.slow
+def test_two_deployment_runs_for_one_workspace_run_one_after_the_other(env, flows, prefect_server, tmp_path):
+    """Two runs of ptg-local for the same fresh workspace, triggered together, on ONE process worker (which starts
+    both at once): the second waits for the workspace's global concurrency slot, runs no task while the first
+    works, then finds every stage up to date; both complete, and the slot is free again."""
+    workdir, env = tmp_path / "shared-workspace", prefect_server
+    first = deploy_and_run(env, workdir)
+    second = deploy_and_run(env, workdir, deploy=False)
+    log = tmp_path / "worker.log"
+    worker = start_worker(env, log)
+    try:
+        deadline, both_running = time.monotonic() + 900, False
+        while time.monotonic() < deadline:
+            states = {run: flow_run_state(env, run) for run in (first, second)}
+            if all(state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for state in states.values()):
+                break
+            if set(states.values()) == {"RUNNING"}:
+                both_running = True
+                spans = {run: task_run_span(env, run) for run in (first, second)}
+                assert min(span[2] for span in spans.values()) == 0, f"both runs have task runs: {spans}"
+            time.sleep(2)
+    finally:
+        stop_process_group(worker)
+    assert states == {first: "COMPLETED", second: "COMPLETED"}, f"{states}:\n{log.read_text()[-4000:]}"
+    assert both_running  # the worker started both; one of them waited inside its flow run
+    (a_start, a_end, a_count), (b_start, b_end, b_count) = sorted(task_run_span(env, run) for run in (first, second))
+    # the later run's first task starts after the earlier run's last task ended: they never ran at the same time
+    assert a_count and b_count and a_end <= b_start, (a_start, a_end, b_start, b_end)
+    assert {"prepare", "train_lm@2", "report"} <= locked_stages(workdir)
+    limit = api(env, f"v2/concurrency_limits/{flows.workspace_limit_name(workdir)}")
+    assert limit["limit"] == 1 and limit["active_slots"] == 0  # created on demand, released by both runs
+    print(f"runs' task spans: {a_start} .. {a_end}, then {b_start} .. {b_end}")
 
 
 def test_prefect_setup_is_idempotent_and_matches_prefect_yaml(env, harness, capsys):
