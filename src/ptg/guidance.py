@@ -219,7 +219,7 @@ def _shard_loss(guidance: Guidance, batch: Batch, prefs: torch.Tensor, cfg: FitC
         loss.backward()
         share = loss.detach()
     else:
-        torch.randperm(prefs.shape[1], generator=gen)  # the draw list_mle makes
+        losses.tie_break_permutation(prefs.shape[1], gen)  # the draw list_mle makes on the ranks with rows
     return float(distributed.all_reduce_sum(share.float()))
 
 

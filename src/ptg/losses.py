@@ -108,6 +108,12 @@ def aggregate(
     return mean_len * per_seq.view(-1, group_size)
 
 
+def tie_break_permutation(k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The random permutation of K columns that ``list_mle`` breaks preference ties with (one draw from
+    ``generator``). A data-parallel rank with no rows of a batch draws it too, to keep its generator in step."""
+    return torch.randperm(k, generator=generator, device=generator.device if generator else "cpu")
+
+
 def list_mle(
     scores: torch.Tensor,
     preferences: torch.Tensor,
@@ -126,8 +132,7 @@ def list_mle(
         raise ValueError(f"list_mle needs at least 2 items per list; got K = {scores.shape[1]}")
     if not torch.isfinite(preferences).all():
         raise ValueError("preferences contain NaN or infinite values")
-    perm = torch.randperm(scores.shape[1], generator=generator, device=generator.device if generator else "cpu")
-    perm = perm.to(scores.device)
+    perm = tie_break_permutation(scores.shape[1], generator).to(scores.device)
     scores, preferences = scores[:, perm], preferences[:, perm]
     order = preferences.sort(dim=-1, descending=True, stable=True).indices
     s = scores.gather(1, order)

@@ -71,6 +71,7 @@ def _loss(model: PreTrainedModel, batch: Batch, cfg: TrainConfig, guidance: Guid
     mask = batch.response_mask
     logits = response_logits(model, batch)
     if cfg.objective == "reinforce":
+        # Score the samples under the distribution they were drawn from (temperature, top-k, top-p).
         assert sampling is not None
         logits = filter_logits(logits.flatten(0, 1), sampling).view(logits.shape)
     nll = losses.token_nll(logits, batch.response_ids, mask)
@@ -95,9 +96,7 @@ def _micro_batch(model: PreTrainedModel, chunk: list[Example], cfg: TrainConfig,
     whole micro-batch's loss (the counts are summed over ranks first); returns the micro-batch's metrics (loss,
     per-token nll / reward / entropy means, tokens), summed over ranks. A rank with no example (a micro-batch
     smaller than the world) still joins the reductions and adds nothing."""
-    rank_sums = {"count": torch.zeros((), device=device), "loss": torch.zeros((), device=device),
-                 "tokens": torch.zeros((), device=device), "nll": torch.zeros((), device=device),
-                 "reward": torch.zeros((), device=device), "entropy": torch.zeros((), device=device)}
+    rank_sums = {k: torch.zeros((), device=device) for k in ("count", "loss", "tokens", "nll", "reward", "entropy")}
     loss = None
     if chunk:
         prompts = [e.prompt for e in chunk]
