@@ -42,8 +42,9 @@ from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, t
 from ptg import tracking
 from ptg.config import rounds as read_rounds
 from ptg.prefect_setup import FLOW
-from ptg.workspace import REPO, dvc_env, make_workspace, workspace_lock
+from ptg.workspace import dvc_env, make_workspace, workspace_lock
 
+REPO = Path(__file__).resolve().parents[1]  # the project this flow file belongs to (a checkout or `ptg init`'s)
 ROUND_STAGES = ("sample", "rank", "fit_guidance", "train_lm", "evaluate")
 # Stages that download (base_model), run the model on the accelerator or write large folders: worth a retry.
 RETRIED_STAGES = frozenset({"base_model", "sample", "fit_guidance", "train_lm", "evaluate", "baseline"})

@@ -2,11 +2,13 @@
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
+REPO = Path(__file__).resolve().parents[1]  # this checkout
 VOCAB = 24
 PAD, EOS, BOS = 0, 1, 2
 

@@ -21,11 +21,11 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
+from conftest import REPO
 
 from ptg import schemas
 from ptg.config import ParamsError
 from ptg.io import TableError, read_json, read_table, write_table
-from ptg.workspace import REPO
 
 QUICK = REPO / "configs" / "quick.yaml"
 

@@ -8,9 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import REPO
 
 from ptg import bench
-from ptg.workspace import REPO, dvc_env
+from ptg.workspace import dvc_env
 
 
 def _fake_seed(root, seed, rng, delta, n_items=40, rounds=(1, 2), name=None, info=None):

@@ -3,10 +3,10 @@
 import shutil
 import subprocess
 
+from conftest import REPO
 from typer.testing import CliRunner
 
 from ptg.cli import app
-from ptg.workspace import REPO
 
 runner = CliRunner()
 
@@ -14,7 +14,7 @@ runner = CliRunner()
 def test_help_lists_every_command():
     out = runner.invoke(app, ["--help"])
     assert out.exit_code == 0
-    for command in ("run", "quick", "bench", "perf", "guidance", "annotate", "model", "report", "backfill", "ui",
+    for command in ("init", "run", "quick", "bench", "perf", "guidance", "annotate", "model", "report", "backfill", "ui",
                     "prefect-setup"):
         assert command in out.output
     console = shutil.which("ptg", path=str(REPO / ".venv" / "bin"))

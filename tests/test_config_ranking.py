@@ -3,10 +3,10 @@
 import pandas as pd
 import pytest
 import yaml
+from conftest import REPO
 
 from ptg.config import ParamsError, load_group, rounds
 from ptg.ranking import human_scores, rank_within_groups, unfinished_last
-from ptg.workspace import REPO
 
 
 @pytest.mark.parametrize("params", ["params.yaml", "configs/quick.yaml", "configs/bench.yaml", "configs/gpu.yaml"])
@@ -145,8 +145,9 @@ def test_rounds_carry_per_round_budgets_and_reject_bad_ones(tmp_path):
     ("squash", "tanh", "squash must be one of soft_clamp, sigmoid; got 'tanh'"),
 ])
 def test_an_unknown_guidance_name_fails_when_params_are_read(tmp_path, key, value, message):
+    from conftest import REPO
+
     from ptg.config import ParamsError, load_group
-    from ptg.workspace import REPO
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["fit_guidance"][key] = value

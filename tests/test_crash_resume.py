@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 from test_pipeline import BIN, run
 
-from ptg.workspace import REPO, make_workspace
+from ptg.workspace import make_workspace
 
 pytestmark = pytest.mark.slow
 KILLED = ("sample.py --round 1", "fit_guidance.py --round 1", "train_lm.py --round 2", "evaluate.py --round 1",

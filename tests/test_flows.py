@@ -25,11 +25,10 @@ from types import ModuleType
 
 import pytest
 import yaml
-from conftest import hold_workspace, stop_process_group
+from conftest import REPO, hold_workspace, stop_process_group
 from mlflow import MlflowClient
 
 from ptg import prefect_setup, tracking
-from ptg.workspace import REPO
 
 VENV_BIN = Path(sys.executable).parent
 QUICK = REPO / "configs" / "quick.yaml"

@@ -298,7 +298,7 @@ def test_no_code_path_runs_untrusted_code():
     weights, eval / exec of configuration strings, yaml.load without the safe loader."""
     import re
 
-    from ptg.workspace import REPO
+    from conftest import REPO
 
     forbidden = re.compile(r"trust_remote_code\s*=\s*True|torch\.load\(|pickle\.loads?\(|(?<![\w.])eval\(|"
                            r"(?<![\w.])exec\(|yaml\.load\(|yaml\.unsafe_load|weights_only\s*=\s*False")

@@ -11,10 +11,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import REPO
 
 from ptg import schemas
 from ptg.io import read_table
-from ptg.workspace import REPO, make_workspace
+from ptg.workspace import make_workspace
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

@@ -9,14 +9,13 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import EOS, PAD, tiny_llama
+from conftest import EOS, PAD, REPO, tiny_llama
 from test_guidance_train import FIT, guidance_for, synthetic_groups
 
 from ptg import preferences
 from ptg.config import PreferencesParams
 from ptg.guidance import RankedGroup, _group_batches, evaluate_guidance, fit_guidance
 from ptg.io import TableError
-from ptg.workspace import REPO
 
 PP = PreferencesParams()
 REPO_QUICK = REPO / "configs" / "quick.yaml"

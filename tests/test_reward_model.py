@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import REPO
 from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
 from ptg import metrics
@@ -19,7 +20,7 @@ from ptg.io import read_table
 from ptg.ranking import rank_within_groups
 from ptg.reward_model import encode_reward_inputs, load_reward_model, reward_scores
 from ptg.schemas import Rankings
-from ptg.workspace import REPO, dvc_env, make_workspace
+from ptg.workspace import dvc_env, make_workspace
 
 CPU, FP32 = torch.device("cpu"), torch.float32
 PROMPTS = ["Summarize: the park opened in the city centre.", "What is the capital of France?",

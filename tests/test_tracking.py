@@ -454,11 +454,15 @@ def test_default_store_is_the_working_directorys_dvc_project(tmp_path, monkeypat
     """Without MLFLOW_TRACKING_URI the store is mlflow.db at the root of the DVC project the command runs in (two
     checkouts sharing one environment keep separate stores), never next to the installed package."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
     for name in ("a", "b"):
         (tmp_path / name / ".dvc").mkdir(parents=True)
         (tmp_path / name / "stages").mkdir()
     monkeypatch.chdir(tmp_path / "a" / "stages")
     assert tracking.tracking_uri() == f"sqlite:///{(tmp_path / 'a').resolve() / 'mlflow.db'}"
     assert tracking.tracking_uri(tmp_path / "b") == f"sqlite:///{(tmp_path / 'b').resolve() / 'mlflow.db'}"
+    # A stage of `dvc exp run --temp` runs in a temporary copy; DVC_ROOT names the project it belongs to.
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "b"))
+    assert tracking.tracking_uri() == f"sqlite:///{(tmp_path / 'b').resolve() / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking.tracking_uri(tmp_path / "b") == "http://127.0.0.1:5000"

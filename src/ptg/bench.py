@@ -44,11 +44,10 @@ import yaml
 from ptg import stats, tracking
 from ptg.io import atomic_path, read_json, write_json
 from ptg.tracking import tracking_uri
-from ptg.workspace import REPO, dvc_env
+from ptg.workspace import PACKAGE, copy_pipeline, dvc_env, template_file
 
 log = logging.getLogger(__name__)
 
-PIPELINE_FILES = ("dvc.yaml", "stages", "src")
 METRICS = ("rougeL", "rouge2", "meteor")
 GITIGNORE = "/data/\n/mlflow.db\n/mlartifacts/\n/results/\n__pycache__/\n"
 
@@ -59,7 +58,7 @@ def _run(cmd: list[str], cwd: Path, threads: int | None = None) -> float:
     track to the checkout's MLflow store, find the model wheel in the checkout's cache (experiments run in DVC's
     temporary copies) and, with ``threads``, use that many threads each."""
     env = dvc_env() | {"PYTHONPATH": str(cwd / "src"), "MLFLOW_TRACKING_URI": tracking_uri(),
-                       "PTG_CACHE": os.environ.get("PTG_CACHE", str(REPO / ".cache"))}  # the checkout's model wheel
+                       "PTG_CACHE": str(Path(os.environ.get("PTG_CACHE", ".cache")).resolve())}  # the model wheel
     if threads is not None:
         env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(cmd, cwd=cwd, env=env)
@@ -70,9 +69,10 @@ def _run(cmd: list[str], cwd: Path, threads: int | None = None) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def setup_repo(params_file: Path, directory: Path, repo: Path = REPO) -> Path:
-    """A git + DVC repository at ``directory`` holding the pipeline of ``repo`` with ``params_file`` as its
-    params.yaml (created once; the pipeline files and params are refreshed and committed on every call)."""
+def setup_repo(params_file: Path, directory: Path) -> Path:
+    """A git + DVC repository at ``directory`` holding the packaged pipeline, a snapshot of the installed ptg
+    package as src/ptg, and ``params_file`` as its params.yaml (created once; the pipeline files, code and params
+    are refreshed and committed on every call)."""
     directory.mkdir(parents=True, exist_ok=True)
     if not (directory / ".git").is_dir():
         _run(["git", "init", "-q"], directory)
@@ -84,19 +84,15 @@ def setup_repo(params_file: Path, directory: Path, repo: Path = REPO) -> Path:
     elif not subprocess.run(["git", "rev-parse", "-q", "--verify", "HEAD"], cwd=directory,
                             capture_output=True).returncode:
         _run(["git", "reset", "-q", "--hard"], directory)  # experiments start from the committed snapshot
-    for name in PIPELINE_FILES:
-        target = directory / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
-        if (repo / name).is_dir():
-            shutil.copytree(repo / name, target, ignore=ignore)
-        else:
-            shutil.copy2(repo / name, target)
+    copy_pipeline(directory, ("dvc.yaml", "stages"))
+    code = directory / "src" / "ptg"
+    if code.is_dir():
+        shutil.rmtree(code)
+    shutil.copytree(PACKAGE, code, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "template"))
     shutil.copy2(params_file, directory / "params.yaml")
     _run(["git", "add", "-A"], directory)
     if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=directory).returncode:
-        _run(["git", "commit", "-q", "-m", f"bench pipeline from {repo} with {params_file.name}"], directory)
+        _run(["git", "commit", "-q", "-m", f"bench pipeline from {PACKAGE} with {params_file.name}"], directory)
     return directory
 
 
@@ -423,10 +419,10 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ptg.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default=str(REPO / "configs" / "bench.yaml"), help="bench params file")
+    ap.add_argument("--params", default=None, help="bench params file (default: ptg's configs/bench.yaml)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, one DVC experiment each")
-    ap.add_argument("--dir", default=str(REPO / "build" / "bench"), help="the bench's git + DVC repository")
-    ap.add_argument("--out", default=str(REPO / "metrics" / "bench"), help="where the statistics go")
+    ap.add_argument("--dir", default="build/bench", help="the bench's git + DVC repository")
+    ap.add_argument("--out", default="metrics/bench", help="where the statistics go")
     ap.add_argument("--jobs", type=int, default=3,
                     help="experiments run side by side, each stage on cores // jobs threads (at least 1)")
     ap.add_argument("--collect-only", action="store_true", help="only compute statistics of finished runs")
@@ -441,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bench %(levelname)s %(message)s")
     directory, out = Path(args.dir).resolve(), Path(args.out)
     if not args.collect_only:
-        setup_repo(Path(args.params).resolve(), directory)
+        setup_repo(Path(args.params or template_file("configs/bench.yaml")).resolve(), directory)
         experiments = [] if args.ablations_only else [seed_experiment(seed) for seed in args.seeds]
         if args.ablation:
             experiments += ablation_experiments(args.ablation_seeds or args.seeds[:1], args.ablation)

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+from typing import Annotated
 
 import typer
 
@@ -18,26 +19,42 @@ app = typer.Typer(help="PTG: fine-tune language models from sequence-level prefe
 
 
 @app.command()
-def run(params: str = typer.Option("params.yaml", help="params file of this DVC project"),
+def init(directory: str = typer.Argument(".", help="the project folder (created if missing)"),
+         params: str = typer.Option("", help="params file to start from (default: ptg's params.yaml)"),
+         git: bool = typer.Option(True, help="make it a git repository too, so `dvc exp run` works")) -> None:
+    """A ptg project: the pipeline (dvc.yaml, stages/, params.yaml, configs/, flows/, prefect.yaml) in a DVC (and
+    git) repository, with its own data/, metrics/ and MLflow store. Re-running refreshes the pipeline files and keeps
+    params.yaml, data and runs."""
+    from ptg.workspace import make_workspace
+
+    root = make_workspace(params or None, directory, git=git)
+    typer.echo(f"ptg project at {root}: `cd {directory}`, then `ptg run` (the pipeline on params.yaml), "
+               f"`dvc exp run -S train_lm.lr=1e-4` (an experiment) or `ptg ui`")
+
+
+@app.command()
+def run(targets: Annotated[list[str] | None, typer.Argument(help="DVC stages to reproduce (default: all)")] = None,
+        params: str = typer.Option("params.yaml", help="params file of this DVC project"),
         name: str = typer.Option("ptg run", help="MLflow parent run name")) -> None:
-    """`dvc repro` of the pipeline in the working directory under one MLflow parent run, then the PTG-vs-baseline
-    table (what `make run` does)."""
+    """`dvc repro [TARGETS]` of the pipeline in the working directory under one MLflow parent run, then the
+    PTG-vs-baseline table (when the report stage was among them; what `make run` does)."""
     from ptg import report, tracking
 
-    code = tracking.run_command(["dvc", "repro"], name, params)
+    code = tracking.run_command(["dvc", "repro", *(targets or [])], name, params)
     if code:
         raise typer.Exit(code)
-    report.main()
+    if not targets or "report" in targets:
+        report.main()
 
 
 @app.command()
 def quick(directory: str = typer.Option("build/quick", "--dir", help="scratch workspace"),
-          params: str = typer.Option("", help="params file (default: the checkout's configs/quick.yaml)")) -> None:
+          params: str = typer.Option("", help="params file (default: ptg's configs/quick.yaml)")) -> None:
     """The whole pipeline on tiny random models in a scratch DVC workspace (params.yaml untouched)."""
     from ptg import report, tracking
-    from ptg.workspace import REPO, make_workspace
+    from ptg.workspace import make_workspace, template_file
 
-    root = make_workspace(params or REPO / "configs" / "quick.yaml", directory)
+    root = make_workspace(params or template_file("configs/quick.yaml"), directory)
     os.chdir(root)
     code = tracking.run_command(["dvc", "repro"], "ptg quick", "params.yaml")
     if code:

@@ -35,12 +35,12 @@ import torch
 
 from ptg.io import write_json
 from ptg.precision import autocast, resolve_device, resolve_precision
-from ptg.workspace import REPO
+from ptg.workspace import TEMPLATE
 
 log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
 
-PERF_DIR = REPO / "build" / "perf"
+PERF_DIR = Path("build") / "perf"  # in the working directory (the project)
 STAGES = ("prepare", "base_model", "preferences", "sample", "rank", "fit_guidance", "train_lm", "evaluate", "baseline",
           "report")
 
@@ -251,7 +251,7 @@ def startup_row(stages: tuple[str, ...] = STAGES) -> dict[str, float]:
     out = {}
     for stage in stages:
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, f"stages/{stage}.py", "--help"], cwd=REPO, check=True,
+        subprocess.run([sys.executable, f"stages/{stage}.py", "--help"], cwd=TEMPLATE, check=True,
                        capture_output=True)
         out[stage] = time.perf_counter() - t0
     return out
@@ -276,7 +276,7 @@ def run(n_prompts: int = 24, k: int = 3, max_new: int = 32, device: torch.device
     dtype = resolve_precision("auto", device)  # what the pipeline computes in on this device
     model, tok = _policy(PERF_DIR / "lm")
     model.to(device)
-    params = REPO / "params.yaml"
+    params = TEMPLATE / "params.yaml"
     frame = build_examples(load_group("data", params))["train"].head(n_prompts)
     prompts = encode_prompts(tok, frame["prompt"].tolist(), load_group("model", params).max_prompt_tokens, False)
     eos = eos_ids(model, tok)
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--prompts", type=int, default=24, help="prompts per decoding measurement")
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per decoding batch")
-    ap.add_argument("--out", default=str(REPO / "metrics" / "perf.json"))
+    ap.add_argument("--out", default="metrics/perf.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s perf %(levelname)s %(message)s")
     if args.threads:

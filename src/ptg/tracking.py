@@ -70,7 +70,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
 PARENT_ENV = "PTG_MLFLOW_PARENT_RUN_ID"
 SWITCH_ENV = "PTG_TRACKING"
 EXPERIMENT = "ptg"
@@ -146,8 +145,13 @@ def project_root(start: Path | None = None) -> Path:
 
 def tracking_uri(start: Path | None = None) -> str:
     """``MLFLOW_TRACKING_URI``, else the sqlite store ``mlflow.db`` at the root of the DVC project of ``start``
-    (the working directory by default): two checkouts sharing one environment keep separate stores."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(start) / 'mlflow.db'}"
+    (the working directory by default): two checkouts sharing one environment keep separate stores. A stage that
+    DVC runs knows its project from ``DVC_ROOT``, which ``dvc exp run --temp`` / ``--queue`` point at the project
+    the experiment belongs to, not at the temporary copy it runs in (whose store would be deleted with it)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = Path(os.environ["DVC_ROOT"]) if start is None and os.environ.get("DVC_ROOT") else project_root(start)
+    return f"sqlite:///{root.resolve() / 'mlflow.db'}"
 
 
 def tracking_enabled() -> bool:
@@ -213,8 +217,10 @@ def _history_rows(history: pd.DataFrame | None) -> list[dict[str, float]]:
     return rows
 
 
-def git_commit(repo: Path = REPO) -> str:
-    """``git rev-parse HEAD`` of the code's repository, or "unknown"."""
+def git_commit(repo: Path | None = None) -> str:
+    """``git rev-parse HEAD`` of the repository holding the ptg code that runs (its checkout; "unknown" for a wheel
+    install)."""
+    repo = repo or Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10,
                              check=False)

@@ -1,8 +1,13 @@
-"""Scratch DVC workspaces: run the pipeline with another params file without touching ``params.yaml``.
+"""DVC projects of the ptg pipeline: ``ptg init`` for a user's project, and scratch workspaces that run the
+pipeline with another params file without touching ``params.yaml`` (``ptg quick``, Prefect runs with a non-default
+params file, the tests).
 
-``make quick`` and Prefect flow runs with a non-default params file use one: a folder holding the pipeline
-definition (dvc.yaml, stages/), the params file copied in as its params.yaml, a link to the library sources (so
-DVC tracks the same code), and its own DVC repository, data/ and metrics/. ``dvc repro`` there is a real DVC run.
+The pipeline definition ships inside the package (``ptg/template/``: dvc.yaml, params.yaml, stages/, configs/,
+flows/, prefect.yaml; in a checkout these are links to the checkout's own files, and a wheel carries copies), so a
+project works the same from a checkout, an editable install or a wheel. A project is a folder holding copies of
+those files, ``src/ptg`` as a link to the installed package (so DVC's deps on ``src/ptg/*.py`` track the code that
+runs), its params file as params.yaml, and its own DVC repository, data/, metrics/ and MLflow store (``mlflow.db``
+at the project root, ``ptg.tracking.tracking_uri``): two projects sharing one environment never share runs.
 
 ``workspace_lock`` keeps two runs out of one workspace: DVC locks the repository for one ``dvc repro``, but a
 Prefect flow runs one ``dvc repro`` per stage and refreshes the workspace first, so a second flow could slip in
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.resources
 import os
 import shutil
 import subprocess
@@ -22,34 +28,89 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-PIPELINE_FILES = ("dvc.yaml", "stages")
+PACKAGE = Path(str(importlib.resources.files("ptg")))  # the installed package; in a checkout, its src/ptg
+TEMPLATE = PACKAGE / "template"
+PIPELINE_FILES = ("dvc.yaml", "stages", "configs", "flows", "prefect.yaml")
+CODE_LINK = Path("src") / "ptg"
 LOCK_FILE = ".ptg-run.lock"
+# src/ptg (the code link) is committed: `dvc exp run --temp` copies only what git tracks.
+GITIGNORE = "/mlflow.db\n/mlartifacts/\n/build/\n/.cache/\n.ptg-run.lock\n__pycache__/\n"
 
 
-def make_workspace(params_file: str | Path, directory: str | Path, repo: Path = REPO) -> Path:
-    """Create (or refresh) a DVC workspace at ``directory`` running ``repo``'s pipeline with ``params_file``.
+def template_file(name: str | Path) -> Path:
+    """A file of the packaged pipeline, e.g. ``template_file("configs/quick.yaml")``."""
+    path = TEMPLATE / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not in the ptg package's pipeline template (installed from an "
+                                f"incomplete wheel?); it has {sorted(p.name for p in TEMPLATE.iterdir())}")
+    return path
 
-    Re-running keeps its data/, metrics/ and DVC cache, so ``dvc repro`` there only redoes what changed.
-    """
-    params_file, directory = Path(params_file).resolve(), Path(directory).resolve()
-    if not params_file.is_file():
-        raise FileNotFoundError(f"params file {params_file} not found")
-    directory.mkdir(parents=True, exist_ok=True)
-    for name in PIPELINE_FILES:
-        target = directory / name
+
+def copy_pipeline(directory: Path, names: tuple[str, ...] = PIPELINE_FILES) -> None:
+    """Replace ``directory``'s pipeline files with the packaged ones (``__pycache__`` left out)."""
+    for name in names:
+        source, target = template_file(name), directory / name
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         elif target.exists() or target.is_symlink():
             target.unlink()
-        (shutil.copytree if (repo / name).is_dir() else shutil.copy2)(repo / name, target)
-    src = directory / "src"
-    if not src.exists():
-        src.symlink_to(repo / "src", target_is_directory=True)
-    shutil.copy2(params_file, directory / "params.yaml")
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target)
+
+
+def link_code(directory: Path) -> None:
+    """``directory/src/ptg`` -> the installed package, so DVC's deps on ``src/ptg/*.py`` are the code that runs."""
+    src, link = directory / "src", directory / CODE_LINK
+    if src.is_symlink():  # a workspace made before src/ptg was its own link
+        src.unlink()
+    src.mkdir(exist_ok=True)
+    if link.is_symlink() and link.resolve() == PACKAGE:
+        return
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.is_dir():
+        raise FileExistsError(f"{link} is a folder; a ptg project links it to the installed package ({PACKAGE})")
+    link.symlink_to(PACKAGE, target_is_directory=True)
+
+
+def make_workspace(params_file: str | Path | None, directory: str | Path, git: bool = False) -> Path:
+    """Create (or refresh) a DVC project at ``directory`` running the packaged pipeline with ``params_file`` as
+    its params.yaml (None: the packaged default params.yaml, kept if the project already has one).
+
+    Re-running keeps its data/, metrics/, DVC cache and MLflow store, so ``dvc repro`` there only redoes what
+    changed. ``git``: a git repository too (``git init`` unless ``directory`` already is one, and the pipeline
+    committed), so ``dvc exp run`` works; without it, DVC runs without SCM.
+    """
+    directory = Path(directory).resolve()
+    if params_file is not None:
+        params_file = Path(params_file).resolve()
+        if not params_file.is_file():
+            raise FileNotFoundError(f"params file {params_file} not found")
+    directory.mkdir(parents=True, exist_ok=True)
+    copy_pipeline(directory)
+    link_code(directory)
+    if params_file is not None:
+        shutil.copy2(params_file, directory / "params.yaml")
+    elif not (directory / "params.yaml").is_file():
+        shutil.copy2(template_file("params.yaml"), directory / "params.yaml")
+    if git and not (directory / ".git").exists():
+        subprocess.run(["git", "init", "-q"], cwd=directory, check=True)
     if not (directory / ".dvc").is_dir():
-        subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=directory, check=True, env=dvc_env())
+        subprocess.run(["dvc", "init", "-q", *([] if git else ["--no-scm"])], cwd=directory, check=True,
+                       env=dvc_env())
         subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=directory, check=True, env=dvc_env())
+    if git:
+        ignore = directory / ".gitignore"
+        if not ignore.is_file():
+            ignore.write_text(GITIGNORE)
+        subprocess.run(["git", "add", "-A"], cwd=directory, check=True)
+        if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=directory).returncode:
+            # The user's git identity when set, else one naming ptg (dvc exp needs a commit to start from).
+            who = [] if subprocess.run(["git", "config", "user.email"], cwd=directory, capture_output=True
+                                       ).returncode == 0 else ["-c", "user.name=ptg", "-c", "user.email=ptg@localhost"]
+            subprocess.run(["git", *who, "commit", "-q", "-m", "ptg pipeline"], cwd=directory, check=True)
     return directory
 
 
@@ -85,9 +146,3 @@ def dvc_env() -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["DVC_NO_ANALYTICS"] = "1"
     return env
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m ptg.workspace PARAMS_FILE DIRECTORY")
-    print(make_workspace(sys.argv[1], sys.argv[2]))
