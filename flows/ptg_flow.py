@@ -8,12 +8,15 @@ MLflow parent run (``ptg.tracking``) and closes it with the flow's final state; 
 params file (``device: auto``), never from here.
 
 With the repository's params.yaml the pipeline runs in the repository itself; with another params file, a given
-``workdir`` or a ``rounds`` count it runs in a scratch DVC workspace (``ptg.workspace.make_workspace``; default
-build/<params file stem>, the folder ``make quick`` uses for configs/quick.yaml). ``rounds=N`` runs rounds 1..N:
-the workspace's params get that chain.
+``workdir``, or a ``rounds`` or ``launcher`` override it runs in a scratch DVC workspace
+(``ptg.workspace.make_workspace``; default build/<params file stem>, the folder ``make quick`` uses for
+configs/quick.yaml). The overrides are written into the workspace's params.yaml (``param_overrides``):
+``rounds=N`` runs rounds 1..N (that chain), ``launcher`` is the command fit_guidance, train_lm and baseline start
+with (e.g. "accelerate launch --multi_gpu --num_processes 4": data parallel on 4 GPUs; README, "When one machine
+is not enough").
 
 Run locally, no server needed (Prefect starts a temporary local API):
-    python flows/ptg_flow.py --params configs/quick.yaml [--rounds 1] [--workdir DIR]
+    python flows/ptg_flow.py --params configs/quick.yaml [--rounds 1] [--launcher CMD] [--workdir DIR]
 Deployments (a Prefect server, work pools, workers): see prefect.yaml.
 """
 
@@ -26,6 +29,7 @@ import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
@@ -40,6 +44,7 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
 from ptg import tracking
+from ptg.config import load_group
 from ptg.config import rounds as read_rounds
 from ptg.prefect_setup import FLOW
 from ptg.workspace import dvc_env, make_workspace, workspace_lock
@@ -61,10 +66,25 @@ def _resolve(params_file: str) -> Path:
     return path.resolve() if path.exists() or path.is_absolute() else (REPO / path).resolve()
 
 
-def workdir_of(params_file: str, workdir: str | None, rounds: int | None) -> Path:
-    """The folder ``dvc repro`` runs in: the repository for its own params.yaml, else a scratch workspace."""
+def param_overrides(rounds: int | None = None, launcher: str | None = None) -> dict[str, Any]:
+    """The top-level params.yaml values the flow's parameters set (none for a parameter left at None): ``rounds``
+    as the chain 1..N in the format ptg.config reads, ``launcher`` as given (checked with the rest of the params
+    once written, by ``prepare_workdir``)."""
+    overrides: dict[str, Any] = {}
+    if rounds is not None:
+        if rounds < 1:
+            raise ValueError(f"rounds must be >= 1; got {rounds}")
+        overrides["rounds"] = {str(r): {"prev": r - 1} for r in range(1, rounds + 1)}
+    if launcher is not None:
+        overrides["launcher"] = launcher
+    return overrides
+
+
+def workdir_of(params_file: str, workdir: str | None, overrides: dict[str, Any]) -> Path:
+    """The folder ``dvc repro`` runs in: the repository for its own params.yaml as it is, else a scratch workspace
+    (never the repository's params.yaml rewritten)."""
     params = _resolve(params_file)
-    if params == REPO / "params.yaml" and workdir is None and rounds is None:
+    if params == REPO / "params.yaml" and workdir is None and not overrides:
         return REPO
     return Path(workdir or WORKSPACES / params.stem).resolve()
 
@@ -99,18 +119,20 @@ def workspace_slot(root: Path) -> Iterator[None]:
 
 
 @task(cache_policy=NO_CACHE)
-def prepare_workdir(params_file: str, root: Path, rounds: int | None) -> str:
-    """Make or refresh the scratch workspace ``root`` (nothing to do for the repository itself)."""
+def prepare_workdir(params_file: str, root: Path, overrides: dict[str, Any] | None = None) -> str:
+    """Make or refresh the scratch workspace ``root`` (nothing to do for the repository itself) and write
+    ``overrides`` (``param_overrides``) into its params.yaml; a bad value fails here, naming the key and value,
+    before any stage runs."""
     params = _resolve(params_file)
     if root == REPO:
         return str(REPO)
     root = make_workspace(params, root)
-    if rounds is not None:
-        if rounds < 1:
-            raise ValueError(f"rounds must be >= 1; got {rounds}")
-        values = yaml.safe_load((root / "params.yaml").read_text())
-        values["rounds"] = {str(r): {"prev": r - 1} for r in range(1, rounds + 1)}  # the format ptg.config reads
-        (root / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    if overrides:
+        path = root / "params.yaml"
+        values = yaml.safe_load(path.read_text())
+        values.update(overrides)
+        path.write_text(yaml.safe_dump(values, sort_keys=False))
+        load_group("run", path)  # the launcher, with the other top-level keys
     return str(root)
 
 
@@ -157,14 +179,16 @@ def _options(name: str) -> dict:
 
 
 @flow(name=FLOW)
-def ptg_pipeline(rounds: int | None = None, params_file: str = "params.yaml", workdir: str | None = None
-                 ) -> dict[str, bool]:
-    """Run the pipeline; returns, per stage task, whether DVC ran it (False: up to date, skipped). A deployment run
-    waits while another deployment run holds the same workspace (``workspace_slot``); any other second run in a
-    busy workspace fails at once (``ptg.workspace.WorkspaceBusy``) and leaves the first one alone."""
-    root = workdir_of(params_file, workdir, rounds)
+def ptg_pipeline(rounds: int | None = None, params_file: str = "params.yaml", workdir: str | None = None,
+                 launcher: str | None = None) -> dict[str, bool]:
+    """Run the pipeline; returns, per stage task, whether DVC ran it (False: up to date, skipped). ``rounds`` and
+    ``launcher`` override the params file's (see the module docstring). A deployment run waits while another
+    deployment run holds the same workspace (``workspace_slot``); any other second run in a busy workspace fails at
+    once (``ptg.workspace.WorkspaceBusy``) and leaves the first one alone."""
+    overrides = param_overrides(rounds, launcher)
+    root = workdir_of(params_file, workdir, overrides)
     with workspace_slot(root), workspace_lock(root) as locked:
-        root = prepare_workdir(params_file, locked, rounds)
+        root = prepare_workdir(params_file, locked, overrides)
         params = yaml.safe_load((Path(root) / "params.yaml").read_text())
         ran: dict[str, bool] = {}
         tags = {"prefect_flow_run_id": str(flow_run.id), "params_file": params_file, "workdir": root}
@@ -178,9 +202,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml", help="params file (default: the repository's params.yaml)")
     ap.add_argument("--rounds", type=int, default=None, help="run rounds 1..N (default: the params' rounds)")
+    ap.add_argument("--launcher", default=None,
+                    help='command fit_guidance, train_lm and baseline start with (default: the params\' launcher), '
+                         'e.g. "accelerate launch --multi_gpu --num_processes 4"')
     ap.add_argument("--workdir", default=None, help="scratch workspace folder (default build/<stem>)")
     args = ap.parse_args()
     # The temporary local API gets 20 s to start by default, too little on a busy 2-core machine.
     startup = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
     with temporary_settings({startup: max(120, startup.value())}):
-        ptg_pipeline(rounds=args.rounds, params_file=args.params, workdir=args.workdir)
+        ptg_pipeline(rounds=args.rounds, params_file=args.params, workdir=args.workdir, launcher=args.launcher)

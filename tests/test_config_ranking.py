@@ -86,6 +86,23 @@ def test_rounds_must_be_a_quoted_chain(tmp_path):
         rounds(path)
 
 
+@pytest.mark.parametrize(("value", "message"), [
+    ("", r"params.yaml: launcher must be a non-empty command \(e.g. python\); got ''"),
+    ("  ", r"params.yaml: launcher must be a non-empty command \(e.g. python\); got '  '"),
+    (None, r"params.yaml: launcher must be a string; got None"),
+    (4, r"params.yaml: launcher must be a string; got 4 \(int\)"),
+])
+def test_the_launcher_must_be_a_command(tmp_path, value, message):
+    path = _write(tmp_path, lambda p: p.update(launcher=value))
+    with pytest.raises(ParamsError, match=message):
+        load_group("run", path)
+    path = _write(tmp_path, lambda p: p.pop("launcher"))
+    with pytest.raises(ParamsError, match=r"params.yaml: missing key\(s\) launcher"):
+        load_group("run", path)
+    launcher = "accelerate launch --multi_gpu --num_processes 2"
+    assert load_group("run", _write(tmp_path, lambda p: p.update(launcher=launcher))).launcher == launcher
+
+
 def test_rank_within_groups_orders_by_score_with_stable_ties():
     scores = pd.DataFrame({"id": ["b", "b", "b", "a", "a"], "sample_idx": [0, 1, 2, 0, 1],
                            "score": [0.2, 0.9, 0.2, 0.1, 0.3]})

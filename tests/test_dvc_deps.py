@@ -11,6 +11,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 # Only records runs to MLflow: outputs never depend on it, so editing it must not re-run the pipeline.
 NOT_A_DEP = {"ptg.tracking"}
+LAUNCHED = {"fit_guidance", "train_lm", "baseline"}  # `${launcher} stages/<name>.py`: data-parallel under N processes
 
 
 def _ptg_imports(path: Path) -> set[str]:
@@ -46,13 +47,22 @@ def _stages() -> dict[str, dict]:
 @pytest.mark.parametrize("name", sorted(_stages()))
 def test_stage_deps_cover_every_imported_module(name):
     spec = _stages()[name]
-    script = re.search(r"python (stages/\S+\.py)", spec["cmd"]).group(1)
+    script = re.match(r"(?:python|\$\{launcher\}) (stages/\S+\.py)", spec["cmd"]).group(1)
     deps = set(spec["deps"])
     assert script in deps and script == f"stages/{name}.py"
     needed = {"src/" + m.replace(".", "/") + ".py" for m in import_closure(ROOT / script)}
     assert needed, f"{script} imports no ptg module?"
     missing = sorted(needed - deps)
     assert not missing, f"dvc.yaml stage {name}: deps lack {missing} (imported by {script})"
+
+
+def test_training_stages_start_with_the_launcher_and_the_others_with_python():
+    """`launcher` (params.yaml) starts the stages ptg.distributed trains data-parallel; sampling, ranking and
+    evaluation are not data-parallel and always run as one process."""
+    for name, spec in _stages().items():
+        launcher = "${launcher}" if name in LAUNCHED else "python"
+        assert spec["cmd"].startswith(f"{launcher} stages/{name}.py"), (name, spec["cmd"])
+        assert "launcher" not in spec["params"], f"{name}: DVC reruns a stage whose cmd changed already"
 
 
 def test_closure_follows_imports_through_the_library():

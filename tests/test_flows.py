@@ -189,6 +189,61 @@ def test_retry_policy(flows):
     assert flows._options("evaluate@2")["task_run_name"] == "evaluate@2"
 
 
+def test_rounds_and_launcher_reach_the_workspace_params_and_are_checked(flows, tmp_path):
+    """The flow's `rounds` and `launcher` parameters are written into the scratch workspace's params.yaml (one code
+    path, the rest of the params file kept), where DVC interpolates the launcher into the training stages' cmd; a
+    bad value fails in prepare_workdir, before any stage runs. No Prefect API: the task's function alone."""
+    from dvc.repo import Repo
+
+    from ptg.config import ParamsError
+
+    launcher = "accelerate launch --multi_gpu --num_processes 4"
+    overrides = flows.param_overrides(rounds=1, launcher=launcher)
+    assert flows.param_overrides() == {}
+    assert flows.workdir_of("params.yaml", None, {}) == REPO
+    assert flows.workdir_of("params.yaml", None, flows.param_overrides(launcher=launcher)) == REPO / "build" / "params"
+    root = Path(flows.prepare_workdir.fn(str(QUICK), tmp_path / "ws", overrides))
+    params, quick = yaml.safe_load((root / "params.yaml").read_text()), yaml.safe_load(QUICK.read_text())
+    assert params == quick | {"launcher": launcher, "rounds": {"1": {"prev": 0}}}
+    with Repo(str(root)) as repo:
+        commands = {stage.name: stage.cmd for stage in repo.index.stages}
+    assert commands["train_lm@1"] == f"{launcher} stages/train_lm.py --round 1"
+    assert commands["fit_guidance@1"] == f"{launcher} stages/fit_guidance.py --round 1"
+    assert commands["baseline"] == f"{launcher} stages/baseline.py"
+    assert commands["sample@1"] == "python stages/sample.py --round 1" and "train_lm@2" not in commands
+
+    for bad in ("", " "):
+        with pytest.raises(ParamsError, match=rf"ws/params.yaml: launcher must be a non-empty command .*got '{bad}'"):
+            flows.prepare_workdir.fn(str(QUICK), tmp_path / "ws", flows.param_overrides(launcher=bad))
+    with pytest.raises(ValueError, match="rounds must be >= 1; got 0"):
+        flows.param_overrides(rounds=0)
+
+
+def test_every_deployment_runs_a_shipped_params_file_on_as_many_gpus_as_processes(flows, tmp_path):
+    """prefect.yaml's deployments: their parameters are the flow's, their params file ships with the repository and
+    loads with their overrides, and a GPU deployment's launcher starts one process per GPU it requests."""
+    import inspect
+
+    from ptg.config import GROUPS, load_group
+
+    flow_parameters = set(inspect.signature(flows.ptg_pipeline.fn).parameters)
+    deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    assert {"ptg-local", "ptg-gpu", "ptg-gpu-4"} <= {d["name"] for d in deployments}
+    for deployment in deployments:
+        name, parameters = deployment["name"], deployment["parameters"]
+        assert set(parameters) <= flow_parameters, name
+        assert (REPO / parameters["params_file"]).is_file(), name
+        overrides = flows.param_overrides(parameters.get("rounds"), parameters.get("launcher"))
+        root = Path(flows.prepare_workdir.fn(parameters["params_file"], tmp_path / name, overrides))
+        for group in ("run", *GROUPS):
+            load_group(group, root / "params.yaml")
+        kwargs = deployment["work_pool"]["job_variables"].get("container_create_kwargs") or {}
+        gpus = sum(request["count"] for request in kwargs.get("device_requests", []))
+        launcher = load_group("run", root / "params.yaml").launcher
+        processes = re.search(r"--num_processes[ =](\d+)", launcher)
+        assert (int(processes.group(1)) if processes else 1) == max(gpus, 1), (name, launcher, gpus)
+
+
 def prefect_env(home: Path) -> dict[str, str]:
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")

@@ -212,8 +212,9 @@ def test_lora_trains_adapters_for_both_arms_and_saves_them_beside_the_merged_lm(
 
 
 def test_train_lm_under_accelerate_launch_trains_data_parallel_and_writes_once(tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2 stages/train_lm.py` (gloo on the CPU): the two ranks train
-    one LM on the global batch (the same losses as the stage in one process) and rank 0 alone writes it."""
+    """`launcher: accelerate launch --multi_gpu --num_processes 2 ...` in params.yaml (gloo on the CPU): DVC sees
+    the training stages' interpolated cmd change and `dvc repro` runs train_lm@1 that way; the two ranks train one LM
+    on the global batch (the same losses as the stage in one process) and rank 0 alone writes it."""
     import socket
 
     from safetensors.torch import load_file
@@ -226,9 +227,18 @@ def test_train_lm_under_accelerate_launch_trains_data_parallel_and_writes_once(t
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
-         "--main_process_port", str(port), "stages/train_lm.py", "--round", "1"], ws)
+    launcher = ("accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no "
+                f"--dynamo_backend no --main_process_ip 127.0.0.1 --main_process_port {port}")
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    assert params["launcher"] == "python"
+    (ws / "params.yaml").write_text(yaml.safe_dump(params | {"launcher": launcher}, sort_keys=False))
+    # fit_guidance@1's cmd changed too (DVC would rerun it): --single-item keeps its one-process guidance, so both
+    # LMs train on the same rewards. `accelerate` is the venv's (run() puts its bin first on PATH).
+    assert "changed command" in run(["dvc", "status", "fit_guidance@1"], ws).stdout
+    assert ran(ws, "--single-item", "train_lm@1") == {"train_lm@1"}
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
+    assert lock["train_lm@1"]["cmd"] == f"{launcher} stages/train_lm.py --round 1"
+    assert lock["sample@1"]["cmd"] == "python stages/sample.py --round 1"
     summary = json.loads((metrics / "train_lm.json").read_text())
     assert summary["processes"] == 2
     history_two = pd.read_csv(metrics / "train_lm_history.csv")

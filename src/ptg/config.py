@@ -114,6 +114,13 @@ class RunParams:
     precision: str = field(default="auto", metadata={"help": "auto (bf16 where fast), bf16 or fp32"})
     seed: int = field(default=0, metadata={"help": "base seed; each round and stage derives its own"})
     progress: bool = field(default=True, metadata={"help": "show progress bars (off under CI)"})
+    launcher: str = field(default="python", metadata={
+        "help": "the command dvc.yaml starts fit_guidance, train_lm and baseline with (${launcher} stages/X.py): "
+                "python, or e.g. \"accelerate launch --multi_gpu --num_processes 4\" for data parallel"})
+
+    def __post_init__(self) -> None:
+        if not self.launcher.strip():
+            raise ValueError(f"launcher must be a non-empty command (e.g. python); got {self.launcher!r}")
 
 
 @dataclass(frozen=True)

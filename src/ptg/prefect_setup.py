@@ -7,7 +7,7 @@ again at any time; it creates what is missing and updates the automation):
   lost machine or container) stays Running in Prefect forever: nothing is left to report its end. This is
   Prefect's own "zombie flow run" detection (docs: "How to detect and respond to zombie flows"): the flow run's
   process sends a ``prefect.flow-run.heartbeat`` event every ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` seconds, set
-  to ``HEARTBEAT_S`` for both deployments by prefect.yaml (``job_variables.env``), and a proactive event trigger
+  to ``HEARTBEAT_S`` for every deployment by prefect.yaml (``job_variables.env``), and a proactive event trigger
   fires when, after a heartbeat, neither another heartbeat nor a final state arrives within the window.
 
 Only deployment runs of ``ptg-pipeline`` are watched: they are the ones prefect.yaml gives the 30 s heartbeat. A
@@ -24,7 +24,7 @@ from datetime import timedelta
 FLOW = "ptg-pipeline"  # the flow's name (flows/ptg_flow.py)
 PROCESS_POOL = "ptg-process"  # prefect.yaml's ptg-local deployment runs there
 AUTOMATION = "ptg-crash-zombie-flow-runs"
-# Seconds between a flow run's heartbeats (PREFECT_FLOWS_HEARTBEAT_FREQUENCY in prefect.yaml, both deployments):
+# Seconds between a flow run's heartbeats (PREFECT_FLOWS_HEARTBEAT_FREQUENCY in prefect.yaml, every deployment):
 # 30 s is Prefect's minimum (the setting has ge=30; its default is 180 s), so a dead run is noticed soonest; one
 # event per 30 s per run costs nothing. tests/test_flows.py checks that prefect.yaml sets this value.
 HEARTBEAT_S = 30
