@@ -14,8 +14,8 @@ runner = CliRunner()
 def test_help_lists_every_command():
     out = runner.invoke(app, ["--help"])
     assert out.exit_code == 0
-    for command in ("init", "run", "quick", "bench", "perf", "guidance", "annotate", "model", "report", "backfill", "ui",
-                    "prefect-setup"):
+    for command in ("init", "run", "quick", "bench", "perf", "guidance", "annotate", "model", "report", "backfill",
+                    "ui", "prefect-setup"):
         assert command in out.output
     console = shutil.which("ptg", path=str(REPO / ".venv" / "bin"))
     if console:  # the installed console script is the same app
