@@ -31,3 +31,22 @@ def test_the_lock_is_reentrant_across_sequential_runs(tmp_path):
     for _ in range(2):
         with workspace_lock(tmp_path / "ws"):
             pass
+
+
+def test_a_project_gets_the_packaged_pipeline_and_the_checkout_itself_is_refused(tmp_path):
+    from conftest import REPO
+
+    from ptg.workspace import PACKAGE, make_workspace
+
+    ws = make_workspace(None, tmp_path / "p")
+    assert (ws / "dvc.yaml").read_bytes() == (REPO / "dvc.yaml").read_bytes() and not (ws / "stages").is_symlink()
+    assert (ws / "params.yaml").read_bytes() == (REPO / "params.yaml").read_bytes()
+    assert (ws / "src" / "ptg").resolve() == PACKAGE and (ws / ".dvc").is_dir()
+    (ws / "params.yaml").write_text("seed: 1\n")
+    make_workspace(None, ws)  # a refresh keeps the project's own params
+    assert (ws / "params.yaml").read_text() == "seed: 1\n"
+    before = sorted(p.name for p in (REPO / "stages").iterdir())
+    with pytest.raises(ValueError, match="is the checkout ptg runs from"):
+        make_workspace(None, REPO)
+    assert sorted(p.name for p in (REPO / "stages").iterdir()) == before
+

@@ -84,6 +84,9 @@ def make_workspace(params_file: str | Path | None, directory: str | Path, git: b
     committed), so ``dvc exp run`` works; without it, DVC runs without SCM.
     """
     directory = Path(directory).resolve()
+    if (directory / "dvc.yaml").resolve() == template_file("dvc.yaml").resolve():
+        raise ValueError(f"{directory} is the checkout ptg runs from: its pipeline files are the template itself. "
+                         f"Run the pipeline there with `ptg run`, or make a project in another folder")
     if params_file is not None:
         params_file = Path(params_file).resolve()
         if not params_file.is_file():
