@@ -50,3 +50,22 @@ def test_a_project_gets_the_packaged_pipeline_and_the_checkout_itself_is_refused
         make_workspace(None, REPO)
     assert sorted(p.name for p in (REPO / "stages").iterdir()) == before
 
+
+
+def test_ptg_init_commits_the_pipeline_and_never_the_users_own_changes(tmp_path):
+    import subprocess
+
+    from ptg.workspace import make_workspace
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ws, check=True, capture_output=True, text=True).stdout
+
+    ws = make_workspace(None, tmp_path / "p", git=True)
+    assert len(git("log", "--oneline").splitlines()) == 1 and git("status", "--short") == ""
+    assert "src/ptg" in git("ls-files")  # the code link travels with `dvc exp run --temp` copies
+    (ws / "params.yaml").write_text((ws / "params.yaml").read_text() + "# mine\n")
+    (ws / "notes.txt").write_text("mine\n")
+    git("add", "notes.txt")
+    make_workspace(None, ws, git=True)  # a refresh with nothing new from ptg: no commit, the edits stay the user's
+    assert len(git("log", "--oneline").splitlines()) == 1
+    assert sorted(git("status", "--short").splitlines()) == ["A  notes.txt", " M params.yaml"]

@@ -98,6 +98,9 @@ def make_workspace(params_file: str | Path | None, directory: str | Path, git: b
         shutil.copy2(params_file, directory / "params.yaml")
     elif not (directory / "params.yaml").is_file():
         shutil.copy2(template_file("params.yaml"), directory / "params.yaml")
+    if git and shutil.which("git") is None:
+        raise FileNotFoundError("git not found on PATH: install it, or make the project without (`--no-git`; then "
+                                "`dvc exp` is not available there)")
     if git and not (directory / ".git").exists():
         subprocess.run(["git", "init", "-q"], cwd=directory, check=True)
     if not (directory / ".dvc").is_dir():
@@ -108,13 +111,23 @@ def make_workspace(params_file: str | Path | None, directory: str | Path, git: b
         ignore = directory / ".gitignore"
         if not ignore.is_file():
             ignore.write_text(GITIGNORE)
-        subprocess.run(["git", "add", "-A"], cwd=directory, check=True)
-        if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=directory).returncode:
+        # Only what this call wrote is committed: the user's own changes (data, params edits) stay theirs.
+        paths = [*PIPELINE_FILES, str(CODE_LINK), ".gitignore", ".dvc", ".dvcignore"]
+        if params_file is not None or not _tracked(directory, "params.yaml"):
+            paths.append("params.yaml")
+        subprocess.run(["git", "add", "--", *paths], cwd=directory, check=True)
+        if subprocess.run(["git", "diff", "--cached", "--quiet", "--", *paths], cwd=directory).returncode:
             # The user's git identity when set, else one naming ptg (dvc exp needs a commit to start from).
             who = [] if subprocess.run(["git", "config", "user.email"], cwd=directory, capture_output=True
                                        ).returncode == 0 else ["-c", "user.name=ptg", "-c", "user.email=ptg@localhost"]
-            subprocess.run(["git", *who, "commit", "-q", "-m", "ptg pipeline"], cwd=directory, check=True)
+            subprocess.run(["git", *who, "commit", "-q", "-m", "ptg pipeline", "--", *paths], cwd=directory,
+                           check=True)
     return directory
+
+
+def _tracked(directory: Path, path: str) -> bool:
+    return subprocess.run(["git", "ls-files", "--error-unmatch", path], cwd=directory,
+                          capture_output=True).returncode == 0
 
 
 class WorkspaceBusy(RuntimeError):
