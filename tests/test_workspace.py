@@ -68,4 +68,4 @@ def test_ptg_init_commits_the_pipeline_and_never_the_users_own_changes(tmp_path)
     git("add", "notes.txt")
     make_workspace(None, ws, git=True)  # a refresh with nothing new from ptg: no commit, the edits stay the user's
     assert len(git("log", "--oneline").splitlines()) == 1
-    assert sorted(git("status", "--short").splitlines()) == ["A  notes.txt", " M params.yaml"]
+    assert sorted(git("status", "--short").splitlines()) == [" M params.yaml", "A  notes.txt"]
