@@ -22,17 +22,17 @@ def main(params: str = "params.yaml") -> None:
         src = pipeline.round_dir(0) / "lm" if r == 1 else pipeline.baseline_dir(r - 1) / "lm"
         out, met = pipeline.baseline_dir(r), pipeline.METRICS / "baseline" / str(r)
         cfg = dataclasses.replace(round_budget("train_lm", r, params), seed=ctx.seed("train_lm", r))
-        summary, history = pipeline.train_and_save(
-            src, out / "lm", cfg, None, ctx, met / "train_lm.json",
-            pipeline.METRICS / "baseline_history" / str(r) / "train_lm_history.csv")
+        history_file = pipeline.METRICS / "baseline_history" / str(r) / "train_lm_history.csv"
+        pipeline.train_and_save(src, out / "lm", cfg, None, ctx, met / "train_lm.json", history_file)
         if not distributed.is_main():  # data-parallel training (accelerate launch): rank 0 evaluates and tracks
             continue
-        tracking.log_stage("baseline_train_lm", r, dataclasses.asdict(cfg), summary, history=history,
-                           model_dir=out / "lm", registered_name=tracking.BASELINE_MODEL, dvc_stage="baseline")
+        tracking.log_stage("baseline_train_lm", r, dataclasses.asdict(cfg), met / "train_lm.json",
+                           history=history_file, model_dir=out / "lm", registered_name=tracking.BASELINE_MODEL,
+                           dvc_stage="baseline")
         scores, files = evaluation.evaluate_and_save(out / "lm", None, out / "predictions.parquet",
                                                      met / "evaluate.json", ctx,
                                                      last_round=r == rounds(params)[-1]["round"])
-        tracking.log_stage("baseline_evaluate", r, {}, scores, artifacts=files, dvc_stage="baseline")
+        tracking.log_stage("baseline_evaluate", r, {}, met / "evaluate.json", artifacts=files, dvc_stage="baseline")
         tracking.set_best_alias(tracking.BASELINE_MODEL, out / "lm", "rougeL", scores["rougeL"], weights=False)
 
 

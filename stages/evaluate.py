@@ -21,7 +21,8 @@ def main(r: int, params: str = "params.yaml") -> None:
     scores, files = evaluation.evaluate_and_save(lm_dir, guidance, pipeline.round_dir(r) / "predictions.parquet",
                                                  pipeline.round_metrics(r, "evaluate"), ctx,
                                                  last_round=r == rounds(params)[-1]["round"])
-    tracking.log_stage("evaluate", r, dataclasses.asdict(load_group("evaluate", params)), scores, artifacts=files)
+    tracking.log_stage("evaluate", r, dataclasses.asdict(load_group("evaluate", params)),
+                       pipeline.round_metrics(r, "evaluate"), artifacts=files)
     tracking.set_best_alias(tracking.LM_MODEL, lm_dir, "rougeL", scores["rougeL"])
     # The guidance that trained the best LM.
     tracking.set_best_alias(tracking.GUIDANCE_MODEL, pipeline.round_dir(r) / "guidance", "rougeL", scores["rougeL"])

@@ -96,10 +96,11 @@ def main(r: int, params: str = "params.yaml") -> None:
     if pref_val:
         held = evaluate_guidance(guidance, pref_val, cfg, tok.pad_token_id, ctx.device, ctx.dtype)
         summary |= {"preferences_val_accuracy": held["accuracy"], "preferences_val_pairs": held["pairs"]}
-    write_json(pipeline.round_metrics(r, "fit_guidance"), summary)
-    history = pd.DataFrame(result.history)
-    with atomic_path(pipeline.round_metrics(r, "fit_guidance_history").with_suffix(".csv")) as tmp:
-        history.to_csv(tmp, index=False)
+    metrics_file = pipeline.round_metrics(r, "fit_guidance")
+    history_file = pipeline.round_metrics(r, "fit_guidance_history").with_suffix(".csv")
+    write_json(metrics_file, summary)
+    with atomic_path(history_file) as tmp:
+        pd.DataFrame(result.history).to_csv(tmp, index=False)
     frames = []
     for split, groups in (("train", train), ("validation", val)):
         scores = group_scores(guidance, groups, cfg, tok.pad_token_id, ctx.device, ctx.dtype)
@@ -107,7 +108,7 @@ def main(r: int, params: str = "params.yaml") -> None:
                       .rename(columns={"score": "preference"}).assign(guidance=[x for row in scores for x in row]))
     with atomic_path(pipeline.round_metrics(r, "guidance_groups").with_suffix(".csv")) as tmp:
         pd.concat(frames).to_csv(tmp, index=False)
-    tracking.log_stage("fit_guidance", r, dataclasses.asdict(cfg), summary, history=history, model_dir=out,
+    tracking.log_stage("fit_guidance", r, dataclasses.asdict(cfg), metrics_file, history=history_file, model_dir=out,
                        registered_name=tracking.GUIDANCE_MODEL)
 
 

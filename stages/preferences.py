@@ -28,7 +28,7 @@ def main(params: str = "params.yaml") -> None:
         counts = {"groups": 0}
     write_table(table, pipeline.PREFERENCES, schemas.Preferences)
     write_json(pipeline.METRICS / "preferences.json", counts)
-    tracking.log_stage("preferences", None, dataclasses.asdict(pp), counts)
+    tracking.log_stage("preferences", None, dataclasses.asdict(pp), pipeline.METRICS / "preferences.json")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def main(params: str = "params.yaml") -> None:
         write_table(frame, pipeline.PREPARED / f"{split}.parquet", schemas.Examples)
     info = source_info(cfg, frames)
     write_json(pipeline.METRICS / "prepare.json", info)
-    tracking.log_stage("prepare", None, dataclasses.asdict(cfg), info["rows"] | {"source": info["source"]})
+    tracking.log_stage("prepare", None, dataclasses.asdict(cfg), pipeline.METRICS / "prepare.json")
 
 
 if __name__ == "__main__":

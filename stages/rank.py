@@ -55,7 +55,7 @@ def main(r: int, params: str = "params.yaml") -> None:
     best = table[table["rank"] == 1]["score"]
     summary = {"metric": rp.metric, "mean_score": float(table["score"].mean()), "mean_best_score": float(best.mean())}
     write_json(pipeline.round_metrics(r, "rank"), summary)
-    tracking.log_stage("rank", r, dataclasses.asdict(rp), summary, artifacts=[out])
+    tracking.log_stage("rank", r, dataclasses.asdict(rp), pipeline.round_metrics(r, "rank"), artifacts=[out])
 
 
 if __name__ == "__main__":

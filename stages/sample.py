@@ -31,7 +31,7 @@ def main(r: int, params: str = "params.yaml") -> None:
     write_table(table, out, schemas.Samples)
     summary = speed | {"inputs": len(frame)}
     write_json(pipeline.round_metrics(r, "sample"), summary | {"settings": dataclasses.asdict(cfg)})
-    tracking.log_stage("sample", r, dataclasses.asdict(sp), summary, artifacts=[out])
+    tracking.log_stage("sample", r, dataclasses.asdict(sp), pipeline.round_metrics(r, "sample"), artifacts=[out])
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ def main(r: int, params: str = "params.yaml") -> None:
     cfg = dataclasses.replace(round_budget("train_lm", r, params), seed=ctx.seed("train_lm", r))
     guidance = load_guidance(pipeline.round_dir(r) / "guidance")
     out = pipeline.round_dir(r) / "lm"
-    summary, history = pipeline.train_and_save(pipeline.round_dir(r - 1) / "lm", out, cfg, guidance, ctx,
-                                               pipeline.round_metrics(r, "train_lm"),
-                                               pipeline.round_metrics(r, "train_lm_history").with_suffix(".csv"))
-    tracking.log_stage("train_lm", r, dataclasses.asdict(cfg), summary, history=history, model_dir=out,
+    metrics_file = pipeline.round_metrics(r, "train_lm")
+    history_file = pipeline.round_metrics(r, "train_lm_history").with_suffix(".csv")
+    pipeline.train_and_save(pipeline.round_dir(r - 1) / "lm", out, cfg, guidance, ctx, metrics_file, history_file)
+    tracking.log_stage("train_lm", r, dataclasses.asdict(cfg), metrics_file, history=history_file, model_dir=out,
                        registered_name=tracking.LM_MODEL)
 
 

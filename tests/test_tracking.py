@@ -335,6 +335,36 @@ def test_unreachable_server_writes_pending_then_backfills(project, tiny_models, 
     assert c.get_model_version(tracking.LM_MODEL, "1").tags["run_id"] == run.info.run_id
 
 
+def test_a_pending_record_refers_to_the_stages_metrics_files_and_refuses_them_changed(project, monkeypatch, caplog):
+    """A stage that logs its DVC metrics files leaves a pending record naming them (with their md5), not a copy of
+    their numbers; backfill reads them back, and keeps the record (saying why) when a file changed since."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    metrics, history = Path("metrics/sample.json"), Path("metrics/sample_history.csv")
+    metrics.parent.mkdir()
+    for r in (1, 2):
+        metrics.write_text(json.dumps({"seconds": 1.5 * r, "split": "train"}))
+        history.write_text(f"update,loss\n1,{3.0 * r}\n2,{2.0 * r}\n")
+        tracking.log_stage("sample", r, {"k": 3}, metrics, history=history)
+        if r == 1:
+            kept = (Path("kept.json"), Path("kept.csv"))
+            shutil.copy(metrics, kept[0]), shutil.copy(history, kept[1])
+    entry = json.loads((tracking.PENDING_DIR / "sample@2.json").read_text())["record"]
+    assert entry["metrics"] == {} and entry["history"] == [] and entry["tags"]["info.split"] == "train"
+    assert entry["sources"]["metrics"]["path"] == str(metrics.resolve())
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project.parent / 'backfill.db'}")
+    caplog.set_level(logging.WARNING, logger="ptg.tracking")
+    assert tracking.backfill() == (1, 1)  # sample@1's files now hold round 2's numbers: it waits
+    assert "changed since the stage ran" in caplog.text and "sample@1" in caplog.text
+    run = runs_by_name(client())["sample@2"]
+    assert run.data.metrics["seconds"] == 3.0 and run.data.tags["info.split"] == "train"
+    assert [(m.step, m.value) for m in client().get_metric_history(run.info.run_id, "history/loss")] == \
+        [(1, 6.0), (2, 4.0)]
+    shutil.copy(kept[0], metrics), shutil.copy(kept[1], history)  # the files as sample@1 wrote them
+    assert tracking.backfill() == (1, 0)
+    assert runs_by_name(client())["sample@1"].data.metrics == {"seconds": 1.5, "history/loss": 2.0}
+
+
 def test_run_cli_wraps_dvc_repro(project):
     """`python -m ptg.tracking run -- dvc repro`: one parent, a nested run per stage execution, exit code passed."""
     done = subprocess.run([sys.executable, "-m", "ptg.tracking", "run", "--name", "repro", "--", "dvc", "repro"],

@@ -32,8 +32,10 @@ with the best evaluated metric. Summary metrics are also logged on the parent as
 When the tracking server is unreachable (or any MLflow call fails) a stage logs ``tracking skipped: ...``, writes
 what it could not log to ``metrics/.tracking_pending/<stage>@<round>.json`` and carries on; HTTP retries and
 timeouts are bounded (``MLFLOW_HTTP_REQUEST_*`` defaults below, and a 3 s health probe first). Replay the records
-later into the then-configured MLflow with ``python -m ptg.tracking backfill`` (model folders and artifacts are
-re-read from the recorded paths, so replay before the next ``dvc repro`` overwrites them).
+later into the then-configured MLflow with ``ptg backfill``. A pending record is a reference, not a second copy:
+the pipeline's stages log their DVC metrics files (``metrics/...json``, the history CSVs), and the record names
+those files with their md5, as it names the model folders and artifacts; ``backfill`` reads them back and refuses
+a file that changed since (the stage ran again: replay before the next ``dvc repro`` overwrites them).
 
 CLI:
     python -m ptg.tracking run [--name NAME] [--params params.yaml] -- dvc repro
@@ -106,10 +108,43 @@ class StageRecord:
     step_metrics_on_parent: bool = True
     parent_run_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    # The files ``metrics`` / ``history`` were read from ({"metrics": {"path": ..., "md5": ...}, ...}): a pending
+    # record keeps these references instead of the numbers, and ``with_sources`` reads them back.
+    sources: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def run_name(self) -> str:
         return self.stage if self.round is None else f"{self.stage}@{self.round}"
+
+    def pending_form(self) -> dict[str, Any]:
+        """The record as a pending file holds it: what its source files hold is left to them."""
+        data = dataclasses.asdict(self)
+        if "metrics" in self.sources:
+            data["metrics"] = {}
+        if "history" in self.sources:
+            data["history"] = []
+        return data
+
+    def with_sources(self) -> StageRecord:
+        """The record with ``metrics`` / ``history`` read from its source files; a ``StaleSourceError`` when a file
+        is gone or changed since the stage ran."""
+        import pandas as pd
+
+        loaded: dict[str, Any] = {}
+        for kind, source in self.sources.items():
+            path = Path(source["path"])
+            md5 = folder_md5(path) if path.is_file() else "missing"
+            if md5 != source["md5"]:
+                raise StaleSourceError(f"{path} ({kind} of {self.run_name}) changed since the stage ran (md5 "
+                                       f"{source['md5']} -> {md5}): the stage ran again, and logged or left "
+                                       f"pending its own record; delete this pending record to drop it")
+            loaded[kind] = (_split_metrics(json.loads(path.read_text()))[0] if kind == "metrics"
+                            else _history_rows(pd.read_csv(path)))
+        return dataclasses.replace(self, **loaded)
+
+
+class StaleSourceError(RuntimeError):
+    """A pending record's metrics or history file changed after its stage ran."""
 
 
 @dataclass
@@ -282,7 +317,7 @@ def _write_pending(kind: str, name: str, record: StageRecord | AliasRecord, erro
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.json"
     payload = {"kind": kind, "error": error, "created": datetime.now(UTC).isoformat(),
-               "record": dataclasses.asdict(record)}
+               "record": record.pending_form() if isinstance(record, StageRecord) else dataclasses.asdict(record)}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     tmp.replace(path)
@@ -615,26 +650,36 @@ def parent_run(name: str, params: Mapping[str, Any], tags: Mapping[str, str] | N
         end_parent(run_id, status, project)
 
 
-def log_stage(stage: str, round: int | None, params: Mapping[str, Any], metrics: Mapping[str, Any],
-              history: pd.DataFrame | None = None, artifacts: Sequence[str | Path] = (),
+def log_stage(stage: str, round: int | None, params: Mapping[str, Any], metrics: Mapping[str, Any] | str | Path,
+              history: pd.DataFrame | str | Path | None = None, artifacts: Sequence[str | Path] = (),
               model_dir: str | Path | None = None, registered_name: str | None = None,
               step_metrics_on_parent: bool = True, dvc_stage: str | None = None) -> None:
     """Track one stage execution; call it once at the end of the stage, after its outputs are written.
 
     Opens a run named ``stage@round`` (``stage`` when round is None) nested under ``$PTG_MLFLOW_PARENT_RUN_ID``
     (standalone without it) and logs: ``params`` once, flattened to dotted keys; ``metrics`` (numbers; other
-    entries, e.g. ``objective``, become ``info.*`` tags); ``history``, one ``history/<column>`` metric per numeric
-    column at ``step`` = the row's ``update``; ``artifacts`` (files or folders); ``model_dir`` as a pyfunc model,
-    registered as ``registered_name`` when given; and, with ``step_metrics_on_parent``, the metrics on the parent
-    as ``<stage>/<metric>`` at ``step=round``. ``dvc_stage`` names the DVC stage whose hash tags the run when it
-    is not ``stage`` of ``round`` (e.g. ``"baseline"`` for ``baseline_train_lm@1``). Never raises for tracking
-    trouble: see the module docstring.
+    entries, e.g. ``objective``, become ``info.*`` tags), a mapping or the JSON file the stage wrote (its DVC
+    metrics file: a pending record then refers to the file instead of copying it); ``history``, one
+    ``history/<column>`` metric per numeric column at ``step`` = the row's ``update``, a table or its CSV file;
+    ``artifacts`` (files or folders); ``model_dir`` as a pyfunc model, registered as ``registered_name`` when given;
+    and, with ``step_metrics_on_parent``, the metrics on the parent as ``<stage>/<metric>`` at ``step=round``.
+    ``dvc_stage`` names the DVC stage whose hash tags the run when it is not ``stage`` of ``round`` (e.g.
+    ``"baseline"`` for ``baseline_train_lm@1``). Never raises for tracking trouble: see the module docstring.
     """
     if registered_name is not None and model_dir is None:
         raise ValueError(f"log_stage({stage!r}): registered_name {registered_name!r} needs a model_dir")
     tracker = get_tracker()
     if isinstance(tracker, NullTracker):
         return
+    sources = {}
+    if isinstance(metrics, str | Path):
+        sources["metrics"] = {"path": str(Path(metrics).resolve()), "md5": folder_md5(metrics)}
+        metrics = json.loads(Path(metrics).read_text())
+    if isinstance(history, str | Path):
+        import pandas as pd
+
+        sources["history"] = {"path": str(Path(history).resolve()), "md5": folder_md5(history)}
+        history = pd.read_csv(history)
     numbers, info = _split_metrics(metrics)
     if model_dir is not None and log_models_mode() != "all":  # the run names its folder; DVC keeps it, and with
         # log_models: best, set_best_alias logs it into this run once it is the best evaluated one
@@ -646,7 +691,8 @@ def log_stage(stage: str, round: int | None, params: Mapping[str, Any], metrics:
         history=_history_rows(history), artifacts=[str(Path(p).resolve()) for p in artifacts],
         model_dir=str(Path(model_dir).resolve()) if model_dir is not None else None,
         registered_name=registered_name, step_metrics_on_parent=step_metrics_on_parent,
-        parent_run_id=os.environ.get(PARENT_ENV) or None, tags=_stage_tags(stage, round, dvc_stage) | info)
+        parent_run_id=os.environ.get(PARENT_ENV) or None, tags=_stage_tags(stage, round, dvc_stage) | info,
+        sources=sources)
     tracker.log_stage(record)
 
 
@@ -686,7 +732,7 @@ def backfill(directory: str | Path = PENDING_DIR) -> tuple[int, int]:
     for path, entry in entries:
         try:
             if entry["kind"] == "stage":
-                tracker.replay_stage(StageRecord(**entry["record"]))
+                tracker.replay_stage(StageRecord(**entry["record"]).with_sources())
             else:
                 tracker.replay_alias(AliasRecord(**entry["record"]))
         except Exception as e:
