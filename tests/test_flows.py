@@ -324,7 +324,7 @@ def flow_run_state(env: dict[str, str], flow_run_id: str) -> str:
     return flow_run(env, flow_run_id)["state"]["type"]
 
 
-def wait_until_final(env: dict[str, str], flow_run_id: str, seconds: float = 600) -> str:
+def wait_until_final(env: dict[str, str], flow_run_id: str, seconds: float = 900) -> str:
     deadline, state = time.monotonic() + seconds, None
     while time.monotonic() < deadline:
         state = flow_run_state(env, flow_run_id)

@@ -1,6 +1,6 @@
-"""ptg as a user installs it: a wheel built from this checkout, installed into a fresh virtual environment, runs
-`ptg quick` in one project folder and the pipeline's first stage, then a DVC experiment, in a second project made
-by `ptg init`. Each project keeps its own MLflow store (mlflow.db at its root); nothing is written next to the
+"""ptg as a user installs it: a wheel built from this checkout, installed without extras into a fresh virtual
+environment (constraints.txt pins the versions), runs `ptg quick` in one project folder and the pipeline's first
+stage, then a DVC experiment, in a second project made by `ptg init`. Each project keeps its own MLflow store (mlflow.db at its root); nothing is written next to the
 installed package, and no path is resolved from where ptg is installed except the packaged pipeline itself."""
 
 import os
@@ -50,6 +50,9 @@ def test_a_wheel_in_a_fresh_venv_runs_quick_and_projects_keep_their_own_stores(t
     _run([str(venv / "bin" / "pip"), "install", "-q", "--no-compile", "-c", str(REPO / "constraints.txt"),
           str(wheel)], tmp_path, env, timeout=1800)
     assert "init" in _run(["ptg", "--help"], tmp_path, env) and "quick" in _run(["ptg", "--help"], tmp_path, env)
+    # The core install has no Prefect (the `orchestration` extra): the command that needs it says so.
+    done = subprocess.run(["ptg", "prefect-setup"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "pip install 'ptg[orchestration]'" in done.stderr
     package = Path(_run(["python", "-c", "import ptg, os; print(os.path.dirname(ptg.__file__))"], tmp_path,
                         env).strip())
     assert package.is_relative_to(venv)  # the wheel's ptg, not this checkout's

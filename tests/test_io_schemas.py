@@ -302,3 +302,13 @@ def test_a_truncated_parquet_table_names_itself_and_the_remedy(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ValueError, match=r"samples.parquet: not a readable parquet table, truncated or corrupt"):
         read_records(path)
+
+
+def test_a_missing_extra_names_what_needs_it_and_the_extra_to_install(monkeypatch):
+    import sys
+
+    from ptg.data import load_hf
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as in an install without ptg[hub]
+    with pytest.raises(ModuleNotFoundError, match=r"data.source 'org/set' .*pip install 'ptg\[hub\]'"):
+        load_hf("org/set")

@@ -121,7 +121,9 @@ def prefect_setup(ctx: typer.Context) -> None:
     automation that sets a ptg-pipeline deployment run to Crashed when its heartbeats stop (its worker died);
     options as `python -m ptg.prefect_setup --help` (--crash-after SECONDS, --pool, --type)."""
     from ptg import prefect_setup as module
+    from ptg.io import import_extra
 
+    import_extra("prefect", "orchestration", "ptg prefect-setup")
     raise typer.Exit(module.main(ctx.args))
 
 
@@ -138,6 +140,9 @@ def ui(port: int = typer.Option(5000, help="MLflow UI port"),
                                "--port", str(port)], cwd=project_root())]
     typer.echo(f"MLflow UI: http://{host}:{port}  (store {uri})")
     if prefect:
+        from ptg.io import import_extra
+
+        import_extra("prefect", "orchestration", "ptg ui --prefect")
         procs.append(subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host]))
         typer.echo(f"Prefect UI: http://{host}:4200  (export PREFECT_API_URL=http://{host}:4200/api, then "
                    f"`ptg prefect-setup` once)")

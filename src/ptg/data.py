@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ptg.io import read_records
+from ptg.io import import_extra, read_records
 from ptg.schemas import SPLITS, check_disjoint_splits
 
 log = logging.getLogger(__name__)
@@ -373,8 +373,7 @@ def load_hf(dataset_id: str, input_field: str = "input", target_field: str = "ta
     ``datasets`` is imported here, not at module import, and downloads only when this is called (or reads its
     cache when offline). ``name`` is the dataset configuration, if it has several.
     """
-    import datasets  # heavy, and only this source needs it
-
+    datasets = import_extra("datasets", "hub", f"data.source {dataset_id!r} (a Hugging Face dataset id)")
     dd = datasets.load_dataset(dataset_id, name)
     frames = []
     for split in SPLITS:

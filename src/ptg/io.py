@@ -12,6 +12,7 @@ offending rows, in a form meant to be read in one screen.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import logging
@@ -20,6 +21,7 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pandas as pd
@@ -298,3 +300,15 @@ def read_records(path: str | os.PathLike[str]) -> pd.DataFrame:
 def read_table(path: str | os.PathLike[str], schema: Schema) -> pd.DataFrame:
     """Read the table at ``path`` (see ``read_records``) validated against ``schema`` (``TableError`` if not)."""
     return validate_table(read_records(path), schema, str(path))
+
+
+def import_extra(module: str, extra: str, needed_by: str) -> ModuleType:
+    """``module``, which only some uses need and which comes with ``pip install 'ptg[<extra>]'``; a missing one is
+    an error naming what needs it and the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module.split(".")[0]:
+            raise
+        raise ModuleNotFoundError(f"{needed_by} needs {module}, which this environment lacks: "
+                                  f"pip install 'ptg[{extra}]'", name=e.name) from e

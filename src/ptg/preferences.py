@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from ptg import schemas
-from ptg.io import read_records, validate_table
+from ptg.io import import_extra, read_records, validate_table
 
 if TYPE_CHECKING:
     from ptg.config import PreferencesParams
@@ -63,9 +63,9 @@ def read_raw(path: str) -> pd.DataFrame:
         return pd.concat([read_records(f) for f in files], ignore_index=True)
     if p.exists() or p.suffix.lower() in TABLE_SUFFIXES:
         return read_records(p)
-    from datasets import load_dataset  # a hub id: needs the network or a warm cache
-
-    return load_dataset(path, split="train").to_pandas()
+    # Neither a file nor a folder: a Hugging Face dataset id (needs the network or a warm cache).
+    datasets = import_extra("datasets", "hub", f"preferences.path {path!r} (no such file: a dataset id?)")
+    return datasets.load_dataset(path, split="train").to_pandas()
 
 
 def require_columns(raw: pd.DataFrame, source: str, columns: dict[str, str]) -> None:
