@@ -1,7 +1,8 @@
 """ptg as a user installs it: a wheel built from this checkout, installed without extras into a fresh virtual
 environment (constraints.txt pins the versions), runs `ptg quick` in one project folder and the pipeline's first
-stage, then a DVC experiment, in a second project made by `ptg init`. Each project keeps its own MLflow store (mlflow.db at its root); nothing is written next to the
-installed package, and no path is resolved from where ptg is installed except the packaged pipeline itself."""
+stage, then a DVC experiment, in a second project made by `ptg init`. Each project keeps its own MLflow store
+(mlflow.db at its root); nothing is written next to the installed package, and no path is resolved from where ptg
+is installed except the packaged pipeline itself."""
 
 import os
 import sqlite3

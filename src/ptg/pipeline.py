@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -159,11 +159,12 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 
 
 def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance | None, ctx: Context,
-                   metrics_path: Path, history_path: Path) -> tuple[dict[str, Any], pd.DataFrame]:
+                   metrics_path: Path, history_path: Path) -> None:
     """Load the LM at ``src``, train it on the training split with ``cfg`` (uniform token weights without a
     guidance; fresh LoRA adapters when ``cfg.lora.rank`` > 0), save it to ``dst`` atomically with its tokenizer,
     its optimizer state when ``cfg.carry_optimizer``, and its adapters under ``adapter/`` beside the merged weights
-    with LoRA; write the summary JSON and the per-update history CSV; return both."""
+    with LoRA; write the summary JSON (``metrics_path``) and the per-update history CSV (``history_path``), which
+    the stage then logs."""
     from ptg import distributed
     from ptg.models import ADAPTER_DIR, add_lora, eos_ids, load_lm, load_tokenizer
     from ptg.train import Example, load_optimizer, make_optimizer, save_optimizer, train_lm
@@ -210,4 +211,3 @@ def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance 
         with atomic_path(history_path) as tmp:
             frame.to_csv(tmp, index=False)
     distributed.barrier()  # the other ranks go on (the baseline's next round) once the LM is saved
-    return summary, frame

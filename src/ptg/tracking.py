@@ -48,6 +48,7 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import math
@@ -128,23 +129,33 @@ class StageRecord:
     def with_sources(self) -> StageRecord:
         """The record with ``metrics`` / ``history`` read from its source files; a ``StaleSourceError`` when a file
         is gone or changed since the stage ran."""
-        import pandas as pd
-
         loaded: dict[str, Any] = {}
         for kind, source in self.sources.items():
             path = Path(source["path"])
-            md5 = folder_md5(path) if path.is_file() else "missing"
+            value, md5 = read_source(kind, path) if path.is_file() else (None, "missing")
             if md5 != source["md5"]:
                 raise StaleSourceError(f"{path} ({kind} of {self.run_name}) changed since the stage ran (md5 "
                                        f"{source['md5']} -> {md5}): the stage ran again, and logged or left "
                                        f"pending its own record; delete this pending record to drop it")
-            loaded[kind] = (_split_metrics(json.loads(path.read_text()))[0] if kind == "metrics"
-                            else _history_rows(pd.read_csv(path)))
+            loaded[kind] = _split_metrics(value)[0] if kind == "metrics" else _history_rows(value)
         return dataclasses.replace(self, **loaded)
 
 
 class StaleSourceError(RuntimeError):
     """A pending record's metrics or history file changed after its stage ran."""
+
+
+def read_source(kind: str, path: str | Path) -> tuple[Any, str]:
+    """A stage's ``metrics`` JSON (a mapping) or ``history`` CSV (a table), read once, and the md5 of its bytes
+    (``folder_md5`` of the file)."""
+    data = Path(path).read_bytes()
+    if kind == "metrics":
+        value = json.loads(data)
+    else:
+        import pandas as pd
+
+        value = pd.read_csv(io.BytesIO(data))
+    return value, hashlib.md5(data).hexdigest()
 
 
 @dataclass
@@ -673,13 +684,11 @@ def log_stage(stage: str, round: int | None, params: Mapping[str, Any], metrics:
         return
     sources = {}
     if isinstance(metrics, str | Path):
-        sources["metrics"] = {"path": str(Path(metrics).resolve()), "md5": folder_md5(metrics)}
-        metrics = json.loads(Path(metrics).read_text())
+        sources["metrics"] = {"path": str(Path(metrics).resolve())}
+        metrics, sources["metrics"]["md5"] = read_source("metrics", metrics)
     if isinstance(history, str | Path):
-        import pandas as pd
-
-        sources["history"] = {"path": str(Path(history).resolve()), "md5": folder_md5(history)}
-        history = pd.read_csv(history)
+        sources["history"] = {"path": str(Path(history).resolve())}
+        history, sources["history"]["md5"] = read_source("history", history)
     numbers, info = _split_metrics(metrics)
     if model_dir is not None and log_models_mode() != "all":  # the run names its folder; DVC keeps it, and with
         # log_models: best, set_best_alias logs it into this run once it is the best evaluated one
