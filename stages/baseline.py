@@ -3,7 +3,9 @@
 Round r of the baseline trains the baseline's LM_{r-1} exactly as `train_lm@r` trains PTG's: the same objective,
 normalisation, optimizer settings and budget (`train_lm.max_updates` or the round's `train_lm_updates`), and the
 same seed, so the same examples in the same order. The one difference is the token weights: uniform instead of
-the guidance's. It is evaluated exactly as `evaluate@r`. Writes data/baseline/<r>/{lm,predictions.parquet},
+the guidance's, and no policy-gradient term (`contrast` and `pg_*` do not apply: it is the uniform-MLE arm every
+other arm is compared with; checkpoint selection on validation, `eval_every`, does). It is evaluated exactly as
+`evaluate@r`. Writes data/baseline/<r>/{lm,predictions.parquet},
 metrics/baseline/<r>/{train_lm,evaluate}.json (+ evaluate_items.csv) and
 metrics/baseline_history/<r>/train_lm_history.csv.
 Run: python stages/baseline.py [--params params.yaml]
@@ -11,7 +13,7 @@ Run: python stages/baseline.py [--params params.yaml]
 
 import dataclasses
 
-from ptg import distributed, evaluation, pipeline, tracking
+from ptg import distributed, evaluation, pipeline, tracking, train_stage
 from ptg.config import round_budget, rounds
 
 
@@ -21,9 +23,11 @@ def main(params: str = "params.yaml") -> None:
         r = item["round"]
         src = pipeline.round_dir(0) / "lm" if r == 1 else pipeline.baseline_dir(r - 1) / "lm"
         out, met = pipeline.baseline_dir(r), pipeline.METRICS / "baseline" / str(r)
-        cfg = dataclasses.replace(round_budget("train_lm", r, params), seed=ctx.seed("train_lm", r))
+        # Uniform MLE: no guidance weights, no policy-gradient term (so the keys that set those do not rerun it).
+        cfg = dataclasses.replace(round_budget("train_lm", r, params), seed=ctx.seed("train_lm", r), contrast=None,
+                                  pg_coeff=0.0)
         history_file = pipeline.METRICS / "baseline_history" / str(r) / "train_lm_history.csv"
-        pipeline.train_and_save(src, out / "lm", cfg, None, ctx, met / "train_lm.json", history_file)
+        train_stage.train_and_save(src, out / "lm", cfg, None, ctx, met / "train_lm.json", history_file)
         if not distributed.is_main():  # data-parallel training (accelerate launch): rank 0 evaluates and tracks
             continue
         tracking.log_stage("baseline_train_lm", r, dataclasses.asdict(cfg), met / "train_lm.json",

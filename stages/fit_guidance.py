@@ -4,7 +4,8 @@ Groups of K ranked samples of training inputs fit it; those of validation inputs
 ranking accuracy, with the number of compared pairs). The best validation checkpoint is kept; round 1 never keeps
 the untrained (constant) guidance, and a later round that keeps its warm start says so (`kept_start`). The budget
 is `fit_guidance.max_updates`, or the round's `fit_guidance_updates` in `rounds`. Writes data/rounds/r/guidance
-(safetensors), metrics/rounds/r/fit_guidance.json, fit_guidance_history.csv (the per-update curve) and
+(safetensors), metrics/rounds/r/fit_guidance.json (with the spread of the token rewards on the held-out samples
+before and after: `reward_cv_start`, `reward_cv`, ...), fit_guidance_history.csv (the per-update curve) and
 guidance_groups.csv (every sample's preference, guidance score e_phi and length, for held-out statistics).
 With preference data (`preferences.path`, stage `preferences`), a `preferences.weight` share of the training
 groups are preference groups, round 1 may first fit `preferences.prior_updates` updates on them alone (a prior
@@ -24,6 +25,7 @@ from ptg.guidance import (
     fit_guidance,
     group_scores,
     load_guidance,
+    reward_spread,
     save_guidance,
 )
 from ptg.io import atomic_path, read_table, write_json
@@ -60,7 +62,7 @@ def main(r: int, params: str = "params.yaml") -> None:
     _check_ranked(samples, rankings, r)
     examples = pipeline.read_examples("train", "validation")
     examples = examples[examples["id"].isin(samples["id"])]
-    guidance = load_guidance(pipeline.round_dir(r - 1) / "guidance", fp.head_hidden, fp.squash)
+    guidance = load_guidance(pipeline.round_dir(r - 1) / "guidance", fp.head_hidden, fp.squash, fp.head_init_gain)
     tok = load_tokenizer(pipeline.round_dir(0) / "lm")
     prompts = dict(zip(examples["id"], pipeline.encode_prompts_of(tok, guidance.backbone, examples, mp), strict=True))
     merged = samples.merge(rankings, on=["id", "sample_idx"], validate="one_to_one").sort_values(["id", "sample_idx"])
@@ -80,6 +82,7 @@ def main(r: int, params: str = "params.yaml") -> None:
                              ctx.progress)
         extra |= {"prior_updates": prior.updates, "prior_val_accuracy": prior.best_val_accuracy}
     fitted_on = preferences.mix_groups(train, pref_train, pp.weight, cfg.seed)
+    spread_start = reward_spread(guidance, val, tok.pad_token_id, ctx.device, ctx.dtype)
     result = fit_guidance(guidance, fitted_on, val, cfg, tok.pad_token_id, ctx.device, ctx.dtype, ctx.progress)
     if not distributed.is_main():  # data-parallel fitting (accelerate launch): rank 0 holds the same guidance
         return
@@ -92,7 +95,11 @@ def main(r: int, params: str = "params.yaml") -> None:
                "val_pairs": result.val_pairs, "best_update": result.best_update, "kept_start": result.kept_start,
                "updates": result.updates, "val_loss_start": start["val_loss"],
                "val_accuracy_start": start["val_accuracy"], "train_groups": len(train), "val_groups": len(val),
-               "fitted_groups": len(fitted_on), "preference_train_groups": len(pref_train), **extra}
+               "fitted_groups": len(fitted_on), "preference_train_groups": len(pref_train), **extra,
+               # How far the token rewards moved from the starting head's (on the held-out samples).
+               **{f"reward_{k}_start": v for k, v in spread_start.items()},
+               **{f"reward_{k}": v for k, v in reward_spread(guidance, val, tok.pad_token_id, ctx.device,
+                                                              ctx.dtype).items()}}
     if pref_val:
         held = evaluate_guidance(guidance, pref_val, cfg, tok.pad_token_id, ctx.device, ctx.dtype)
         summary |= {"preferences_val_accuracy": held["accuracy"], "preferences_val_pairs": held["pairs"]}

@@ -157,3 +157,49 @@ def test_overrides_apply_to_nested_params_as_yaml_values():
     out = bench._with_overrides(params, ["seed=2", "train_lm.lr=3.0e-4", "evaluate.split=validation"])
     assert out == {"seed": 2, "train_lm": {"lr": 3e-4}, "evaluate": {"split": "validation"}}
     assert params == {"seed": 0, "train_lm": {"lr": 1e-4}}  # the bench params are not changed
+
+
+def _write_items(folder, ids, rouge):
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"id": ids, "rougeL": rouge, "rouge2": rouge, "meteor": rouge, "gen_len": 10.0}).to_csv(
+        folder / "evaluate_items.csv", index=False)
+
+
+def test_arms_are_paired_with_their_own_seeds_baseline_by_item_id(tmp_path):
+    """Each arm's last round against the same seed's uniform MLE on the same items, matched by id (the files list
+    items in different orders), and token- against sequence-level credit; a seed an arm has not finished is left
+    out of that arm."""
+    rng = np.random.default_rng(1)
+    ids = [f"t{i}" for i in range(30)]
+    shift = {"ptg": 0.0, "mle-pg-sequence": 0.01, "mle-pg-token": 0.03}
+    for seed in (0, 1):
+        base = rng.uniform(0.1, 0.5, 30) + 0.2 * seed  # seeds differ: a pairing across seeds would show it
+        _write_items(tmp_path / "results" / f"seed-{seed}" / "metrics" / "baseline" / "2", ids, base)
+        for arm, d in shift.items():
+            name = f"seed-{seed}" if arm == "ptg" else bench.arm_name(arm, seed)
+            if arm == "mle-pg-token" and seed == 1:
+                continue  # unfinished
+            order = rng.permutation(30)
+            _write_items(tmp_path / "results" / name / "metrics" / "rounds" / "2", [ids[i] for i in order],
+                         (base + d)[order])
+            (tmp_path / "results" / name / "seconds.json").write_text("{}")
+    rows = bench.arm_differences(tmp_path, [0, 1], bench.ARMS, 2)
+    by = {(r["arm"], r["vs"]): r for r in rows}
+    assert by[("ptg", "uniform MLE")]["mean"] == pytest.approx(0.0, abs=1e-9)
+    seq = by[("mle-pg-sequence", "uniform MLE")]
+    assert seq["seeds"] == [0, 1] and seq["items"] == 30
+    assert seq["mean"] == pytest.approx(1.0) and seq["lo"] == pytest.approx(1.0) and seq["hi"] == pytest.approx(1.0)
+    tok = by[("mle-pg-token", "uniform MLE")]
+    assert tok["seeds"] == [0] and tok["mean"] == pytest.approx(3.0)
+    assert by[("mle-pg-token", "mle-pg-sequence")]["mean"] == pytest.approx(2.0)
+    assert "mle-pg-token | mle-pg-sequence | 30 x 1" in bench.format_table({"rounds": [], "arms": rows})
+
+
+def test_every_arm_runs_with_every_seed_through_the_last_evaluation():
+    exps = bench.arm_experiments([0, 1], bench.ARMS, 3)
+    assert [e[0] for e in exps] == ["arm-mle-pg-sequence-s0", "arm-mle-pg-token-s0", "arm-mle-pg-sequence-s1",
+                                    "arm-mle-pg-token-s1"]
+    assert all(e[2] == ["evaluate@3"] and e[1][0].startswith("seed=") for e in exps)
+    # The two policy-gradient arms differ in their credit only.
+    seq, tok = ({o for o in e[1] if "pg_credit" not in o} for e in exps[:2])
+    assert seq == tok

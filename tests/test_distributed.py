@@ -57,7 +57,7 @@ SCRIPT = textwrap.dedent('''
     from ptg.guidance import fit_guidance
     # Plain SGD instead of fit_guidance's Adam, for the reason above, from a head that is not near zero (SGD
     # barely moves the reference's 1e-4-gain init).
-    guidance_module.torch.optim.Adam = lambda params, lr, fused: torch.optim.SGD(params, lr=lr)
+    guidance_module.torch.optim.Adam = lambda params, **kw: torch.optim.SGD(params, lr=kw.get("lr", 1e-3))
     torch.manual_seed(0)
     guidance = guidance_for(tiny_llama(2))
     for layer in (guidance.head[0], guidance.head[2]):

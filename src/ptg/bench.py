@@ -192,6 +192,59 @@ def _items(seed_dir: Path, arm: str, r: int) -> pd.DataFrame:
     return pd.read_csv(seed_dir / "metrics" / folder / str(r) / "evaluate_items.csv")
 
 
+# The arms beside PTG (the bench config's train_lm@r) and uniform MLE (its baseline), each the whole PTG chain with
+# these train_lm overrides (issue #19): MLE + alpha x policy gradient on K on-policy samples with a leave-one-out
+# baseline, the credit sequence-level (METEOR per sample) or token-level (the guidance's rewards). Same samples
+# per update, same alpha, same budget: the credit assignment is the only difference between the two.
+ARMS: tuple[tuple[str, ...], ...] = (
+    ("mle-pg-sequence", "train_lm.contrast=0.0", "train_lm.pg_coeff=0.5", "train_lm.pg_credit=sequence"),
+    ("mle-pg-token", "train_lm.contrast=0.0", "train_lm.pg_coeff=0.5", "train_lm.pg_credit=token"),
+)
+
+
+def arm_name(arm: str, seed: int) -> str:
+    return f"arm-{arm}-s{seed}"
+
+
+def arm_experiments(seeds: Sequence[int], arms: Sequence[Sequence[str]], last_round: int
+                    ) -> list[tuple[str, list[str], Sequence[str]]]:
+    """Every arm with every seed, through the last round's evaluation (its uniform-MLE baseline is the seed
+    experiment's: the baseline stage reads none of the keys an arm overrides). Seed-major."""
+    return [(arm_name(name, seed), [f"seed={seed}", *overrides], [f"evaluate@{last_round}"])
+            for seed in seeds for name, *overrides in arms]
+
+
+def arm_differences(directory: Path, seeds: Sequence[int], arms: Sequence[Sequence[str]], r: int
+                    ) -> list[dict[str, Any]]:
+    """Round r of PTG and of every arm against uniform MLE on the same test items, paired over items and seeds
+    (two-level bootstrap), over the seeds where both finished; and token- against sequence-level credit."""
+    results = directory / "results"
+
+    def done(name: str) -> bool:
+        return (results / name / "seconds.json").is_file()
+
+    runs = {"ptg": {s: results / f"seed-{s}" for s in seeds if done(f"seed-{s}")}}
+    runs |= {name: {s: results / arm_name(name, s) for s in seeds if done(arm_name(name, s)) and done(f"seed-{s}")}
+             for name, *_ in arms}
+    base = {s: _items(results / f"seed-{s}", "baseline", r).set_index("id") for s in runs["ptg"]}
+    arm_items = {name: {s: _items(d, "ptg", r).set_index("id") for s, d in by_seed.items()}
+                 for name, by_seed in runs.items() if by_seed}
+
+    def paired(a: dict[int, pd.DataFrame], b: dict[int, pd.DataFrame]) -> dict[str, Any]:
+        common = sorted(set(a) & set(b))
+        ids = sorted(set.intersection(*(set(a[s].index) & set(b[s].index) for s in common)))
+        x = np.stack([a[s].loc[ids, "rougeL"].to_numpy(float) for s in common]) * 100
+        y = np.stack([b[s].loc[ids, "rougeL"].to_numpy(float) for s in common]) * 100
+        return {"seeds": common, "items": len(ids), "arm_score": float(x.mean()), "other": float(y.mean()),
+                **stats.paired_bootstrap(x - y)}
+
+    rows = [{"arm": name, "vs": "uniform MLE", **paired(items, base)} for name, items in arm_items.items()]
+    if {"mle-pg-token", "mle-pg-sequence"} <= set(arm_items):
+        rows.append({"arm": "mle-pg-token", "vs": "mle-pg-sequence",
+                     **paired(arm_items["mle-pg-token"], arm_items["mle-pg-sequence"])})
+    return rows
+
+
 def round_differences(seed_dirs: list[Path], r: int) -> dict[str, Any]:
     """PTG - baseline on round r's test items for every metric (x100), paired over items and seeds."""
     ptg = [_items(d, "ptg", r).set_index("id") for d in seed_dirs]
@@ -245,8 +298,9 @@ def machine() -> dict[str, Any]:
     return out
 
 
-def collect(directory: Path, out: Path, seeds: list[int]) -> dict[str, Any]:
-    """Statistics over the finished seeds of ``directory``; writes summary.json, table.md and by_round.png."""
+def collect(directory: Path, out: Path, seeds: list[int], arms: Sequence[Sequence[str]] = ()) -> dict[str, Any]:
+    """Statistics over the finished seeds of ``directory`` (and the ``arms``' last round against uniform MLE);
+    writes summary.json, table.md and by_round.png."""
     seed_dirs = [directory / "results" / f"seed-{s}" for s in seeds if (directory / "results" / f"seed-{s}"
                                                                         / "seconds.json").is_file()]
     if not seed_dirs:
@@ -261,6 +315,8 @@ def collect(directory: Path, out: Path, seeds: list[int]) -> dict[str, Any]:
         summary["rounds"].append(round_differences(seed_dirs, r) | {
             "guidance": guidance_accuracy(seed_dirs, r), "seconds": stage_seconds(seed_dirs, r),
             **{k: _nanmean([e[k] for e in ev]) for k in ("reward_eos", "reward_other")}})
+    if arms:
+        summary["arms"] = arm_differences(directory, seeds, arms, rounds[-1])
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "summary.json", summary)
     table = format_table(summary)
@@ -364,6 +420,10 @@ def collect_ablations(directory: Path, out: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _last_round(params_file: Path) -> int:
+    return len((yaml.safe_load(params_file.read_text()) or {})["rounds"])
+
+
 def _nanmean(values: list[float]) -> float:
     finite = [v for v in values if not np.isnan(v)]
     return float(np.mean(finite)) if finite else float("nan")
@@ -387,6 +447,11 @@ def format_table(summary: dict[str, Any]) -> str:
             f"| {row['words']['ptg']:.1f} / {row['words']['baseline']:.1f} "
             f"| {acc['accuracy']:.3f} [{acc['lo']:.3f}, {acc['hi']:.3f}] ({int(acc['pairs'])}) "
             f"| {length['accuracy']:.3f} | {diff['diff']:+.3f} [{diff['lo']:+.3f}, {diff['hi']:+.3f}] |")
+    if summary.get("arms"):
+        lines += ["", "| arm (last round) | against | items x seeds | ROUGE-L arm / other | Δ ROUGE-L [95% CI] |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {a['arm']} | {a['vs']} | {a['items']} x {len(a['seeds'])} | {a['arm_score']:.2f} / "
+                  f"{a['other']:.2f} | {_ci(a)} |" for a in summary["arms"]]
     return "\n".join(lines)
 
 
@@ -433,17 +498,25 @@ def main(argv: list[str] | None = None) -> int:
                     help="seeds of the ablations (default: the first of --seeds)")
     ap.add_argument("--ablations-only", action="store_true",
                     help="run only the ablations (the seeds' results are collected as they are)")
+    ap.add_argument("--arm", nargs="+", action="append", default=None, metavar=("NAME", "KEY=VALUE"),
+                    help="an arm beside PTG and uniform MLE: the whole chain with these overrides, every seed, "
+                         "compared with uniform MLE on test (repeatable; default: the policy-gradient controls "
+                         f"{', '.join(a[0] for a in ARMS)})")
+    ap.add_argument("--no-arms", action="store_true", help="only PTG and its baseline")
     args = ap.parse_args(argv)
+    arms: Sequence[Sequence[str]] = () if args.no_arms else (args.arm or ARMS)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bench %(levelname)s %(message)s")
     directory, out = Path(args.dir).resolve(), Path(args.out)
     if not args.collect_only:
         setup_repo(Path(args.params or template_file("configs/bench.yaml")).resolve(), directory)
         experiments = [] if args.ablations_only else [seed_experiment(seed) for seed in args.seeds]
+        if not args.ablations_only:
+            experiments += arm_experiments(args.seeds, arms, _last_round(directory / "params.yaml"))
         if args.ablation:
             experiments += ablation_experiments(args.ablation_seeds or args.seeds[:1], args.ablation)
         run_all(directory, experiments, args.jobs)
     if not args.ablations_only:
-        collect(directory, out, args.seeds)
+        collect(directory, out, args.seeds, arms)
     collect_ablations(directory, out)
     return 0
 

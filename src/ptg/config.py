@@ -21,6 +21,7 @@ from ptg.data import DataConfig
 
 T = TypeVar("T")
 OBJECTIVES: tuple[str, ...] = ("wmle", "reinforce")  # train_lm.objective
+PG_CREDITS: tuple[str, ...] = ("sequence", "token")  # train_lm.pg_credit: who gets the policy-gradient credit
 NORMALIZATIONS: tuple[str, ...] = ("sequence", "batch")  # how wmle normalises token weights (ptg.losses)
 AGG_METHODS: tuple[str, ...] = ("avg", "sum", "soft_max", "soft_min")  # sequence score from token rewards
 SQUASH_MODES: tuple[str, ...] = ("soft_clamp", "sigmoid")  # token reward from the head's output
@@ -74,6 +75,23 @@ class TrainConfig:
     carry_optimizer: bool = field(default=False, metadata={
         "help": "keep the AdamW state from round to round (the reference's default); false = fresh each round"})
     entropy_coeff: float = field(default=0.125, metadata={"help": "reinforce: max-entropy bonus alpha"})
+    contrast: float | None = field(default=None, metadata={
+        "help": "wmle: null = the paper's weights (w_t proportional to the guidance's reward r_t); a strength "
+                "lambda >= 0 = w_t = clip(1 + lambda * z_t, weight_min, weight_max), z_t the reward standardised "
+                "within the reference (0 = uniform weights, plain MLE bit for bit)"})
+    weight_min: float = field(default=0.1, metadata={"help": "contrast: smallest token weight (<= 1)"})
+    weight_max: float = field(default=5.0, metadata={"help": "contrast: largest token weight (>= 1)"})
+    pg_coeff: float = field(default=0.0, metadata={
+        "help": "wmle: alpha of a policy-gradient term on the LM's own samples added to the MLE loss (0 = off, "
+                "the MLE update bit for bit)"})
+    pg_credit: str = field(default="token", metadata={
+        "help": "pg_coeff > 0: sequence (every token of a sample gets its metric score minus the leave-one-out "
+                "baseline) or token (each token its guidance reward minus the leave-one-out baseline: PTG)"})
+    pg_samples: int = field(default=3, metadata={"help": "pg_coeff > 0: on-policy samples per input (K >= 2)"})
+    eval_every: int = field(default=0, metadata={
+        "help": "score greedy predictions of eval_items validation inputs (ROUGE-L) every this many updates and "
+                "keep the best checkpoint (the start included); 0 = off, the last update is kept"})
+    eval_items: int = field(default=64, metadata={"help": "eval_every > 0: validation inputs scored"})
     seed: int = field(default=0, metadata={"help": "seed of data order and REINFORCE sampling"})
 
     def __post_init__(self) -> None:
@@ -81,9 +99,22 @@ class TrainConfig:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}; got {self.normalize!r}")
-        for name in ("batch_size", "grad_accum", "max_updates"):
+        if self.pg_credit not in PG_CREDITS:
+            raise ValueError(f"pg_credit must be one of {', '.join(PG_CREDITS)}; got {self.pg_credit!r}")
+        for name in ("batch_size", "grad_accum", "max_updates", "eval_items"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1; got {getattr(self, name)}")
+        if self.contrast is not None and self.contrast < 0:
+            raise ValueError(f"contrast must be null or >= 0; got {self.contrast}")
+        if not 0 <= self.weight_min <= 1 <= self.weight_max:
+            raise ValueError(f"weight_min must be in [0, 1] and weight_max >= 1; got {self.weight_min}, "
+                             f"{self.weight_max}")
+        if self.pg_coeff < 0 or self.eval_every < 0 or self.pg_samples < 2:
+            raise ValueError(f"pg_coeff and eval_every must be >= 0 and pg_samples >= 2; got {self.pg_coeff}, "
+                             f"{self.eval_every}, {self.pg_samples}")
+        if self.pg_coeff > 0 and self.objective != "wmle":
+            raise ValueError("pg_coeff adds a policy-gradient term to the wmle objective; objective reinforce "
+                             "is policy gradient already (set pg_coeff: 0)")
 
 
 @dataclass(frozen=True)
@@ -99,8 +130,13 @@ class FitConfig:
     lr_patience: int = field(default=2, metadata={"help": "ReduceLROnPlateau patience, in validations"})
     early_stop: int = field(default=7, metadata={"help": "stop after this many validations without improvement"})
     seed: int = field(default=0, metadata={"help": "seed of batch order and ListMLE tie breaks"})
+    head_lr: float | None = field(default=None, metadata={
+        "help": "Adam learning rate of the MLP head (null = lr): a head faster than the backbone leaves its "
+                "initial constant output sooner"})
 
     def __post_init__(self) -> None:
+        if self.head_lr is not None and self.head_lr <= 0:
+            raise ValueError(f"head_lr must be null or > 0; got {self.head_lr}")
         if self.agg not in AGG_METHODS:
             raise ValueError(f"agg must be one of {', '.join(AGG_METHODS)}; got {self.agg!r}")
         for name in ("batch_groups", "max_updates", "eval_every", "early_stop"):
@@ -206,10 +242,15 @@ class RankParams:
 class FitGuidanceParams(FitConfig):
     head_hidden: int = field(default=2048, metadata={"help": "hidden width of the MLP head"})
     squash: str = field(default="soft_clamp", metadata={"help": "soft_clamp (reference) or sigmoid"})
+    head_init_gain: float = field(default=1e-4, metadata={
+        "help": "Xavier gain of the head's layers when round 1 creates it (the reference's 1e-4: every token starts "
+                "at the same reward); larger starts the head with per-token differences"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _at_least(self, 1, "head_hidden")
+        if self.head_init_gain <= 0:
+            raise ValueError(f"head_init_gain must be > 0; got {self.head_init_gain}")
         if self.squash not in SQUASH_MODES:
             raise ValueError(f"squash must be one of {', '.join(SQUASH_MODES)}; got {self.squash!r}")
 

@@ -7,33 +7,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ptg import metrics, schemas, viz
 from ptg.config import ModelParams, load_group
-from ptg.guidance import Guidance
+from ptg.guidance import Guidance, token_rewards
 from ptg.io import atomic_path, write_json, write_table
-from ptg.models import collate, load_lm, load_tokenizer
+from ptg.models import load_lm, load_tokenizer
 from ptg.pipeline import Context, encode_prompts_of, read_examples, sample_table
-from ptg.precision import autocast
 from ptg.sampling import SamplingConfig
 
 HEATMAP_EXAMPLES = 6  # test responses shown in the token-level reward heatmap
-
-
-@torch.no_grad()
-def token_rewards(guidance: Guidance, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                  ctx: Context, batch_size: int = 16) -> list[list[float]]:
-    """The guidance's reward of every token of each response."""
-    guidance.to(ctx.device).eval()
-    out: list[list[float]] = []
-    for i in range(0, len(prompts), batch_size):
-        batch = collate(prompts[i:i + batch_size], responses[i:i + batch_size], pad_id).to(ctx.device)
-        with autocast(ctx.device, ctx.dtype):
-            r = guidance(batch).float().cpu()
-        out.extend(row[:n].tolist() for row, n in zip(r, batch.response_mask.sum(-1).tolist(), strict=True))
-    return out
 
 
 def save_heatmaps(tokenizer: PreTrainedTokenizerBase, table: pd.DataFrame, token_ids: list[list[int]],
@@ -69,7 +53,7 @@ def evaluate_lm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, test
     rewards: list[list[float]] = []
     if guidance is not None:
         prompts = encode_prompts_of(tokenizer, model, test, mp)
-        rewards = token_rewards(guidance, prompts, token_ids, tokenizer.pad_token_id, ctx)
+        rewards = token_rewards(guidance, prompts, token_ids, tokenizer.pad_token_id, ctx.device, ctx.dtype)
         table["guidance_score"] = [sum(r) / len(r) for r in rewards]
         summary["guidance_score"] = float(table["guidance_score"].mean())
         summary |= eos_reward(token_ids, rewards, samples["finished"].tolist())

@@ -40,7 +40,8 @@ BACKBONE_DIR = "backbone"
 class Guidance(nn.Module):
     """Backbone + MLP head + squash: ``forward(batch) -> (N, T)`` float32 token rewards (0 at padding)."""
 
-    def __init__(self, backbone: PreTrainedModel, head_hidden: int = 2048, squash: str = "soft_clamp") -> None:
+    def __init__(self, backbone: PreTrainedModel, head_hidden: int = 2048, squash: str = "soft_clamp",
+                 init_gain: float = 1e-4) -> None:
         super().__init__()
         if squash not in losses.SQUASH_MODES:
             raise ValueError(f"squash must be one of {', '.join(losses.SQUASH_MODES)}; got {squash!r}")
@@ -52,11 +53,12 @@ class Guidance(nn.Module):
         self.head_hidden = head_hidden
         d = backbone.config.hidden_size
         self.head = nn.Sequential(nn.Linear(d, head_hidden), nn.ReLU(), nn.Linear(head_hidden, 1))
-        # The reference's init: every head output starts near -1e-4, so every token starts with the same reward
-        # (0.5487 with the soft clamp) and the ranking signal alone shapes it.
+        # The reference's init (gain 1e-4): every head output starts near -1e-4, so every token starts with the same
+        # reward (0.5487 with the soft clamp) and the ranking signal alone shapes it. A larger gain starts the head
+        # with per-token differences (random ones: the ranking signal still decides which survive).
         for layer in self.head:
             if isinstance(layer, nn.Linear):
-                nn.init.xavier_uniform_(layer.weight, gain=1e-4)
+                nn.init.xavier_uniform_(layer.weight, gain=init_gain)
                 nn.init.constant_(layer.bias, -1e-4)
 
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -65,9 +67,11 @@ class Guidance(nn.Module):
         return losses.squash(raw, self.squash_mode) * batch.response_mask
 
     @classmethod
-    def from_backbone(cls, path: str | Path, head_hidden: int = 2048, squash: str = "soft_clamp") -> Guidance:
+    def from_backbone(cls, path: str | Path, head_hidden: int = 2048, squash: str = "soft_clamp",
+                      init_gain: float = 1e-4) -> Guidance:
         require_safetensors(path)
-        return cls(AutoModel.from_pretrained(path, dtype=torch.float32, use_safetensors=True), head_hidden, squash)
+        return cls(AutoModel.from_pretrained(path, dtype=torch.float32, use_safetensors=True), head_hidden, squash,
+                   init_gain)
 
 
 def save_guidance(guidance: Guidance, directory: str | Path) -> None:
@@ -80,15 +84,16 @@ def save_guidance(guidance: Guidance, directory: str | Path) -> None:
         json.dumps({"head_hidden": guidance.head_hidden, "squash": guidance.squash_mode}, indent=2) + "\n")
 
 
-def load_guidance(directory: str | Path, head_hidden: int = 2048, squash: str = "soft_clamp") -> Guidance:
+def load_guidance(directory: str | Path, head_hidden: int = 2048, squash: str = "soft_clamp",
+                  init_gain: float = 1e-4) -> Guidance:
     """Load what ``save_guidance`` wrote. A folder with only ``backbone/`` (round 0) gets a freshly initialised
-    head of ``head_hidden`` units and ``squash``; a saved guidance keeps its own."""
+    head of ``head_hidden`` units, ``squash`` and ``init_gain``; a saved guidance keeps its own."""
     directory = Path(directory)
     if not (directory / BACKBONE_DIR).is_dir():
         raise FileNotFoundError(f"{directory}: no guidance here (expected {directory / BACKBONE_DIR})")
     cfg_path = directory / CONFIG_FILE
     cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {"head_hidden": head_hidden, "squash": squash}
-    guidance = Guidance.from_backbone(directory / BACKBONE_DIR, **cfg)
+    guidance = Guidance.from_backbone(directory / BACKBONE_DIR, **cfg, init_gain=init_gain)
     head_path = directory / HEAD_FILE
     if head_path.exists():
         guidance.head.load_state_dict(load_file(head_path))
@@ -189,6 +194,40 @@ def group_scores(guidance: Guidance, groups: Sequence[RankedGroup], cfg: FitConf
     return by_group
 
 
+@torch.no_grad()
+def token_rewards(guidance: Guidance, prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int,
+                  device: torch.device, dtype: torch.dtype, batch_size: int = 16,
+                  progress: bool = False) -> list[list[float]]:
+    """The guidance's reward of every token of each response (one pass, inference mode, in eval mode): responses
+    are batched by length, so padding is small, and returned in the order given."""
+    was_training = guidance.training
+    guidance.to(device).eval()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+    out: list[list[float]] = [[] for _ in prompts]
+    starts = range(0, len(order), batch_size)
+    for i in tqdm(starts, desc="guidance rewards", disable=not progress, leave=False):
+        rows = order[i:i + batch_size]
+        batch = collate([prompts[j] for j in rows], [responses[j] for j in rows], pad_id).to(device)
+        with autocast(device, dtype):
+            r = guidance(batch).float().cpu()
+        for j, row, n in zip(rows, r, batch.response_mask.sum(-1).tolist(), strict=True):
+            out[j] = row[:n].tolist()
+    guidance.train(was_training)
+    return out
+
+
+def reward_spread(guidance: Guidance, groups: Sequence[RankedGroup], pad_id: int, device: torch.device,
+                  dtype: torch.dtype) -> dict[str, float]:
+    """How far from uniform the guidance's token rewards are on ``groups``' responses: the median
+    within-sequence coefficient of variation, the median p90 / p10 ratio and the spread (std) of all token rewards
+    (``ptg.stats.spread``)."""
+    from ptg.stats import spread
+
+    prompts = [g.prompt for g in groups for _ in g.responses]
+    rewards = token_rewards(guidance, prompts, [r for g in groups for r in g.responses], pad_id, device, dtype)
+    return spread(rewards)
+
+
 def evaluate_guidance(guidance: Guidance, groups: Sequence[RankedGroup], cfg: FitConfig, pad_id: int,
                       device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """ListMLE (mean over groups, tie breaks seeded per K) and pairwise accuracy of ``groups``."""
@@ -238,7 +277,9 @@ def fit_guidance(guidance: Guidance, train: Sequence[RankedGroup], val: Sequence
     _check_groups("val", val)
     gen = torch.Generator().manual_seed(cfg.seed)
     guidance.to(device).train()
-    opt = torch.optim.Adam(guidance.parameters(), lr=cfg.lr, fused=True)
+    head_lr = cfg.lr if cfg.head_lr is None else cfg.head_lr
+    opt = torch.optim.Adam([{"params": list(guidance.backbone.parameters()), "lr": cfg.lr},
+                            {"params": list(guidance.head.parameters()), "lr": head_lr}], fused=True)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.lr_decay,
                                                        patience=cfg.lr_patience, min_lr=1e-6)
     start = evaluate_guidance(guidance, val, cfg, pad_id, device, dtype)

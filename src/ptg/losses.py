@@ -150,6 +150,83 @@ def _token_weights(rewards: torch.Tensor, mask: torch.Tensor, use_q: bool) -> to
     return w
 
 
+def contrast_weights(rewards: torch.Tensor, mask: torch.Tensor, strength: float, w_min: float,
+                     w_max: float) -> torch.Tensor:
+    """Token weights with a contrast knob (issue #19): w_t = clip(1 + strength * z_t, w_min, w_max), z_t the reward
+    standardised within its own sequence (mean 0, population std 1 over its valid tokens).
+
+    rewards, mask: (N, T). Returns (N, T), 0 at padding. A sequence whose rewards are all equal (or with one
+    token) has z = 0, so ``strength`` 0 gives every valid token exactly 1.0: the uniform weights of plain MLE, bit
+    for bit. Unlike raw rewards, whose spread depends on how far the guidance's head moved from its initial
+    constant output, the spread of these weights is set by ``strength`` (about ``strength`` as a coefficient of
+    variation before clipping) and only the guidance's *ordering* of a sequence's tokens decides which weigh more.
+    """
+    _check_same_shape(rewards=rewards, mask=mask)
+    if strength < 0 or not 0 <= w_min <= 1 <= w_max:
+        raise ValueError(f"contrast needs strength >= 0 and w_min <= 1 <= w_max; got {strength}, {w_min}, {w_max}")
+    m = mask.to(torch.float32)
+    r = rewards.detach().to(torch.float32) * m
+    n = m.sum(-1, keepdim=True).clamp(min=1.0)
+    mean = r.sum(-1, keepdim=True) / n
+    std = (((r - mean) * m) ** 2).sum(-1, keepdim=True).div(n).sqrt()
+    z = torch.where(std > 0, (r - mean) / std.clamp(min=1e-12), torch.zeros_like(r))
+    return (1.0 + strength * z).clamp(w_min, w_max) * m
+
+
+def loo_baseline(scores: torch.Tensor) -> torch.Tensor:
+    """Leave-one-out baseline of each of the K samples of an input (RLOO): the mean of the other K - 1 samples'
+    scores. scores: (B, K), K >= 2. Returns (B, K); ``scores - loo_baseline(scores)`` sums to zero over K."""
+    _check_ndim("scores", scores, 2)
+    k = scores.shape[1]
+    if k < 2:
+        raise ValueError(f"a leave-one-out baseline needs K >= 2 samples per input; got K = {k}")
+    return (scores.sum(-1, keepdim=True) - scores) / (k - 1)
+
+
+def sequence_advantages(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sequence-level credit: every token of sample k gets that sample's score minus its leave-one-out baseline.
+
+    scores: (B, K) sequence-level preferences (e.g. METEOR); mask: (B * K, T), rows input-major. Returns (B * K, T),
+    0 at padding."""
+    _check_ndim("mask", mask, 2)
+    if mask.shape[0] != scores.numel():
+        raise ValueError(f"mask has {mask.shape[0]} rows for {scores.numel()} scores (B * K)")
+    adv = (scores - loo_baseline(scores)).reshape(-1, 1)
+    return adv.to(torch.float32) * mask.to(torch.float32)
+
+
+def token_advantages(rewards: torch.Tensor, mask: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Token-level credit (PTG): each token gets its guidance reward minus a per-sample baseline, the leave-one-out
+    mean over the other K - 1 samples of their mean token reward (what ``avg`` aggregation ranks samples by).
+
+    rewards, mask: (B * K, T), rows input-major. Returns (B * K, T), 0 at padding. Each sample's mean advantage is
+    its mean reward minus the others' mean rewards, so these means sum to zero over the K samples of an input, and
+    within a sample the tokens the guidance pays more for get more of the credit."""
+    _check_same_shape(rewards=rewards, mask=mask)
+    _check_nonempty_rows("mask", mask)
+    m = mask.to(torch.float32)
+    r = rewards.detach().to(torch.float32) * m
+    means = (r.sum(-1) / m.sum(-1)).view(-1, group_size)
+    return (r - loo_baseline(means).reshape(-1, 1)) * m
+
+
+def policy_gradient_loss(nll: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """REINFORCE with advantages: sum_{n,t} (A_nt / rms(A)) nll_nt / sum_{n,t} m_nt, no gradient through A.
+
+    nll, advantages, mask: (N, T); ``nll`` = -log pi(a_t | s_t) of the sampled tokens. Advantages are divided by
+    their root mean square over valid tokens, so the coefficient in front of this term means the same step size
+    whatever the scale of the credit (a metric in [0, 1] or guidance rewards): sequence- and token-level credit
+    then differ in where the credit goes, not in how large it is. All-zero advantages give 0. Minimising it raises
+    the log-probability of tokens with a positive advantage. Returns a scalar."""
+    _check_same_shape(nll=nll, advantages=advantages, mask=mask)
+    m = mask.to(torch.float32)
+    total = m.sum()
+    if total == 0:
+        raise ValueError("mask has no valid token")
+    a = advantages.detach().to(torch.float32) * m
+    rms = (a.pow(2).sum() / total).sqrt()
+    scale = torch.where(rms > 0, 1.0 / rms.clamp(min=1e-12), torch.zeros_like(rms))
+    return (a * scale * nll.masked_fill(~mask.bool(), 0.0).float()).sum() / total
 
 
 def weighted_mle(

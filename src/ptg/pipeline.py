@@ -1,8 +1,9 @@
-"""Glue shared by the DVC stages: artifact paths, stage start-up, reading the prepared examples as token ids,
-turning samples into tables, and training an LM from one folder into another (``ptg.evaluation`` evaluates).
-The stages stay a dozen lines each; the math stays in ``ptg.losses``, the learning in ``ptg.guidance`` and
-``ptg.train``. torch and transformers are imported only by the functions that use them, so a stage that loads no
-model (prepare, preferences, rank with a metric, report) starts without them (``start(..., with_torch=False)``).
+"""Glue shared by the DVC stages: artifact paths, stage start-up, reading the prepared examples as token ids, and
+turning samples into tables (``ptg.evaluation`` evaluates). The stages stay a dozen lines each; the math stays in
+``ptg.losses``, the learning in ``ptg.guidance`` and ``ptg.train`` (``ptg.train_stage`` trains an LM from one folder
+into another, as train_lm@r and the baseline do). torch and transformers are imported only by the functions that use
+them, so a stage that loads no model (prepare, preferences, rank with a metric, report) starts without them
+(``start(..., with_torch=False)``).
 """
 
 from __future__ import annotations
@@ -20,14 +21,13 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from ptg import schemas
-from ptg.config import ModelParams, RunParams, SamplingConfig, TrainLMParams, load_group
-from ptg.io import atomic_path, read_table, write_json
+from ptg.config import ModelParams, RunParams, SamplingConfig, load_group
+from ptg.io import read_table
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from ptg.guidance import Guidance
 
 log = logging.getLogger(__name__)
 
@@ -153,61 +153,3 @@ def sample_table(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fra
     n_tokens = int(table["n_tokens"].sum())
     return table, {"seconds": seconds, "tokens": n_tokens, "tokens_per_second": n_tokens / max(seconds, 1e-9),
                    "mean_tokens": float(table["n_tokens"].mean()), "finished_fraction": float(table["finished"].mean())}
-
-
-OPTIMIZER_FILE = "optimizer.safetensors"
-
-
-def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance | None, ctx: Context,
-                   metrics_path: Path, history_path: Path) -> None:
-    """Load the LM at ``src``, train it on the training split with ``cfg`` (uniform token weights without a
-    guidance; fresh LoRA adapters when ``cfg.lora.rank`` > 0), save it to ``dst`` atomically with its tokenizer,
-    its optimizer state when ``cfg.carry_optimizer``, and its adapters under ``adapter/`` beside the merged weights
-    with LoRA; write the summary JSON (``metrics_path``) and the per-update history CSV (``history_path``), which
-    the stage then logs."""
-    from ptg import distributed
-    from ptg.models import ADAPTER_DIR, add_lora, eos_ids, load_lm, load_tokenizer
-    from ptg.train import Example, load_optimizer, make_optimizer, save_optimizer, train_lm
-
-    mp: ModelParams = load_group("model", ctx.params)
-    model, tok = load_lm(src, ctx.device), load_tokenizer(src)
-    lora = cfg.lora
-    if lora.enabled:
-        model = add_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules, cfg.seed)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    train = read_examples("train")
-    prompts = encode_prompts_of(tok, model, train, mp)
-    targets = encode_targets_of(tok, model, train, mp)
-    examples = [Example(p, t) for p, t in zip(prompts, targets, strict=True)]
-    sampling = None
-    if cfg.objective == "reinforce":
-        sp = load_group("sample", ctx.params)
-        sampling = SamplingConfig(1, sp.max_new_tokens, sp.temperature, sp.top_k, sp.top_p)
-    opt = make_optimizer(model, cfg)
-    carried = cfg.carry_optimizer and (src / OPTIMIZER_FILE).exists()
-    if carried:
-        load_optimizer(opt, src / OPTIMIZER_FILE, cfg.lr)
-    t0 = time.perf_counter()
-    history = train_lm(model, examples, cfg, tok.pad_token_id, ctx.device, ctx.dtype, guidance, sampling,
-                       eos_ids(model, tok), ctx.progress, optimizer=opt)
-    seconds = time.perf_counter() - t0
-    last = history[-1]
-    tokens = sum(h["tokens"] for h in history)
-    summary = {"objective": cfg.objective, "guided": guidance is not None, "optimizer_carried": carried,
-               "lora_rank": lora.rank, "trainable_parameters": trainable,
-               "updates": len(history), "final_loss": last["loss"], "final_nll": last["nll"], "seconds": seconds,
-               "tokens_per_second": tokens / seconds, "processes": distributed.rank_and_world()[1]}
-    frame = pd.DataFrame(history)
-    if distributed.is_main():  # every rank holds the same weights: one writes
-        with atomic_path(dst) as tmp:
-            if lora.enabled:  # the adapters, and the merged LM that the next stages load
-                model.save_pretrained(tmp / ADAPTER_DIR)
-                model = model.merge_and_unload()
-            model.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
-            if cfg.carry_optimizer:
-                save_optimizer(opt, tmp / OPTIMIZER_FILE)
-        write_json(metrics_path, summary)
-        with atomic_path(history_path) as tmp:
-            frame.to_csv(tmp, index=False)
-    distributed.barrier()  # the other ranks go on (the baseline's next round) once the LM is saved

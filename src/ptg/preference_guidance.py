@@ -84,7 +84,7 @@ def fit_file(pp: PreferencesParams, out: Path, params: str | Path = "params.yaml
         if not (base / "lm" / "config.json").is_file():
             materialize_base(mp, base, ctx.run.seed)
     tok = load_tokenizer(base / "lm")
-    guidance = load_guidance(base / "guidance", fp.head_hidden, fp.squash)
+    guidance = load_guidance(base / "guidance", fp.head_hidden, fp.squash, fp.head_init_gain)
     long, counts = load(pp)
     fit_rows, val_rows = (long[long["split"] == s].reset_index(drop=True) for s in ("train", "validation"))
     if fit_rows.empty or val_rows.empty:
@@ -112,8 +112,8 @@ def write_heldout(guidance: Any, tok: Any, fit: tuple[pd.DataFrame, list[Any]], 
     """Score the held-out groups with ``guidance`` and write out/heldout.{json,md}, out/heldout_candidates.csv and
     out/heatmap.{html,png}; ``fit`` (rows, groups) chooses the length heuristic's direction. Returns the report and
     the files written."""
-    from ptg.evaluation import save_heatmaps, token_rewards
-    from ptg.guidance import group_scores
+    from ptg.evaluation import save_heatmaps
+    from ptg.guidance import group_scores, token_rewards
     from ptg.io import atomic_path, write_json
 
     (fit_rows, fit_groups), (rows, groups) = fit, held
@@ -128,7 +128,7 @@ def write_heldout(guidance: Any, tok: Any, fit: tuple[pd.DataFrame, list[Any]], 
         rows.assign(guidance=scores, n_tokens=lengths).to_csv(tmp, index=False)
     responses = [r for g in groups for r in g.responses]
     rewards = token_rewards(guidance, [g.prompt for g in groups for _ in g.responses], responses, tok.pad_token_id,
-                            ctx)
+                            ctx.device, ctx.dtype)
     shown = pd.DataFrame({"id": rows["group"], "prediction": [f"score {s:g}: {t}" for s, t in
                                                                zip(rows["score"], rows["text"], strict=True)]})
     files = save_heatmaps(tok, shown, responses, rewards, out / "heatmap")
@@ -179,8 +179,7 @@ def score_file(guidance_dir: Path, path: Path, out: Path, pp: PreferencesParams,
     tokenizer is ``tokenizer`` or the one saved beside the backbone (``fit`` saves it; a pipeline round's guidance
     needs ``--tokenizer data/rounds/0/lm``)."""
     from ptg.config import load_group
-    from ptg.evaluation import token_rewards
-    from ptg.guidance import load_guidance
+    from ptg.guidance import load_guidance, token_rewards
     from ptg.io import atomic_path
     from ptg.models import encode_prompts, encode_responses, is_seq2seq, turn_end_id
     from ptg.pipeline import start
@@ -194,7 +193,7 @@ def score_file(guidance_dir: Path, path: Path, out: Path, pp: PreferencesParams,
                              mp.max_prompt_tokens, is_seq2seq(guidance.backbone))
     responses = encode_responses(tok, raw[pp.text_field].map(as_text).tolist(), mp.max_target_tokens,
                                  turn_end_id(guidance.backbone, tok))
-    rewards = token_rewards(guidance, prompts, responses, tok.pad_token_id, ctx)
+    rewards = token_rewards(guidance, prompts, responses, tok.pad_token_id, ctx.device, ctx.dtype)
     table = raw.assign(tokens=[[tok.decode([t]) for t in r] for r in responses], token_rewards=rewards,
                        score=[float(np.mean(r)) for r in rewards])
     with atomic_path(out) as tmp:

@@ -16,6 +16,8 @@ from ptg.io import atomic_path, read_json
 EVAL_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "meteor", "gen_len")
 GUIDANCE_KEYS = ("val_loss", "val_accuracy", "val_pairs", "kept_start", "best_update", "val_loss_start",
                  "val_accuracy_start")
+# How far from uniform the round trained (train_lm.json; absent for objectives without reference weights).
+WEIGHT_KEYS = ("reward_cv", "weight_cv", "weight_p90_p10", "weight_clipped")
 
 
 def build_report(round_ids: list[int], metrics_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -25,10 +27,12 @@ def build_report(round_ids: list[int], metrics_dir: Path) -> tuple[pd.DataFrame,
         ptg = read_json(metrics_dir / "rounds" / str(r) / "evaluate.json")
         mle = read_json(metrics_dir / "baseline" / str(r) / "evaluate.json")
         fit = read_json(metrics_dir / "rounds" / str(r) / "fit_guidance.json")
+        train = read_json(metrics_dir / "rounds" / str(r) / "train_lm.json")
         eval_rows.append({"round": r, "split": ptg.get("split", "test"), **{f"ptg_{k}": ptg[k] for k in EVAL_KEYS},
                           **{f"mle_{k}": mle[k] for k in EVAL_KEYS}, "ptg_guidance_score": ptg["guidance_score"],
                           "reward_eos": ptg["reward_eos"], "reward_other": ptg["reward_other"]})
-        guidance_rows.append({"round": r, **{k: fit[k] for k in GUIDANCE_KEYS}})
+        guidance_rows.append({"round": r, **{k: fit[k] for k in GUIDANCE_KEYS},
+                              **{k: train.get(k, float("nan")) for k in WEIGHT_KEYS}})
     evals, guidance = pd.DataFrame(eval_rows), pd.DataFrame(guidance_rows)
     for frame, name in ((evals, "eval_by_round.csv"), (guidance, "guidance_by_round.csv")):
         with atomic_path(metrics_dir / "report" / name) as tmp:
@@ -42,9 +46,11 @@ def format_report(evals: pd.DataFrame, guidance: pd.DataFrame) -> str:
     shown = pd.DataFrame({
         "round": evals["round"], "PTG ROUGE-L": evals["ptg_rougeL"], "base ROUGE-L": evals["mle_rougeL"],
         "PTG METEOR": evals["ptg_meteor"], "base METEOR": evals["mle_meteor"],
-        "PTG words": evals["ptg_gen_len"], "base words": evals["mle_gen_len"], "guidance val acc": acc})
+        "PTG words": evals["ptg_gen_len"], "base words": evals["mle_gen_len"], "guidance val acc": acc,
+        "weight CV": guidance["weight_cv"] if "weight_cv" in guidance else float("nan")})
     return ("PTG vs baseline (uniform token weights; same examples, order and updates) on the "
-            f"{evals['split'].iloc[0]} split, greedy; ROUGE/METEOR x100\n"
+            f"{evals['split'].iloc[0]} split, greedy; ROUGE/METEOR x100; weight CV: median within-reference "
+            "coefficient of variation of PTG's token weights (0 = uniform)\n"
             + shown.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
 
 

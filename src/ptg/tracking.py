@@ -834,8 +834,7 @@ class HFFolderModel:
         params = params or {}
         cpu = torch.device("cpu")
         if (self.path / "guidance.json").is_file():
-            from ptg.evaluation import token_rewards
-            from ptg.guidance import load_guidance
+            from ptg.guidance import load_guidance, token_rewards
 
             frame = pd.DataFrame(model_input)
             missing = sorted({"prompt", "response"} - set(frame.columns))
@@ -846,8 +845,7 @@ class HFFolderModel:
                                      int(params.get("max_prompt_tokens", 512)), is_seq2seq(guidance.backbone))
             responses = encode_responses(tok, frame["response"].astype(str).tolist(),
                                          int(params.get("max_target_tokens", 64)), turn_end_id(guidance.backbone, tok))
-            ctx = argparse.Namespace(device=cpu, dtype=torch.float32)
-            return token_rewards(guidance, prompts, responses, tok.pad_token_id, ctx)  # type: ignore[arg-type]
+            return token_rewards(guidance, prompts, responses, tok.pad_token_id, cpu, torch.float32)
         from ptg.sampling import SamplingConfig, sample
 
         if not (self.path / "config.json").is_file():

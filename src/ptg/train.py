@@ -7,15 +7,21 @@
 
 Without a guidance every token weighs the same: that is the baseline PTG is compared against, identical to PTG in
 everything else (examples, their order, optimizer, normalisation), so a difference between the two is the
-guidance's doing. The guidance is frozen throughout. AdamW, gradient accumulation, clipping, bf16 autocast where it
-pays, a progress bar, and one metrics row per optimizer update returned to the caller.
+guidance's doing. The guidance is frozen throughout, so ``wmle`` scores every reference with it once, before the
+first update (``example_weights``: the paper's w_t proportional to r_t, or the ``contrast`` transform), and trains
+with no guidance forward. ``wmle`` may add ``pg_coeff`` x a policy-gradient term on K on-policy samples per input
+with a leave-one-out baseline, its credit either sequence-level (a metric score per sample) or token-level (the
+guidance's rewards). With ``eval_every``, a ``validate`` function scores the LM every so many updates and the best
+checkpoint is kept. AdamW, gradient accumulation, clipping, bf16 autocast where it pays, a progress bar, and one
+metrics row per optimizer update returned to the caller.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,21 +33,59 @@ from transformers import PreTrainedModel
 
 from ptg import distributed, losses
 from ptg.config import TrainConfig
-from ptg.guidance import Guidance
+from ptg.guidance import Guidance, token_rewards
 from ptg.models import Batch, collate, response_logits
 from ptg.precision import autocast
 from ptg.sampling import SamplingConfig, filter_logits, sample
 
 log = logging.getLogger(__name__)
 
+# scores(examples, samples) -> one sequence-level score per sample: samples[i] holds the K token-id lists drawn for
+# examples[i] (the sequence-level credit of the policy-gradient term).
+SampleScorer = Callable[[Sequence["Example"], list[list[list[int]]]], list[list[float]]]
 
 
 @dataclass(frozen=True)
 class Example:
-    """One training input: prompt token ids and, for wmle/mle, the reference response's token ids."""
+    """One training input: prompt token ids and, for wmle, the reference response's token ids, its references as
+    text (what a sequence-level metric scores samples against) and, once ``example_weights`` ran, the reference's
+    token weights."""
 
     prompt: list[int]
     response: list[int] = field(default_factory=list)
+    references: tuple[str, ...] = ()
+    weights: tuple[float, ...] | None = None
+
+
+def example_weights(guidance: Guidance, examples: Sequence[Example], cfg: TrainConfig, pad_id: int,
+                    device: torch.device, dtype: torch.dtype, progress: bool = False
+                    ) -> tuple[list[list[float]], list[list[float]]]:
+    """(rewards, weights) of every example's reference: the frozen guidance's token rewards, from one batched
+    inference pass, and the wmle token weights made of them: the rewards themselves (``cfg.contrast`` null, the
+    paper's) or ``losses.contrast_weights`` with strength ``cfg.contrast``."""
+    rewards = token_rewards(guidance, [e.prompt for e in examples], [e.response for e in examples], pad_id, device,
+                            dtype, progress=progress)
+    if cfg.contrast is None:
+        return rewards, rewards
+    weights = []
+    for row in rewards:
+        r = torch.tensor([row], dtype=torch.float32)
+        w = losses.contrast_weights(r, torch.ones_like(r), cfg.contrast, cfg.weight_min, cfg.weight_max)
+        weights.append(w[0].tolist())
+    return rewards, weights
+
+
+def _weights(chunk: Sequence[Example], mask: torch.Tensor) -> torch.Tensor:
+    """The micro-batch's token weights (N, T): the examples' precomputed weights, or uniform (1 on every response
+    token) for examples without them (the baseline)."""
+    if all(e.weights is None for e in chunk):
+        return mask.float()
+    w = torch.zeros(mask.shape, dtype=torch.float32)
+    for i, e in enumerate(chunk):
+        if e.weights is None:
+            raise ValueError("a micro-batch mixes weighted and unweighted examples")
+        w[i, :len(e.weights)] = torch.tensor(e.weights, dtype=torch.float32)
+    return w.to(mask.device)
 
 
 BUCKET_BATCHES = 8  # micro-batches per length bucket
@@ -64,22 +108,61 @@ def _micro_batches(lengths: Sequence[int], size: int, gen: torch.Generator) -> I
             yield batches[b]
 
 
-def _loss(model: PreTrainedModel, batch: Batch, cfg: TrainConfig, guidance: Guidance | None,
-          sampling: SamplingConfig | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+def _sampled_nll(model: PreTrainedModel, batch: Batch, sampling: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nll, logits) of sampled responses, scored under the distribution they were drawn from (temperature, top-k,
+    top-p: on-policy, spec pitfall 7.7)."""
+    logits = response_logits(model, batch)
+    logits = filter_logits(logits.flatten(0, 1), sampling).view(logits.shape)
+    return losses.token_nll(logits, batch.response_ids, batch.response_mask), logits
+
+
+def _policy_gradient(model: PreTrainedModel, chunk: Sequence[Example], cfg: TrainConfig, guidance: Guidance | None,
+                     sampling: SamplingConfig, score: SampleScorer | None, eos_ids: Sequence[int], pad_id: int,
+                     device: torch.device, dtype: torch.dtype,
+                     sample_gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The policy-gradient term of the combined objective on ``cfg.pg_samples`` on-policy samples per example, with
+    sequence-level credit (``score``'s metric, leave-one-out baseline) or token-level credit (the guidance's
+    rewards, leave-one-out baseline); returns (term, sums for the metrics row)."""
+    k = cfg.pg_samples
+    prompts = [e.prompt for e in chunk]
+    drawn = sample(model, prompts, dataclasses.replace(sampling, num_samples=k), eos_ids, pad_id, device, dtype,
+                   batch_size=len(prompts), generator=sample_gen, progress=False)
+    model.train()
+    batch = collate(prompts, [s for group in drawn for s in group], pad_id).to(device)
+    mask = batch.response_mask
+    with autocast(device, dtype):
+        nll, _ = _sampled_nll(model, batch, sampling)
+    sums = {"pg_tokens": mask.sum().float()}
+    if score is not None:  # the samples' metric score, logged in both credits (sequence credit is trained on it)
+        scores = torch.tensor(score(chunk, drawn), dtype=torch.float32, device=device)
+        sums["pg_score"] = scores.sum() / k
+    if cfg.pg_credit == "sequence":
+        assert score is not None
+        adv = losses.sequence_advantages(scores, mask)
+    else:
+        assert guidance is not None
+        with torch.no_grad(), autocast(device, dtype):
+            adv = losses.token_advantages(guidance(batch).float(), mask, k)
+    term = losses.policy_gradient_loss(nll, adv, mask)
+    sums["pg_loss"] = term.detach()
+    return term, sums
+
+
+def _loss(model: PreTrainedModel, batch: Batch, chunk: Sequence[Example], cfg: TrainConfig,
+          guidance: Guidance | None, sampling: SamplingConfig | None
+          ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(loss, count, sums) of one micro-batch shard: the objective is ``loss * count / sum over ranks of count``
     (in one process, ``loss`` itself); ``sums``: the detached per-token sums the metrics row reports."""
     mask = batch.response_mask
-    logits = response_logits(model, batch)
     if cfg.objective == "reinforce":
-        # Score the samples under the distribution they were drawn from (temperature, top-k, top-p).
         assert sampling is not None
-        logits = filter_logits(logits.flatten(0, 1), sampling).view(logits.shape)
-    nll = losses.token_nll(logits, batch.response_ids, mask)
-    if guidance is None:
-        rewards = mask.float()
-    else:
+        nll, logits = _sampled_nll(model, batch, sampling)
         with torch.no_grad():
-            rewards = guidance(batch)
+            rewards = mask.float() if guidance is None else guidance(batch)
+    else:
+        logits = response_logits(model, batch)
+        nll = losses.token_nll(logits, batch.response_ids, mask)
+        rewards = _weights(chunk, mask)
     sums = {"tokens": mask.sum().float(), "nll": (nll.detach() * mask).sum(), "reward": (rewards * mask).sum()}
     if cfg.objective == "wmle":
         total, count = losses.weighted_mle_parts(nll, rewards, mask, cfg.use_q, cfg.exp_rewards, cfg.normalize)
@@ -90,8 +173,8 @@ def _loss(model: PreTrainedModel, batch: Batch, cfg: TrainConfig, guidance: Guid
 
 
 def _micro_batch(model: PreTrainedModel, chunk: list[Example], cfg: TrainConfig, guidance: Guidance | None,
-                 sampling: SamplingConfig | None, eos_ids: Sequence[int], pad_id: int, device: torch.device,
-                 dtype: torch.dtype, sample_gen: torch.Generator) -> dict[str, float]:
+                 sampling: SamplingConfig | None, score: SampleScorer | None, eos_ids: Sequence[int], pad_id: int,
+                 device: torch.device, dtype: torch.dtype, sample_gen: torch.Generator) -> dict[str, float]:
     """Forward and backward of this rank's ``chunk`` of one micro-batch, its loss scaled to its share of the
     whole micro-batch's loss (the counts are summed over ranks first); returns the micro-batch's metrics (loss,
     per-token nll / reward / entropy means, tokens), summed over ranks. A rank with no example (a micro-batch
@@ -110,7 +193,13 @@ def _micro_batch(model: PreTrainedModel, chunk: list[Example], cfg: TrainConfig,
             responses = [e.response for e in chunk]
         batch = collate(prompts, responses, pad_id).to(device)
         with autocast(device, dtype):
-            loss, count, sums = _loss(model, batch, cfg, guidance, sampling)
+            loss, count, sums = _loss(model, batch, chunk, cfg, guidance, sampling)
+        if cfg.pg_coeff > 0:  # one process (train_lm refuses it data-parallel): loss is the whole micro-batch's
+            assert sampling is not None
+            term, pg_sums = _policy_gradient(model, chunk, cfg, guidance, sampling, score, eos_ids, pad_id, device,
+                                             dtype, sample_gen)
+            loss = loss + cfg.pg_coeff * term
+            rank_sums |= {k: v.detach().float() for k, v in pg_sums.items()}
         rank_sums |= {k: v.detach().float() for k, v in sums.items()} | {"count": count.detach().float(),
                                                                           "loss": loss.detach().float() * count}
     keys = list(rank_sums)
@@ -124,6 +213,10 @@ def _micro_batch(model: PreTrainedModel, chunk: list[Example], cfg: TrainConfig,
            "reward": every["reward"] / tokens}
     if cfg.objective == "reinforce":
         out["entropy"] = every["entropy"] / tokens
+    if "pg_loss" in every:
+        out["pg_loss"] = every["pg_loss"]
+        if "pg_score" in every:
+            out["pg_score"] = every["pg_score"] / len(chunk)
     return out
 
 
@@ -159,14 +252,22 @@ def load_optimizer(opt: torch.optim.Optimizer, path: Path, lr: float) -> None:
 def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConfig, pad_id: int,
              device: torch.device, dtype: torch.dtype = torch.float32, guidance: Guidance | None = None,
              sampling: SamplingConfig | None = None, eos_ids: Sequence[int] = (),
-             progress: bool = True, optimizer: torch.optim.Optimizer | None = None) -> list[dict[str, float]]:
+             progress: bool = True, optimizer: torch.optim.Optimizer | None = None,
+             score: SampleScorer | None = None,
+             validate: Callable[[PreTrainedModel], float] | None = None) -> list[dict[str, float]]:
     """Train ``model`` in place for ``cfg.max_updates`` optimizer updates; returns one metrics row per update.
 
-    Without ``guidance`` every token weighs the same (the baseline). ``reinforce`` needs ``sampling`` (K = 1
-    sample per prompt, drawn in eval mode and scored under the same filtered distribution) and ``eos_ids``.
-    ``optimizer`` (from ``make_optimizer``, possibly with a carried state) defaults to a fresh one. The order of
-    examples depends on ``cfg.seed`` alone, never on the model or the guidance, so two calls with the same seed
-    see the same examples in the same order.
+    Without ``guidance`` every token weighs the same (the baseline); with it, ``wmle`` weighs the references'
+    tokens by ``example_weights`` (computed here once, unless the examples carry weights already). ``reinforce``
+    needs ``sampling`` (K = 1 sample per prompt, drawn in eval mode and scored under the same filtered
+    distribution) and ``eos_ids``; so does ``pg_coeff`` > 0, which also needs ``score`` (sequence credit) or
+    ``guidance`` (token credit). ``optimizer`` (from ``make_optimizer``, possibly with a carried state) defaults to
+    a fresh one. The order of examples depends on ``cfg.seed`` alone, never on the model or the guidance, so two
+    calls with the same seed see the same examples in the same order.
+
+    With ``cfg.eval_every`` > 0, ``validate(model)`` (higher = better) scores the start and every
+    ``eval_every``-th update (and the last); the best-scoring weights are restored at the end (the earliest of
+    equal scores) and the history gets a row for update 0 and a ``val_score`` column.
     """
     if not examples:
         raise ValueError("examples is empty")
@@ -176,30 +277,62 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
         raise ValueError("objective 'reinforce' needs a sampling temperature > 0 (greedy decoding has no gradient)")
     if cfg.objective == "wmle" and any(not e.response for e in examples):
         raise ValueError(f"objective {cfg.objective!r} needs a reference response for every example")
+    if cfg.pg_coeff > 0:
+        if sampling is None or not eos_ids or sampling.temperature <= 0:
+            raise ValueError("pg_coeff > 0 needs sampling settings with a temperature > 0 and eos_ids")
+        if (score if cfg.pg_credit == "sequence" else guidance) is None:
+            raise ValueError(f"pg_credit {cfg.pg_credit!r} needs "
+                             f"{'a sample scorer' if cfg.pg_credit == 'sequence' else 'a guidance'}")
+        if distributed.rank_and_world()[1] > 1:
+            raise ValueError("pg_coeff > 0 runs in one process (its samples are not sharded); use launcher: python")
+    if cfg.eval_every and validate is None:
+        raise ValueError("eval_every > 0 needs a validate function")
     rank = distributed.rank_and_world()[0]
     order_gen = torch.Generator().manual_seed(cfg.seed)  # the same micro-batches on every rank
     sample_gen = torch.Generator().manual_seed(cfg.seed + 1 + 1_000_003 * rank)  # each rank samples its own share
     model.to(device).train()
     if guidance is not None:
         guidance.to(device).eval().requires_grad_(False)
+        if cfg.objective == "wmle" and any(e.weights is None for e in examples):
+            weights = example_weights(guidance, examples, cfg, pad_id, device, dtype, progress)[1]
+            examples = [dataclasses.replace(e, weights=tuple(w)) for e, w in zip(examples, weights, strict=True)]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer if optimizer is not None else make_optimizer(model, cfg)
     batches = _micro_batches([len(e.prompt) + len(e.response) for e in examples], cfg.batch_size, order_gen)
     history: list[dict[str, float]] = []
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+
+    def checkpoint(update: int) -> dict[str, float]:
+        nonlocal best
+        assert validate is not None
+        score_now = float(validate(model))
+        model.train()
+        if best is None or score_now > best[0]:
+            best = (score_now, update, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        return {"val_score": score_now}
+
+    if cfg.eval_every:
+        history.append({"update": 0.0, **checkpoint(0)})
     bar = tqdm(range(1, cfg.max_updates + 1), desc=f"train_lm[{cfg.objective}]", disable=not progress, leave=False)
     for update in bar:
         opt.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
             chunk = distributed.shard([examples[i] for i in next(batches)])
-            parts = _micro_batch(model, chunk, cfg, guidance, sampling, eos_ids, pad_id, device, dtype, sample_gen)
+            parts = _micro_batch(model, chunk, cfg, guidance, sampling, score, eos_ids, pad_id, device, dtype,
+                                 sample_gen)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + (v if k == "tokens" else v / cfg.grad_accum)
         distributed.sync_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
         opt.step()
         row = {"update": float(update), **sums, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"]}
+        if cfg.eval_every and (update % cfg.eval_every == 0 or update == cfg.max_updates):
+            row |= checkpoint(update)
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}")
+    if best is not None:
+        log.info("train_lm: best validation score %.4f at update %d of %d", best[0], best[1], cfg.max_updates)
+        model.load_state_dict(best[2])
     model.eval()
     return history

@@ -1,0 +1,214 @@
+"""Issue #19's controls: weights of a chosen contrast, the MLE + policy-gradient objective with sequence- or
+token-level credit, the guidance scored once per round, and the best validation checkpoint. Tiny models, CPU."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import EOS, PAD, tiny_llama
+from test_guidance_train import X, guidance_for, synthetic_groups
+from test_ptg_signal import PROMPTS, TokenReward, _p_first
+
+from ptg import losses, stats
+from ptg.models import collate
+from ptg.sampling import SamplingConfig
+from ptg.train import Example, TrainConfig, example_weights, train_lm
+
+CPU = torch.device("cpu")
+
+
+def _references(n: int = 24) -> list[Example]:
+    return [Example(g.prompt, g.responses[0]) for g in synthetic_groups(n, 1, seed=7)]
+
+
+def _params(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+# --- contrast weights ----------------------------------------------------------------------------------------------
+
+
+def test_contrast_weights_are_one_plus_strength_times_the_within_sequence_z_score_clipped():
+    r = torch.tensor([[0.2, 0.4, 0.6, 0.0], [0.5, 0.5, 0.5, 0.5]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    z = (torch.tensor([0.2, 0.4, 0.6]) - 0.4) / torch.tensor([0.2, 0.4, 0.6]).std(unbiased=False)  # -1.2247, 0, +
+    w = losses.contrast_weights(r, mask, 0.5, 0.1, 5.0)
+    torch.testing.assert_close(w[0, :3], 1 + 0.5 * z)
+    assert w[0, 3] == 0  # padding
+    assert torch.equal(w[1], torch.ones(4))  # constant rewards: uniform, whatever the strength
+    clipped = losses.contrast_weights(r, mask, 2.0, 0.5, 2.0)
+    torch.testing.assert_close(clipped[0, :3], torch.tensor([0.5, 1.0, 2.0]))  # 1 -/+ 2.449 clipped to the bounds
+
+
+def test_contrast_gives_the_spread_it_promises_on_a_synthetic_guidance():
+    """Rewards a few hundredths apart (the near-uniform guidance of the default run) become weights whose
+    within-reference CV is the strength, unclipped; the raw rewards' CV stays tiny."""
+    gen = torch.Generator().manual_seed(0)
+    rewards = 0.55 + 0.01 * torch.randn(64, 20, generator=gen)
+    mask = torch.ones_like(rewards)
+    raw = stats.spread(rewards.tolist())
+    assert raw["cv"] < 0.03
+    for strength in (0.1, 0.2):  # |z| <= sqrt(19) over 20 tokens: 1 + 0.2 z never reaches 0
+        w = losses.contrast_weights(rewards, mask, strength, 0.0, 10.0)
+        spread = stats.spread(w.tolist(), (0.0, 10.0))
+        assert spread["cv"] == pytest.approx(strength, rel=0.02)  # std of 1 + s z is s; its mean is 1
+        assert spread["mean"] == pytest.approx(1.0, abs=1e-6) and spread["clipped"] == 0
+        assert spread["p90_p10"] > 1 + 2 * strength
+
+
+def test_spread_reports_cv_percentile_ratio_and_clipped_share():
+    s = stats.spread([[1.0, 1.0, 1.0], [1.0, 3.0]], clip=(0.1, 3.0))
+    assert s["cv"] == pytest.approx(np.median([0.0, 0.5]))
+    assert s["p90_p10"] == pytest.approx(np.median([1.0, 2.8 / 1.2]))
+    assert s["clipped"] == pytest.approx(1 / 5) and s["mean"] == pytest.approx(7 / 5)
+    with pytest.raises(ValueError, match="empty"):
+        stats.spread([[1.0], []])
+
+
+@pytest.mark.parametrize("normalize", ["sequence", "batch"])
+def test_contrast_zero_and_pg_coeff_zero_give_the_baseline_update_bit_for_bit(normalize):
+    cfg = TrainConfig(lr=1e-2, batch_size=4, max_updates=3, normalize=normalize, seed=11)
+    base = tiny_llama(seed=3)
+    hb = train_lm(base, _references(), cfg, PAD, CPU, progress=False)
+    guided = tiny_llama(seed=3)
+    zero = TrainConfig(**{**cfg.__dict__, "contrast": 0.0, "pg_coeff": 0.0})
+    hg = train_lm(guided, _references(), zero, PAD, CPU, guidance=TokenReward(1.3, 0.05), progress=False)
+    assert [h["loss"] for h in hg] == [h["loss"] for h in hb]
+    for pa, pb in zip(base.parameters(), guided.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_a_positive_contrast_changes_the_update():
+    cfg = TrainConfig(lr=1e-2, batch_size=4, max_updates=2, seed=11, contrast=1.0)
+    a, b = tiny_llama(seed=3), tiny_llama(seed=3)
+    train_lm(a, _references(), cfg, PAD, CPU, progress=False)
+    train_lm(b, _references(), cfg, PAD, CPU, guidance=TokenReward(1.3, 0.05), progress=False)
+    assert any(not torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_weights_scored_once_equal_the_guidance_on_each_micro_batch():
+    """The frozen guidance scores every reference once, in batches sorted by length; the weights equal what it
+    gives the same references inside a training micro-batch, to fp32 tolerance."""
+    torch.manual_seed(0)
+    guidance = guidance_for(tiny_llama(2))
+    with torch.no_grad():
+        for p in guidance.head.parameters():
+            p.normal_(0, 0.5)  # a head whose rewards differ per token
+    examples = _references(12)
+    rewards, weights = example_weights(guidance, examples, TrainConfig(), PAD, CPU, torch.float32)
+    assert weights == rewards
+    for rows in ([0, 5, 7, 2], [11, 1, 3]):
+        batch = collate([examples[i].prompt for i in rows], [examples[i].response for i in rows], PAD)
+        with torch.no_grad():
+            per_batch = guidance.eval()(batch)
+        for j, i in enumerate(rows):
+            torch.testing.assert_close(torch.tensor(rewards[i]), per_batch[j, :len(examples[i].response)],
+                                       atol=1e-6, rtol=1e-5)
+    assert len({round(x, 4) for row in rewards for x in row}) > 5  # not a constant guidance
+
+
+# --- the policy-gradient term --------------------------------------------------------------------------------------
+
+
+def test_leave_one_out_advantages_sum_to_zero_over_the_k_samples():
+    scores = torch.tensor([[0.1, 0.5, 0.3], [0.9, 0.2, 0.2]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 1], [1, 0, 0], [1, 1, 0]])
+    adv = losses.sequence_advantages(scores, mask)
+    per_sample = torch.stack([adv[i, mask[i].bool()][0] for i in range(6)]).view(2, 3)
+    torch.testing.assert_close(per_sample.sum(-1), torch.zeros(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(per_sample[0], torch.tensor([0.1 - 0.4, 0.5 - 0.2, 0.3 - 0.3]))
+    # Sequence-level credit: every token of a sample has that sample's advantage; padding has none.
+    for i in range(6):
+        valid = adv[i, mask[i].bool()]
+        assert torch.equal(valid, valid[:1].expand_as(valid))
+        assert (adv[i, ~mask[i].bool()] == 0).all()
+    rewards = torch.rand(6, 3, generator=torch.Generator().manual_seed(1))
+    tok = losses.token_advantages(rewards, mask, 3)
+    means = (tok.sum(-1) / mask.sum(-1)).view(2, 3)
+    torch.testing.assert_close(means.sum(-1), torch.zeros(2), atol=1e-6, rtol=0)
+    # Token-level credit: within a sample, a token's advantage follows its own reward.
+    assert torch.allclose(tok[2, 0] - tok[2, 1], rewards[2, 0] - rewards[2, 1])
+
+
+def test_policy_gradient_loss_is_scale_free_and_zero_for_zero_advantages():
+    nll = torch.tensor([[1.0, 2.0], [0.5, 1.5]])
+    adv = torch.tensor([[0.2, 0.2], [-0.2, -0.2]])
+    mask = torch.ones(2, 2)
+    a = losses.policy_gradient_loss(nll, adv, mask)
+    torch.testing.assert_close(a, losses.policy_gradient_loss(nll, 50 * adv, mask))
+    torch.testing.assert_close(a, torch.tensor((1 + 2 - 0.5 - 1.5) / 4))  # rms 0.2: advantages +/- 1
+    assert losses.policy_gradient_loss(nll, torch.zeros(2, 2), mask) == 0
+
+
+def _pg_run(credit: str, guidance=None, score=None, sign: int = 1):
+    lm = tiny_llama(seed=4)
+    before = _p_first(lm, PROMPTS, X)
+    examples = [Example(p, [X, EOS]) for p in PROMPTS]
+    # A tiny MLE part (lr-scaled by nothing: the references are X, EOS) would push X up by itself; pg_coeff 50
+    # makes the policy-gradient term dominate, so its sign decides the direction.
+    cfg = TrainConfig(lr=2e-2, batch_size=16, max_updates=12, pg_coeff=50.0, pg_credit=credit, pg_samples=4,
+                      seed=3)
+    train_lm(lm, examples, cfg, PAD, CPU, guidance=guidance, sampling=SamplingConfig(max_new_tokens=2),
+             eos_ids=[EOS], progress=False, score=score)
+    return before, _p_first(lm, PROMPTS, X)
+
+
+def _scores_x(sign: int):
+    """A sequence-level metric: 1 for a sample that starts with X, else 0 (negated with sign -1)."""
+    def score(examples, samples):
+        return [[sign * float(s[0] == X) for s in group] for group in samples]
+    return score
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_sequence_credit_moves_probability_toward_the_higher_scoring_samples(sign):
+    before, after = _pg_run("sequence", score=_scores_x(sign))
+    assert (after > before + 0.05) if sign > 0 else (after < 0.5 * before), (before, after)
+
+
+@pytest.mark.parametrize(("high", "low", "sign"), [(1.3, 0.01, 1), (0.01, 1.3, -1)])
+def test_token_credit_moves_probability_toward_tokens_the_guidance_pays_for(high, low, sign):
+    before, after = _pg_run("token", guidance=TokenReward(high, low))
+    assert (after > before + 0.05) if sign > 0 else (after < 0.5 * before), (before, after)
+
+
+def test_the_policy_gradient_term_needs_its_credit_source():
+    cfg = TrainConfig(pg_coeff=0.1, pg_credit="sequence", max_updates=1)
+    with pytest.raises(ValueError, match="sample scorer"):
+        train_lm(tiny_llama(), _references(4), cfg, PAD, CPU, sampling=SamplingConfig(max_new_tokens=2),
+                 eos_ids=[EOS], progress=False)
+    with pytest.raises(ValueError, match="objective reinforce"):
+        TrainConfig(objective="reinforce", pg_coeff=0.1)
+
+
+# --- best validation checkpoint ------------------------------------------------------------------------------------
+
+
+def test_the_best_validation_checkpoint_is_kept():
+    """validate() is called at the start and every eval_every updates; the weights it scored highest (the first
+    of equal scores) are the ones train_lm leaves in the model."""
+    scripted = iter([0.2, 0.1, 0.7, 0.3, 0.7])  # updates 0, 2, 4, 6, 8: the best is update 4
+    seen = []
+
+    def validate(model):
+        seen.append(copy.deepcopy(model.state_dict()))
+        return next(scripted)
+
+    lm = tiny_llama(seed=3)
+    cfg = TrainConfig(lr=1e-2, batch_size=4, max_updates=8, eval_every=2, seed=11)
+    hist = train_lm(lm, _references(), cfg, PAD, CPU, progress=False, validate=validate)
+    assert [h["update"] for h in hist if "val_score" in h] == [0, 2, 4, 6, 8]
+    assert len(seen) == 5
+    for name, value in lm.state_dict().items():
+        assert torch.equal(value, seen[2][name]), name
+    assert any(not torch.equal(v, seen[4][k]) for k, v in lm.state_dict().items())
+
+
+def test_the_start_is_kept_when_no_update_beats_it():
+    scores = iter([0.9, 0.1, 0.2])
+    lm = tiny_llama(seed=3)
+    start = _params(lm)
+    cfg = TrainConfig(lr=1e-2, batch_size=4, max_updates=4, eval_every=2, seed=11)
+    train_lm(lm, _references(), cfg, PAD, CPU, progress=False, validate=lambda m: next(scores))
+    assert all(torch.equal(a, b) for a, b in zip(start, _params(lm), strict=True))
