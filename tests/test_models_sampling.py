@@ -86,7 +86,7 @@ def test_collate_rejects_empty_and_mismatched():
 def test_shared_prompts_give_the_rewards_and_gradients_of_repeated_prompts():
     """K responses per prompt: running each prompt once and sharing its cache gives the logits, hidden states and
     gradients of the concatenated prompt + response sequences (decoder-only), to fp32 tolerance."""
-    from ptg.models import _decoder_only_inputs, response_hidden
+    from ptg.models import decoder_only_inputs, response_hidden
 
     model = tiny_llama()
     prompts = [[2, 5, 6, 7, 8, 9, 10, 11], [2, 9, 4]]
@@ -94,18 +94,18 @@ def test_shared_prompts_give_the_rewards_and_gradients_of_repeated_prompts():
     batch = collate(prompts, responses, PAD)
     assert batch.group_size == 3
     t, p = batch.response_ids.shape[1], batch.prompt_ids.shape[1]
-    repeated = model(**_decoder_only_inputs(batch, 3), use_cache=False, output_hidden_states=True)
+    repeated = model(**decoder_only_inputs(batch, 3), use_cache=False, output_hidden_states=True)
     mask = batch.response_mask.bool()
     torch.testing.assert_close(response_logits(model, batch)[mask], repeated.logits[:, p - 1:p - 1 + t][mask],
                                atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(response_hidden(model.model, batch)[mask],
-                               model.model(**_decoder_only_inputs(batch, 3)).last_hidden_state[:, p:][mask],
+                               model.model(**decoder_only_inputs(batch, 3)).last_hidden_state[:, p:][mask],
                                atol=1e-5, rtol=1e-4)
     grads = []
     for shared in (True, False):
         model.zero_grad()
         logits = response_logits(model, batch) if shared else \
-            model(**_decoder_only_inputs(batch, 3), use_cache=False).logits[:, p - 1:p - 1 + t]
+            model(**decoder_only_inputs(batch, 3), use_cache=False).logits[:, p - 1:p - 1 + t]
         (logits.log_softmax(-1)[..., 3] * batch.response_mask).sum().backward()
         grads.append(torch.cat([q.grad.flatten() for q in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)

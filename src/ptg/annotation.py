@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ptg import pipeline, schemas
-from ptg.io import MAX_ROWS_SHOWN, TableError, _short, read_records, read_table, write_records
+from ptg.io import MAX_ROWS_SHOWN, TableError, read_records, read_table, short, write_records
 
 SHEET_COLUMNS = ["item", "id", "input", "candidate", "score"]
 SHEET_FORMATS = (".csv", ".jsonl")  # what people open in a spreadsheet or an annotation tool
@@ -95,8 +95,8 @@ def _rows(sheet: pd.DataFrame, mask: pd.Series, columns: list[str], what: str) -
         return []
     shown = []
     for i in index[:MAX_ROWS_SHOWN]:
-        item = f" (item {_short(sheet.at[i, 'item'])})" if "item" in sheet.columns else ""
-        shown.append(f"row {i + 1}{item} " + ", ".join(f"{c}={_short(sheet.at[i, c])}" for c in columns))
+        item = f" (item {short(sheet.at[i, 'item'])})" if "item" in sheet.columns else ""
+        shown.append(f"row {i + 1}{item} " + ", ".join(f"{c}={short(sheet.at[i, c])}" for c in columns))
     more = f" (+{len(index) - MAX_ROWS_SHOWN} more)" if len(index) > MAX_ROWS_SHOWN else ""
     named = ", ".join(repr(c) for c in columns)
     return [f"  column{'s' * (len(columns) > 1)} {named}: {len(index)} row(s) {what}: " + "; ".join(shown) + more]
@@ -107,7 +107,7 @@ def _unscored(pairs: pd.DataFrame, sheet_keys: set[tuple[str, str]]) -> list[str
     absent = [(i, t) for i, t in zip(pairs["id"], pairs["text"], strict=True) if (i, t) not in sheet_keys]
     if not absent:
         return []
-    shown = "; ".join(f"id={_short(i)}, candidate={_short(t)}" for i, t in absent[:MAX_ROWS_SHOWN])
+    shown = "; ".join(f"id={short(i)}, candidate={short(t)}" for i, t in absent[:MAX_ROWS_SHOWN])
     more = f" (+{len(absent) - MAX_ROWS_SHOWN} more)" if len(absent) > MAX_ROWS_SHOWN else ""
     return [f"  columns 'id', 'candidate': {len(absent)} sampled candidate(s) have no row (every candidate of every"
             f" id needs a score; was a row deleted or a candidate edited?): {shown}{more}"]

@@ -165,7 +165,7 @@ def _init_store() -> None:
     sqlite schema migration fails when several processes create the same new database at once)."""
     tracker = tracking.get_tracker()
     if isinstance(tracker, tracking.MlflowTracker):
-        tracker._guard("creating the tracking store", lambda: tracker.experiment_id(tracker.client()))
+        tracker.create_store()
 
 
 def run_all(directory: Path, experiments: Sequence[tuple[str, list[str], Sequence[str]]], jobs: int) -> None:

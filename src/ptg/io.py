@@ -137,7 +137,8 @@ def _schema_name(schema: Schema) -> str:
     return getattr(schema, "__name__", None) or getattr(schema, "name", None) or type(schema).__name__
 
 
-def _short(value: Any) -> str:
+def short(value: Any) -> str:
+    """``repr(value)``, cut to a length an error message can show."""
     text = repr(value)
     return text if len(text) <= _MAX_VALUE_CHARS else text[:_MAX_VALUE_CHARS - 3] + "..."
 
@@ -174,11 +175,11 @@ def format_failures(failure_cases: pd.DataFrame, where: str, schema_name: str,
     for (column, check), group in column_level.groupby(["column", "check"], sort=False):
         if group["index"].map(_missing).all():  # a wrong dtype, or a check that could not run at all
             lines.append(f"  column {column!r}: check {check} failed: "
-                         + "; ".join(_short(v) for v in group["failure_case"][:max_rows]))
+                         + "; ".join(short(v) for v in group["failure_case"][:max_rows]))
             continue
         n = len(group)
         pairs = zip(group["index"][:max_rows], group["failure_case"][:max_rows], strict=True)
-        shown = "; ".join(f"[{_index_label(i)}] {_short(v)}" for i, v in pairs)
+        shown = "; ".join(f"[{_index_label(i)}] {short(v)}" for i, v in pairs)
         more = f" (+{n - max_rows} more)" if n > max_rows else ""
         rows = "value" if n == 1 else "values"
         lines.append(f"  column {column!r}: check {check} failed on {n} {rows}: {shown}{more}")
@@ -189,7 +190,7 @@ def format_failures(failure_cases: pd.DataFrame, where: str, schema_name: str,
         for i in indices[:max_rows]:
             cells = group[group["index"] == i]
             shown_rows.append(f"[{_index_label(i)}] " + ", ".join(
-                f"{c}={_short(v)}" for c, v in zip(cells["column"], cells["failure_case"], strict=True)))
+                f"{c}={short(v)}" for c, v in zip(cells["column"], cells["failure_case"], strict=True)))
         more = f"\n      (+{n - max_rows} more rows)" if n > max_rows else ""
         lines.append(f"  rows: check {check} failed on {n} row{'s' * (n != 1)}:\n      "
                      + "\n      ".join(shown_rows) + more)

@@ -58,7 +58,8 @@ class Batch:
                      self.response_mask[responses])
 
 
-def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of ``seqs`` padded with ``pad_id`` to the longest, on the left or the right: (N, T) each."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -80,7 +81,7 @@ def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -
         raise ValueError(f"responses {empty[:8]} are empty; every response needs at least one token")
     if any(not p for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    return Batch(*_pad(prompts, pad_id, left=True), *_pad(responses, pad_id, left=False))
+    return Batch(*pad(prompts, pad_id, left=True), *pad(responses, pad_id, left=False))
 
 
 def is_seq2seq(model: PreTrainedModel) -> bool:
@@ -121,7 +122,8 @@ def decoder_start_id(model: PreTrainedModel) -> int:
     return int(start)
 
 
-def _decoder_only_inputs(batch: Batch, n_prompt_repeat: int) -> dict[str, torch.Tensor]:
+def decoder_only_inputs(batch: Batch, n_prompt_repeat: int) -> dict[str, torch.Tensor]:
+    """A decoder-only forward's inputs: each prompt repeated ``n_prompt_repeat`` times, then its response."""
     prompt_ids = batch.prompt_ids.repeat_interleave(n_prompt_repeat, dim=0)
     prompt_mask = batch.prompt_mask.repeat_interleave(n_prompt_repeat, dim=0)
     ids = torch.cat([prompt_ids, batch.response_ids], dim=1)
@@ -150,7 +152,7 @@ def _shared_prompt_forward(model: PreTrainedModel, batch: Batch, **prompt_kwargs
                    **prompt_kwargs)
     cache = prompt.past_key_values
     cache.batch_repeat_interleave(batch.group_size)
-    full = _decoder_only_inputs(batch, batch.group_size)
+    full = decoder_only_inputs(batch, batch.group_size)
     p = batch.prompt_ids.shape[1]
     responses = model(input_ids=batch.response_ids, attention_mask=full["attention_mask"],
                       position_ids=full["position_ids"][:, p:], past_key_values=cache, use_cache=True)
@@ -183,7 +185,7 @@ def response_logits(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
         prompt, responses = _shared_prompt_forward(model, batch, logits_to_keep=1)
         first = prompt.logits[:, -1:].repeat_interleave(batch.group_size, dim=0)  # predicts response token 0
         return torch.cat([first, responses.logits[:, : t - 1]], dim=1)
-    out = model(**_decoder_only_inputs(batch, batch.group_size), use_cache=False, logits_to_keep=t + 1)
+    out = model(**decoder_only_inputs(batch, batch.group_size), use_cache=False, logits_to_keep=t + 1)
     # logits_to_keep keeps the last t + 1 positions: those from column p - 1 on, which predict response tokens.
     return out.logits[:, :t]
 
@@ -202,7 +204,7 @@ def response_hidden(backbone: PreTrainedModel, batch: Batch) -> torch.Tensor:
         return out.last_hidden_state[:, 1:]
     if shares_prompts(batch):
         return _shared_prompt_forward(backbone, batch)[1].last_hidden_state
-    out = backbone(**_decoder_only_inputs(batch, batch.group_size), use_cache=False)
+    out = backbone(**decoder_only_inputs(batch, batch.group_size), use_cache=False)
     return out.last_hidden_state[:, p:]
 
 

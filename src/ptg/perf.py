@@ -100,13 +100,13 @@ def decode_flops(shape: dict[str, int], prompts: list[list[int]], outputs: list[
 def _generate(model: torch.nn.Module, prompts: list[list[int]], k: int, greedy: bool, max_new: int,
               eos: list[int], pad_id: int, batch_size: int, device: torch.device = CPU,
               dtype: torch.dtype = torch.float32) -> list[list[list[int]]]:
-    from ptg.models import _pad
+    from ptg.models import pad
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # the same batches as ptg's
     results: dict[int, list[list[int]]] = {}
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        ids, mask = _pad([prompts[i] for i in chunk], pad_id, left=True)
+        ids, mask = pad([prompts[i] for i in chunk], pad_id, left=True)
         kwargs = {"do_sample": False} if greedy else {"do_sample": True, "temperature": 1.0, "top_k": 0,
                                                         "top_p": 1.0, "num_return_sequences": k}
         with autocast(device, dtype):
@@ -173,7 +173,7 @@ def guidance_row(backbone: torch.nn.Module, prompts: list[list[int]], pad_id: in
     """Guidance backbone forward rows/s with K responses per prompt, each a quarter of its prompt's length:
     the prompt run once and its cache shared by the K responses, against the prompt repeated K times. No
     gradients (scoring, validation); fitting runs the same forward with them."""
-    from ptg.models import _decoder_only_inputs, collate, response_hidden
+    from ptg.models import collate, decoder_only_inputs, response_hidden
 
     responses = [p[-max(len(p) // 4, 1):] for p in prompts for _ in range(k)]
     batches = [collate(prompts[i:i + 8], responses[i * k:(i + 8) * k], pad_id).to(device)
@@ -181,7 +181,7 @@ def guidance_row(backbone: torch.nn.Module, prompts: list[list[int]], pad_id: in
     seconds = {}
     with torch.no_grad(), autocast(device, dtype):
         for name, fn in (("shared", lambda b: response_hidden(backbone, b)),
-                         ("repeated", lambda b: backbone(**_decoder_only_inputs(b, k)).last_hidden_state)):
+                         ("repeated", lambda b: backbone(**decoder_only_inputs(b, k)).last_hidden_state)):
             fn(batches[0])  # warm-up
             seconds[name] = min(_timed(lambda fn=fn: [fn(b) for b in batches], device) for _ in range(repeats))
     rows = len(responses)
@@ -223,9 +223,9 @@ def train_row(model: torch.nn.Module, prompts: list[list[int]], targets: list[li
     shape = _shape(full)
     # Tokens per update: the same seeded batches train_lm drew; FLOPs = 3 x forward (forward + backward).
     gen = torch.Generator().manual_seed(cfg.seed)
-    from ptg.train import _micro_batches
+    from ptg.train import micro_batches
 
-    batches = _micro_batches([len(e.prompt) + len(e.response) for e in examples], batch_size, gen)
+    batches = micro_batches([len(e.prompt) + len(e.response) for e in examples], batch_size, gen)
     flops = 0.0
     for _ in range(updates):
         for i in next(batches):

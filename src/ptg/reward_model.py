@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from ptg.models import _pad, load_tokenizer, require_safetensors
+from ptg.models import load_tokenizer, pad, require_safetensors
 from ptg.precision import autocast
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def reward_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pr
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            ids, mask = _pad([seqs[i] for i in idx], pad_id, left=False)
+            ids, mask = pad([seqs[i] for i in idx], pad_id, left=False)
             with autocast(device, dtype):
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             for i, value in zip(idx, logits[:, label].float().cpu().tolist(), strict=True):

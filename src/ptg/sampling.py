@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, StaticCache
 
 from ptg.config import SamplingConfig
-from ptg.models import _pad, decoder_start_id, is_seq2seq
+from ptg.models import decoder_start_id, is_seq2seq, pad
 from ptg.precision import autocast
 
 
@@ -57,7 +57,7 @@ def _sample_chunk(model: PreTrainedModel, prompts: Sequence[list[int]], cfg: Sam
     EOS stop writing output at once; they leave the batch (and the cache) when half of the rows are done, so
     little compute goes to finished rows and the cache is copied only a few times. One host sync per step."""
     k = cfg.num_samples
-    ids, mask = (t.to(device) for t in _pad(list(prompts), pad_id, left=True))
+    ids, mask = (t.to(device) for t in pad(list(prompts), pad_id, left=True))
     seq2seq = is_seq2seq(model)
     if seq2seq:
         enc = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state.repeat_interleave(k, 0)

@@ -398,6 +398,11 @@ class MlflowTracker:
             with urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S) as response:
                 response.read()
 
+    def create_store(self) -> None:
+        """Create the store and its experiment now: once, before several processes open runs side by side
+        (MLflow's sqlite schema migration fails when they create the same new database at once)."""
+        self._guard("creating the tracking store", lambda: self.experiment_id(self.client()))
+
     def _guard(self, what: str, call: Callable[[], T],
                pending: Callable[[Exception], Path | None] | None = None) -> T | None:
         try:

@@ -91,7 +91,7 @@ def _weights(chunk: Sequence[Example], mask: torch.Tensor) -> torch.Tensor:
 BUCKET_BATCHES = 8  # micro-batches per length bucket
 
 
-def _micro_batches(lengths: Sequence[int], size: int, gen: torch.Generator) -> Iterator[list[int]]:
+def micro_batches(lengths: Sequence[int], size: int, gen: torch.Generator) -> Iterator[list[int]]:
     """Endless seeded epochs of index lists, length-bucketed: each epoch's random order is cut into windows of
     ``BUCKET_BATCHES`` micro-batches, each window sorted by length and cut into micro-batches, and the epoch's
     micro-batches shuffled again, so a micro-batch holds examples of similar length (little padding) while every
@@ -298,7 +298,7 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
             examples = [dataclasses.replace(e, weights=tuple(w)) for e, w in zip(examples, weights, strict=True)]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer if optimizer is not None else make_optimizer(model, cfg)
-    batches = _micro_batches([len(e.prompt) + len(e.response) for e in examples], cfg.batch_size, order_gen)
+    batches = micro_batches([len(e.prompt) + len(e.response) for e in examples], cfg.batch_size, order_gen)
     history: list[dict[str, float]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
 
