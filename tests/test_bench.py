@@ -203,3 +203,17 @@ def test_every_arm_runs_with_every_seed_through_the_last_evaluation():
     # The two policy-gradient arms differ in their credit only.
     seq, tok = ({o for o in e[1] if "pg_credit" not in o} for e in exps[:2])
     assert seq == tok
+
+
+def test_validation_curves_follow_every_arm_across_rounds(tmp_path):
+    """Each arm's val_score rows (train_lm.eval_every), rounds laid end to end on one update axis, per seed;
+    updates without validation are skipped and the plot is written."""
+    for name, kind in (("seed-0", "rounds"), ("seed-0", "baseline_history"), ("arm-mle-pg-token-s0", "rounds")):
+        for r, scores in ((1, [20.0, None, 22.0]), (2, [22.0, None, 25.0])):
+            d = tmp_path / "results" / name / "metrics" / kind / str(r)
+            d.mkdir(parents=True)
+            pd.DataFrame({"update": [0, 1, 2], "val_score": scores}).to_csv(d / "train_lm_history.csv", index=False)
+    curves = bench.validation_curves(tmp_path, [0, 1], bench.ARMS)
+    assert set(curves) == {"ptg", "uniform MLE", "mle-pg-token"}
+    assert curves["ptg"][0] == [(0, 20.0), (2, 22.0), (2, 22.0), (4, 25.0)]
+    assert bench.plot_curves(curves, tmp_path / "c.png").stat().st_size > 1000

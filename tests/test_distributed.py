@@ -30,10 +30,12 @@ SCRIPT = textwrap.dedent('''
 
     distributed.init_from_env()
     out = sys.argv[1]
-    # References of 1 to 7 tokens: the ranks' shares of a micro-batch hold different numbers of tokens.
+    # References of 1 to 7 tokens: the ranks' shares of a micro-batch hold different numbers of tokens; 13 of them
+    # in micro-batches of 3 leave one micro-batch of 1 per epoch, which one rank trains alone (the other's shard is
+    # empty); 5 updates cover the epoch.
     examples = [Example([2, 3 + i % 5, 4 + i % 7], [5 + (i * j) % 9 for j in range(1 + i % 7)] + [EOS])
-                for i in range(12)]
-    histories = {}
+                for i in range(13)]
+    histories = {"world": distributed.rank_and_world()[1]}
     for name, normalize, guided in (("batch", "batch", True), ("sequence", "sequence", True),
                                     ("uniform", "batch", False)):
         torch.manual_seed(0)
@@ -42,7 +44,7 @@ SCRIPT = textwrap.dedent('''
             for layer in (guidance.head[0], guidance.head[2]):
                 torch.nn.init.normal_(layer.weight, std=0.5)
         model = tiny_llama(0)
-        cfg = TrainConfig(lr=0.5, batch_size=3, max_updates=4, normalize=normalize, seed=5)
+        cfg = TrainConfig(lr=0.5, batch_size=3, max_updates=5, normalize=normalize, seed=5)
         # Plain SGD: the weights move by lr x the gradient, so equal weights mean equal gradients (AdamW would
         # turn float-rounding noise in near-zero gradients into steps of up to lr).
         sgd = torch.optim.SGD(model.parameters(), lr=cfg.lr)
@@ -50,7 +52,8 @@ SCRIPT = textwrap.dedent('''
                                    progress=False, optimizer=sgd)
         if distributed.is_main():
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/{name}.safetensors")
-    # The guidance: ListMLE over groups of K = 4, 5 groups per update (3 and 2 per rank).
+    # The guidance: ListMLE over groups of K = 4, 5 groups per update (3 and 2 per rank); 41 groups leave a batch
+    # of one group per epoch (an empty shard on one rank).
     from test_guidance_train import synthetic_groups
     from ptg.config import FitConfig
     from ptg import guidance as guidance_module
@@ -63,7 +66,7 @@ SCRIPT = textwrap.dedent('''
     for layer in (guidance.head[0], guidance.head[2]):
         torch.nn.init.normal_(layer.weight, std=0.2)
     fit = FitConfig(agg="avg", lr=0.05, batch_groups=5, max_updates=12, eval_every=4, seed=3)
-    result = fit_guidance(guidance, synthetic_groups(40, 4, seed=1), synthetic_groups(12, 4, seed=2), fit, PAD,
+    result = fit_guidance(guidance, synthetic_groups(41, 4, seed=1), synthetic_groups(12, 4, seed=2), fit, PAD,
                           torch.device("cpu"), progress=False)
     histories["guidance"] = result.history
     if distributed.is_main():
@@ -106,6 +109,12 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("name", ["batch", "sequence", "uniform"])
 def test_two_processes_take_the_updates_of_one(runs, name):
     one, two = runs
+    assert [json.loads((d / "history.json").read_text())["world"] for d in (one, two)] == [1, 2]
+    from ptg.train import micro_batches
+
+    lengths = [3 + 1 + i % 7 + 1 for i in range(13)]  # prompt + reference tokens of the script's examples
+    drawn = micro_batches(lengths, 3, torch.Generator().manual_seed(5))
+    assert 1 in [len(next(drawn)) for _ in range(5)]  # a micro-batch one rank trains alone
     a, b = load_file(one / f"{name}.safetensors"), load_file(two / f"{name}.safetensors")
     from conftest import tiny_llama
 
@@ -129,7 +138,10 @@ def test_two_processes_fit_the_guidance_of_one(runs):
     for r1, r2 in zip(h1, h2, strict=True):
         for key in ("train_loss", "val_loss", "val_accuracy", "grad_norm"):
             if key in r1:
-                assert r2[key] == pytest.approx(r1[key], rel=1e-4), (r1["update"], key)
+                # gloo sums the two ranks' gradients in another order than one process's backward does; 12 SGD
+                # steps at lr 0.05 carry that float rounding into the loss: measured up to 5.8e-4 relative on a
+                # 2-core Xeon (avx512_bf16). 2e-3 bounds it; a per-rank mean averaged over ranks is off by 1.2e-2.
+                assert r2[key] == pytest.approx(r1[key], rel=2e-3), (r1["update"], key)
     a, b = load_file(one / "guidance.safetensors"), load_file(two / "guidance.safetensors")
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5)

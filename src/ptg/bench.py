@@ -318,6 +318,13 @@ def collect(directory: Path, out: Path, seeds: list[int], arms: Sequence[Sequenc
     if arms:
         summary["arms"] = arm_differences(directory, seeds, arms, rounds[-1])
     out.mkdir(parents=True, exist_ok=True)
+    curves = validation_curves(directory, seeds, arms)
+    if curves:
+        summary["validation_curves"] = {arm: {str(s): pts for s, pts in by_seed.items()}
+                                        for arm, by_seed in curves.items()}
+        with atomic_path(out / "validation_curves.png") as tmp:
+            plot_curves(curves, tmp.with_suffix(".png"))
+            tmp.with_suffix(".png").rename(tmp)
     write_json(out / "summary.json", summary)
     table = format_table(summary)
     with atomic_path(out / "table.md") as tmp:
@@ -420,6 +427,53 @@ def collect_ablations(directory: Path, out: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def validation_curves(directory: Path, seeds: Sequence[int], arms: Sequence[Sequence[str]]
+                      ) -> dict[str, dict[int, list[tuple[int, float]]]]:
+    """Every arm's validation score (greedy ROUGE-L x100, ``train_lm.eval_every``) against the LM updates of all
+    its rounds, per seed: {arm: {seed: [(update, score), ...]}}; arms without validation rows are left out."""
+    results = directory / "results"
+    folders = {"uniform MLE": ("seed-{s}", "baseline_history"), "ptg": ("seed-{s}", "rounds")}
+    folders |= {name: (arm_name(name, 0).replace("-s0", "-s{s}"), "rounds") for name, *_ in arms}
+    curves: dict[str, dict[int, list[tuple[int, float]]]] = {}
+    for arm, (experiment, kind) in folders.items():
+        for s in seeds:
+            metrics_dir = results / experiment.format(s=s) / "metrics" / kind
+            files = sorted(metrics_dir.glob("*/train_lm_history.csv"), key=lambda p: int(p.parent.name))
+            points, offset = [], 0
+            for f in files:
+                h = pd.read_csv(f)
+                if "val_score" in h:
+                    rows = h.dropna(subset=["val_score"])
+                    points += [(offset + int(u), float(v)) for u, v in zip(rows["update"], rows["val_score"],
+                                                                           strict=True)]
+                offset += int(h["update"].max())
+            if points:
+                curves.setdefault(arm, {})[s] = points
+    return curves
+
+
+def plot_curves(curves: dict[str, dict[int, list[tuple[int, float]]]], path: Path) -> Path:
+    """Validation ROUGE-L against LM updates, one panel per seed, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds = sorted({s for by_seed in curves.values() for s in by_seed})
+    fig, axes = plt.subplots(1, len(seeds), figsize=(4.2 * len(seeds), 3.4), squeeze=False)
+    for ax, s in zip(axes[0], seeds, strict=True):
+        for arm, by_seed in curves.items():
+            if s in by_seed:
+                u, v = zip(*by_seed[s], strict=True)
+                ax.plot(u, v, "o-", ms=3, label=arm)
+        ax.set(xlabel="LM updates", ylabel="validation ROUGE-L", title=f"seed {s}")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _last_round(params_file: Path) -> int:
     return len((yaml.safe_load(params_file.read_text()) or {})["rounds"])
 
@@ -514,7 +568,12 @@ def main(argv: list[str] | None = None) -> int:
             experiments += arm_experiments(args.seeds, arms, _last_round(directory / "params.yaml"))
         if args.ablation:
             experiments += ablation_experiments(args.ablation_seeds or args.seeds[:1], args.ablation)
-        run_all(directory, experiments, args.jobs)
+        # References first (the seeds' PTG and baseline, the ablations' reference), then what differs from them
+        # only in LM training: those find the shared stages (samples, rankings, guidance, baseline) in DVC's run
+        # cache instead of computing them again side by side.
+        first = [e for e in experiments if e[0].startswith("seed-") or e[0].startswith(f"abl-{ABLATION_REFERENCE}-")]
+        run_all(directory, first, args.jobs)
+        run_all(directory, [e for e in experiments if e not in first], args.jobs)
     if not args.ablations_only:
         collect(directory, out, args.seeds, arms)
     collect_ablations(directory, out)
