@@ -75,6 +75,15 @@ def example_weights(guidance: Guidance, examples: Sequence[Example], cfg: TrainC
     return rewards, weights
 
 
+def schedule(examples: Sequence[Example], cfg: TrainConfig) -> list[list[int]]:
+    """The micro-batches (example indices) a ``train_lm`` run with ``cfg`` draws, in order: ``cfg.max_updates`` x
+    ``cfg.grad_accum`` of them, length-bucketed, seeded by ``cfg.seed`` alone (the same on every rank, for PTG and
+    its baseline). The guidance scores just these examples' references, once."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batches = micro_batches([len(e.prompt) + len(e.response) for e in examples], cfg.batch_size, gen)
+    return [next(batches) for _ in range(cfg.max_updates * cfg.grad_accum)]
+
+
 def _weights(chunk: Sequence[Example], mask: torch.Tensor) -> torch.Tensor:
     """The micro-batch's token weights (N, T): the examples' precomputed weights, or uniform (1 on every response
     token) for examples without them (the baseline)."""
@@ -288,17 +297,21 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
     if cfg.eval_every and validate is None:
         raise ValueError("eval_every > 0 needs a validate function")
     rank = distributed.rank_and_world()[0]
-    order_gen = torch.Generator().manual_seed(cfg.seed)  # the same micro-batches on every rank
     sample_gen = torch.Generator().manual_seed(cfg.seed + 1 + 1_000_003 * rank)  # each rank samples its own share
     model.to(device).train()
     if guidance is not None:
         guidance.to(device).eval().requires_grad_(False)
-        if cfg.objective == "wmle" and any(e.weights is None for e in examples):
-            weights = example_weights(guidance, examples, cfg, pad_id, device, dtype, progress)[1]
-            examples = [dataclasses.replace(e, weights=tuple(w)) for e, w in zip(examples, weights, strict=True)]
+    plan = schedule(examples, cfg)
+    if guidance is not None and cfg.objective == "wmle":
+        todo = sorted({i for chunk in plan for i in chunk if examples[i].weights is None})
+        if todo:
+            weights = example_weights(guidance, [examples[i] for i in todo], cfg, pad_id, device, dtype, progress)[1]
+            examples = list(examples)
+            for i, w in zip(todo, weights, strict=True):
+                examples[i] = dataclasses.replace(examples[i], weights=tuple(w))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer if optimizer is not None else make_optimizer(model, cfg)
-    batches = micro_batches([len(e.prompt) + len(e.response) for e in examples], cfg.batch_size, order_gen)
+    batches = iter(plan)
     history: list[dict[str, float]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
 

@@ -4,12 +4,13 @@
 save atomically, and write the summary JSON and the per-update history CSV the stage logs.
 
 The summary says how far from uniform the round trained: the spread of the guidance's raw rewards and of the
-token weights made of them on the training references (``ptg.stats.spread``: median within-reference CV, median
-p90 / p10 ratio, the share of clipped weights).
+token weights made of them on the training references the run draws (``ptg.stats.spread``: median
+within-reference CV, median p90 / p10 ratio, the share of clipped weights).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +25,16 @@ from ptg.guidance import Guidance
 from ptg.io import atomic_path, write_json
 from ptg.models import ADAPTER_DIR, add_lora, eos_ids, load_lm, load_tokenizer
 from ptg.pipeline import Context, encode_prompts_of, encode_targets_of, read_examples, sample_table
-from ptg.train import Example, SampleScorer, example_weights, load_optimizer, make_optimizer, save_optimizer, train_lm
+from ptg.train import (
+    Example,
+    SampleScorer,
+    example_weights,
+    load_optimizer,
+    make_optimizer,
+    save_optimizer,
+    schedule,
+    train_lm,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +95,14 @@ def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance 
     examples = [Example(p, t, tuple(refs)) for p, t, refs in zip(prompts, targets, train["references"], strict=True)]
     summary: dict[str, float | int | str | bool] = {}
     if guidance is not None and cfg.objective == "wmle":
+        # The references this run trains on, scored once (the guidance is frozen): no guidance forward in training.
+        used = sorted({i for chunk in schedule(examples, cfg) for i in chunk})
         t0 = time.perf_counter()
-        rewards, weights = example_weights(guidance, examples, cfg, tok.pad_token_id, ctx.device, ctx.dtype,
-                                           ctx.progress)
+        rewards, weights = example_weights(guidance, [examples[i] for i in used], cfg, tok.pad_token_id,
+                                           ctx.device, ctx.dtype, ctx.progress)
         summary["guidance_seconds"] = time.perf_counter() - t0
-        examples = [Example(e.prompt, e.response, e.references, tuple(w))
-                    for e, w in zip(examples, weights, strict=True)]
+        for i, w in zip(used, weights, strict=True):
+            examples[i] = dataclasses.replace(examples[i], weights=tuple(w))
         bounds = None if cfg.contrast is None else (cfg.weight_min, cfg.weight_max)
         summary |= {f"reward_{k}": v for k, v in stats.spread(rewards).items()}
         summary |= {f"weight_{k}": v for k, v in stats.spread(weights, bounds).items()}
