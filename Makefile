@@ -39,7 +39,12 @@ ABLATIONS := --ablation normalize-sequence train_lm.normalize=sequence --ablatio
 	--ablation lm-lr-3e-4 train_lm.lr=3.0e-4 --ablation guidance-lr-1e-4 fit_guidance.lr=1.0e-4 \
 	--ablation guidance-layers-8 model.guidance_layers=8 --ablation k-5 sample.num_samples=5 \
 	--ablation reinforce train_lm.objective=reinforce --ablation unfinished-last rank.unfinished=last \
-	--ablation top-k-50 sample.top_k=50 --ablation guidance-8-lr-1e-4 model.guidance_layers=8 fit_guidance.lr=1.0e-4
+	--ablation top-k-50 sample.top_k=50 --ablation guidance-8-lr-1e-4 model.guidance_layers=8 fit_guidance.lr=1.0e-4 \
+	--ablation contrast-0.5 train_lm.contrast=0.5 --ablation contrast-1 train_lm.contrast=1.0 \
+	--ablation contrast-2 train_lm.contrast=2.0 --ablation paper-weights train_lm.contrast=null \
+	--ablation pg-sequence train_lm.contrast=0.0 train_lm.pg_coeff=0.5 train_lm.pg_credit=sequence \
+	--ablation pg-token train_lm.contrast=0.0 train_lm.pg_coeff=0.5 train_lm.pg_credit=token \
+	--ablation head-lr-1e-2 fit_guidance.head_lr=1.0e-2 --ablation head-gain-1 fit_guidance.head_init_gain=1.0
 
 ablations: $(VENV_STAMP)
 	ptg bench $(ABLATIONS)

@@ -112,6 +112,14 @@ def test_bench_runs_seeds_side_by_side_as_dvc_experiments_and_resumes(tmp_path):
     assert summary["seeds"] == [3, 4] and [r["round"] for r in summary["rounds"]] == [1, 2]
     assert summary["rounds"][-1]["items"] == 16  # the quick profile's whole test split
     assert all(s > 0 for s in summary["cpu_seconds_per_seed"])
+    # The policy-gradient arms ran the whole chain with every seed and are paired with that seed's baseline.
+    arms = {(a["arm"], a["vs"]): a for a in summary["arms"]}
+    assert set(arms) == {("ptg", "uniform MLE"), ("mle-pg-sequence", "uniform MLE"), ("mle-pg-token", "uniform MLE"),
+                         ("mle-pg-token", "mle-pg-sequence")}
+    assert all(a["seeds"] == [3, 4] and a["items"] == 16 for a in arms.values())
+    pg = json.loads((directory / "results" / "arm-mle-pg-token-s3" / "metrics" / "rounds" / "2" /
+                     "train_lm.json").read_text())
+    assert pg["guided"] and pg["weight_cv"] == 0  # contrast 0: uniform MLE weights beside the token-level term
     # Each seed's own results (not the other's, not the workspace's): different seeds sample differently.
     ranks = [(directory / "results" / f"seed-{s}" / "metrics" / "rounds" / "1" / "rank.json").read_text()
                for s in (3, 4)]
