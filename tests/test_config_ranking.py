@@ -14,7 +14,8 @@ def test_shipped_params_files_load_completely(params):
     path = REPO / params
     for group in ("run", "data", "model", "sample", "rank", "fit_guidance", "train_lm", "evaluate"):
         load_group(group, path)
-    assert [r["round"] for r in rounds(path)][:2] == [1, 2]
+    numbers = [r["round"] for r in rounds(path)]
+    assert numbers == list(range(1, len(numbers) + 1))
 
 
 def _write(tmp_path, mutate):
