@@ -569,11 +569,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.ablation:
             experiments += ablation_experiments(args.ablation_seeds or args.seeds[:1], args.ablation)
         # References first (the seeds' PTG and baseline, the ablations' reference), then what differs from them
-        # only in LM training: those find the shared stages (samples, rankings, guidance, baseline) in DVC's run
-        # cache instead of computing them again side by side.
-        first = [e for e in experiments if e[0].startswith("seed-") or e[0].startswith(f"abl-{ABLATION_REFERENCE}-")]
-        run_all(directory, first, args.jobs)
-        run_all(directory, [e for e in experiments if e not in first], args.jobs)
+        # only in LM training: those start once the references ahead of them have, and find the shared stages
+        # (samples, rankings, guidance, baseline) in DVC's run cache instead of computing them again side by side.
+        def is_reference(e: tuple[str, list[str], Sequence[str]]) -> bool:
+            return e[0].startswith(("seed-", f"abl-{ABLATION_REFERENCE}-"))
+
+        run_all(directory, sorted(experiments, key=lambda e: not is_reference(e)), args.jobs)
     if not args.ablations_only:
         collect(directory, out, args.seeds, arms)
     collect_ablations(directory, out)
