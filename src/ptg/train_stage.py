@@ -61,16 +61,18 @@ def sample_scorer(tokenizer: PreTrainedTokenizerBase, metric: str) -> SampleScor
 
 def validation_scorer(tokenizer: PreTrainedTokenizerBase, items: int, ctx: Context
                       ) -> Callable[[PreTrainedModel], float]:
-    """ROUGE-L (x100) of greedy predictions (``evaluate.max_new_tokens``, ``evaluate.batch_size``) on the first
+    """ROUGE-L (x100) of greedy predictions (``evaluate.max_new_tokens``, as the evaluation decodes; batches of
+    ``sample.batch_size``, so that evaluate's batch size, which changes no result, reruns no training) on the first
     ``items`` validation inputs: what checkpoint selection maximises, never the test split."""
     mp: ModelParams = load_group("model", ctx.params)
     ep: EvaluateParams = load_group("evaluate", ctx.params)
+    batch_size = load_group("sample", ctx.params).batch_size
     val = read_examples("validation").head(items)
     refs = [list(r) for r in val["references"]]
     greedy = SamplingConfig(num_samples=1, max_new_tokens=ep.max_new_tokens, temperature=0.0)
 
     def validate(model: PreTrainedModel) -> float:
-        table, _ = sample_table(model, tokenizer, val, mp, greedy, ep.batch_size, ctx, generator=None)
+        table, _ = sample_table(model, tokenizer, val, mp, greedy, batch_size, ctx, generator=None)
         return 100.0 * sum(metrics.score("rouge", table["text"].tolist(), refs)) / len(refs)
 
     return validate
