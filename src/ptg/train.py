@@ -6,14 +6,14 @@
   same (temperature / top-k / top-p filtered) distribution, so the update is on-policy (spec pitfall 7.7).
 
 Without a guidance every token weighs the same: that is the baseline PTG is compared against, identical to PTG in
-everything else (examples, their order, optimizer, normalisation), so a difference between the two is the
-guidance's doing. The guidance is frozen throughout, so ``wmle`` scores every reference with it once, before the
-first update (``example_weights``: the paper's w_t proportional to r_t, or the ``contrast`` transform), and trains
-with no guidance forward. ``wmle`` may add ``pg_coeff`` x a policy-gradient term on K on-policy samples per input
-with a leave-one-out baseline, its credit either sequence-level (a metric score per sample) or token-level (the
-guidance's rewards). With ``eval_every``, a ``validate`` function scores the LM every so many updates and the best
-checkpoint is kept. AdamW, gradient accumulation, clipping, bf16 autocast where it pays, a progress bar, and one
-metrics row per optimizer update returned to the caller.
+everything else (examples, their order, optimizer, normalisation), so a difference between the two is the guidance's
+doing. The guidance is frozen throughout, so ``wmle`` scores the references the run draws (``schedule``) with it
+once, before the first update (``example_weights``: the paper's w_t proportional to r_t, or the ``contrast``
+transform), and trains with no guidance forward. ``wmle`` may add ``pg_coeff`` x a policy-gradient term on K
+on-policy samples per input with a leave-one-out baseline, its credit either sequence-level (a metric score per sample)
+or token-level (the guidance's rewards). With ``eval_every``, a ``validate`` function scores the LM every so many
+updates and the best checkpoint is kept. AdamW, gradient accumulation, clipping, bf16 autocast where it pays, a
+progress bar, and one metrics row per optimizer update returned to the caller.
 """
 
 from __future__ import annotations
