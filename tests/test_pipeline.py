@@ -249,3 +249,26 @@ def test_train_lm_under_accelerate_launch_trains_data_parallel_and_writes_once(t
     # AdamW at lr 1e-4 for 4 updates: rounding noise can flip near-zero gradients' steps (<= 4e-4), no more.
     assert max((two[k] - one[k]).abs().max().item() for k in one) <= 4e-4
     assert not [p for p in ws.rglob("*") if ".tmp-" in p.name]
+
+
+def test_checkpoint_selection_scores_validation_as_the_evaluation_does(quick, monkeypatch):
+    """train_lm.eval_every's score is the evaluation's ROUGE-L (greedy, evaluate.max_new_tokens) on the first
+    eval_items inputs of the validation split, never of test."""
+    from ptg import evaluation, pipeline, train_stage
+    from ptg.config import load_group
+    from ptg.models import load_lm, load_tokenizer
+
+    monkeypatch.chdir(quick)
+    ctx = pipeline.start("test", "params.yaml")
+    lm_dir = pipeline.round_dir(1) / "lm"
+    model, tok = load_lm(lm_dir, ctx.device), load_tokenizer(lm_dir)
+    ep = load_group("evaluate", "params.yaml")
+    scores = {}
+    for split in ("validation", "test"):
+        frame = pipeline.read_examples(split)
+        _, summary, _, _ = evaluation.evaluate_lm(model, tok, frame, load_group("model", "params.yaml"),
+                                                  ep.max_new_tokens, ep.batch_size, ctx, None)
+        scores[split] = summary["rougeL"]
+    n = len(pipeline.read_examples("validation"))
+    assert train_stage.validation_scorer(tok, n, ctx)(model) == pytest.approx(scores["validation"], abs=1e-9)
+    assert scores["validation"] != pytest.approx(scores["test"])  # the two splits score apart: it read validation
