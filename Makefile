@@ -1,6 +1,6 @@
 # ptg. `make run`: the default pipeline (set-up first if needed), `make test`: the test suite, `make quick`: the
 # whole pipeline on tiny models in a scratch workspace (< 3 min), `make setup`: the virtual environment only,
-# `make bench`: PTG vs its baseline over 3 seeds with confidence intervals (DVC experiments in build/bench),
+# `make bench`: PTG, uniform MLE and the policy-gradient arms over 3 seeds with paired CIs (DVC experiments in build/bench),
 # `make ablations`: round 1 of each ablation variant, scored on the validation split (same repository and run cache),
 # `make perf`: sampling, guidance, training and start-up speed as ratios measured in one run (metrics/perf.json).
 PY := .venv/bin/python

@@ -64,7 +64,7 @@ def quick(directory: str = typer.Option("build/quick", "--dir", help="scratch wo
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context) -> None:
-    """PTG vs its baseline over seeds with paired CIs (options as `python -m ptg.bench --help`)."""
+    """PTG, uniform MLE and the policy-gradient arms over seeds, paired CIs (`python -m ptg.bench --help`)."""
     from ptg import bench as module
 
     raise typer.Exit(module.main(ctx.args))
