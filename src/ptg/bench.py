@@ -42,6 +42,7 @@ import pandas as pd
 import yaml
 
 from ptg import stats, tracking
+from ptg.config import rounds as config_rounds
 from ptg.io import atomic_path, read_json, write_json
 from ptg.tracking import tracking_uri
 from ptg.workspace import PACKAGE, copy_pipeline, dvc_env, template_file
@@ -432,12 +433,15 @@ def validation_curves(directory: Path, seeds: Sequence[int], arms: Sequence[Sequ
     """Every arm's validation score (greedy ROUGE-L x100, ``train_lm.eval_every``) against the LM updates of all
     its rounds, per seed: {arm: {seed: [(update, score), ...]}}; arms without validation rows are left out."""
     results = directory / "results"
-    folders = {"uniform MLE": ("seed-{s}", "baseline_history"), "ptg": ("seed-{s}", "rounds")}
-    folders |= {name: (arm_name(name, 0).replace("-s0", "-s{s}"), "rounds") for name, *_ in arms}
+    def seed(s: int) -> str:
+        return f"seed-{s}"
+
+    folders = {"uniform MLE": (seed, "baseline_history"), "ptg": (seed, "rounds")}
+    folders |= {name: (lambda s, name=name: arm_name(name, s), "rounds") for name, *_ in arms}
     curves: dict[str, dict[int, list[tuple[int, float]]]] = {}
     for arm, (experiment, kind) in folders.items():
         for s in seeds:
-            metrics_dir = results / experiment.format(s=s) / "metrics" / kind
+            metrics_dir = results / experiment(s) / "metrics" / kind
             files = sorted(metrics_dir.glob("*/train_lm_history.csv"), key=lambda p: int(p.parent.name))
             points, offset = [], 0
             for f in files:
@@ -472,10 +476,6 @@ def plot_curves(curves: dict[str, dict[int, list[tuple[int, float]]]], path: Pat
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def _last_round(params_file: Path) -> int:
-    return len((yaml.safe_load(params_file.read_text()) or {})["rounds"])
 
 
 def _nanmean(values: list[float]) -> float:
@@ -565,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_repo(Path(args.params or template_file("configs/bench.yaml")).resolve(), directory)
         experiments = [] if args.ablations_only else [seed_experiment(seed) for seed in args.seeds]
         if not args.ablations_only:
-            experiments += arm_experiments(args.seeds, arms, _last_round(directory / "params.yaml"))
+            experiments += arm_experiments(args.seeds, arms, len(config_rounds(directory / "params.yaml")))
         if args.ablation:
             experiments += ablation_experiments(args.ablation_seeds or args.seeds[:1], args.ablation)
         # References first (the seeds' PTG and baseline, the ablations' reference), then what differs from them

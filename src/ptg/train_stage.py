@@ -39,15 +39,14 @@ from ptg.train import (
 log = logging.getLogger(__name__)
 
 OPTIMIZER_FILE = "optimizer.safetensors"
-REFERENCE_METRICS = ("meteor", "rouge", "chrf", "bleu")  # rank metrics a training sample can be scored with
 
 
 def sample_scorer(tokenizer: PreTrainedTokenizerBase, metric: str) -> SampleScorer:
     """Scores of sampled token ids against their example's references by ``metric`` (the rank stage's preference,
     so the sequence-level credit is the same preference the guidance was fitted to)."""
-    if metric not in REFERENCE_METRICS:
+    if metric not in metrics.METRICS:  # the reference metrics: not human scores or a reward model
         raise ValueError(f"train_lm.pg_credit: sequence scores samples with rank.metric against the references; "
-                         f"rank.metric {metric!r} is not one of {', '.join(REFERENCE_METRICS)}")
+                         f"rank.metric {metric!r} is not one of {', '.join(metrics.METRICS)}")
 
     def score(examples: Sequence[Example], samples: list[list[list[int]]]) -> list[list[float]]:
         texts = [tokenizer.decode(s, skip_special_tokens=True).strip() for group in samples for s in group]
@@ -115,7 +114,7 @@ def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance 
     score = None
     if cfg.pg_coeff > 0:
         rp: RankParams = load_group("rank", ctx.params)
-        if cfg.pg_credit == "sequence" or rp.metric in REFERENCE_METRICS:
+        if cfg.pg_credit == "sequence" or rp.metric in metrics.METRICS:
             score = sample_scorer(tok, rp.metric)
     validate = validation_scorer(tok, cfg.eval_items, ctx) if cfg.eval_every else None
     opt = make_optimizer(model, cfg)
