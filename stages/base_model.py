@@ -1,13 +1,14 @@
 """DVC stage `base_model`: materialise the policy LM_0 and the guidance backbone as plain HF folders.
 
-params: model.policy, model.guidance, model.guidance_layers. Writes data/rounds/0/lm (policy + tokenizer) and
-data/rounds/0/guidance/backbone (the policy's first `guidance_layers` layers, or `model.guidance`).
+params: model.policy, model.guidance, model.guidance_layers, task. Writes data/rounds/0/lm (policy + tokenizer;
+the prompt task's with a fresh MLP head, `task.head_hidden`) and data/rounds/0/guidance/backbone (the policy's
+first `guidance_layers` layers, or `model.guidance`).
 Run: python stages/base_model.py [--params params.yaml]
 """
 
 import dataclasses
 
-from ptg import pipeline, tracking
+from ptg import pipeline, tasks, tracking
 from ptg.base_models import materialize_base
 from ptg.config import load_group
 
@@ -16,6 +17,7 @@ def main(params: str = "params.yaml") -> None:
     ctx = pipeline.start("base_model", params)
     mp = load_group("model", params)
     materialize_base(mp, pipeline.round_dir(0), ctx.run.seed)
+    tasks.init_policy(params, pipeline.round_dir(0) / "lm", ctx.seed("base_model"))
     tracking.log_stage("base_model", None, dataclasses.asdict(mp), {})
 
 

@@ -3,13 +3,15 @@
 Rounds before the last may evaluate a fixed subset (`evaluate.subset_items`); the last round evaluates the whole
 test split. Writes data/rounds/r/predictions.parquet (schema Predictions), metrics/rounds/r/evaluate_items.csv
 (per-item scores) and metrics/rounds/r/evaluate.json: ROUGE-1/2/L/Lsum and METEOR (x100), mean length, and round
-r's guidance mean token reward on the predictions, on EOS and on the other tokens.
+r's guidance mean token reward on the predictions, on EOS and on the other tokens. The prompt task writes its
+candidate prompts (schema PromptCandidates) and the test accuracy of the one chosen on validation instead
+(`ptg.tasks.evaluate_and_save`).
 Run: python stages/evaluate.py --round r [--params params.yaml]
 """
 
 import dataclasses
 
-from ptg import evaluation, pipeline, tracking
+from ptg import pipeline, tasks, tracking
 from ptg.config import load_group, rounds
 from ptg.guidance import load_guidance
 
@@ -18,14 +20,15 @@ def main(r: int, params: str = "params.yaml") -> None:
     ctx = pipeline.start(f"evaluate@{r}", params)
     guidance = load_guidance(pipeline.round_dir(r) / "guidance")
     lm_dir = pipeline.round_dir(r) / "lm"
-    scores, files = evaluation.evaluate_and_save(lm_dir, guidance, pipeline.round_dir(r) / "predictions.parquet",
-                                                 pipeline.round_metrics(r, "evaluate"), ctx,
-                                                 last_round=r == rounds(params)[-1]["round"])
+    scores, files = tasks.evaluate_and_save(lm_dir, guidance, pipeline.round_dir(r) / "predictions.parquet",
+                                            pipeline.round_metrics(r, "evaluate"), ctx,
+                                            last_round=r == rounds(params)[-1]["round"], seed=ctx.seed("evaluate", r))
     tracking.log_stage("evaluate", r, dataclasses.asdict(load_group("evaluate", params)),
                        pipeline.round_metrics(r, "evaluate"), artifacts=files)
-    tracking.set_best_alias(tracking.LM_MODEL, lm_dir, "rougeL", scores["rougeL"])
+    metric = tasks.main_metric(params)
+    tracking.set_best_alias(tracking.LM_MODEL, lm_dir, metric, scores[metric])
     # The guidance that trained the best LM.
-    tracking.set_best_alias(tracking.GUIDANCE_MODEL, pipeline.round_dir(r) / "guidance", "rougeL", scores["rougeL"])
+    tracking.set_best_alias(tracking.GUIDANCE_MODEL, pipeline.round_dir(r) / "guidance", metric, scores[metric])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import dataclasses
 
 import pandas as pd
 
-from ptg import distributed, pipeline, preferences, schemas, tracking
+from ptg import distributed, pipeline, preferences, schemas, tasks, tracking
 from ptg.config import load_group, round_budget
 from ptg.guidance import (
     RankedGroup,
@@ -60,11 +60,10 @@ def main(r: int, params: str = "params.yaml") -> None:
     samples = read_table(pipeline.round_dir(r) / "samples.parquet", schemas.Samples)
     rankings = read_table(pipeline.round_dir(r) / "rankings.parquet", schemas.Rankings)
     _check_ranked(samples, rankings, r)
-    examples = pipeline.read_examples("train", "validation")
-    examples = examples[examples["id"].isin(samples["id"])]
+    examples = tasks.inputs_of(samples["id"].unique(), params)
     guidance = load_guidance(pipeline.round_dir(r - 1) / "guidance", fp.head_hidden, fp.squash, fp.head_init_gain)
     tok = load_tokenizer(pipeline.round_dir(0) / "lm")
-    prompts = dict(zip(examples["id"], pipeline.encode_prompts_of(tok, guidance.backbone, examples, mp), strict=True))
+    prompts = dict(zip(examples["id"], tasks.encode_inputs(tok, guidance.backbone, examples, params), strict=True))
     merged = samples.merge(rankings, on=["id", "sample_idx"], validate="one_to_one").sort_values(["id", "sample_idx"])
     merged["split"] = merged["id"].map(dict(zip(examples["id"], examples["split"], strict=True)))
     by_split = {s: merged[merged["split"] == s] for s in ("train", "validation")}

@@ -1,27 +1,26 @@
-"""DVC stage `prepare`: build the train / validation / test examples from `data.source` (params: data).
+"""DVC stage `prepare`: build the train / validation / test examples from `data.source` (params: data, task).
 
-Writes data/prepared/{train,validation,test}.parquet (schema Examples) and metrics/prepare.json.
+Writes data/prepared/{train,validation,test}.parquet (schema Examples; the prompt task's ClassificationExamples)
+and metrics/prepare.json.
 Run: python stages/prepare.py [--params params.yaml]
 """
 
 import dataclasses
 
-from ptg import pipeline, schemas, tracking
+from ptg import pipeline, tasks, tracking
 from ptg.config import load_group
-from ptg.data import build_examples, source_info
 from ptg.io import validate_table, write_json, write_table
 
 
 def main(params: str = "params.yaml") -> None:
     pipeline.start("prepare", params, with_torch=False)
     cfg = load_group("data", params)
-    frames = build_examples(cfg)
+    frames, schema, info = tasks.build_examples(params)
     # Every split passes its schema before any is written: a bad test split leaves no train table behind.
-    frames = {split: validate_table(frame, schemas.Examples, str(pipeline.PREPARED / f"{split}.parquet"))
+    frames = {split: validate_table(frame, schema, str(pipeline.PREPARED / f"{split}.parquet"))
               for split, frame in frames.items()}
     for split, frame in frames.items():
-        write_table(frame, pipeline.PREPARED / f"{split}.parquet", schemas.Examples)
-    info = source_info(cfg, frames)
+        write_table(frame, pipeline.PREPARED / f"{split}.parquet", schema)
     write_json(pipeline.METRICS / "prepare.json", info)
     tracking.log_stage("prepare", None, dataclasses.asdict(cfg), pipeline.METRICS / "prepare.json")
 

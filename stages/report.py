@@ -7,7 +7,7 @@ Run: python stages/report.py [--params params.yaml]
 """
 
 
-from ptg import pipeline, tracking, viz
+from ptg import pipeline, tasks, tracking, viz
 from ptg.config import rounds
 from ptg.io import atomic_path
 from ptg.report import build_report, format_report
@@ -15,7 +15,8 @@ from ptg.report import build_report, format_report
 
 def main(params: str = "params.yaml") -> None:
     pipeline.start("report", params, with_torch=False)
-    evals, guidance = build_report([item["round"] for item in rounds(params)], pipeline.METRICS)
+    evals, guidance = build_report([item["round"] for item in rounds(params)], pipeline.METRICS,
+                                   tasks.task_of(params).name)
     out = pipeline.METRICS / "report"
     with atomic_path(out / "metrics_by_round.png") as tmp:
         viz.metrics_by_round_png(out / "eval_by_round.csv", tmp.with_suffix(".png")).rename(tmp)

@@ -2,15 +2,14 @@
 
 Samples `sample.train_inputs` training inputs (a fresh seeded draw each round) and the first
 `sample.validation_inputs` validation inputs (a fixed subset, so guidance validation is comparable across
-rounds). Writes data/rounds/r/samples.parquet (schema Samples) and metrics/rounds/r/sample.json.
+rounds); the prompt task's inputs are that many groups of K prompts (`ptg.tasks.round_inputs`).
+Writes data/rounds/r/samples.parquet (schema Samples) and metrics/rounds/r/sample.json.
 Run: python stages/sample.py --round r [--params params.yaml]
 """
 
 import dataclasses
 
-import pandas as pd
-
-from ptg import pipeline, schemas, tracking
+from ptg import pipeline, schemas, tasks, tracking
 from ptg.config import load_group
 from ptg.io import write_json, write_table
 from ptg.models import load_lm, load_tokenizer
@@ -20,13 +19,13 @@ from ptg.sampling import SamplingConfig
 def main(r: int, params: str = "params.yaml") -> None:
     ctx = pipeline.start(f"sample@{r}", params)
     mp, sp = load_group("model", params), load_group("sample", params)
-    train, val = pipeline.read_examples("train"), pipeline.read_examples("validation")
-    train = train.sample(n=min(sp.train_inputs, len(train)), random_state=ctx.seed("sample", r))
-    frame = pd.concat([train, val.head(sp.validation_inputs)], ignore_index=True)
+    frame = tasks.round_inputs(ctx, r)
     lm_dir = pipeline.round_dir(r - 1) / "lm"
     model, tok = load_lm(lm_dir, ctx.device), load_tokenizer(lm_dir)
     cfg = SamplingConfig(**{f.name: getattr(sp, f.name) for f in dataclasses.fields(SamplingConfig)})
-    table, speed = pipeline.sample_table(model, tok, frame, mp, cfg, sp.batch_size, ctx, ctx.generator("sample", r))
+    inputs, stops = tasks.encode_inputs(tok, model, frame, params), tasks.stops(model, tok, params)
+    table, speed = pipeline.sample_table(model, tok, frame, mp, cfg, sp.batch_size, ctx, ctx.generator("sample", r),
+                                         inputs, stops)
     out = pipeline.round_dir(r) / "samples.parquet"
     write_table(table, out, schemas.Samples)
     summary = speed | {"inputs": len(frame)}

@@ -86,7 +86,9 @@ class TrainConfig:
                 "the MLE update bit for bit)"})
     pg_credit: str = field(default="token", metadata={
         "help": "pg_coeff > 0: sequence (every token of a sample gets its metric score minus the leave-one-out "
-                "baseline) or token (each token its guidance reward minus the leave-one-out baseline: PTG)"})
+                "baseline) or token (each token its guidance reward minus the leave-one-out baseline: PTG); "
+                "objective reinforce: token (the guidance's rewards, the paper's) or sequence (each sample's "
+                "score standardised over the step's samples on every token: RLPrompt's)"})
     pg_samples: int = field(default=3, metadata={"help": "pg_coeff > 0: on-policy samples per input (K >= 2)"})
     eval_every: int = field(default=0, metadata={
         "help": "score greedy predictions of eval_items validation inputs (ROUGE-L) every this many updates and "
@@ -295,6 +297,58 @@ class TrainLMParams(TrainConfig):
                              "are new parameters, so there is no optimizer state to carry")
 
 
+TASKS: tuple[str, ...] = ("summarisation", "prompt")
+CLASSIFIER_KINDS: tuple[str, ...] = ("causal", "masked")
+
+
+@dataclass(frozen=True)
+class TaskParams:
+    """What the pipeline learns: ``summarisation`` (weighted MLE on references, the stages' default) or ``prompt``
+    (discrete prompts for a frozen few-shot classifier, REINFORCE on the guidance; the other keys apply)."""
+
+    name: str = field(default="summarisation", metadata={"help": "summarisation or prompt"})
+    classifier: str | None = field(default=None, metadata={
+        "help": "prompt: the frozen classifier, null = model.policy (the offline default), or a local causal-LM "
+                "or masked-LM folder"})
+    classifier_kind: str = field(default="causal", metadata={
+        "help": "prompt: causal (the next token after the template) or masked (the template's {mask})"})
+    template: str = field(default="{text} {prompt}", metadata={
+        "help": "prompt: how a text and a prompt become the classifier's input ({text}, {prompt}; masked: {mask})"})
+    labels: tuple[str, ...] = field(default=(), metadata={"help": "prompt: the class names, in verbalizer order"})
+    verbalizers: tuple[str, ...] = field(default=(), metadata={
+        "help": "prompt: one single-token word per label, read at the classifier's answer position"})
+    shots: int = field(default=16, metadata={"help": "prompt: training and validation examples per class"})
+    calibrate: bool = field(default=False, metadata={
+        "help": "prompt: divide the class probabilities by those of a content-free input (contextual calibration)"})
+    correct_coeff: float = field(default=200.0, metadata={"help": "prompt: gap reward scale of a correct example"})
+    incorrect_coeff: float = field(default=180.0, metadata={"help": "prompt: gap reward scale of a wrong example"})
+    manual_prompt: str = field(default="", metadata={"help": "prompt: the hand-written prompt baseline"})
+    head_hidden: int = field(default=2048, metadata={
+        "help": "prompt: hidden width of the policy's MLP on the frozen LM's last hidden state (0 = no MLP: the "
+                "LM itself is trained, e.g. with train_lm.lora)"})
+    candidates: int = field(default=16, metadata={
+        "help": "prompt: prompts sampled from the trained policy (with its greedy one) and chosen among on "
+                "validation"})
+    batch_size: int = field(default=16, metadata={"help": "prompt: classifier inputs per forward pass"})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(self.labels))
+        object.__setattr__(self, "verbalizers", tuple(self.verbalizers))
+        if self.name not in TASKS:
+            raise ValueError(f"name must be one of {', '.join(TASKS)}; got {self.name!r}")
+        if self.classifier_kind not in CLASSIFIER_KINDS:
+            raise ValueError(f"classifier_kind must be one of {', '.join(CLASSIFIER_KINDS)}; got "
+                             f"{self.classifier_kind!r}")
+        if self.name == "prompt":
+            if len(self.labels) < 2 or len(self.labels) != len(self.verbalizers):
+                raise ValueError(f"labels and verbalizers must be lists of the same length >= 2 (one verbalizer "
+                                 f"per label); got labels {list(self.labels)}, verbalizers {list(self.verbalizers)}")
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError(f"labels must be distinct; got {list(self.labels)}")
+        _at_least(self, 1, "shots", "candidates", "batch_size")
+        _at_least(self, 0, "head_hidden")
+
+
 @dataclass(frozen=True)
 class EvaluateParams:
     split: str = field(default="test", metadata={
@@ -424,7 +478,7 @@ class TrackingParams:
 GROUPS: dict[str, type] = {
     "data": DataConfig, "model": ModelParams, "sample": SampleParams, "rank": RankParams,
     "fit_guidance": FitGuidanceParams, "train_lm": TrainLMParams, "evaluate": EvaluateParams,
-    "preferences": PreferencesParams, "tracking": TrackingParams,
+    "preferences": PreferencesParams, "tracking": TrackingParams, "task": TaskParams,
 }
 RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunParams))
 

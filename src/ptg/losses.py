@@ -210,6 +210,13 @@ def token_advantages(rewards: torch.Tensor, mask: torch.Tensor, group_size: int)
     return (r - loo_baseline(means).reshape(-1, 1)) * m
 
 
+def standardized(scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(s - mean) / std over all of ``scores`` (population std): RLPrompt's per-step reward normalisation, the
+    sequence-level credit of REINFORCE without references. Constant scores give zeros."""
+    centred = scores - scores.mean()
+    return centred / (centred.pow(2).mean().sqrt() + eps)
+
+
 def policy_gradient_loss(nll: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """REINFORCE with advantages: sum_{n,t} (A_nt / rms(A)) nll_nt / sum_{n,t} m_nt, no gradient through A.
 

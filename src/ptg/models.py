@@ -113,6 +113,65 @@ def add_lora(model: PreTrainedModel, rank: int, alpha: float, dropout: float, ta
                              f"{type(model).__name__}: {e}") from e
 
 
+PROMPT_HEAD_FILE = "prompt_head.safetensors"  # a prompt policy's trainable MLP (task.head_hidden), beside the LM
+
+
+class PromptHead(torch.nn.Module):
+    """The prompt policy's head (the reference's, spec §3b): a trainable MLP (hidden -> width -> hidden, ReLU) maps
+    the frozen LM's last hidden state to a new one, which the frozen LM head reads out. Xavier-uniform gain 1e-4 and
+    bias -1e-4, as the reference: the policy starts near uniform over the vocabulary."""
+
+    def __init__(self, lm_head: torch.nn.Module, hidden: int, width: int) -> None:
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(hidden, width), torch.nn.ReLU(), torch.nn.Linear(width, hidden))
+        self.lm_head = lm_head
+        for layer in (self.mlp[0], self.mlp[2]):
+            torch.nn.init.xavier_uniform_(layer.weight, gain=1e-4)
+            torch.nn.init.constant_(layer.bias, -1e-4)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.mlp(hidden))
+
+
+def add_prompt_head(model: PreTrainedModel, width: int, seed: int) -> PreTrainedModel:
+    """``model`` frozen, with a fresh ``PromptHead`` of ``width`` (drawn from ``seed``, not the global generator)
+    as its output layer: only the head's MLP trains."""
+    model.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = PromptHead(model.get_output_embeddings(), model.config.hidden_size, width)
+    model.set_output_embeddings(head.to(next(model.parameters()).device))
+    return model
+
+
+def prompt_head(model: PreTrainedModel) -> PromptHead | None:
+    head = model.get_output_embeddings()
+    return head if isinstance(head, PromptHead) else None
+
+
+def save_lm(model: PreTrainedModel, folder: Path) -> None:
+    """``model.save_pretrained`` (safetensors); a prompt policy's LM is saved without its head, and the head's MLP
+    beside it (``PROMPT_HEAD_FILE``), which ``load_lm`` puts back."""
+
+    head = prompt_head(model)
+    if head is None:
+        model.save_pretrained(folder, safe_serialization=True)
+        return
+    model.set_output_embeddings(head.lm_head)
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+    finally:
+        model.set_output_embeddings(head)
+    save_prompt_head(head, folder)
+
+
+def save_prompt_head(head: PromptHead, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in head.mlp.state_dict().items()}
+    save_file(tensors, Path(folder) / PROMPT_HEAD_FILE, metadata={"width": str(head.mlp[0].out_features)})
+
+
 def decoder_start_id(model: PreTrainedModel) -> int:
     start = model.config.decoder_start_token_id
     if start is None:
@@ -249,12 +308,20 @@ def require_safetensors(path: str | Path) -> None:
 
 
 def load_lm(path: str | Path, device: torch.device | str = "cpu") -> PreTrainedModel:
-    """Load a seq2seq or causal LM from a local folder (or a hub id when online), in fp32, from safetensors only."""
+    """Load a seq2seq or causal LM from a local folder (or a hub id when online), in fp32, from safetensors only;
+    with its prompt head when the folder has one (``save_lm``)."""
     require_model_folder(path)
     require_safetensors(path)
     config = AutoConfig.from_pretrained(path)
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    return cls.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(device)
+    model = cls.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to(device)
+    head_file = Path(path) / PROMPT_HEAD_FILE
+    if head_file.is_file():  # a prompt policy: the frozen LM and its trained head
+        with safe_open(head_file, "pt") as f:
+            width = int(f.metadata()["width"])
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+        add_prompt_head(model, width, seed=0).get_output_embeddings().mlp.load_state_dict(state)
+    return model
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:

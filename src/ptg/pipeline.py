@@ -132,14 +132,17 @@ def encode_targets_of(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel
 
 
 def sample_table(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, frame: pd.DataFrame, mp: ModelParams,
-                 cfg: SamplingConfig, batch_size: int, ctx: Context, generator: torch.Generator | None
+                 cfg: SamplingConfig, batch_size: int, ctx: Context, generator: torch.Generator | None,
+                 prompts: list[list[int]] | None = None, stops: list[int] | None = None
                  ) -> tuple[pd.DataFrame, dict[str, float]]:
-    """K continuations of every row of ``frame`` as a Samples table, plus throughput figures."""
+    """K continuations of every row of ``frame`` as a Samples table, plus throughput figures. ``prompts``: the
+    rows' input ids (default: their encoded ``prompt``); ``stops``: the ids that end a sample (default: the EOS
+    ids; empty: every sample is ``max_new_tokens`` long, as a prompt policy's)."""
     from ptg.models import eos_ids
     from ptg.sampling import sample
 
-    prompts = encode_prompts_of(tokenizer, model, frame, mp)
-    stops = eos_ids(model, tokenizer)
+    prompts = encode_prompts_of(tokenizer, model, frame, mp) if prompts is None else prompts
+    stops = eos_ids(model, tokenizer) if stops is None else stops
     t0 = time.perf_counter()
     drawn = sample(model, prompts, cfg, stops, tokenizer.pad_token_id, ctx.device, ctx.dtype, batch_size,
                    generator, ctx.progress)
@@ -148,7 +151,7 @@ def sample_table(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fra
     for ex_id, group in zip(frame["id"], drawn, strict=True):
         for k, ids in enumerate(group):
             rows.append({"id": ex_id, "sample_idx": k, "text": tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                         "token_ids": ids, "n_tokens": len(ids), "finished": ids[-1] in stops})
+                         "token_ids": ids, "n_tokens": len(ids), "finished": not stops or ids[-1] in stops})
     table = pd.DataFrame(rows)
     n_tokens = int(table["n_tokens"].sum())
     return table, {"seconds": seconds, "tokens": n_tokens, "tokens_per_second": n_tokens / max(seconds, 1e-9),

@@ -14,23 +14,32 @@ import pandas as pd
 from ptg.io import atomic_path, read_json
 
 EVAL_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "meteor", "gen_len")
+# The prompt task's (ptg.prompt_task.evaluate_prompts): test accuracy of the prompt chosen on validation, ...
+PROMPT_EVAL_KEYS = ("accuracy", "accuracy_top3", "validation_reward", "validation_accuracy")
 GUIDANCE_KEYS = ("val_loss", "val_accuracy", "val_pairs", "kept_start", "best_update", "val_loss_start",
                  "val_accuracy_start")
 # How far from uniform the round trained (train_lm.json; absent for objectives without reference weights).
 WEIGHT_KEYS = ("reward_cv", "weight_cv", "weight_p90_p10", "weight_clipped")
 
 
-def build_report(round_ids: list[int], metrics_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Collect every round's evaluation (PTG and MLE) and guidance fit; write and return both tables."""
+def build_report(round_ids: list[int], metrics_dir: Path, task: str = "summarisation"
+                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Collect every round's evaluation (PTG and its baseline) and guidance fit; write and return both tables."""
     eval_rows, guidance_rows = [], []
+    keys = PROMPT_EVAL_KEYS if task == "prompt" else EVAL_KEYS
     for r in round_ids:
         ptg = read_json(metrics_dir / "rounds" / str(r) / "evaluate.json")
         mle = read_json(metrics_dir / "baseline" / str(r) / "evaluate.json")
         fit = read_json(metrics_dir / "rounds" / str(r) / "fit_guidance.json")
         train = read_json(metrics_dir / "rounds" / str(r) / "train_lm.json")
-        eval_rows.append({"round": r, "split": ptg.get("split", "test"), **{f"ptg_{k}": ptg[k] for k in EVAL_KEYS},
-                          **{f"mle_{k}": mle[k] for k in EVAL_KEYS}, "ptg_guidance_score": ptg["guidance_score"],
-                          "reward_eos": ptg["reward_eos"], "reward_other": ptg["reward_other"]})
+        row = {"round": r, "split": ptg.get("split", "test"), **{f"ptg_{k}": ptg[k] for k in keys},
+               **{f"mle_{k}": mle[k] for k in keys}}
+        if task == "prompt":
+            row |= {"ptg_prompt": ptg["prompt"], "mle_prompt": mle["prompt"]}
+        else:
+            row |= {"ptg_guidance_score": ptg["guidance_score"], "reward_eos": ptg["reward_eos"],
+                    "reward_other": ptg["reward_other"]}
+        eval_rows.append(row)
         guidance_rows.append({"round": r, **{k: fit[k] for k in GUIDANCE_KEYS},
                               **{k: train.get(k, float("nan")) for k in WEIGHT_KEYS}})
     evals, guidance = pd.DataFrame(eval_rows), pd.DataFrame(guidance_rows)
@@ -43,6 +52,14 @@ def build_report(round_ids: list[int], metrics_dir: Path) -> tuple[pd.DataFrame,
 def format_report(evals: pd.DataFrame, guidance: pd.DataFrame) -> str:
     acc = [f"{a:.3f} ({int(n)} pairs){' kept start' if k else ''}" for a, n, k in
            zip(guidance["val_accuracy"], guidance["val_pairs"], guidance["kept_start"], strict=True)]
+    if "ptg_accuracy" in evals:  # the prompt task
+        shown = pd.DataFrame({
+            "round": evals["round"], "PTG acc": evals["ptg_accuracy"], "base acc": evals["mle_accuracy"],
+            "PTG top-3": evals["ptg_accuracy_top3"], "base top-3": evals["mle_accuracy_top3"],
+            "PTG prompt": evals["ptg_prompt"], "base prompt": evals["mle_prompt"], "guidance val acc": acc})
+        return ("PTG (REINFORCE on token-level guidance) vs baseline (REINFORCE on the classifier's sequence-level "
+                f"reward) on the {evals['split'].iloc[0]} split: accuracy of the prompt chosen on validation, and "
+                "the mean of the top 3\n" + shown.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     shown = pd.DataFrame({
         "round": evals["round"], "PTG ROUGE-L": evals["ptg_rougeL"], "base ROUGE-L": evals["mle_rougeL"],
         "PTG METEOR": evals["ptg_meteor"], "base METEOR": evals["mle_meteor"],

@@ -316,3 +316,37 @@ def check_disjoint_splits(frames: Mapping[str, pd.DataFrame], max_shown: int = 1
     if problems:
         raise ValueError(f"{where + ': ' if where else ''}splits are not disjoint: " + "; ".join(problems))
 
+
+
+class ClassificationExamples(pa.DataFrameModel):
+    """One labelled text of a few-shot classification split (``ptg.fewshot``): ``label`` is a class name."""
+
+    id: Series[str] = pa.Field(unique=True, str_length={"min_value": 1}, coerce=True)
+    text: Series[str]
+    label: Series[str] = pa.Field(str_length={"min_value": 1})
+    split: Series[str] = pa.Field(isin=list(SPLITS))
+
+    class Config:
+        strict = True
+
+    @pa.check("text", name="non_blank")
+    def _non_blank(cls, s: pd.Series) -> pd.Series:
+        return _non_blank(s)
+
+
+class PromptCandidates(pa.DataFrameModel):
+    """The prompt task's candidates of one evaluated policy (``ptg.prompt_task.evaluate_prompts``): each prompt with
+    its validation gap reward and accuracy, its rank there (1 = chosen), the accuracy on the evaluated split of the
+    top 3 (NaN for the rest) and the guidance's summed token reward (NaN without a guidance)."""
+
+    prompt: Series[str]
+    token_ids: Series[object]
+    greedy: Series[bool]
+    validation_reward: Series[float] = pa.Field(coerce=True)
+    validation_accuracy: Series[float] = pa.Field(ge=0.0, le=1.0, coerce=True)
+    rank: Series[int] = pa.Field(ge=1, unique=True, coerce=True)
+    accuracy: Series[float] = pa.Field(ge=0.0, le=1.0, coerce=True, nullable=True)
+    guidance_score: Series[float] = pa.Field(coerce=True, nullable=True)
+
+    class Config:
+        strict = True

@@ -158,16 +158,20 @@ def _policy_gradient(model: PreTrainedModel, chunk: Sequence[Example], cfg: Trai
 
 
 def _loss(model: PreTrainedModel, batch: Batch, chunk: Sequence[Example], cfg: TrainConfig,
-          guidance: Guidance | None, sampling: SamplingConfig | None
+          guidance: Guidance | None, sampling: SamplingConfig | None, credit: torch.Tensor | None = None
           ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(loss, count, sums) of one micro-batch shard: the objective is ``loss * count / sum over ranks of count``
-    (in one process, ``loss`` itself); ``sums``: the detached per-token sums the metrics row reports."""
+    (in one process, ``loss`` itself); ``sums``: the detached per-token sums the metrics row reports. ``credit``
+    (reinforce with sequence-level credit): one standardised score per sample, given to each of its tokens."""
     mask = batch.response_mask
     if cfg.objective == "reinforce":
         assert sampling is not None
         nll, logits = _sampled_nll(model, batch, sampling)
         with torch.no_grad():
-            rewards = mask.float() if guidance is None else guidance(batch)
+            if credit is not None:
+                rewards = credit.to(mask.device)[:, None] * mask.float()
+            else:
+                rewards = mask.float() if guidance is None else guidance(batch)
     else:
         logits = response_logits(model, batch)
         nll = losses.token_nll(logits, batch.response_ids, mask)
@@ -192,17 +196,23 @@ def _micro_batch(model: PreTrainedModel, chunk: list[Example], cfg: TrainConfig,
     loss = None
     if chunk:
         prompts = [e.prompt for e in chunk]
+        credit = None
         if cfg.objective == "reinforce":
             assert sampling is not None
             drawn = sample(model, prompts, sampling, eos_ids, pad_id, device, dtype, batch_size=len(prompts),
                            generator=sample_gen, progress=False)
             responses = [s[0] for s in drawn]
             model.train()
+            if cfg.pg_credit == "sequence":  # RLPrompt's credit: the sample's score, standardised over the step
+                assert score is not None
+                scores = torch.tensor([s[0] for s in score(chunk, drawn)], dtype=torch.float32)
+                credit = losses.standardized(scores)
+                rank_sums["pg_score"] = scores.sum().to(device)
         else:
             responses = [e.response for e in chunk]
         batch = collate(prompts, responses, pad_id).to(device)
         with autocast(device, dtype):
-            loss, count, sums = _loss(model, batch, chunk, cfg, guidance, sampling)
+            loss, count, sums = _loss(model, batch, chunk, cfg, guidance, sampling, credit)
         if cfg.pg_coeff > 0:  # one process (train_lm refuses it data-parallel): loss is the whole micro-batch's
             assert sampling is not None
             term, pg_sums = _policy_gradient(model, chunk, cfg, guidance, sampling, score, eos_ids, pad_id, device,
@@ -224,8 +234,8 @@ def _micro_batch(model: PreTrainedModel, chunk: list[Example], cfg: TrainConfig,
         out["entropy"] = every["entropy"] / tokens
     if "pg_loss" in every:
         out["pg_loss"] = every["pg_loss"]
-        if "pg_score" in every:
-            out["pg_score"] = every["pg_score"] / len(chunk)
+    if "pg_score" in every:  # the samples' mean sequence-level score (per input: a mean over its K samples)
+        out["pg_score"] = every["pg_score"] / len(chunk)
     return out
 
 
@@ -280,12 +290,17 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
     """
     if not examples:
         raise ValueError("examples is empty")
-    if cfg.objective == "reinforce" and (sampling is None or not eos_ids):
-        raise ValueError("objective 'reinforce' needs sampling settings and eos_ids")
+    if cfg.objective == "reinforce" and sampling is None:
+        raise ValueError("objective 'reinforce' needs sampling settings")
     if cfg.objective == "reinforce" and sampling is not None and sampling.temperature <= 0:
         raise ValueError("objective 'reinforce' needs a sampling temperature > 0 (greedy decoding has no gradient)")
     if cfg.objective == "wmle" and any(not e.response for e in examples):
         raise ValueError(f"objective {cfg.objective!r} needs a reference response for every example")
+    if cfg.objective == "reinforce" and cfg.pg_credit == "sequence":
+        if score is None:
+            raise ValueError("objective reinforce with pg_credit 'sequence' needs a sample scorer")
+        if distributed.rank_and_world()[1] > 1:
+            raise ValueError("sequence-level credit standardises over the whole step: use launcher: python")
     if cfg.pg_coeff > 0:
         if sampling is None or not eos_ids or sampling.temperature <= 0:
             raise ValueError("pg_coeff > 0 needs sampling settings with a temperature > 0 and eos_ids")

@@ -1,0 +1,243 @@
+"""Few-shot text classification data for the prompt-generation task: labelled pools, splits and their checks.
+
+Two sources give frames with columns ``id``, ``text`` and ``label`` (a string):
+
+* ``wordnet_topics``: offline, from the WordNet 3.0 database that ``make setup`` installs
+  (``scripts/install_wordnet.sh``): every noun synset of a chosen lexicographer file (``noun.animal``, ...) is
+  one example, ``"<first lemma>: <definition>"`` labelled with the file's class.
+* ``load_classification_folder``: a local folder with train/dev/test files (the LM-BFF 16-shot layout among them).
+
+``few_shot_splits`` draws K shots per class for train and for validation from one pool, the rest is test;
+``check_classification`` fails fast, naming the source, the split and the values, on a blank text, a label without
+a verbalizer or a split that lacks a label. Pure library code (pandas and numpy only), called by the stages.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ptg.data import SPLIT_ALIASES
+from ptg.io import read_records
+from ptg.schemas import SPLITS
+
+log = logging.getLogger(__name__)
+
+CLASSIFICATION_COLUMNS: tuple[str, ...] = ("id", "text", "label")
+CLASSIFICATION_EXTENSIONS: tuple[str, ...] = (".jsonl", ".csv", ".tsv")
+WORDNET_CLASSES: tuple[str, ...] = ("animal", "plant", "food", "artifact")
+SENTENCE_FIELD = "sentence"  # the text column of the LM-BFF k-shot files (`sentence\tlabel`)
+MAX_SHOWN = 5  # offending ids or values named per error
+
+
+def _listed(values: Sequence[object], shown: int = MAX_SHOWN) -> str:
+    """The first ``shown`` values as reprs, with a count of the rest."""
+    more = f" ... ({len(values) - shown} more)" if len(values) > shown else ""
+    return ", ".join(map(repr, values[:shown])) + more
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# WordNet topics
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def default_wordnet_root() -> Path:
+    """Where ``scripts/install_wordnet.sh`` puts WordNet and nltk finds it: ``<venv>/nltk_data/corpora/wordnet``."""
+    return Path(sys.prefix) / "nltk_data" / "corpora" / "wordnet"
+
+
+def _wordnet_file(root: Path, name: str) -> Path:
+    path = root / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no WordNet {name}; `make setup` installs WordNet 3.0 under "
+                                f"{default_wordnet_root()} (scripts/install_wordnet.sh)")
+    return path
+
+
+def _lexfile_numbers(root: Path, classes: Sequence[str]) -> dict[str, str]:
+    """Two-digit lexicographer file number (as in ``data.noun``) -> class, for the ``noun.<class>`` files."""
+    path = _wordnet_file(root, "lexnames")
+    names = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        fields = line.split()
+        if len(fields) >= 2:
+            names[fields[1]] = fields[0].zfill(2)
+    unknown = [c for c in classes if f"noun.{c}" not in names]
+    if unknown:
+        nouns = sorted(n.removeprefix("noun.") for n in names if n.startswith("noun."))
+        raise ValueError(f"{path}: no lexicographer file for class(es) {_listed(unknown, len(unknown))}; "
+                         f"noun classes: {', '.join(nouns)}")
+    return {names[f"noun.{c}"]: c for c in classes}
+
+
+def definition(gloss: str) -> str:
+    """The definition part of a WordNet gloss: before the first ``; "`` example sentence (empty if none)."""
+    text = gloss.split('; "', 1)[0].strip().rstrip(";").rstrip()
+    return "" if text.startswith('"') else text
+
+
+def parse_data_line(line: str) -> tuple[str, str, str, str] | None:
+    """``(offset, lex_filenum, first lemma, definition)`` of one ``data.*`` line; None for a licence line."""
+    if line.startswith(" ") or not line.strip():
+        return None
+    head, _, gloss = line.partition(" | ")
+    fields = head.split()
+    # offset lex_filenum ss_type w_cnt word lex_id ...: the first lemma is the fifth field.
+    return fields[0], fields[1], fields[4].replace("_", " "), definition(gloss)
+
+
+def wordnet_topics(root: str | os.PathLike[str] | None = None,
+                   classes: Sequence[str] = WORDNET_CLASSES) -> pd.DataFrame:
+    """One example per noun synset of the ``noun.<class>`` lexicographer files, in synset offset order.
+
+    ``text`` is the synset's first lemma (underscores as spaces), ``": "`` and its definition; ``label`` the class;
+    ``id`` ``"wn-<offset>"``. Synsets without a definition are skipped. ``root`` defaults to
+    ``default_wordnet_root()``; ``data.noun`` and ``lexnames`` are read directly (no nltk).
+    """
+    root = Path(root) if root is not None else default_wordnet_root()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no WordNet folder; `make setup` installs WordNet 3.0 there "
+                                "(scripts/install_wordnet.sh)")
+    wanted = _lexfile_numbers(root, classes)
+    rows = []
+    with _wordnet_file(root, "data.noun").open(encoding="utf-8") as f:
+        for line in f:
+            parsed = parse_data_line(line)
+            if parsed is None or parsed[1] not in wanted or not parsed[3]:
+                continue
+            offset, lexfile, lemma, text = parsed
+            rows.append((f"wn-{offset}", f"{lemma}: {text}", wanted[lexfile], int(offset)))
+    df = pd.DataFrame(rows, columns=[*CLASSIFICATION_COLUMNS, "offset"])
+    df = df.sort_values("offset", kind="stable").drop(columns="offset").reset_index(drop=True)
+    log.info("WordNet topics from %s: %s", root, df["label"].value_counts().to_dict())
+    return df
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Local folders
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _classification_file(folder: Path, split: str) -> Path:
+    """The one ``<name><ext>`` file of ``split`` in ``folder`` (names from ``SPLIT_ALIASES``)."""
+    tried = [folder / f"{stem}{ext}" for stem in SPLIT_ALIASES[split] for ext in CLASSIFICATION_EXTENSIONS]
+    found = [p for p in tried if p.is_file()]
+    if not found:
+        raise FileNotFoundError(f"{folder}: no {split} file; tried {', '.join(p.name for p in tried)}")
+    if len(found) > 1:
+        raise ValueError(f"{folder}: several {split} files, keep one: {', '.join(p.name for p in found)}")
+    return found[0]
+
+
+def _read_split(path: Path) -> pd.DataFrame:
+    """A split file as strings: ``.tsv`` unquoted (sentences hold quotes), else ``ptg.io.read_records``."""
+    if path.suffix != ".tsv":
+        return read_records(path)
+    if not path.read_text(encoding="utf-8").strip():  # no header: no columns, as read_records reads an empty csv
+        return pd.DataFrame()
+    return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=csv.QUOTE_NONE, encoding="utf-8")
+
+
+def _classification_frame(raw: pd.DataFrame, split: str, text_field: str, label_field: str,
+                          where: Path) -> pd.DataFrame:
+    """Raw rows -> columns id, text, label (strings); ``sentence`` stands in for a missing ``text_field``."""
+    if text_field not in raw.columns and SENTENCE_FIELD in raw.columns:
+        log.info("%s: no field %r, using %r", where, text_field, SENTENCE_FIELD)
+        text_field = SENTENCE_FIELD
+    for name in (text_field, label_field):
+        if name not in raw.columns:
+            raise ValueError(f"{where}: no field {name!r}; columns present: {', '.join(map(str, raw.columns))}")
+    ids = raw["id"].map(str) if "id" in raw.columns else [f"{split}-{i}" for i in range(len(raw))]
+    return pd.DataFrame({"id": list(ids), "text": raw[text_field].map(str).to_list(),
+                         "label": raw[label_field].map(str).to_list()})
+
+
+def load_classification_folder(folder: str | os.PathLike[str], text_field: str = "text",
+                               label_field: str = "label") -> dict[str, pd.DataFrame]:
+    """The train, validation and test frames (columns id, text, label as strings) of a local folder.
+
+    Each split is one ``<split>.jsonl``, ``.csv`` or ``.tsv`` file; ``dev`` is accepted for ``validation``. When
+    ``text_field`` is missing but a ``sentence`` column is present (the LM-BFF k-shot layout, ``train.tsv`` with
+    the header ``sentence\\tlabel``), ``sentence`` is the text. ``id`` is the file's ``id`` column when it has one,
+    else ``<split>-<row>``. A missing split file names the folder and the file names tried; a missing field names
+    the file, the field and the columns present.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such dataset folder")
+    frames = {}
+    for split in SPLITS:
+        path = _classification_file(folder, split)
+        frames[split] = _classification_frame(_read_split(path), split, text_field, label_field, path)
+    return frames
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Splits and checks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def few_shot_splits(df: pd.DataFrame, shots: int, data_seed: int, max_test: int) -> dict[str, pd.DataFrame]:
+    """``shots`` examples per class for train, another ``shots`` per class for validation, the rest for test.
+
+    The draws are stratified per class and seeded by ``data_seed`` alone (a ``numpy`` Generator). Test is a
+    uniform random draw (not stratified) of at most ``max_test`` of the remaining rows (0 keeps all). Each split
+    keeps the pool's row order and gets a ``split`` column. A class with fewer than ``2 * shots + 1`` examples
+    (at least one left for test) is a ``ValueError`` naming the class and the counts.
+    """
+    if shots < 1 or max_test < 0:
+        raise ValueError(f"few_shot_splits: shots must be >= 1 and max_test >= 0, got shots={shots}, "
+                         f"max_test={max_test}")
+    missing = [c for c in CLASSIFICATION_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"few_shot_splits: no column(s) {', '.join(missing)}; columns present: "
+                         f"{', '.join(map(str, df.columns))}")
+    counts = df["label"].value_counts()
+    small = {str(c): int(n) for c, n in counts.items() if n < 2 * shots + 1}
+    if small:
+        raise ValueError(f"few_shot_splits: {shots} shots need {2 * shots + 1} examples per class (train, "
+                         f"validation and one for test); too few in: {small}")
+    rng = np.random.default_rng(data_seed)
+    positions = {"train": [], "validation": [], "test": []}
+    for label in sorted(counts.index):
+        drawn = rng.permutation(np.flatnonzero((df["label"] == label).to_numpy()))
+        positions["train"].extend(drawn[:shots])
+        positions["validation"].extend(drawn[shots:2 * shots])
+        positions["test"].extend(drawn[2 * shots:])
+    if max_test and len(positions["test"]) > max_test:
+        positions["test"] = rng.choice(positions["test"], size=max_test, replace=False).tolist()
+    return {split: df.iloc[sorted(positions[split])].assign(split=split).reset_index(drop=True)
+            for split in SPLITS}
+
+
+def check_classification(frames: Mapping[str, pd.DataFrame], labels: Sequence[str], where: str) -> None:
+    """Raise ``ValueError`` naming ``where``, the split, the field and the values on the first problem found.
+
+    Problems: a blank ``text`` (the first ids named), a ``label`` outside ``labels`` (the verbalizer's classes,
+    in order: such a label has no verbalizer) and a split without some of ``labels``.
+    """
+    known = set(labels)
+    for split, df in frames.items():
+        missing = [c for c in CLASSIFICATION_COLUMNS if c not in df.columns]
+        if missing:
+            raise ValueError(f"{where}: {split} has no column(s) {', '.join(missing)}; columns present: "
+                             f"{', '.join(map(str, df.columns))}")
+        blank = df.loc[~df["text"].map(lambda t: isinstance(t, str) and t.strip() != ""), "id"].astype(str)
+        if not blank.empty:
+            raise ValueError(f"{where}: {split}: field 'text' is empty in {len(blank)} row(s), ids "
+                             f"{_listed(blank.tolist())}")
+        present = set(df["label"].astype(str))
+        unknown = sorted(present - known)
+        if unknown:
+            raise ValueError(f"{where}: {split}: field 'label' has value(s) without a verbalizer: "
+                             f"{_listed(unknown)}; labels: {', '.join(labels)}")
+        absent = [label for label in labels if label not in present]
+        if absent:
+            raise ValueError(f"{where}: {split}: field 'label' lacks label(s) {_listed(absent, len(absent))}")
