@@ -53,3 +53,21 @@ def stop_process_group(proc: subprocess.Popen) -> None:
 @pytest.fixture(params=["llama", "t5"])
 def tiny_lm(request):
     return tiny_llama() if request.param == "llama" else tiny_t5()
+
+
+def write_prompt_quick(path: Path) -> Path:
+    """configs/prompt.yaml on a tiny random Llama (verbalizers that are one token of its tokenizer), a small test
+    split and budgets of a few updates: the prompt task end to end in a minute or two."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "configs" / "prompt.yaml").read_text())
+    cfg["progress"] = False
+    cfg["model"] |= {"policy": "tiny-llama", "guidance_layers": 1}
+    cfg["task"] |= {"verbalizers": [" food", " the", " a", " of"], "candidates": 4, "head_hidden": 32}
+    cfg["data"] |= {"max_test": 40}
+    cfg["sample"] |= {"train_inputs": 4, "validation_inputs": 2, "top_k": 16}
+    cfg["fit_guidance"] |= {"max_updates": 4, "eval_every": 2, "head_hidden": 32}
+    cfg["train_lm"] |= {"max_updates": 3, "eval_every": 2, "batch_size": 4}
+    cfg["evaluate"] |= {"subset_items": 20}
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path

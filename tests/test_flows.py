@@ -23,9 +23,10 @@ from datetime import datetime
 from pathlib import Path
 from types import ModuleType
 
+import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, hold_workspace, stop_process_group
+from conftest import REPO, hold_workspace, stop_process_group, write_prompt_quick
 from mlflow import MlflowClient
 
 from ptg import prefect_setup, tracking
@@ -147,6 +148,35 @@ def test_quick_flow_runs_every_stage_and_tracks_it(quick_run):
         assert str(c.get_model_version_by_alias(name, "best").version) == str(version.version)
         assert float(version.tags["eval.rougeL"]) == max(evaluated)
     assert c.search_model_versions(f"name='{tracking.BASELINE_MODEL}'") == []  # the baseline arm stays in DVC
+
+
+@pytest.mark.slow
+def test_prompt_task_flow_runs_every_stage(env, harness, flows):
+    """configs/prompt.yaml's task (tiny models): the same flow and stages, the prompt task's artifacts."""
+    from ptg import schemas
+    from ptg.io import read_table
+
+    workdir = env / "prompt"
+    state = flows.ptg_pipeline(rounds=1, params_file=str(write_prompt_quick(env / "prompt.yaml")),
+                               workdir=str(workdir), return_state=True)
+    assert state.is_completed(), state.message
+    expected = ["prepare", "base_model", "preferences", *(f"{s}@1" for s in ROUND_STAGES), "baseline", "report"]
+    assert list(state.result()) == expected
+    metrics = workdir / "metrics"
+    ptg, base = (json.loads((metrics / d / "1" / "evaluate.json").read_text()) for d in ("rounds", "baseline"))
+    for ev in (ptg, base):
+        assert 0 <= ev["accuracy"] <= 1 and ev["items"] == 40 and ev["classifier_pairs"] > 0
+        assert {"manual_accuracy", "manual_accuracy_calibrated", "empty_accuracy", "majority_rate"} <= set(ev)
+    trained = json.loads((metrics / "baseline" / "1" / "train_lm.json").read_text())
+    # configs/prompt.yaml: baseline_budget calls, so the baseline gets train_inputs x K / batch_size = 4 updates
+    assert trained["objective"] == "reinforce" and trained["updates"] == 4 * 4 // 4
+    assert trained["classifier_pairs"] == 4 * 4 * 64  # its sequence-level credit: 4 updates x 4 prompts x 64 texts
+    assert json.loads((metrics / "rounds" / "1" / "rank.json").read_text())["classifier_pairs"] == (4 + 2) * 4 * 64
+    candidates = read_table(workdir / "data" / "rounds" / "1" / "predictions.parquet", schemas.PromptCandidates)
+    assert candidates["rank"].min() == 1 and candidates["guidance_score"].notna().all()
+    assert (workdir / "data" / "rounds" / "1" / "heatmap.png").is_file()
+    items = pd.read_csv(metrics / "rounds" / "1" / "evaluate_items.csv")
+    assert len(items) == 40 and items["correct"].mean() == pytest.approx(ptg["accuracy"])
 
 
 @pytest.mark.slow

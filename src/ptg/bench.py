@@ -538,10 +538,13 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ptg.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", choices=("summarisation", "prompt"), default="summarisation",
+                    help="summarisation (this module) or prompt (ptg.prompt_bench: configs/prompt.yaml, build/"
+                         "bench-prompt, metrics/bench/prompt, its own arms)")
     ap.add_argument("--params", default=None, help="bench params file (default: ptg's configs/bench.yaml)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, one DVC experiment each")
-    ap.add_argument("--dir", default="build/bench", help="the bench's git + DVC repository")
-    ap.add_argument("--out", default="metrics/bench", help="where the statistics go")
+    ap.add_argument("--dir", default=None, help="the bench's git + DVC repository (default: build/bench)")
+    ap.add_argument("--out", default=None, help="where the statistics go (default: metrics/bench)")
     ap.add_argument("--jobs", type=int, default=3,
                     help="experiments run side by side, each stage on cores // jobs threads (at least 1)")
     ap.add_argument("--collect-only", action="store_true", help="only compute statistics of finished runs")
@@ -558,9 +561,17 @@ def main(argv: list[str] | None = None) -> int:
                          f"{', '.join(a[0] for a in ARMS)})")
     ap.add_argument("--no-arms", action="store_true", help="only PTG and its baseline")
     args = ap.parse_args(argv)
-    arms: Sequence[Sequence[str]] = () if args.no_arms else (args.arm or ARMS)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bench %(levelname)s %(message)s")
-    directory, out = Path(args.dir).resolve(), Path(args.out)
+    if args.task == "prompt":
+        from ptg import prompt_bench
+
+        prompt_bench.run(Path(args.params or template_file("configs/prompt.yaml")).resolve(),
+                         Path(args.dir or "build/bench-prompt").resolve(), Path(args.out or "metrics/bench/prompt"),
+                         args.seeds, () if args.no_arms else (args.arm or prompt_bench.ARMS), args.jobs,
+                         args.collect_only)
+        return 0
+    arms: Sequence[Sequence[str]] = () if args.no_arms else (args.arm or ARMS)
+    directory, out = Path(args.dir or "build/bench").resolve(), Path(args.out or "metrics/bench")
     if not args.collect_only:
         setup_repo(Path(args.params or template_file("configs/bench.yaml")).resolve(), directory)
         experiments = [] if args.ablations_only else [seed_experiment(seed) for seed in args.seeds]

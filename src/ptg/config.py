@@ -88,7 +88,7 @@ class TrainConfig:
         "help": "pg_coeff > 0: sequence (every token of a sample gets its metric score minus the leave-one-out "
                 "baseline) or token (each token its guidance reward minus the leave-one-out baseline: PTG); "
                 "objective reinforce: token (the guidance's rewards, the paper's) or sequence (each sample's "
-                "score standardised over the step's samples on every token: RLPrompt's)"})
+                "score standardised over the micro-batch's samples on every token: RLPrompt's)"})
     pg_samples: int = field(default=3, metadata={"help": "pg_coeff > 0: on-policy samples per input (K >= 2)"})
     eval_every: int = field(default=0, metadata={
         "help": "score greedy predictions of eval_items validation inputs (ROUGE-L) every this many updates and "
@@ -299,6 +299,7 @@ class TrainLMParams(TrainConfig):
 
 TASKS: tuple[str, ...] = ("summarisation", "prompt")
 CLASSIFIER_KINDS: tuple[str, ...] = ("causal", "masked")
+BASELINE_BUDGETS: tuple[str, ...] = ("updates", "calls")
 
 
 @dataclass(frozen=True)
@@ -330,8 +331,18 @@ class TaskParams:
         "help": "prompt: prompts sampled from the trained policy (with its greedy one) and chosen among on "
                 "validation"})
     batch_size: int = field(default=16, metadata={"help": "prompt: classifier inputs per forward pass"})
+    baseline_budget: str = field(default="updates", metadata={
+        "help": "prompt: the sequence-level baseline trains as many updates as PTG (updates; it calls the "
+                "classifier at every one) or as many as the classifier calls PTG's ranking spent allow (calls)"})
 
     def __post_init__(self) -> None:
+        for name in ("labels", "verbalizers"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{name} must be a list of strings; got {value!r}")
+        if self.baseline_budget not in BASELINE_BUDGETS:
+            raise ValueError(f"baseline_budget must be one of {', '.join(BASELINE_BUDGETS)}; got "
+                             f"{self.baseline_budget!r}")
         object.__setattr__(self, "labels", tuple(self.labels))
         object.__setattr__(self, "verbalizers", tuple(self.verbalizers))
         if self.name not in TASKS:

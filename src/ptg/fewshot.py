@@ -155,6 +155,12 @@ def _classification_frame(raw: pd.DataFrame, split: str, text_field: str, label_
         if name not in raw.columns:
             raise ValueError(f"{where}: no field {name!r}; columns present: {', '.join(map(str, raw.columns))}")
     ids = raw["id"].map(str) if "id" in raw.columns else [f"{split}-{i}" for i in range(len(raw))]
+    for name in (text_field, label_field):
+        missing = raw[name].isna().to_numpy()
+        if missing.any():  # a null would become the text "nan"
+            rows = [int(i) for i in missing.nonzero()[0][:MAX_SHOWN]]
+            raise ValueError(f"{where}: field {name!r} is empty (null) in {int(missing.sum())} row(s), e.g. rows "
+                             f"{rows} (ids {[list(ids)[i] for i in rows]})")
     return pd.DataFrame({"id": list(ids), "text": raw[text_field].map(str).to_list(),
                          "label": raw[label_field].map(str).to_list()})
 

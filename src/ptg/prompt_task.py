@@ -183,12 +183,16 @@ def candidate_prompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 
 def evaluate_prompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, clf: Classifier,
                      task: TaskParams, split: str, length: int, top_k: int, ctx: Context,
-                     generator: torch.Generator, fixed: bool) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """Candidates from ``model``, chosen on validation by gap reward; the top 3 scored on ``split``. Returns the
+                     generator: torch.Generator, fixed: bool, subset_items: int = 0
+                     ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """Candidates from ``model``, chosen on validation by gap reward; the top 3 scored on ``split`` (its first
+    ``subset_items`` texts unless ``fixed``, the last round's evaluation, which scores it whole). Returns the
     candidate table (schema PromptCandidates), the per-text results of the best prompt (id, label, correct) and
     the summary: accuracy (best), accuracy_top3, its validation figures, the majority-class rate and, with
     ``fixed``, the empty and manual prompts' accuracy with and without contextual calibration."""
     dev, test = read_labelled("validation"), read_labelled(split)
+    if subset_items and not fixed:
+        test = test.head(subset_items)
     ids = candidate_prompts(model, tokenizer, task.candidates, length, top_k, ctx, generator)
     texts = prompt_texts(tokenizer, ids)
     calls0 = clf.scored
@@ -211,16 +215,20 @@ def evaluate_prompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         "majority_rate": float(test["label"].value_counts(normalize=True).iloc[0]),
         "classifier_pairs": clf.scored - calls0, "items": len(test), "split": split}
     if fixed:
-        summary |= fixed_prompts(clf, task, test)
+        accuracy, correct = fixed_prompts(clf, task, test)
+        summary |= accuracy
+        items = items.assign(**correct)
     return table, items, summary
 
 
-def fixed_prompts(clf: Classifier, task: TaskParams, test: pd.DataFrame) -> dict[str, float]:
-    """The empty and the manual prompt's accuracy on ``test``, raw and contextually calibrated: the baselines that
-    need no training."""
-    out = {}
+def fixed_prompts(clf: Classifier, task: TaskParams, test: pd.DataFrame) -> tuple[dict[str, float], dict[str, Any]]:
+    """The empty and the manual prompt's accuracy on ``test``, raw and contextually calibrated (the baselines that
+    need no training), and their per-text correctness (``<name>_correct`` columns)."""
+    accuracy, correct = {}, {}
     for calibrate in (False, True):
         scores = score_prompts(clf, ["", task.manual_prompt], test, task, calibrate=calibrate)
         tag = "_calibrated" if calibrate else ""
-        out |= {f"empty_accuracy{tag}": scores.accuracy[0], f"manual_accuracy{tag}": scores.accuracy[1]}
-    return out
+        for i, name in enumerate(("empty", "manual")):
+            accuracy[f"{name}_accuracy{tag}"] = scores.accuracy[i]
+            correct[f"{name}{tag}_correct"] = scores.correct[i].numpy()
+    return accuracy, correct

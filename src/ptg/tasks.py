@@ -124,12 +124,14 @@ def score_samples(samples: pd.DataFrame, ctx: pipeline.Context) -> tuple[list[fl
         clf = prompt_task.load_task_classifier(task, ctx)
         scores = pd.Series(0.0, index=samples.index)
         split = samples["id"].map(prompt_task.split_of_group)
+        extra: dict[str, Any] = {"metric": "classifier gap reward"}
         for name in ("train", "validation"):
-            rows = samples[split == name]
+            rows, before = samples[split == name], clf.scored
             if not rows.empty:
                 scores[rows.index] = prompt_task.score_prompts(clf, rows["text"].tolist(),
                                                                prompt_task.read_labelled(name), task).reward
-        return scores.tolist(), {"metric": "classifier gap reward", "classifier_pairs": clf.scored}
+            extra[f"classifier_pairs_{name}"] = clf.scored - before
+        return scores.tolist(), extra | {"classifier_pairs": clf.scored}
     if rp.metric == "file":
         from ptg.ranking import human_scores
 
@@ -245,10 +247,16 @@ def validation_scorer(tokenizer: PreTrainedTokenizerBase, items: int, ctx: pipel
 
 def baseline_config(cfg: TrainLMParams, params: str | Path) -> TrainLMParams:
     """The baseline's training: summarisation, uniform MLE (no guidance weights, no policy-gradient term); prompt
-    task, REINFORCE with sequence-level credit (RLPrompt's), everything else as PTG's."""
-    if is_prompt(params):
-        return dataclasses.replace(cfg, pg_credit="sequence")
-    return dataclasses.replace(cfg, contrast=None, pg_coeff=0.0)
+    task, REINFORCE with sequence-level credit (RLPrompt's), everything else as PTG's; with ``task.baseline_budget:
+    calls``, only as many updates as the training texts' classifier calls of PTG's rank@r pay for (each of its
+    ``sample.train_inputs`` x K prompts scored once, where the baseline scores ``batch_size`` prompts an update)."""
+    if not is_prompt(params):
+        return dataclasses.replace(cfg, contrast=None, pg_coeff=0.0)
+    cfg = dataclasses.replace(cfg, pg_credit="sequence")
+    if task_of(params).baseline_budget == "calls":
+        sp = load_group("sample", params)
+        cfg = dataclasses.replace(cfg, max_updates=max(1, sp.train_inputs * sp.num_samples // cfg.batch_size))
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,7 +287,7 @@ def evaluate_and_save(lm_dir: Path, guidance: Guidance | None, predictions_path:
 
     table, items, summary = prompt_task.evaluate_prompts(
         model, tok, clf, task, ep.split, sp.max_new_tokens, sp.top_k, ctx, torch.Generator().manual_seed(seed),
-        fixed=last_round)
+        fixed=last_round, subset_items=ep.subset_items)
     files = [predictions_path]
     if guidance is not None:
         start = prompt_task.start_ids(tok)

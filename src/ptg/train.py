@@ -203,7 +203,9 @@ def _micro_batch(model: PreTrainedModel, chunk: list[Example], cfg: TrainConfig,
                            generator=sample_gen, progress=False)
             responses = [s[0] for s in drawn]
             model.train()
-            if cfg.pg_credit == "sequence":  # RLPrompt's credit: the sample's score, standardised over the step
+            # RLPrompt's credit: the sample's score, standardised over the micro-batch's samples (the step's, unless
+            # grad_accum > 1); a micro-batch of one sample gets none.
+            if cfg.pg_credit == "sequence":
                 assert score is not None
                 scores = torch.tensor([s[0] for s in score(chunk, drawn)], dtype=torch.float32)
                 credit = losses.standardized(scores)
@@ -300,7 +302,8 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
         if score is None:
             raise ValueError("objective reinforce with pg_credit 'sequence' needs a sample scorer")
         if distributed.rank_and_world()[1] > 1:
-            raise ValueError("sequence-level credit standardises over the whole step: use launcher: python")
+            raise ValueError("sequence-level credit standardises over the micro-batch's samples, not a shard of "
+                             "them: use launcher: python")
     if cfg.pg_coeff > 0:
         if sampling is None or not eos_ids or sampling.temperature <= 0:
             raise ValueError("pg_coeff > 0 needs sampling settings with a temperature > 0 and eos_ids")

@@ -1,0 +1,174 @@
+"""`ptg bench --task prompt`: the prompt task over seeds, each a DVC experiment with its own few-shot draw and
+training seed (``seed`` and ``data.seed``), run by ``ptg.bench``'s experiment runner (resumable: a finished
+experiment is skipped).
+
+Compared on the test split of each seed, paired by text and bootstrapped over texts and seeds
+(``stats.paired_bootstrap``): PTG (REINFORCE on the guidance's token rewards, the seed experiment's train_lm)
+against REINFORCE with the classifier's sequence-level reward (the seed experiment's baseline: RLPrompt's credit, at
+the classifier budget of ``task.baseline_budget``), the arms (PTG with the soft-min and soft-max aggregations by
+default), and the prompts that need no training (empty, manual; with and without contextual calibration) beside the
+majority class. Classifier calls are the budget: each method's (prompt, text) pairs spent on its training signal.
+Writes summary.json, table.md and accuracy_vs_calls.png to ``--out``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ptg import stats
+from ptg.bench import machine, run_all, setup_repo
+from ptg.config import rounds as config_rounds
+from ptg.io import atomic_path, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+# Arms beside PTG (average aggregation) and the sequence-level baseline: PTG's chain from fit_guidance on, with
+# these overrides (samples and rankings come from DVC's run cache).
+ARMS: tuple[tuple[str, ...], ...] = (("ptg-soft-min", "fit_guidance.agg=min"), ("ptg-soft-max", "fit_guidance.agg=max"))
+FIXED = ("empty", "empty_calibrated", "manual", "manual_calibrated")  # prompts without training (last round)
+
+
+def seed_name(seed: int) -> str:
+    return f"prompt-s{seed}"
+
+
+def arm_name(arm: str, seed: int) -> str:
+    return f"prompt-{arm}-s{seed}"
+
+
+def experiments(seeds: Sequence[int], arms: Sequence[Sequence[str]], last_round: int
+                ) -> list[tuple[str, list[str], Sequence[str]]]:
+    """The seed experiments (the whole pipeline), then every arm through the last round's evaluation."""
+    out: list[tuple[str, list[str], Sequence[str]]] = [
+        (seed_name(s), [f"seed={s}", f"data.seed={s}"], ()) for s in seeds]
+    out += [(arm_name(name, s), [f"seed={s}", f"data.seed={s}", *overrides], [f"evaluate@{last_round}"])
+            for s in seeds for name, *overrides in arms]
+    return out
+
+
+def _done(results: Path, name: str) -> bool:
+    return (results / name / "seconds.json").is_file()
+
+
+def _items(run: Path, folder: str, r: int) -> pd.DataFrame:
+    return pd.read_csv(run / "metrics" / folder / str(r) / "evaluate_items.csv").set_index("id")
+
+
+def training_calls(run: Path, folder: str) -> int:
+    """(prompt, text) pairs the classifier scored for a method's training signal, over its rounds: PTG's rank@r
+    on the training texts; the baseline's train_lm (its sequence-level credit at every update)."""
+    metrics = run / "metrics"
+    if folder == "rounds":
+        return sum(int(read_json(p).get("classifier_pairs_train", 0))
+                   for p in sorted((metrics / "rounds").glob("*/rank.json")))
+    return sum(int(read_json(p).get("classifier_pairs", 0))
+               for p in sorted((metrics / "baseline").glob("*/train_lm.json")))
+
+
+def _paired(a: dict[int, pd.Series], b: dict[int, pd.Series]) -> dict[str, Any]:
+    """Accuracy (x100) of a and b over the seeds both have, and a - b, paired by text within each seed."""
+    common = sorted(set(a) & set(b))
+    ids = {s: sorted(set(a[s].index) & set(b[s].index)) for s in common}
+    n = min(len(v) for v in ids.values())  # every seed scores the same number of test texts
+    x = np.stack([a[s].loc[ids[s][:n]].to_numpy(float) for s in common]) * 100
+    y = np.stack([b[s].loc[ids[s][:n]].to_numpy(float) for s in common]) * 100
+    return {"seeds": common, "items": n, "accuracy": float(x.mean()), "other": float(y.mean()),
+            **stats.paired_bootstrap(x - y)}
+
+
+def collect(directory: Path, out: Path, seeds: Sequence[int], arms: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """Statistics over the finished experiments; writes summary.json, table.md and accuracy_vs_calls.png."""
+    results = directory / "results"
+    runs = {s: results / seed_name(s) for s in seeds if _done(results, seed_name(s))}
+    if not runs:
+        raise FileNotFoundError(f"{results}: no finished prompt-task seed among {list(seeds)}; run the bench first")
+    last = len(config_rounds(directory / "params.yaml"))
+    methods: dict[str, dict[int, Path]] = {"ptg": dict(runs)}
+    methods |= {name: {s: results / arm_name(name, s) for s in runs if _done(results, arm_name(name, s))}
+                for name, *_ in arms}
+    correct = {m: {s: _items(d, "rounds", last)["correct"] for s, d in by_seed.items()}
+               for m, by_seed in methods.items()}
+    correct["sequence"] = {s: _items(d, "baseline", last)["correct"] for s, d in runs.items()}
+    for fixed in FIXED:
+        correct[fixed] = {s: _items(d, "rounds", last)[f"{fixed}_correct"] for s, d in runs.items()}
+    evaluated = {s: read_json(d / "metrics" / "rounds" / str(last) / "evaluate.json") for s, d in runs.items()}
+    calls = {m: float(np.mean([training_calls(d, "rounds") for d in by_seed.values()]))
+             for m, by_seed in methods.items() if by_seed}
+    calls["sequence"] = float(np.mean([training_calls(d, "baseline") for d in runs.values()]))
+    rows = [{"method": m, "vs": "sequence", "calls": calls[m], **_paired(correct[m], correct["sequence"])}
+            for m in methods if correct[m]]
+    rows += [{"method": m, "vs": "manual", "calls": calls.get(m, 0.0), **_paired(correct[m], correct["manual"])}
+             for m in ("ptg", "sequence")]
+    summary = {
+        "seeds": sorted(runs), "machine": machine(), "rows": rows,
+        "accuracy": {m: float(np.mean([c.mean() for c in by_seed.values()]) * 100)
+                     for m, by_seed in correct.items() if by_seed},
+        "calls": calls, "majority_rate": float(np.mean([e["majority_rate"] for e in evaluated.values()]) * 100),
+        "prompts": {m: {str(s): read_json(d / "metrics" / "rounds" / str(last) / "evaluate.json")["prompt"]
+                        for s, d in by_seed.items()} for m, by_seed in methods.items()}
+        | {"sequence": {str(s): read_json(d / "metrics" / "baseline" / str(last) / "evaluate.json")["prompt"]
+                        for s, d in runs.items()}},
+        "seconds_per_seed": [read_json(d / "seconds.json")["seconds"] for d in runs.values()],
+        "cpu_seconds_per_seed": [read_json(d / "seconds.json").get("cpu_seconds") for d in runs.values()]}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "summary.json", summary)
+    table = format_table(summary)
+    with atomic_path(out / "table.md") as tmp:
+        tmp.write_text(table + "\n")
+    with atomic_path(out / "accuracy_vs_calls.png") as tmp:
+        plot(summary, tmp.with_suffix(".png")).rename(tmp)
+    print(table)
+    return summary
+
+
+def _ci(row: dict[str, Any]) -> str:
+    return f"{row['mean']:+.1f} [{row['lo']:+.1f}, {row['hi']:+.1f}]"
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    acc, calls = summary["accuracy"], summary["calls"]
+    lines = ["| method | test accuracy (%) | classifier calls in training | vs | difference (pp, 95% CI) |",
+             "|---|---|---|---|---|"]
+    for row in summary["rows"]:
+        lines.append(f"| {row['method']} | {row['accuracy']:.1f} | {row['calls']:.0f} | {row['vs']} | {_ci(row)} |")
+    lines.append(f"| sequence-level REINFORCE | {acc['sequence']:.1f} | {calls['sequence']:.0f} | | |")
+    for fixed in FIXED:
+        lines.append(f"| {fixed.replace('_', ' ')} prompt | {acc[fixed]:.1f} | 0 | | |")
+    lines.append(f"| majority class | {summary['majority_rate']:.1f} | 0 | | |")
+    n = summary["rows"][0]["items"]
+    return "\n".join(lines) + (f"\n\nseeds {summary['seeds']}, {n} test texts each; paired bootstrap over texts "
+                                "and seeds")
+
+
+def plot(summary: dict[str, Any], path: Path) -> Path:
+    """Test accuracy against the classifier calls each method's training signal cost."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.0, 3.4), layout="tight")
+    ax = fig.subplots()
+    for method, accuracy in summary["accuracy"].items():
+        calls = summary["calls"].get(method, 0.0)
+        ax.scatter([calls], [accuracy], label=method, marker="o" if method in summary["calls"] else "x")
+    ax.axhline(summary["majority_rate"], color="grey", linestyle=":", label="majority class")
+    ax.set_xlabel("classifier (prompt, text) pairs in training")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def run(params: Path, directory: Path, out: Path, seeds: Sequence[int], arms: Sequence[Sequence[str]], jobs: int,
+        collect_only: bool = False) -> dict[str, Any]:
+    """Set up (or reuse) the bench repository with ``params``, run what is missing, collect."""
+    if not collect_only:
+        setup_repo(params, directory)
+        planned = experiments(seeds, arms, len(config_rounds(directory / "params.yaml")))
+        run_all(directory, planned, jobs)
+    return collect(directory, out, seeds, arms)
