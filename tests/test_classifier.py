@@ -124,11 +124,13 @@ def test_the_classifier_is_frozen_in_eval_mode(llama, tokenizer):
 # ----------------------------------------------------------------------------------------------------- causal kind
 
 
-def test_cached_uncached_and_plain_forwards_agree(clf):
-    """Texts and prompts of different lengths, prompt batches of 4 (the second smaller): the prefix cache is
-    shared without being changed, and right padding does not move the read-out position."""
-    cached = clf.probs(TEXTS, PROMPTS, batch_size=4)
-    uncached = clf.probs(TEXTS, PROMPTS, batch_size=4, uncached=True)
+@pytest.mark.parametrize("batch_size", [4, 12, 64])
+def test_cached_uncached_and_plain_forwards_agree(clf, batch_size):
+    """Texts and prompts of different lengths; prompt batches of 4 (the second smaller), or 2 and then all texts
+    per batch (their prefixes left-padded together): the prefix cache is shared without being changed, and
+    neither padding moves the read-out position."""
+    cached = clf.probs(TEXTS, PROMPTS, batch_size=batch_size)
+    uncached = clf.probs(TEXTS, PROMPTS, batch_size=batch_size, uncached=True)
     assert cached.shape == (len(PROMPTS), len(TEXTS), len(VERBALIZERS)) and cached.dtype == torch.float32
     torch.testing.assert_close(cached, uncached, atol=1e-5, rtol=0)
     torch.testing.assert_close(cached, reference_probs(clf, TEXTS, PROMPTS), atol=1e-5, rtol=0)

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import bz2
 import json
+import lzma
+import zlib
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from ptg.fewshot import (
+    FINE_FOODS_CLASSES,
     check_classification,
+    default_modeldata_root,
     default_wordnet_root,
     few_shot_splits,
+    fine_foods,
     load_classification_folder,
+    rdb_entry,
+    review_text,
     wordnet_topics,
 )
 from ptg.io import validate_table
@@ -196,3 +204,73 @@ def test_check_classification_split_lacks_label():
     frames = frames_of(train=["pos", "neg"], test=["pos", "pos"])
     with pytest.raises(ValueError, match=r"src: test: field 'label' lacks label\(s\) 'neg'"):
         check_classification(frames, ["neg", "pos"], "src")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fine-food reviews
+# ---------------------------------------------------------------------------------------------------------------
+
+needs_modeldata = pytest.mark.skipif(not (default_modeldata_root() / "Rdata.rdb").is_file(),
+                                     reason="modeldata not installed (scripts/install_modeldata.sh)")
+
+
+@pytest.fixture(scope="module")
+def foods() -> pd.DataFrame:
+    return fine_foods()
+
+
+@needs_modeldata
+def test_fine_foods_real_database(foods):
+    assert len(foods) == 5000 and list(foods.columns) == ["id", "text", "label"]
+    assert foods["label"].value_counts().to_dict() == {"great": 3258, "other": 1742}
+    assert set(foods["label"]) == set(FINE_FOODS_CLASSES)
+    assert foods["id"].is_unique
+    assert foods["id"].str.startswith("ff-train-").sum() == 4000 and foods["id"].iloc[4000] == "ff-test-0"
+    assert not foods["text"].str.contains("<br", case=False).any()
+    assert (foods["text"] == foods["text"].str.split().str.join(" ")).all()  # whitespace normalised
+    assert foods["text"].str.len().gt(0).all()
+    assert foods.iloc[0].to_dict() == {"id": "ff-train-0", "label": "other",
+                                       "text": "this stuff is not stuffing its not good at all save your money"}
+    pd.testing.assert_frame_equal(fine_foods(), foods)
+
+
+@needs_modeldata
+def test_fine_foods_max_chars_drops_long_reviews(foods):
+    short = fine_foods(max_chars=400)
+    kept = foods[foods["text"].str.len() <= 400].reset_index(drop=True)
+    pd.testing.assert_frame_equal(short, kept)
+    assert 0 < len(short) < len(foods)
+    splits = few_shot_splits(short, shots=16, data_seed=0, max_test=400)
+    assert splits["train"]["label"].value_counts().to_dict() == {"great": 16, "other": 16}
+    assert len(splits["test"]) == 400
+
+
+def test_fine_foods_missing_folder_or_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*make setup.*install_modeldata\.sh"):
+        fine_foods(tmp_path / "nowhere")
+    (tmp_path / "md").mkdir()
+    (tmp_path / "md" / "Rdata.rdb").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"md/Rdata\.rdx.*make setup.*install_modeldata\.sh"):
+        fine_foods(tmp_path / "md")
+
+
+def test_review_text_line_breaks_entities_and_spaces():
+    assert review_text("Great!<br /><br />Buy it &quot;now&quot;.<BR>  Yes<br/>\tno ") == 'Great! Buy it "now". Yes no'
+
+
+def test_rdb_entry_compression_types():
+    data = b"X\n" + bytes(range(256)) * 4
+    head = len(data).to_bytes(4, "big")
+    xz = lzma.compress(data, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9}])
+    assert rdb_entry(head + b"Z" + xz, 3, "e") == data
+    assert rdb_entry(head + b"2" + bz2.compress(data), 3, "e") == data
+    assert rdb_entry(head + b"1" + zlib.compress(data), 2, "e") == data
+    assert rdb_entry(head + b"0" + data, 3, "e") == data
+    assert rdb_entry(head + zlib.compress(data), 1, "e") == data
+    assert rdb_entry(data, 0, "e") == data
+    with pytest.raises(ValueError, match=r"db: table 't': unknown compression type 'Q'"):
+        rdb_entry(head + b"Q" + data, 3, "db: table 't'")
+    with pytest.raises(ValueError, match=r"e: cannot decompress \('2'\)"):
+        rdb_entry(head + b"2" + data, 3, "e")
+    with pytest.raises(ValueError, match=r"e: decompressed to 1024 bytes, the entry says 2"):
+        rdb_entry((2).to_bytes(4, "big") + b"0" + data[2:], 3, "e")

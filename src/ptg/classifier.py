@@ -102,6 +102,14 @@ def check_template(template: str, kind: str) -> None:
 PREFIX_CACHE_TEXTS = 256
 
 
+@dataclass(frozen=True)
+class _Prefix:
+    """A chunk of texts' prefixes run once: each layer's (keys, values) and the left-padded attention mask."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor
+
+
 @dataclass
 class Classifier:
     """A frozen LM that classifies texts given a prompt. ``template`` None means the kind's default."""
@@ -114,10 +122,9 @@ class Classifier:
     ids: list[int] = field(init=False)
     calls: int = field(default=0, init=False)
     scored: int = field(default=0, init=False)
-    # The prefixes' caches by text, kept for the first PREFIX_CACHE_TEXTS texts: the few-shot train and validation
-    # texts are scored again at every step, their prefix is run once per process.
-    _prefixes: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict, init=False,
-                                                                          repr=False)
+    # The prefixes' caches by chunk of texts, kept for the first PREFIX_CACHE_TEXTS texts: the few-shot train and
+    # validation texts are scored again at every step, their prefixes run once per process.
+    _prefixes: dict[tuple[tuple[int, ...], ...], _Prefix] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -141,7 +148,7 @@ class Classifier:
             if self.kind == "masked":
                 out = self._masked(texts, prompts, batch_size)
             else:
-                out = torch.stack([self._causal(t, prompts, batch_size, uncached) for t in texts], dim=1)
+                out = self._causal(texts, prompts, batch_size, uncached)
         self.scored += len(texts) * len(prompts)
         out = out.float().cpu().clone()  # clone: a normal tensor, not an inference-mode one
         return contextual_calibration(out, self.calibration(prompts, batch_size=batch_size)) if calibrate else out
@@ -174,44 +181,59 @@ class Classifier:
                              "text has no tokens")
         return ids
 
-    def _causal(self, text: str, prompts: Sequence[str], batch_size: int, uncached: bool) -> torch.Tensor:
-        """(P, C) for one text: one pass over its prefix, then the prompts in batches over copies of its cache."""
-        prefix, suffixes = self._prefix_ids(text), [self._suffix_ids(p) for p in prompts]
-        kv = None if uncached else self._prefill(prefix)
-        return torch.cat([self._class_probs(self._next_logits(prefix, suffixes[i:i + batch_size], kv))
-                          for i in range(0, len(suffixes), batch_size)])
+    def _causal(self, texts: Sequence[str], prompts: Sequence[str], batch_size: int, uncached: bool) -> torch.Tensor:
+        """(P, N, C): texts in chunks of ``batch_size // P`` (one when P >= batch_size); each chunk's prefixes run
+        once, left-padded in one batch (kept for the next call while the memo has room), then every (text, prompt)
+        row of the chunk in batches of about ``batch_size`` rows over copies of their prefix's cache."""
+        suffixes = [self._suffix_ids(p) for p in prompts]
+        out = torch.empty(len(prompts), len(texts), len(self.ids))
+        per_chunk, prompt_step = max(1, batch_size // len(prompts)), min(len(prompts), batch_size)
+        for t0 in range(0, len(texts), per_chunk):
+            prefixes = [self._prefix_ids(t) for t in texts[t0:t0 + per_chunk]]
+            kv = None if uncached else self._prefill(prefixes)
+            for p0 in range(0, len(prompts), prompt_step):
+                probs = self._class_probs(self._next_logits(prefixes, suffixes[p0:p0 + prompt_step], kv))
+                out[p0:p0 + prompt_step, t0:t0 + len(prefixes)] = probs.view(len(prefixes), -1, len(self.ids)
+                                                                              ).transpose(0, 1).cpu()
+        return out
 
-    def _prefill(self, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each layer's (keys, values) of the prefix, batch 1 (run once per text while the memo has room)."""
-        key = ",".join(map(str, prefix))
+    def _prefill(self, prefixes: list[list[int]]) -> _Prefix:
+        """The prefixes' per-layer (keys, values), left-padded to one length, with their attention mask."""
+        key = tuple(map(tuple, prefixes))
         if key in self._prefixes:
             return self._prefixes[key]
-        out = self.model(input_ids=torch.tensor([prefix], device=self.model.device), use_cache=True,
-                         logits_to_keep=1)
+        dev = self.model.device
+        ids, mask = _pad(prefixes, self.tokenizer.pad_token_id, dev, left=True)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         self.calls += 1
-        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        if len(self._prefixes) < PREFIX_CACHE_TEXTS:
+        kv = _Prefix([(layer.keys, layer.values) for layer in out.past_key_values.layers], mask)
+        if sum(len(k) for k in self._prefixes) + len(prefixes) <= PREFIX_CACHE_TEXTS:
             self._prefixes[key] = kv
         return kv
 
-    def _next_logits(self, prefix: list[int], suffixes: list[list[int]],
-                     kv: list[tuple[torch.Tensor, torch.Tensor]] | None) -> torch.Tensor:
-        """(B, V) next-token logits after prefix + each suffix: over the prefix's cache ``kv``, or with ``kv`` None
-        over the whole sequence. Suffixes are right-padded (causal: padding never reaches earlier positions)."""
-        dev, b = self.model.device, len(suffixes)
-        rows = suffixes if kv is not None else [prefix + s for s in suffixes]
-        ids, mask = _right_pad(rows, self.tokenizer.pad_token_id, dev)
-        last = mask.sum(-1) - 1
-        if kv is not None:
-            # A fresh cache per batch: the forward appends to it, and the prefix's tensors must stay as they are.
-            cache = DynamicCache([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv],
-                                 config=self.model.config)
-            mask = torch.cat([mask.new_ones(b, len(prefix)), mask], dim=1)
-            logits = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+    def _next_logits(self, prefixes: list[list[int]], suffixes: list[list[int]], kv: _Prefix | None) -> torch.Tensor:
+        """(T * S, V) next-token logits after each prefix + each suffix, text-major: over the prefixes' cache
+        ``kv``, or with ``kv`` None over the whole sequences. Suffixes are right-padded (causal: padding never
+        reaches earlier positions); the LM head reads only each row's last real position."""
+        dev, t, s = self.model.device, len(prefixes), len(suffixes)
+        if kv is None:
+            ids, mask = _pad([p + x for p in prefixes for x in suffixes], self.tokenizer.pad_token_id, dev)
+            hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
         else:
-            logits = self.model(input_ids=ids, attention_mask=mask).logits
+            tail, tail_mask = _pad(suffixes, self.tokenizer.pad_token_id, dev)
+            ids, mask = tail.repeat(t, 1), tail_mask.repeat(t, 1)
+            # A fresh cache per batch: the forward appends to it, and the prefixes' tensors must stay as they are.
+            cache = DynamicCache([(k.repeat_interleave(s, 0), v.repeat_interleave(s, 0)) for k, v in kv.layers],
+                                 config=self.model.config)
+            head = kv.mask.repeat_interleave(s, 0)
+            pos = head.sum(-1, keepdim=True) + mask.cumsum(-1) - 1
+            hidden = self.model.base_model(input_ids=ids, attention_mask=torch.cat([head, mask], dim=1),
+                                           position_ids=pos, past_key_values=cache, use_cache=True
+                                           ).last_hidden_state
         self.calls += 1
-        return logits[torch.arange(b, device=dev), last]
+        last = mask.sum(-1) - 1
+        return self.model.get_output_embeddings()(hidden[torch.arange(len(ids), device=dev), last])
 
     def _masked(self, texts: Sequence[str], prompts: Sequence[str], batch_size: int) -> torch.Tensor:
         """(P, N, C) from the logits at the mask position of each filled template, (prompt, text) pairs batched."""
@@ -226,7 +248,7 @@ class Classifier:
             for s, w in zip(filled[i:i + batch_size], where, strict=True):
                 if len(w) != 1:
                     raise ValueError(f"masked classifier: {s!r} holds {len(w)} {tok.mask_token!r} tokens, not one")
-            ids, mask = _right_pad(rows, tok.pad_token_id, dev)
+            ids, mask = _pad(rows, tok.pad_token_id, dev)
             logits = self.model(input_ids=ids, attention_mask=mask).logits
             self.calls += 1
             pos = torch.tensor([w[0] for w in where], device=dev)
@@ -234,14 +256,17 @@ class Classifier:
         return torch.cat(out).view(len(prompts), len(texts), -1)
 
 
-def _right_pad(rows: list[list[int]], pad_id: int | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) ids right-padded with ``pad_id`` (0 when None: masked out anyway) and their attention mask."""
+def _pad(rows: list[list[int]], pad_id: int | None, device: torch.device, left: bool = False
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) ids padded with ``pad_id`` (0 when None: masked out anyway), on the right unless ``left``, and their
+    attention mask."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id or 0, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
+        cols = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, cols] = torch.tensor(r)
+        mask[i, cols] = 1
     return ids.to(device), mask.to(device)
 
 

@@ -330,7 +330,7 @@ class TaskParams:
     candidates: int = field(default=16, metadata={
         "help": "prompt: prompts sampled from the trained policy (with its greedy one) and chosen among on "
                 "validation"})
-    batch_size: int = field(default=16, metadata={"help": "prompt: classifier inputs per forward pass"})
+    batch_size: int = field(default=128, metadata={"help": "prompt: classifier rows (text x prompt) per forward pass"})
     baseline_budget: str = field(default="updates", metadata={
         "help": "prompt: the sequence-level baseline trains as many updates as PTG (updates; it calls the "
                 "classifier at every one) or as many as the classifier calls PTG's ranking spent allow (calls)"})

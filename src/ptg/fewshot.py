@@ -1,23 +1,30 @@
 """Few-shot text classification data for the prompt-generation task: labelled pools, splits and their checks.
 
-Two sources give frames with columns ``id``, ``text`` and ``label`` (a string):
+Three sources give frames with columns ``id``, ``text`` and ``label`` (a string):
 
 * ``wordnet_topics``: offline, from the WordNet 3.0 database that ``make setup`` installs
   (``scripts/install_wordnet.sh``): every noun synset of a chosen lexicographer file (``noun.animal``, ...) is
   one example, ``"<first lemma>: <definition>"`` labelled with the file's class.
+* ``fine_foods``: offline, Amazon fine-food reviews labelled great/other from R's modeldata package (MIT), whose
+  lazy-load database ``make setup`` installs (``scripts/install_modeldata.sh``) and ``rdata`` reads.
 * ``load_classification_folder``: a local folder with train/dev/test files (the LM-BFF 16-shot layout among them).
 
 ``few_shot_splits`` draws K shots per class for train and for validation from one pool, the rest is test;
 ``check_classification`` fails fast, naming the source, the split and the values, on a blank text, a label without
-a verbalizer or a split that lacks a label. Pure library code (pandas and numpy only), called by the stages.
+a verbalizer or a split that lacks a label. Pure library code (pandas, numpy and rdata), called by the stages.
 """
 
 from __future__ import annotations
 
+import bz2
 import csv
+import html
 import logging
+import lzma
 import os
+import re
 import sys
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -247,3 +254,119 @@ def check_classification(frames: Mapping[str, pd.DataFrame], labels: Sequence[st
         absent = [label for label in labels if label not in present]
         if absent:
             raise ValueError(f"{where}: {split}: field 'label' lacks label(s) {_listed(absent, len(absent))}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fine-food reviews (R's modeldata)
+# ---------------------------------------------------------------------------------------------------------------
+
+FINE_FOODS_CLASSES: tuple[str, ...] = ("great", "other")
+FINE_FOODS_TABLES = {"train": "training_data", "test": "testing_data"}  # id prefix -> modeldata's table
+LINE_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
+
+
+def default_modeldata_root() -> Path:
+    """Where ``scripts/install_modeldata.sh`` puts R's modeldata database: ``<venv>/share/modeldata``."""
+    return Path(sys.prefix) / "share" / "modeldata"
+
+
+def _modeldata_file(root: Path, name: str) -> Path:
+    path = root / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no modeldata {name}; `make setup` installs R's modeldata database under "
+                                f"{default_modeldata_root()} (scripts/install_modeldata.sh)")
+    return path
+
+
+def rdb_entry(blob: bytes, compression: int, where: str) -> bytes:
+    """One object of an R lazy-load database, decompressed as R's ``lazyLoadDBfetch`` does. ``compression`` is
+    the index's code: 0 stores the serialised object as it is; otherwise the entry is its 4-byte big-endian length,
+    then (codes 2 and 3) one type byte, then the data: ``Z`` xz (a raw LZMA2 stream), ``2`` bzip2, ``1`` zlib,
+    ``0`` stored; code 1 has no type byte: zlib. ``where`` names the entry in errors."""
+    if compression == 0:
+        return blob
+    size = int.from_bytes(blob[:4], "big")
+    kind, body = ("1", blob[4:]) if compression == 1 else (chr(blob[4]), blob[5:])
+    try:
+        if kind == "Z":
+            data = lzma.decompress(body, format=lzma.FORMAT_RAW,
+                                   filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
+        elif kind == "2":
+            data = bz2.decompress(body)
+        elif kind == "1":
+            data = zlib.decompress(body)
+        elif kind == "0":
+            data = body
+        else:
+            raise ValueError(f"{where}: unknown compression type {kind!r} (R writes 'Z' xz, '2' bzip2, '1' zlib, "
+                             "'0' none)")
+    except (lzma.LZMAError, OSError, zlib.error) as e:
+        raise ValueError(f"{where}: cannot decompress ({kind!r}): {e}") from e
+    if len(data) != size:
+        raise ValueError(f"{where}: decompressed to {len(data)} bytes, the entry says {size}")
+    return data
+
+
+def read_rdb_table(root: str | os.PathLike[str], name: str) -> pd.DataFrame:
+    """The data frame ``name`` of the R lazy-load database ``root/Rdata.rdb`` (``Rdata.rdx`` is its index: name ->
+    offset and length, and the compression), parsed by ``rdata``; factors become pandas categoricals."""
+    import rdata  # imported here: only this source needs it (and xarray, which it imports)
+
+    root = Path(root)
+    index_path, db_path = _modeldata_file(root, "Rdata.rdx"), _modeldata_file(root, "Rdata.rdb")
+    # The index and the entries are RDS streams (serialised R objects): saying so spares rdata's warnings about the
+    # extension.
+    index = rdata.conversion.convert(rdata.parser.parse_file(index_path, extension=".rds"))
+    entries = {str(k): v for k, v in index["variables"].items()}
+    if name not in entries:
+        raise ValueError(f"{index_path}: no table {name!r}; tables: {', '.join(sorted(entries))}")
+    offset, length = (int(x) for x in entries[name])
+    with db_path.open("rb") as f:
+        f.seek(offset)
+        blob = f.read(length)
+    if len(blob) != length:
+        raise ValueError(f"{db_path}: table {name!r} is truncated ({len(blob)} of {length} bytes at {offset})")
+    data = rdb_entry(blob, int(index["compressed"][0]), f"{db_path}: table {name!r}")
+    # modeldata's tables are tibbles: data frames to pandas (rdata would fall back to that, warning).
+    constructors = {**rdata.conversion.DEFAULT_CLASS_MAP, "tbl_df": rdata.conversion.DEFAULT_CLASS_MAP["data.frame"]}
+    table = rdata.conversion.convert(rdata.parser.parse_data(data, extension=".rds"), constructors)
+    if not isinstance(table, pd.DataFrame):
+        raise ValueError(f"{db_path}: {name!r} is a {type(table).__name__}, not a data frame")
+    return table
+
+
+def review_text(review: str) -> str:
+    """A review as plain text: HTML line breaks as spaces, HTML entities decoded, whitespace runs as one space."""
+    return " ".join(html.unescape(LINE_BREAK.sub(" ", review)).split())
+
+
+def fine_foods(root: str | os.PathLike[str] | None = None, max_chars: int = 0) -> pd.DataFrame:
+    """Amazon fine-food reviews labelled ``great`` or ``other`` (modeldata's ``small_fine_foods``, MIT): its
+    ``training_data`` and ``testing_data`` pooled (``few_shot_splits`` draws the splits), in that order.
+
+    ``id`` is ``ff-train-<row>`` / ``ff-test-<row>`` (0-based row of the table), ``text`` the review
+    (``review_text``), ``label`` the score. ``max_chars`` > 0 drops the reviews longer than that (after cleaning).
+    ``root`` defaults to ``default_modeldata_root()``.
+    """
+    root = Path(root) if root is not None else default_modeldata_root()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no modeldata folder; `make setup` installs R's modeldata database there "
+                                "(scripts/install_modeldata.sh)")
+    frames = []
+    for prefix, table_name in FINE_FOODS_TABLES.items():
+        table = read_rdb_table(root, table_name)
+        missing = table["review"].isna().to_numpy() | table["score"].isna().to_numpy()
+        if missing.any():  # str() would make a null the text "<NA>"
+            raise ValueError(f"{root / 'Rdata.rdb'}: {table_name}: review or score is null in {int(missing.sum())} "
+                             f"row(s), e.g. rows {[int(i) for i in missing.nonzero()[0][:MAX_SHOWN]]}")
+        frames.append(pd.DataFrame({"id": [f"ff-{prefix}-{i}" for i in range(len(table))],
+                                    "text": [review_text(str(r)) for r in table["review"]],
+                                    "label": table["score"].astype(str).to_list()}))
+    df = pd.concat(frames, ignore_index=True)
+    if max_chars > 0:
+        long = df["text"].str.len() > max_chars
+        log.info("fine foods: dropped %d of %d reviews longer than %d characters", int(long.sum()), len(df),
+                 max_chars)
+        df = df[~long].reset_index(drop=True)
+    log.info("fine foods from %s: %s", root, df["label"].value_counts().to_dict())
+    return df

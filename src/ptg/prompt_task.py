@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WORDNET_SOURCE = "wordnet-topics"
+FINE_FOODS_SOURCE = "fine-foods"
 PREPARED = Path("data") / "prepared"
 TOP = 3  # the reference reports the mean test accuracy of the top-3 prompts (chosen on validation)
 
@@ -52,12 +53,17 @@ TOP = 3  # the reference reports the mean test accuracy of the top-3 prompts (ch
 
 def build_examples(cfg: DataConfig, task: TaskParams) -> dict[str, pd.DataFrame]:
     """Train / validation / test frames (id, text, label, split) from ``data.source``: ``wordnet-topics`` (WordNet
-    noun glosses by lexicographer file, ``task.shots`` per class for train and validation drawn by ``data.seed``,
-    ``data.max_test`` test texts), or a local folder of train/dev/test files (``data.input_field`` = text column,
-    ``data.target_field`` = label column), used as given (test capped at ``data.max_test``). Checked against
-    ``task.labels``: a label with no verbalizer, an empty text or a split without every label is an error."""
+    noun glosses by lexicographer file) or ``fine-foods`` (Amazon fine-food reviews, great/other, at most
+    ``data.max_input_chars`` characters when that is > 0), ``task.shots`` per class for train and validation drawn
+    by ``data.seed``, ``data.max_test`` test texts; or a local folder of train/dev/test files (``data.input_field``
+    = text column, ``data.target_field`` = label column), used as given (test capped at ``data.max_test``). Checked
+    against ``task.labels``: a label with no verbalizer, an empty text or a split without every label is an
+    error."""
     if cfg.source == WORDNET_SOURCE:
         frames = fewshot.few_shot_splits(fewshot.wordnet_topics(classes=task.labels), task.shots, cfg.seed,
+                                         cfg.max_test)
+    elif cfg.source == FINE_FOODS_SOURCE:
+        frames = fewshot.few_shot_splits(fewshot.fine_foods(max_chars=cfg.max_input_chars), task.shots, cfg.seed,
                                          cfg.max_test)
     elif source_kind(cfg.source) == "local":
         frames = fewshot.load_classification_folder(cfg.source, cfg.input_field, cfg.target_field)
@@ -65,9 +71,13 @@ def build_examples(cfg: DataConfig, task: TaskParams) -> dict[str, pd.DataFrame]
         if cfg.max_test and len(frames["test"]) > cfg.max_test:
             frames["test"] = frames["test"].sample(n=cfg.max_test, random_state=cfg.seed).sort_index()
     else:
-        raise ValueError(f"data.source {cfg.source!r}: the prompt task reads {WORDNET_SOURCE!r} or a local folder "
-                         f"of train/dev/test files with {cfg.input_field!r} and {cfg.target_field!r} columns")
-    frames = {s: f.reset_index(drop=True)[[*fewshot.CLASSIFICATION_COLUMNS, "split"]] for s, f in frames.items()}
+        raise ValueError(f"data.source {cfg.source!r}: the prompt task reads {WORDNET_SOURCE!r}, "
+                         f"{FINE_FOODS_SOURCE!r} or a local folder of train/dev/test files with {cfg.input_field!r} "
+                         f"and {cfg.target_field!r} columns")
+    # Rows in a seeded random order: a source sorted by class (WordNet by lexicographer file) must not make the
+    # first `evaluate.subset_items` test texts one class.
+    frames = {s: f.sample(frac=1.0, random_state=cfg.seed).reset_index(drop=True)[
+        [*fewshot.CLASSIFICATION_COLUMNS, "split"]] for s, f in frames.items()}
     fewshot.check_classification(frames, task.labels, where=f"data.source {cfg.source}")
     return frames
 
@@ -183,15 +193,14 @@ def candidate_prompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 
 def evaluate_prompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, clf: Classifier,
                      task: TaskParams, split: str, length: int, top_k: int, ctx: Context,
-                     generator: torch.Generator, fixed: bool, subset_items: int = 0
+                     generator: torch.Generator, subset_items: int = 0
                      ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """Candidates from ``model``, chosen on validation by gap reward; the top 3 scored on ``split`` (its first
-    ``subset_items`` texts unless ``fixed``, the last round's evaluation, which scores it whole). Returns the
-    candidate table (schema PromptCandidates), the per-text results of the best prompt (id, label, correct) and
-    the summary: accuracy (best), accuracy_top3, its validation figures, the majority-class rate and, with
-    ``fixed``, the empty and manual prompts' accuracy with and without contextual calibration."""
+    ``subset_items`` texts; 0 = all). Returns the candidate table (schema PromptCandidates), the per-text results
+    of the best prompt (id, label, correct) and the summary: accuracy (best), accuracy_top3, its validation
+    figures, the majority-class rate, and the classifier pairs the evaluation scored."""
     dev, test = read_labelled("validation"), read_labelled(split)
-    if subset_items and not fixed:
+    if subset_items:
         test = test.head(subset_items)
     ids = candidate_prompts(model, tokenizer, task.candidates, length, top_k, ctx, generator)
     texts = prompt_texts(tokenizer, ids)
@@ -214,11 +223,21 @@ def evaluate_prompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         "validation_accuracy": on_dev.accuracy[best], "candidates": len(texts),
         "majority_rate": float(test["label"].value_counts(normalize=True).iloc[0]),
         "classifier_pairs": clf.scored - calls0, "items": len(test), "split": split}
-    if fixed:
-        accuracy, correct = fixed_prompts(clf, task, test)
-        summary |= accuracy
-        items = items.assign(**correct)
     return table, items, summary
+
+
+def untrained_baselines(untrained: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, clf: Classifier,
+                        task: TaskParams, split: str, length: int, top_k: int, ctx: Context,
+                        generator: torch.Generator) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The baselines that need no training, on the whole ``split``: best-of-N (the untrained policy's greedy and
+    ``task.candidates`` sampled prompts, chosen on validation, its validation calls its budget), the empty and the
+    manual prompt, raw and contextually calibrated. Returns (summary keys, per-text ``<name>_correct`` columns)."""
+    _, items, best = evaluate_prompts(untrained, tokenizer, clf, task, split, length, top_k, ctx, generator)
+    accuracy = {"best_of_n_accuracy": best["accuracy"], "best_of_n_prompt": best["prompt"],
+                "best_of_n_calls": len(read_labelled("validation")) * best["candidates"]}
+    correct = {"best_of_n_correct": items["correct"].to_numpy()}
+    accuracy_fixed, correct_fixed = fixed_prompts(clf, task, read_labelled(split))
+    return accuracy | accuracy_fixed, correct | correct_fixed
 
 
 def fixed_prompts(clf: Classifier, task: TaskParams, test: pd.DataFrame) -> tuple[dict[str, float], dict[str, Any]]:

@@ -285,9 +285,16 @@ def evaluate_and_save(lm_dir: Path, guidance: Guidance | None, predictions_path:
     clf = prompt_task.load_task_classifier(task, ctx)
     import torch
 
-    table, items, summary = prompt_task.evaluate_prompts(
-        model, tok, clf, task, ep.split, sp.max_new_tokens, sp.top_k, ctx, torch.Generator().manual_seed(seed),
-        fixed=last_round, subset_items=ep.subset_items)
+    settings = (task, ep.split, sp.max_new_tokens, sp.top_k, ctx)
+    table, items, summary = prompt_task.evaluate_prompts(model, tok, clf, *settings,
+                                                         torch.Generator().manual_seed(seed),
+                                                         subset_items=0 if last_round else ep.subset_items)
+    if last_round and guidance is not None:  # PTG's last evaluation also scores the untrained baselines, once
+        untrained = load_lm(pipeline.round_dir(0) / "lm", ctx.device)
+        accuracy, correct = prompt_task.untrained_baselines(untrained, tok, clf, *settings,
+                                                            torch.Generator().manual_seed(seed))
+        summary |= accuracy
+        items = items.assign(**correct)
     files = [predictions_path]
     if guidance is not None:
         start = prompt_task.start_ids(tok)
