@@ -15,7 +15,7 @@ Run: python stages/baseline.py [--params params.yaml]
 
 import dataclasses
 
-from ptg import distributed, pipeline, tasks, tracking, train_stage
+from ptg import distributed, evaluation, pipeline, tasks, tracking, train_stage
 from ptg.config import round_budget, rounds
 
 
@@ -35,9 +35,10 @@ def main(params: str = "params.yaml") -> None:
         tracking.log_stage("baseline_train_lm", r, dataclasses.asdict(cfg), met / "train_lm.json",
                            history=history_file, model_dir=out / "lm", registered_name=tracking.BASELINE_MODEL,
                            dvc_stage="baseline")
-        scores, files = tasks.evaluate_and_save(out / "lm", None, out / "predictions.parquet", met / "evaluate.json",
-                                                ctx, last_round=r == rounds(params)[-1]["round"],
-                                                seed=ctx.seed("evaluate", r))
+        scores, files = evaluation.evaluate_and_save(out / "lm", None, out / "predictions.parquet",
+                                                     met / "evaluate.json", ctx,
+                                                     last_round=r == rounds(params)[-1]["round"],
+                                                     seed=ctx.seed("evaluate", r))
         tracking.log_stage("baseline_evaluate", r, {}, met / "evaluate.json", artifacts=files, dvc_stage="baseline")
         metric = tasks.main_metric(params)
         tracking.set_best_alias(tracking.BASELINE_MODEL, out / "lm", metric, scores[metric], weights=False)

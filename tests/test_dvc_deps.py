@@ -14,9 +14,30 @@ NOT_A_DEP = {"ptg.tracking"}
 LAUNCHED = {"fit_guidance", "train_lm", "baseline"}  # `${launcher} stages/<name>.py`: data-parallel under N processes
 
 
+def _is_type_checking(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:`` (or ``typing.TYPE_CHECKING``): imports for annotations only, never run."""
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (
+        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+
+
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node of ``tree`` but those under an ``if TYPE_CHECKING:`` block (function bodies included)."""
+    out, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        if _is_type_checking(node):
+            todo += node.orelse  # type: ignore[attr-defined]
+            continue
+        todo += list(ast.iter_child_nodes(node))
+    return out
+
+
 def _ptg_imports(path: Path) -> set[str]:
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "ptg":
             out |= {f"ptg.{a.name}" for a in node.names} if node.module == "ptg" else {node.module}
         elif isinstance(node, ast.Import):
@@ -70,6 +91,15 @@ def test_closure_follows_imports_through_the_library():
     closure = import_closure(ROOT / "stages" / "evaluate.py")
     assert {"ptg.evaluation", "ptg.sampling", "ptg.models", "ptg.precision"} <= closure
     assert "ptg.tracking" not in closure
+
+
+def test_a_stage_depends_on_no_code_it_does_not_run():
+    """Editing the training loop, the classifier or the metrics re-runs no data preparation, sampling or report;
+    imports for annotations only (``if TYPE_CHECKING:``) are no dependency."""
+    for stage in ("prepare", "sample", "report"):
+        closure = import_closure(ROOT / "stages" / f"{stage}.py")
+        assert not {"ptg.train", "ptg.guidance", "ptg.classifier", "ptg.metrics", "ptg.evaluation"} & closure, stage
+    assert "ptg.train" not in import_closure(ROOT / "src" / "ptg" / "scoring.py")  # its Example: annotations only
 
 
 def test_stages_with_per_round_budgets_track_their_round_entry():

@@ -254,7 +254,7 @@ def test_train_lm_under_accelerate_launch_trains_data_parallel_and_writes_once(t
 def test_checkpoint_selection_scores_validation_as_the_evaluation_does(quick, monkeypatch):
     """train_lm.eval_every's score is the evaluation's ROUGE-L (greedy, evaluate.max_new_tokens) on the first
     eval_items inputs of the validation split, never of test."""
-    from ptg import evaluation, pipeline, train_stage
+    from ptg import evaluation, pipeline, scoring
     from ptg.config import load_group
     from ptg.models import load_lm, load_tokenizer
 
@@ -270,5 +270,5 @@ def test_checkpoint_selection_scores_validation_as_the_evaluation_does(quick, mo
                                                   ep.max_new_tokens, ep.batch_size, ctx, None)
         scores[split] = summary["rougeL"]
     n = len(pipeline.read_examples("validation"))
-    assert train_stage.validation_scorer(tok, n, ctx)(model) == pytest.approx(scores["validation"], abs=1e-9)
+    assert scoring.validation_scorer(tok, n, ctx)(model) == pytest.approx(scores["validation"], abs=1e-9)
     assert scores["validation"] != pytest.approx(scores["test"])  # the two splits score apart: it read validation

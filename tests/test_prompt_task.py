@@ -19,7 +19,7 @@ from conftest import PAD, REPO, VOCAB, tiny_llama
 from safetensors import safe_open
 from transformers import LlamaForCausalLM
 
-from ptg import losses, models, prompt_task, train
+from ptg import losses, models, prompt_data, train
 from ptg.config import SamplingConfig, TaskParams, TrainConfig
 from ptg.data import DataConfig
 from ptg.fewshot import default_wordnet_root
@@ -174,19 +174,19 @@ def test_save_lm_and_load_lm_round_trip_the_prompt_head(tmp_path, tied):
 def test_start_ids_is_bos_else_eos_else_an_error():
     from ptg.base_models import build_tiny_tokenizer
 
-    assert prompt_task.start_ids(build_tiny_tokenizer("tiny-llama")) == [3]
-    assert prompt_task.start_ids(SimpleNamespace(bos_token_id=0, eos_token_id=4)) == [0]  # id 0 is a BOS too
-    assert prompt_task.start_ids(SimpleNamespace(bos_token_id=None, eos_token_id=4)) == [4]
+    assert prompt_data.start_ids(build_tiny_tokenizer("tiny-llama")) == [3]
+    assert prompt_data.start_ids(SimpleNamespace(bos_token_id=0, eos_token_id=4)) == [0]  # id 0 is a BOS too
+    assert prompt_data.start_ids(SimpleNamespace(bos_token_id=None, eos_token_id=4)) == [4]
     with pytest.raises(ValueError, match="neither a BOS nor an EOS"):
-        prompt_task.start_ids(SimpleNamespace(bos_token_id=None, eos_token_id=None))
+        prompt_data.start_ids(SimpleNamespace(bos_token_id=None, eos_token_id=None))
 
 
 def test_groups_ids_splits_and_split_of_group():
-    frame = prompt_task.groups(3, 2)
+    frame = prompt_data.groups(3, 2)
     assert frame["id"].tolist() == ["train-0000", "train-0001", "train-0002", "validation-0000", "validation-0001"]
     assert frame["split"].tolist() == ["train"] * 3 + ["validation"] * 2
-    assert [prompt_task.split_of_group(i) for i in frame["id"]] == frame["split"].tolist()
-    assert prompt_task.groups(0, 1)["split"].tolist() == ["validation"]
+    assert [prompt_data.split_of_group(i) for i in frame["id"]] == frame["split"].tolist()
+    assert prompt_data.groups(0, 1)["split"].tolist() == ["validation"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -267,7 +267,7 @@ def test_wordnet_examples_are_exact_shots_per_class_and_seeded_by_data_seed():
                       shots=4)
 
     def build(seed: int) -> dict[str, pd.DataFrame]:
-        return prompt_task.build_examples(DataConfig(source=prompt_task.WORDNET_SOURCE, max_test=40, seed=seed), task)
+        return prompt_data.build_examples(DataConfig(source=prompt_data.WORDNET_SOURCE, max_test=40, seed=seed), task)
 
     first = build(0)
     for split in ("train", "validation"):

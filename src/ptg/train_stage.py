@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ptg import distributed, metrics, stats, tasks
+from ptg import distributed, metrics, pipeline, prompt_data, scoring, stats, tasks
 from ptg.config import SamplingConfig, TrainLMParams, load_group
 from ptg.guidance import Guidance
 from ptg.io import atomic_path, write_json
@@ -25,6 +26,7 @@ from ptg.models import ADAPTER_DIR, add_lora, load_lm, load_tokenizer, save_lm
 from ptg.pipeline import Context
 from ptg.prompt_task import PromptScorer
 from ptg.train import (
+    Example,
     example_weights,
     load_optimizer,
     make_optimizer,
@@ -36,6 +38,19 @@ from ptg.train import (
 log = logging.getLogger(__name__)
 
 OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+def lm_examples(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, cfg: TrainLMParams,
+                params: str | Path) -> list[Example]:
+    """What train_lm trains on: the training split's prompts and references, or (prompt task) ``batch_size``
+    start tokens, each sampled into one prompt per micro-batch."""
+    if tasks.is_prompt(params):
+        return [Example(prompt_data.start_ids(tokenizer))] * cfg.batch_size
+    mp = load_group("model", params)
+    train = pipeline.read_examples("train")
+    prompts = pipeline.encode_prompts_of(tokenizer, model, train, mp)
+    targets = pipeline.encode_targets_of(tokenizer, model, train, mp)
+    return [Example(p, t, tuple(refs)) for p, t, refs in zip(prompts, targets, train["references"], strict=True)]
 
 
 def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance | None, ctx: Context,
@@ -50,7 +65,7 @@ def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance 
     if lora.enabled:
         model = add_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules, cfg.seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    examples = tasks.lm_examples(tok, model, cfg, ctx.params)
+    examples = lm_examples(tok, model, cfg, ctx.params)
     summary: dict[str, float | int | str | bool] = {}
     if guidance is not None and cfg.objective == "wmle":
         # The references this run trains on, scored once (the guidance is frozen): no guidance forward in training.
@@ -72,8 +87,8 @@ def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance 
     policy_gradient = cfg.pg_coeff > 0 or cfg.objective == "reinforce"
     if policy_gradient and cfg.pg_credit == "sequence" or cfg.pg_coeff > 0 and (
             load_group("rank", ctx.params).metric in metrics.METRICS):  # token credit: the score is only logged
-        score = tasks.sample_scorer(tok, ctx)
-    validate = tasks.validation_scorer(tok, cfg.eval_items, ctx) if cfg.eval_every else None
+        score = scoring.sample_scorer(tok, ctx)
+    validate = scoring.validation_scorer(tok, cfg.eval_items, ctx) if cfg.eval_every else None
     opt = make_optimizer(model, cfg)
     carried = cfg.carry_optimizer and (src / OPTIMIZER_FILE).exists()
     if carried:
