@@ -45,12 +45,10 @@ from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, t
 
 from ptg import tracking
 from ptg.config import load_group
-from ptg.config import rounds as read_rounds
 from ptg.prefect_setup import FLOW
 from ptg.workspace import dvc_env, make_workspace, workspace_lock
 
 REPO = Path(__file__).resolve().parents[1]  # the project this flow file belongs to (a checkout or `ptg init`'s)
-ROUND_STAGES = ("sample", "rank", "fit_guidance", "train_lm", "evaluate")
 # Stages that download (base_model), run the model on the accelerator or write large folders: worth a retry.
 RETRIED_STAGES = frozenset({"base_model", "sample", "fit_guidance", "train_lm", "evaluate", "baseline"})
 RETRIES = 2
@@ -136,20 +134,34 @@ def prepare_workdir(params_file: str, root: Path, overrides: dict[str, Any] | No
     return str(root)
 
 
+def stage_order(listed: list[str]) -> list[str]:
+    """The pipeline order of DVC's stage names as ``dvc stage list`` gives them (dvc.yaml order, each ``foreach``
+    stage's rounds in a row): each run of per-round stages (``name@round``) is regrouped round by round, in the
+    order dvc.yaml defines those stages, so round r's stages all run before round r + 1's."""
+    out: list[str] = []
+    i = 0
+    while i < len(listed):
+        j = i
+        while j < len(listed) and "@" in listed[j]:
+            j += 1
+        if j == i:
+            out.append(listed[i])
+            i += 1
+            continue
+        block = listed[i:j]
+        first = {name.split("@")[0]: k for k, name in reversed(list(enumerate(block)))}
+        out += sorted(block, key=lambda name: (int(name.split("@")[1]), first[name.split("@")[0]]))
+        i = j
+    return out
+
+
 @task(cache_policy=NO_CACHE)
 def plan(workdir: str) -> list[tuple[str, str]]:
-    """(task name, DVC stage name) in pipeline order; fails when dvc.yaml has a stage this plan lacks."""
-    params = Path(workdir) / "params.yaml"
-    rounds = [item["round"] for item in read_rounds(params)]
-    steps = [("prepare", "prepare"), ("base_model", "base_model"), ("preferences", "preferences")]
-    steps += [(f"{stage}@{r}", tracking.dvc_stage_name(stage, r, params)) for r in rounds for stage in ROUND_STAGES]
-    steps += [("baseline", "baseline"), ("report", "report")]
+    """(task name, DVC stage name) in pipeline order, read from the workspace's dvc.yaml (``dvc stage list``):
+    a stage or a round added there is in the plan, with nothing to edit here."""
     listed = subprocess.run(["dvc", "stage", "list", "--name-only"], cwd=workdir, env=dvc_env(), check=True,
                             capture_output=True, text=True).stdout.split()
-    unknown = sorted(set(listed) - {name for _, name in steps})
-    if unknown:
-        raise RuntimeError(f"{workdir}/dvc.yaml has stages the flow does not run: {unknown}")
-    return steps
+    return [(name, name) for name in stage_order(listed)]
 
 
 @task(cache_policy=NO_CACHE)

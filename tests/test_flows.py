@@ -217,6 +217,31 @@ def test_failed_run_resumes_at_the_failed_stage(quick_run, harness, flows, env, 
     assert lm.stat().st_mtime_ns == lm_mtime
 
 
+def test_the_plan_is_read_from_dvc_yaml_and_follows_an_added_stage(flows, env, tmp_path):
+    """The flow has no stage list of its own: its plan is the workspace's dvc.yaml, round by round; a stage (and a
+    round) added to a copy of dvc.yaml is in the plan, in its place."""
+    from ptg.workspace import make_workspace
+
+    params = yaml.safe_load(QUICK.read_text()) | {"rounds": {"1": {"prev": 0}, "2": {"prev": 1}, "3": {"prev": 2}}}
+    (tmp_path / "three.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    root = make_workspace(tmp_path / "three.yaml", tmp_path / "ws")
+    steps = [name for name, dvc_name in flows.plan.fn(str(root)) if name == dvc_name]
+    assert steps == ["prepare", "base_model", "preferences", *(f"{s}@{r}" for r in (1, 2, 3) for s in ROUND_STAGES),
+                     "baseline", "report"]
+    dvc_yaml = root / "dvc.yaml"
+    spec = yaml.safe_load(dvc_yaml.read_text())
+    stages = list(spec["stages"].items())
+    at = [name for name, _ in stages].index("fit_guidance") + 1
+    audit = {"foreach": "${rounds}", "do": {"cmd": "echo audit ${key}"}}
+    spec["stages"] = dict(stages[:at] + [("audit", audit)] + stages[at:] + [("publish", {"cmd": "echo publish"})])
+    dvc_yaml.unlink()  # the workspace's copy (or link) of the packaged dvc.yaml: edit a copy
+    dvc_yaml.write_text(yaml.safe_dump(spec, sort_keys=False))
+    per_round = ["sample", "rank", "fit_guidance", "audit", "train_lm", "evaluate"]
+    assert [name for name, _ in flows.plan.fn(str(root))] == [
+        "prepare", "base_model", "preferences", *(f"{s}@{r}" for r in (1, 2, 3) for s in per_round), "baseline",
+        "report", "publish"]
+
+
 def test_retry_policy(flows):
     assert flows._options("sample@1")["retries"] == flows.RETRIES > 0
     assert flows._options("base_model")["retries"] == flows.RETRIES
