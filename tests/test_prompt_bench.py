@@ -2,6 +2,7 @@
 text id within each seed (whatever the row order), classifier calls summed over rounds, the untrained baselines."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -70,5 +71,19 @@ def test_collect_without_a_finished_seed_says_so(tmp_path):
 def test_experiments_give_each_seed_its_own_draw_and_arms_run_to_the_last_evaluation():
     planned = prompt_bench.experiments([0, 1], prompt_bench.ARMS, last_round=2)
     assert planned[0] == ("prompt-s0", ["seed=0", "data.seed=0"], ())
-    assert ("prompt-ptg-soft-min-s1", ["seed=1", "data.seed=1", "fit_guidance.agg=min"], ["evaluate@2"]) in planned
+    assert ("prompt-ptg-soft-min-s1", ["seed=1", "data.seed=1", "fit_guidance.agg=soft_min"], ["evaluate@2"]) in planned
     assert len(planned) == 2 + 2 * len(prompt_bench.ARMS)
+
+
+def test_every_arm_is_a_valid_variant_of_the_prompt_params(tmp_path):
+    """Each arm's overrides give params the stages accept (an arm with a misspelt value fails here, not after the
+    seeds' hour of CPU)."""
+    from ptg.bench import _with_overrides
+    from ptg.config import GROUPS, load_group
+
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "prompt.yaml").read_text())
+    for name, *overrides in prompt_bench.ARMS:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(_with_overrides(base, overrides)))
+        for group in GROUPS:
+            load_group(group, path)

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 # Arms beside PTG (average aggregation) and the sequence-level baseline: PTG's chain from fit_guidance on, with
 # these overrides (samples and rankings come from DVC's run cache).
-ARMS: tuple[tuple[str, ...], ...] = (("ptg-soft-min", "fit_guidance.agg=min"), ("ptg-soft-max", "fit_guidance.agg=max"))
+ARMS: tuple[tuple[str, ...], ...] = (("ptg-soft-min", "fit_guidance.agg=soft_min"),
+                                     ("ptg-soft-max", "fit_guidance.agg=soft_max"))
 # Prompts without training (PTG's last evaluation): best-of-N from the untrained policy, the empty and manual prompts.
 FIXED = ("best_of_n", "empty", "empty_calibrated", "manual", "manual_calibrated")
 
