@@ -44,7 +44,8 @@ def test_collect_pairs_by_text_and_counts_training_calls(tmp_path):
     for seed in (0, 1):
         write_run(tmp_path / "results" / prompt_bench.seed_name(seed), ptg, base, seed)
     summary = prompt_bench.collect(tmp_path, tmp_path / "out", [0, 1, 2], arms=())
-    (vs_sequence, ptg_vs_manual, seq_vs_manual) = summary["rows"]
+    (vs_sequence, ptg_vs_manual, seq_vs_manual, ptg_vs_best, seq_vs_best) = summary["rows"]
+    assert (ptg_vs_best["vs"], seq_vs_best["method"]) == ("best_of_n", "sequence")
     assert summary["seeds"] == [0, 1]  # seed 2 never finished
     assert vs_sequence["method"] == "ptg" and vs_sequence["vs"] == "sequence" and vs_sequence["items"] == n
     # Paired by id within each seed (the files' rows are in other orders): exactly the bootstrap of the paired matrix

@@ -105,8 +105,8 @@ def collect(directory: Path, out: Path, seeds: Sequence[int], arms: Sequence[Seq
     calls["sequence"] = float(np.mean([training_calls(d, "baseline") for d in runs.values()]))
     rows = [{"method": m, "vs": "sequence", "calls": calls[m], **_paired(correct[m], correct["sequence"])}
             for m in methods if correct[m]]
-    rows += [{"method": m, "vs": "manual", "calls": calls.get(m, 0.0), **_paired(correct[m], correct["manual"])}
-             for m in ("ptg", "sequence")]
+    rows += [{"method": m, "vs": vs, "calls": calls.get(m, 0.0), **_paired(correct[m], correct[vs])}
+             for vs in ("manual", "best_of_n") for m in ("ptg", "sequence")]
     summary = {
         "seeds": sorted(runs), "machine": machine(), "rows": rows,
         "accuracy": {m: float(np.mean([c.mean() for c in by_seed.values()]) * 100)
