@@ -15,7 +15,7 @@ export DVC_NO_ANALYTICS := 1
 
 setup: $(VENV_STAMP)
 
-$(VENV_STAMP): pyproject.toml constraints.txt scripts/install_wordnet.sh scripts/install_modeldata.sh
+$(VENV_STAMP): pyproject.toml constraints.txt scripts/install_wordnet.sh scripts/install_modeldata.sh scripts/debian_fetch.sh
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	bash scripts/install_wordnet.sh .venv

@@ -7,13 +7,7 @@
 set -u
 dest="${1:?usage: install_modeldata.sh VENV}/share/modeldata"
 [ -f "$dest/Rdata.rdb" ] && [ -f "$dest/Rdata.rdx" ] && [ -f "$dest/DESCRIPTION" ] && exit 0
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-fetch() {  # fetch PACKAGE: unpack a Debian package's files into $tmp/root
-  (cd "$tmp" && { apt-get download "$1" >/dev/null 2>&1 \
-    || { [ "$(id -u)" = 0 ] && apt-get update >/dev/null 2>&1 && apt-get download "$1" >/dev/null 2>&1; }; }) \
-    && dpkg -x "$tmp"/"$1"_*.deb "$tmp/root"
-}
+. "$(dirname "$0")/debian_fetch.sh"
 pkg="$tmp/root/usr/lib/R/site-library/modeldata"
 if fetch r-cran-modeldata && [ -f "$pkg/data/Rdata.rdb" ] && [ -f "$pkg/data/Rdata.rdx" ]; then
   mkdir -p "$dest" && cp -L "$pkg/data/Rdata.rdb" "$pkg/data/Rdata.rdx" "$pkg/DESCRIPTION" "$dest"/

@@ -6,13 +6,7 @@
 set -u
 dest="${1:?usage: install_wordnet.sh VENV}/nltk_data/corpora/wordnet"
 [ -f "$dest/data.noun" ] && [ -f "$dest/index.sense" ] && [ -f "$dest/lexnames" ] && exit 0
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-fetch() {  # fetch PACKAGE: unpack a Debian package's files into $tmp/root
-  (cd "$tmp" && { apt-get download "$1" >/dev/null 2>&1 \
-    || { [ "$(id -u)" = 0 ] && apt-get update >/dev/null 2>&1 && apt-get download "$1" >/dev/null 2>&1; }; }) \
-    && dpkg -x "$tmp"/"$1"_*.deb "$tmp/root"
-}
+. "$(dirname "$0")/debian_fetch.sh"
 if fetch wordnet-base && fetch wordnet-sense-index && [ -f "$tmp/root/usr/share/wordnet/data.noun" ]; then
   mkdir -p "$dest" && cp -rL "$tmp/root/usr/share/wordnet"/. "$dest"/
   i=0

@@ -60,12 +60,17 @@ def default_wordnet_root() -> Path:
     return Path(sys.prefix) / "nltk_data" / "corpora" / "wordnet"
 
 
-def _wordnet_file(root: Path, name: str) -> Path:
+def _installed_file(root: Path, name: str, what: str, default: Path, script: str) -> Path:
+    """``root / name``, or a FileNotFoundError saying which set-up script installs ``what`` where."""
     path = root / name
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no WordNet {name}; `make setup` installs WordNet 3.0 under "
-                                f"{default_wordnet_root()} (scripts/install_wordnet.sh)")
+        raise FileNotFoundError(f"{path}: no {what} {name}; `make setup` installs it under {default} "
+                                f"(scripts/{script})")
     return path
+
+
+def _wordnet_file(root: Path, name: str) -> Path:
+    return _installed_file(root, name, "WordNet 3.0", default_wordnet_root(), "install_wordnet.sh")
 
 
 def _lexfile_numbers(root: Path, classes: Sequence[str]) -> dict[str, str]:
@@ -271,11 +276,7 @@ def default_modeldata_root() -> Path:
 
 
 def _modeldata_file(root: Path, name: str) -> Path:
-    path = root / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no modeldata {name}; `make setup` installs R's modeldata database under "
-                                f"{default_modeldata_root()} (scripts/install_modeldata.sh)")
-    return path
+    return _installed_file(root, name, "R modeldata", default_modeldata_root(), "install_modeldata.sh")
 
 
 def rdb_entry(blob: bytes, compression: int, where: str) -> bytes:
