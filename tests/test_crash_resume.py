@@ -21,18 +21,20 @@ KILLED = ("sample.py --round 1", "fit_guidance.py --round 1", "train_lm.py --rou
           "baseline.py")
 
 
-def _stage_pid(ws: Path, needle: str) -> int | None:
-    """The pid of a process running ``stages/<needle>`` in ``ws``."""
+def _stage_pids(ws: Path, needles: tuple[str, ...]) -> dict[str, int]:
+    """The pid of each process running ``stages/<needle>`` in ``ws``, for the needles running now."""
+    found = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if f"stages/{needle}" in cmd and os.readlink(d / "cwd") == str(ws):
-                return int(d.name)
+            if os.readlink(d / "cwd") != str(ws):
+                continue
         except OSError:
             continue
-    return None
+        found |= {n: int(d.name) for n in needles if f"stages/{n}" in cmd}
+    return found
 
 
 def _data_hashes(ws: Path) -> dict[str, str]:
@@ -42,18 +44,37 @@ def _data_hashes(ws: Path) -> dict[str, str]:
             if out["path"].startswith("data/")}
 
 
-def _killed_mid_stage(ws: Path, needle: str, rng: random.Random) -> None:
+def _repro(ws: Path) -> subprocess.Popen:
     env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PTG_TRACKING": "off",
                         "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.Popen(["dvc", "repro"], cwd=ws, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(["dvc", "repro"], cwd=ws, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def _timed_repro(ws: Path) -> dict[str, float]:
+    """An uninterrupted `dvc repro` in ``ws``; returns how long each KILLED stage's process ran (seconds, as
+    polled), so that a kill can land inside the stage on this machine however fast it is."""
+    proc, seen = _repro(ws), {}
+    while proc.poll() is None:
+        now = time.monotonic()
+        for needle in _stage_pids(ws, KILLED):
+            seen[needle] = (seen.get(needle, (now,))[0], now)
+        time.sleep(0.02)
+    assert proc.returncode == 0, "the uninterrupted dvc repro failed"
+    assert set(seen) == set(KILLED), f"never saw {sorted(set(KILLED) - set(seen))} run"
+    return {needle: last - first for needle, (first, last) in seen.items()}
+
+
+def _killed_mid_stage(ws: Path, needle: str, delay: float) -> None:
+    proc = _repro(ws)
     deadline = time.monotonic() + 600
-    while (pid := _stage_pid(ws, needle)) is None:
+    while (pid := _stage_pids(ws, (needle,)).get(needle)) is None:
         assert proc.poll() is None, f"dvc repro ended before stages/{needle} ran"
         assert time.monotonic() < deadline
-        time.sleep(0.05)
-    time.sleep(rng.uniform(1.0, 4.0))  # somewhere inside the stage: model load, the work, or the write
+        time.sleep(0.02)
+    time.sleep(delay)
     os.kill(pid, signal.SIGKILL)
-    assert proc.wait(timeout=300) != 0
+    assert proc.wait(timeout=300) != 0, f"stages/{needle} finished before the kill {delay:.2f} s in"
 
 
 def _listing(folder: Path) -> list[tuple[str, int]]:
@@ -64,11 +85,12 @@ def test_kill_9_inside_any_stage_then_repro_gives_the_uninterrupted_outputs(tmp_
     # One torch thread in both workspaces: "byte-identical" then holds whatever else loads the machine.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     reference = make_workspace(REPO / "configs" / "quick.yaml", tmp_path / "reference")
-    run(["dvc", "repro"], reference)
+    durations = _timed_repro(reference)
     ws = make_workspace(REPO / "configs" / "quick.yaml", tmp_path / "killed")
     rng = random.Random(0)
     for needle in KILLED:
-        _killed_mid_stage(ws, needle, rng)
+        # Somewhere inside the stage (model load, the work, or the write), drawn from its own measured length.
+        _killed_mid_stage(ws, needle, rng.uniform(0.15, 0.75) * durations[needle])
     run(["dvc", "repro"], ws)
     leftovers = [p for p in (ws / "data").rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
     assert not leftovers, leftovers
