@@ -276,7 +276,7 @@ CASES: dict[str, Bad] = {
         prepare, ParamsError, ("params.yaml", "seed must be an integer", "True (bool)"), PREPARE_OUT),
     "params-out-of-range": Bad(
         lambda ws, m: {"sample": {"top_p": 1.5}},
-        sample, ParamsError, ("params.yaml: sample", "top_p is out of range", "1.5"), SAMPLE_OUT),
+        sample, ParamsError, ("params.yaml: sample", "top_p must be <= 1", "got 1.5"), SAMPLE_OUT),
     "params-zero-prompt-tokens": Bad(
         lambda ws, m: {"model": {"max_prompt_tokens": 0}},
         sample, ParamsError, ("params.yaml: model", "max_prompt_tokens must be >= 1", "got 0"), SAMPLE_OUT),

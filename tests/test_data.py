@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from ptg import data
-from ptg.data import DataConfig, build_examples, load_local, normalize_fields, python_docstrings, source_info, split_of
+from ptg.config import DataConfig
+from ptg.data import build_examples, load_local, normalize_fields, python_docstrings, source_info, split_of
 from ptg.io import read_table, write_table
 from ptg.schemas import Examples
 

@@ -20,8 +20,7 @@ from safetensors import safe_open
 from transformers import LlamaForCausalLM
 
 from ptg import losses, models, prompt_data, train
-from ptg.config import SamplingConfig, TaskParams, TrainConfig
-from ptg.data import DataConfig
+from ptg.config import DataConfig, SamplingConfig, TaskParams, TrainConfig
 from ptg.fewshot import default_wordnet_root
 
 CPU = torch.device("cpu")

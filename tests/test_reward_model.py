@@ -176,10 +176,10 @@ def test_rank_params_validate_the_reward_keys(tmp_path):
         32, 0, "higher", "prompt+response")
     for bad, match in (({"metric": "reward_model"}, "metric reward_model needs reward_model, a model folder; got None"),
                        ({"metric": "rm"}, "metric must be one of .*reward_model; got 'rm'"),
-                       ({"reward_batch_size": 0}, "reward_batch_size must be an integer >= 1; got 0"),
-                       ({"reward_label": -1}, "reward_label must be an integer >= 0; got -1"),
-                       ({"reward_direction": "up"}, "reward_direction must be higher or lower; got 'up'"),
-                       ({"reward_input": "prompt"}, r"reward_input must be prompt\+response or response; got")):
+                       ({"reward_batch_size": 0}, "reward_batch_size must be >= 1; got 0"),
+                       ({"reward_label": -1}, "reward_label must be >= 0; got -1"),
+                       ({"reward_direction": "up"}, "reward_direction must be one of higher, lower; got 'up'"),
+                       ({"reward_input": "prompt"}, r"reward_input must be one of prompt\+response, response; got")):
         with pytest.raises(ParamsError, match="rank: " + match):
             load_group("rank", _params(tmp_path, **bad))
     params = yaml.safe_load(_params(tmp_path).read_text())

@@ -11,142 +11,145 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from dataclasses import dataclass, field
+import re
+from dataclasses import field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from ptg.data import DataConfig
+from ptg.data import DOCSTRINGS_SOURCE, template_fields
 
 T = TypeVar("T")
-OBJECTIVES: tuple[str, ...] = ("wmle", "reinforce")  # train_lm.objective
-PG_CREDITS: tuple[str, ...] = ("sequence", "token")  # train_lm.pg_credit: who gets the policy-gradient credit
-NORMALIZATIONS: tuple[str, ...] = ("sequence", "batch")  # how wmle normalises token weights (ptg.losses)
-AGG_METHODS: tuple[str, ...] = ("avg", "sum", "soft_max", "soft_min")  # sequence score from token rewards
-SQUASH_MODES: tuple[str, ...] = ("soft_clamp", "sigmoid")  # token reward from the head's output
-PREFERENCE_LAYOUTS = ("auto", "listwise", "pairwise")
+# pydantic checks every field's type (strictly: "3" is no integer, true no number; an integer is a number), range
+# and choices when a config is built, from params or in code; __post_init__ keeps the checks across fields.
+params_dataclass = pydantic_dataclass(frozen=True, config=ConfigDict(strict=True))
+AtLeast0 = Annotated[int, Field(ge=0)]
+AtLeast1 = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[float, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0)]
+Strings = Annotated[tuple[str, ...], Field(strict=False)]  # a YAML list
+Objective = Literal["wmle", "reinforce"]  # train_lm.objective
+PgCredit = Literal["sequence", "token"]  # train_lm.pg_credit: who gets the policy-gradient credit
+Normalization = Literal["sequence", "batch"]  # how wmle normalises token weights (ptg.losses)
+AggMethod = Literal["avg", "sum", "soft_max", "soft_min"]  # sequence score from token rewards
+SquashMode = Literal["soft_clamp", "sigmoid"]  # token reward from the head's output
+PreferenceLayout = Literal["auto", "listwise", "pairwise"]
+OBJECTIVES, PG_CREDITS, NORMALIZATIONS = get_args(Objective), get_args(PgCredit), get_args(Normalization)
+AGG_METHODS, SQUASH_MODES, PREFERENCE_LAYOUTS = get_args(AggMethod), get_args(SquashMode), get_args(PreferenceLayout)
 
 
 class ParamsError(ValueError):
     """A params file is missing a key, has an unknown one, or a value of the wrong type."""
 
 
-def _at_least(cfg: Any, minimum: int, *names: str) -> None:
-    for name in names:
-        if getattr(cfg, name) < minimum:
-            raise ValueError(f"{name} must be >= {minimum}; got {getattr(cfg, name)!r}")
+# The library's configs (ptg.data, ptg.sampling, ptg.train, ptg.guidance use them); defined here, with no torch
+# import, so reading params is cheap for every stage.
 
 
-# The library's configs (ptg.sampling, ptg.train, ptg.guidance use them); defined here, with no torch import, so
-# reading params is cheap for every stage.
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    num_samples: int = field(default=1, metadata={"help": "K: continuations per input"})
-    max_new_tokens: int = field(default=64, metadata={"help": "tokens per continuation at most (EOS included)"})
-    temperature: float = field(default=1.0, metadata={"help": "softmax temperature; 0 decodes greedily"})
-    top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens; 0 keeps all"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1.0 keeps all"})
+@params_dataclass
+class DataConfig:
+    source: str = field(default=DOCSTRINGS_SOURCE, metadata={
+        "help": "'python-docstrings' (stdlib code -> docstring summary), a local folder, or a Hugging Face id"})
+    input_field: str = field(default="input", metadata={"help": "input column of a local or Hub dataset"})
+    target_field: str = field(default="target", metadata={
+        "help": "target column of a local or Hub dataset; a list value means several references"})
+    max_train: AtLeast0 = field(default=256, metadata={"help": "train examples at most (seeded sample); 0 keeps all"})
+    max_validation: AtLeast0 = field(default=64, metadata={"help": "validation examples at most; 0 keeps all"})
+    max_test: AtLeast0 = field(default=64, metadata={"help": "test examples at most; 0 keeps all"})
+    prompt_template: str = field(default="Summarize what this Python function does in one sentence.\n\n{input}",
+                                 metadata={"help": "prompt format; '{input}' is the only placeholder"})
+    max_input_chars: AtLeast0 = field(default=2000, metadata={
+        "help": "drop examples whose input is longer than this many characters; 0 keeps all"})
+    seed: int = field(default=0, metadata={"help": "seed of the sample that caps each split"})
 
     def __post_init__(self) -> None:
-        for name, ok in (("num_samples", self.num_samples >= 1), ("max_new_tokens", self.max_new_tokens >= 1),
-                         ("temperature", self.temperature >= 0), ("top_k", self.top_k >= 0),
-                         ("top_p", 0 < self.top_p <= 1)):
-            if not ok:
-                raise ValueError(f"SamplingConfig.{name} is out of range: {getattr(self, name)!r}")
+        template_fields(self.prompt_template)
+
+    def cap(self, split: str) -> int:
+        """The row cap of ``split`` (0 = none)."""
+        return {"train": self.max_train, "validation": self.max_validation, "test": self.max_test}[split]
 
 
-@dataclass(frozen=True)
+@params_dataclass
+class SamplingConfig:
+    num_samples: AtLeast1 = field(default=1, metadata={"help": "K: continuations per input"})
+    max_new_tokens: AtLeast1 = field(default=64, metadata={"help": "tokens per continuation at most (EOS included)"})
+    temperature: NonNegative = field(default=1.0, metadata={"help": "softmax temperature; 0 decodes greedily"})
+    top_k: AtLeast0 = field(default=0, metadata={"help": "keep the k most likely tokens; 0 keeps all"})
+    top_p: Annotated[float, Field(gt=0, le=1)] = field(default=1.0, metadata={
+        "help": "nucleus sampling mass; 1.0 keeps all"})
+
+
+@params_dataclass
 class TrainConfig:
-    objective: str = field(default="wmle", metadata={"help": "wmle or reinforce"})
+    objective: Objective = field(default="wmle", metadata={"help": "wmle or reinforce"})
     lr: float = field(default=5e-5, metadata={"help": "AdamW learning rate (constant, as the reference)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on matrices"})
-    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer update"})
-    max_updates: int = field(default=100, metadata={"help": "optimizer updates"})
+    batch_size: AtLeast1 = field(default=8, metadata={"help": "examples per micro-batch"})
+    grad_accum: AtLeast1 = field(default=1, metadata={"help": "micro-batches per optimizer update"})
+    max_updates: AtLeast1 = field(default=100, metadata={"help": "optimizer updates"})
     clip_norm: float = field(default=5.0, metadata={"help": "gradient-norm clipping"})
     use_q: bool = field(default=False, metadata={"help": "weight tokens by Q_t = sum_{t'>=t} r_t' instead of r_t"})
     exp_rewards: bool = field(default=False, metadata={"help": "wmle: weight by exp(r_t)"})
-    normalize: str = field(default="sequence", metadata={
+    normalize: Normalization = field(default="sequence", metadata={
         "help": "wmle: token weights sum to 1 per sequence (the paper's) or per batch (token-mean with uniform "
                 "weights)"})
     carry_optimizer: bool = field(default=False, metadata={
         "help": "keep the AdamW state from round to round (the reference's default); false = fresh each round"})
     entropy_coeff: float = field(default=0.125, metadata={"help": "reinforce: max-entropy bonus alpha"})
-    contrast: float | None = field(default=None, metadata={
+    contrast: NonNegative | None = field(default=None, metadata={
         "help": "wmle: null = the paper's weights (w_t proportional to the guidance's reward r_t); a strength "
                 "lambda >= 0 = w_t = clip(1 + lambda * z_t, weight_min, weight_max), z_t the reward standardised "
                 "within the reference (0 = uniform weights, plain MLE bit for bit)"})
-    weight_min: float = field(default=0.1, metadata={"help": "contrast: smallest token weight (<= 1)"})
-    weight_max: float = field(default=5.0, metadata={"help": "contrast: largest token weight (>= 1)"})
-    pg_coeff: float = field(default=0.0, metadata={
+    weight_min: Annotated[float, Field(ge=0, le=1)] = field(default=0.1, metadata={
+        "help": "contrast: smallest token weight (<= 1)"})
+    weight_max: Annotated[float, Field(ge=1)] = field(default=5.0, metadata={
+        "help": "contrast: largest token weight (>= 1)"})
+    pg_coeff: NonNegative = field(default=0.0, metadata={
         "help": "wmle: alpha of a policy-gradient term on the LM's own samples added to the MLE loss (0 = off, "
                 "the MLE update bit for bit)"})
-    pg_credit: str = field(default="token", metadata={
+    pg_credit: PgCredit = field(default="token", metadata={
         "help": "pg_coeff > 0: sequence (every token of a sample gets its metric score minus the leave-one-out "
                 "baseline) or token (each token its guidance reward minus the leave-one-out baseline: PTG); "
                 "objective reinforce: token (the guidance's rewards, the paper's) or sequence (each sample's "
                 "score standardised over the micro-batch's samples on every token: RLPrompt's)"})
-    pg_samples: int = field(default=3, metadata={"help": "pg_coeff > 0: on-policy samples per input (K >= 2)"})
-    eval_every: int = field(default=0, metadata={
+    pg_samples: Annotated[int, Field(ge=2)] = field(default=3, metadata={
+        "help": "pg_coeff > 0: on-policy samples per input (K >= 2)"})
+    eval_every: AtLeast0 = field(default=0, metadata={
         "help": "score greedy predictions of eval_items validation inputs (ROUGE-L) every this many updates and "
                 "keep the best checkpoint (the start included); 0 = off, the last update is kept"})
-    eval_items: int = field(default=64, metadata={"help": "eval_every > 0: validation inputs scored"})
+    eval_items: AtLeast1 = field(default=64, metadata={"help": "eval_every > 0: validation inputs scored"})
     seed: int = field(default=0, metadata={"help": "seed of data order and REINFORCE sampling"})
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
-        if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}; got {self.normalize!r}")
-        if self.pg_credit not in PG_CREDITS:
-            raise ValueError(f"pg_credit must be one of {', '.join(PG_CREDITS)}; got {self.pg_credit!r}")
-        for name in ("batch_size", "grad_accum", "max_updates", "eval_items"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1; got {getattr(self, name)}")
-        if self.contrast is not None and self.contrast < 0:
-            raise ValueError(f"contrast must be null or >= 0; got {self.contrast}")
-        if not 0 <= self.weight_min <= 1 <= self.weight_max:
-            raise ValueError(f"weight_min must be in [0, 1] and weight_max >= 1; got {self.weight_min}, "
-                             f"{self.weight_max}")
-        if self.pg_coeff < 0 or self.eval_every < 0 or self.pg_samples < 2:
-            raise ValueError(f"pg_coeff and eval_every must be >= 0 and pg_samples >= 2; got {self.pg_coeff}, "
-                             f"{self.eval_every}, {self.pg_samples}")
         if self.pg_coeff > 0 and self.objective != "wmle":
             raise ValueError("pg_coeff adds a policy-gradient term to the wmle objective; objective reinforce "
                              "is policy gradient already (set pg_coeff: 0)")
 
 
-@dataclass(frozen=True)
+@params_dataclass
 class FitConfig:
-    agg: str = field(default="avg", metadata={"help": "aggregation of token rewards: avg, sum, soft_max, soft_min"})
+    agg: AggMethod = field(default="avg", metadata={
+        "help": "aggregation of token rewards: avg, sum, soft_max, soft_min"})
     temperature: float = field(default=2.0, metadata={"help": "beta of soft_max / soft_min aggregation"})
     lr: float = field(default=5e-5, metadata={"help": "Adam learning rate"})
-    batch_groups: int = field(default=8, metadata={"help": "inputs (lists of K samples) per optimizer step"})
-    max_updates: int = field(default=100, metadata={"help": "optimizer steps in this round"})
-    eval_every: int = field(default=25, metadata={"help": "validate every this many updates (and at the end)"})
+    batch_groups: AtLeast1 = field(default=8, metadata={"help": "inputs (lists of K samples) per optimizer step"})
+    max_updates: AtLeast1 = field(default=100, metadata={"help": "optimizer steps in this round"})
+    eval_every: AtLeast1 = field(default=25, metadata={"help": "validate every this many updates (and at the end)"})
     clip_norm: float = field(default=5.0, metadata={"help": "gradient-norm clipping"})
     lr_decay: float = field(default=0.8, metadata={"help": "ReduceLROnPlateau factor"})
     lr_patience: int = field(default=2, metadata={"help": "ReduceLROnPlateau patience, in validations"})
-    early_stop: int = field(default=7, metadata={"help": "stop after this many validations without improvement"})
+    early_stop: AtLeast1 = field(default=7, metadata={"help": "stop after this many validations without improvement"})
     seed: int = field(default=0, metadata={"help": "seed of batch order and ListMLE tie breaks"})
-    head_lr: float | None = field(default=None, metadata={
+    head_lr: Positive | None = field(default=None, metadata={
         "help": "Adam learning rate of the MLP head (null = lr): a head faster than the backbone leaves its "
                 "initial constant output sooner"})
 
-    def __post_init__(self) -> None:
-        if self.head_lr is not None and self.head_lr <= 0:
-            raise ValueError(f"head_lr must be null or > 0; got {self.head_lr}")
-        if self.agg not in AGG_METHODS:
-            raise ValueError(f"agg must be one of {', '.join(AGG_METHODS)}; got {self.agg!r}")
-        for name in ("batch_groups", "max_updates", "eval_every", "early_stop"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"FitConfig.{name} must be >= 1; got {getattr(self, name)}")
 
-
-@dataclass(frozen=True)
+@params_dataclass
 class RunParams:
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu, cuda, cuda:1, ..."})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 where fast), bf16 or fp32"})
@@ -161,7 +164,7 @@ class RunParams:
             raise ValueError(f"launcher must be a non-empty command (e.g. python); got {self.launcher!r}")
 
 
-@dataclass(frozen=True)
+@params_dataclass
 class ModelParams:
     policy: str = field(default="smollm2-135m-instruct", metadata={
         "help": "smollm2-135m-instruct (offline default), tiny-llama / tiny-t5 (random, for tests), a local HF "
@@ -169,40 +172,34 @@ class ModelParams:
     guidance: str | None = field(default=None, metadata={
         "help": "guidance backbone: null = the policy's first guidance_layers layers; else a path or hub id with "
                 "the policy's tokenizer"})
-    guidance_layers: int = field(default=4, metadata={"help": "layers kept when the guidance is a truncated policy"})
-    max_prompt_tokens: int = field(default=384, metadata={
+    guidance_layers: AtLeast1 = field(default=4, metadata={
+        "help": "layers kept when the guidance is a truncated policy"})
+    max_prompt_tokens: AtLeast1 = field(default=384, metadata={
         "help": "prompt tokens at most (an over-long prompt loses the end of its text; instruction and template stay)"})
-    max_target_tokens: int = field(default=48, metadata={"help": "reference tokens at most, EOS included"})
-
-    def __post_init__(self) -> None:
-        _at_least(self, 1, "guidance_layers", "max_prompt_tokens", "max_target_tokens")
+    max_target_tokens: AtLeast1 = field(default=48, metadata={"help": "reference tokens at most, EOS included"})
 
 
-@dataclass(frozen=True)
+@params_dataclass
 class SampleParams(SamplingConfig):
-    batch_size: int = field(default=8, metadata={"help": "inputs per sampling batch"})
-    train_inputs: int = field(default=64, metadata={"help": "training inputs sampled per round (seeded draw)"})
-    validation_inputs: int = field(default=16, metadata={"help": "validation inputs sampled per round"})
+    batch_size: AtLeast1 = field(default=8, metadata={"help": "inputs per sampling batch"})
+    train_inputs: AtLeast1 = field(default=64, metadata={"help": "training inputs sampled per round (seeded draw)"})
+    validation_inputs: AtLeast1 = field(default=16, metadata={"help": "validation inputs sampled per round"})
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 (rank orders the K samples of each input, and one sample "
                              f"orders nothing); got {self.num_samples}")
-        _at_least(self, 1, "batch_size", "train_inputs", "validation_inputs")
 
 
 # ptg.metrics.METRICS plus the two non-reference sources; spelled out here so that every stage (they all load their
 # params through this module) does not depend on the metrics code. tests/test_reward_model.py checks they agree.
-RANK_METRICS: tuple[str, ...] = ("meteor", "rouge", "chrf", "bleu", "file", "reward_model")
-REWARD_DIRECTIONS: tuple[str, ...] = ("higher", "lower")
-UNFINISHED_RANKING: tuple[str, ...] = ("keep", "last")
-REWARD_INPUTS: tuple[str, ...] = ("prompt+response", "response")
+RankMetric = Literal["meteor", "rouge", "chrf", "bleu", "file", "reward_model"]
+RANK_METRICS = get_args(RankMetric)
 
 
-@dataclass(frozen=True)
+@params_dataclass
 class RankParams:
-    metric: str = field(default="meteor", metadata={
+    metric: RankMetric = field(default="meteor", metadata={
         "help": "meteor, rouge, chrf, bleu (against the references), file (human scores from scores_file) or "
                 "reward_model (a local sequence-classification model's score, see reward_model)"})
     scores_file: str | None = field(default=None, metadata={
@@ -210,83 +207,56 @@ class RankParams:
     reward_model: str | None = field(default=None, metadata={
         "help": "with metric: reward_model, a local Hugging Face sequence-classification folder (safetensors "
                 "weights and its tokenizer); a hub id only works online"})
-    reward_batch_size: int = field(default=32, metadata={"help": "sequences per reward-model forward pass"})
-    reward_label: int = field(default=0, metadata={
+    reward_batch_size: AtLeast1 = field(default=32, metadata={"help": "sequences per reward-model forward pass"})
+    reward_label: AtLeast0 = field(default=0, metadata={
         "help": "the logit column that is the score: 0 for a 1-label reward head, the 'good' class of a classifier"})
-    reward_direction: str = field(default="higher", metadata={
+    reward_direction: Literal["higher", "lower"] = field(default="higher", metadata={
         "help": "higher (a larger score is better) or lower (the score is negated before ranking)"})
-    reward_input: str = field(default="prompt+response", metadata={
+    reward_input: Literal["prompt+response", "response"] = field(default="prompt+response", metadata={
         "help": "prompt+response (one user turn and one assistant turn through the reward model's chat template, "
                 "else prompt + newline + response) or response (the response text alone)"})
-    unfinished: str = field(default="keep", metadata={
+    unfinished: Literal["keep", "last"] = field(default="keep", metadata={
         "help": "keep (rank by the score alone) or last (samples that hit sample.max_new_tokens without a stop "
                 "token rank below every finished sample of their input, by score among themselves)"})
 
     def __post_init__(self) -> None:
-        if self.metric not in RANK_METRICS:
-            raise ValueError(f"metric must be one of {', '.join(RANK_METRICS)}; got {self.metric!r}")
         if self.metric == "reward_model" and not self.reward_model:
             raise ValueError(f"metric reward_model needs reward_model, a model folder; got {self.reward_model!r}")
-        if isinstance(self.reward_batch_size, bool) or not isinstance(self.reward_batch_size, int) \
-                or self.reward_batch_size < 1:
-            raise ValueError(f"reward_batch_size must be an integer >= 1; got {self.reward_batch_size!r}")
-        if isinstance(self.reward_label, bool) or not isinstance(self.reward_label, int) or self.reward_label < 0:
-            raise ValueError(f"reward_label must be an integer >= 0; got {self.reward_label!r}")
-        if self.reward_direction not in REWARD_DIRECTIONS:
-            raise ValueError(f"reward_direction must be higher or lower; got {self.reward_direction!r}")
-        if self.reward_input not in REWARD_INPUTS:
-            raise ValueError(f"reward_input must be prompt+response or response; got {self.reward_input!r}")
-        if self.unfinished not in UNFINISHED_RANKING:
-            raise ValueError(f"unfinished must be keep or last; got {self.unfinished!r}")
 
 
-@dataclass(frozen=True)
+@params_dataclass
 class FitGuidanceParams(FitConfig):
-    head_hidden: int = field(default=2048, metadata={"help": "hidden width of the MLP head"})
-    squash: str = field(default="soft_clamp", metadata={"help": "soft_clamp (reference) or sigmoid"})
-    head_init_gain: float = field(default=1e-4, metadata={
+    head_hidden: AtLeast1 = field(default=2048, metadata={"help": "hidden width of the MLP head"})
+    squash: SquashMode = field(default="soft_clamp", metadata={"help": "soft_clamp (reference) or sigmoid"})
+    head_init_gain: Positive = field(default=1e-4, metadata={
         "help": "Xavier gain of the head's layers when round 1 creates it (the reference's 1e-4: every token starts "
                 "at the same reward); larger starts the head with per-token differences"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _at_least(self, 1, "head_hidden")
-        if self.head_init_gain <= 0:
-            raise ValueError(f"head_init_gain must be > 0; got {self.head_init_gain}")
-        if self.squash not in SQUASH_MODES:
-            raise ValueError(f"squash must be one of {', '.join(SQUASH_MODES)}; got {self.squash!r}")
 
     def fit_config(self) -> FitConfig:
         """The library's FitConfig part of these params (without the stage-only head keys)."""
         return FitConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(FitConfig)})
 
 
-@dataclass(frozen=True)
+@params_dataclass
 class LoraParams:
     """LoRA adapters (``peft``) instead of full fine-tuning: each round trains fresh adapters on the previous round's
     merged LM and saves both (the adapters under ``lm/adapter``; sampling, evaluation and the next round use the
     merged model). The baseline trains with the same setup."""
 
-    rank: int = field(default=0, metadata={"help": "adapter rank r; 0 = full fine-tuning (no adapters)"})
-    alpha: float = field(default=16.0, metadata={"help": "scaling numerator: updates are scaled by alpha / rank"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapters' input"})
+    rank: AtLeast0 = field(default=0, metadata={"help": "adapter rank r; 0 = full fine-tuning (no adapters)"})
+    alpha: Positive = field(default=16.0, metadata={"help": "scaling numerator: updates are scaled by alpha / rank"})
+    dropout: Annotated[float, Field(ge=0, lt=1)] = field(default=0.0, metadata={
+        "help": "dropout on the adapters' input"})
     target_modules: str | None = field(default=None, metadata={
         "help": "comma-separated module names (e.g. q_proj,v_proj), all-linear, or null for peft's default of the "
                 "architecture (q_proj,v_proj for Llama, q,v for T5)"})
-
-    def __post_init__(self) -> None:
-        _at_least(self, 0, "rank")
-        if self.alpha <= 0:
-            raise ValueError(f"alpha must be > 0; got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {self.dropout}")
 
     @property
     def enabled(self) -> bool:
         return self.rank > 0
 
 
-@dataclass(frozen=True)
+@params_dataclass
 class TrainLMParams(TrainConfig):
     lora: LoraParams = field(default_factory=LoraParams, metadata={"help": "LoRA adapters (rank 0 = off)"})
 
@@ -297,92 +267,71 @@ class TrainLMParams(TrainConfig):
                              "are new parameters, so there is no optimizer state to carry")
 
 
-TASKS: tuple[str, ...] = ("summarisation", "prompt")
-CLASSIFIER_KINDS: tuple[str, ...] = ("causal", "masked")
-BASELINE_BUDGETS: tuple[str, ...] = ("updates", "calls")
+Task = Literal["summarisation", "prompt"]
+ClassifierKind = Literal["causal", "masked"]
+TASKS, CLASSIFIER_KINDS = get_args(Task), get_args(ClassifierKind)
 
 
-@dataclass(frozen=True)
+@params_dataclass
 class TaskParams:
     """What the pipeline learns: ``summarisation`` (weighted MLE on references, the stages' default) or ``prompt``
     (discrete prompts for a frozen few-shot classifier, REINFORCE on the guidance; the other keys apply)."""
 
-    name: str = field(default="summarisation", metadata={"help": "summarisation or prompt"})
+    name: Task = field(default="summarisation", metadata={"help": "summarisation or prompt"})
     classifier: str | None = field(default=None, metadata={
         "help": "prompt: the frozen classifier, null = model.policy (the offline default), or a local causal-LM "
                 "or masked-LM folder"})
-    classifier_kind: str = field(default="causal", metadata={
+    classifier_kind: ClassifierKind = field(default="causal", metadata={
         "help": "prompt: causal (the next token after the template) or masked (the template's {mask})"})
     template: str = field(default="{text} {prompt}", metadata={
         "help": "prompt: how a text and a prompt become the classifier's input ({text}, {prompt}; masked: {mask})"})
-    labels: tuple[str, ...] = field(default=(), metadata={"help": "prompt: the class names, in verbalizer order"})
-    verbalizers: tuple[str, ...] = field(default=(), metadata={
+    labels: Strings = field(default=(), metadata={"help": "prompt: the class names, in verbalizer order"})
+    verbalizers: Strings = field(default=(), metadata={
         "help": "prompt: one single-token word per label, read at the classifier's answer position"})
-    shots: int = field(default=16, metadata={"help": "prompt: training and validation examples per class"})
+    shots: AtLeast1 = field(default=16, metadata={"help": "prompt: training and validation examples per class"})
     calibrate: bool = field(default=False, metadata={
         "help": "prompt: divide the class probabilities by those of a content-free input (contextual calibration)"})
     correct_coeff: float = field(default=200.0, metadata={"help": "prompt: gap reward scale of a correct example"})
     incorrect_coeff: float = field(default=180.0, metadata={"help": "prompt: gap reward scale of a wrong example"})
     manual_prompt: str = field(default="", metadata={"help": "prompt: the hand-written prompt baseline"})
-    head_hidden: int = field(default=2048, metadata={
+    head_hidden: AtLeast0 = field(default=2048, metadata={
         "help": "prompt: hidden width of the policy's MLP on the frozen LM's last hidden state (0 = no MLP: the "
                 "LM itself is trained, e.g. with train_lm.lora)"})
-    candidates: int = field(default=16, metadata={
+    candidates: AtLeast1 = field(default=16, metadata={
         "help": "prompt: prompts sampled from the trained policy (with its greedy one) and chosen among on "
                 "validation"})
-    batch_size: int = field(default=128, metadata={"help": "prompt: classifier rows (text x prompt) per forward pass"})
-    baseline_budget: str = field(default="updates", metadata={
+    batch_size: AtLeast1 = field(default=128, metadata={
+        "help": "prompt: classifier rows (text x prompt) per forward pass"})
+    baseline_budget: Literal["updates", "calls"] = field(default="updates", metadata={
         "help": "prompt: the sequence-level baseline trains as many updates as PTG (updates; it calls the "
                 "classifier at every one) or as many as the classifier calls PTG's ranking spent allow (calls)"})
 
     def __post_init__(self) -> None:
-        for name in ("labels", "verbalizers"):
-            value = getattr(self, name)
-            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-                raise ValueError(f"{name} must be a list of strings; got {value!r}")
-        if self.baseline_budget not in BASELINE_BUDGETS:
-            raise ValueError(f"baseline_budget must be one of {', '.join(BASELINE_BUDGETS)}; got "
-                             f"{self.baseline_budget!r}")
-        object.__setattr__(self, "labels", tuple(self.labels))
-        object.__setattr__(self, "verbalizers", tuple(self.verbalizers))
-        if self.name not in TASKS:
-            raise ValueError(f"name must be one of {', '.join(TASKS)}; got {self.name!r}")
-        if self.classifier_kind not in CLASSIFIER_KINDS:
-            raise ValueError(f"classifier_kind must be one of {', '.join(CLASSIFIER_KINDS)}; got "
-                             f"{self.classifier_kind!r}")
         if self.name == "prompt":
             if len(self.labels) < 2 or len(self.labels) != len(self.verbalizers):
                 raise ValueError(f"labels and verbalizers must be lists of the same length >= 2 (one verbalizer "
                                  f"per label); got labels {list(self.labels)}, verbalizers {list(self.verbalizers)}")
             if len(set(self.labels)) != len(self.labels):
                 raise ValueError(f"labels must be distinct; got {list(self.labels)}")
-        _at_least(self, 1, "shots", "candidates", "batch_size")
-        _at_least(self, 0, "head_hidden")
 
 
-@dataclass(frozen=True)
+@params_dataclass
 class EvaluateParams:
-    split: str = field(default="test", metadata={
+    split: Literal["test", "validation"] = field(default="test", metadata={
         "help": "test (reported results) or validation (for choosing settings: ablations never look at test)"})
-    max_new_tokens: int = field(default=48, metadata={"help": "greedy decoding length at most"})
-    batch_size: int = field(default=16, metadata={"help": "inputs per decoding batch"})
-    subset_items: int = field(default=0, metadata={
+    max_new_tokens: AtLeast1 = field(default=48, metadata={"help": "greedy decoding length at most"})
+    batch_size: AtLeast1 = field(default=16, metadata={"help": "inputs per decoding batch"})
+    subset_items: AtLeast0 = field(default=0, metadata={
         "help": "rounds before the last evaluate only the first this many test items (0 = all); the last round "
                 "always evaluates the whole test split"})
 
-    def __post_init__(self) -> None:
-        if self.split not in ("test", "validation"):
-            raise ValueError(f"split must be test or validation; got {self.split!r}")
-        _at_least(self, 1, "max_new_tokens", "batch_size")
-        _at_least(self, 0, "subset_items")
 
-
-@dataclass(frozen=True)
+@params_dataclass
 class PreferencesParams:
     path: str | None = field(default=None, metadata={
         "help": "preference data: a jsonl/csv/parquet file, a folder of them, or a hub dataset id (online); "
                 "null = none"})
-    layout: str = field(default="auto", metadata={
+    layout: PreferenceLayout = field(default="auto", metadata={
         "help": "listwise (input, text, score rows), pairwise (prompt, chosen, rejected) or auto (pairwise when "
                 "the chosen column exists)"})
     input_field: str = field(default="input", metadata={"help": "listwise: the column the candidates answer"})
@@ -396,54 +345,56 @@ class PreferencesParams:
     rejected_field: str = field(default="rejected", metadata={"help": "pairwise: the other response column"})
     prompt_template: str = field(default="{input}", metadata={
         "help": "how an input becomes the prompt the guidance reads (the data group's template, e.g.)"})
-    heldout_fraction: float = field(default=0.2, metadata={
+    heldout_fraction: Annotated[float, Field(ge=0, lt=1)] = field(default=0.2, metadata={
         "help": "share of inputs held out for evaluation when the data has no split column"})
-    weight: float = field(default=0.0, metadata={
+    weight: Annotated[float, Field(ge=0, le=1)] = field(default=0.0, metadata={
         "help": "share of preference groups among the guidance's training groups in every round (0 = the LM's "
                 "own samples only, 1 = preferences only)"})
-    prior_updates: int = field(default=0, metadata={
+    prior_updates: AtLeast0 = field(default=0, metadata={
         "help": "round 1 first fits this many updates on the preference groups alone (a prior guidance)"})
     seed: int = field(default=0, metadata={"help": "seed of the held-out split and of the mixing draw"})
 
     def __post_init__(self) -> None:
-        if self.layout not in PREFERENCE_LAYOUTS:
-            raise ValueError(f"layout must be one of {', '.join(PREFERENCE_LAYOUTS)}; got {self.layout!r}")
-        if not 0.0 <= self.heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must be in [0, 1); got {self.heldout_fraction}")
-        if not 0.0 <= self.weight <= 1.0:
-            raise ValueError(f"weight must be in [0, 1]; got {self.weight}")
-        if self.prior_updates < 0:
-            raise ValueError(f"prior_updates must be >= 0; got {self.prior_updates}")
         if "{input}" not in self.prompt_template:
             raise ValueError(f"prompt_template must contain {{input}}; got {self.prompt_template!r}")
 
 
-_KINDS: dict[str, tuple[str, Any]] = {
-    "bool": ("true or false", lambda v: isinstance(v, bool)),
-    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-    "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
-    "str": ("a string", lambda v: isinstance(v, str)),
-}
+_TYPES = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
+          "string_type": "a string", "tuple_type": "a list"}
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
 
 
-def _type_error(name: str, annotation: Any, value: Any) -> str | None:
-    """Why ``value`` does not fit a field annotated ``annotation`` (a string: this module and ptg.data use postponed
-    annotations), or None when it fits or the annotation is not a plain scalar type."""
-    kinds = [k.strip() for k in str(annotation).split("|")]
-    optional = "None" in kinds
-    kinds = [k for k in kinds if k != "None"]
-    if len(kinds) != 1 or kinds[0] not in _KINDS or (value is None and optional):
-        return None
-    what, fits = _KINDS[kinds[0]]
-    if fits(value):
-        return None
-    hint = ""
-    if isinstance(value, str) and kinds[0] in ("int", "float"):
+def _explain(cls: type, err: ValidationError) -> str:
+    """pydantic's errors for ``cls`` as this module's messages: "<key> must be <what>; got <value>", with a hint for
+    a number YAML read as a string."""
+    annotations = {f.name: str(f.type) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    out = []
+    for e in err.errors():
+        kind, value, name = e["type"], e["input"], ".".join(map(str, e["loc"]))
+        if kind == "value_error":  # raised by a __post_init__
+            out.append(str(e["ctx"]["error"]))
+        elif kind == "literal_error":
+            choices = ", ".join(re.findall(r"'([^']*)'", e["ctx"]["expected"]))
+            out.append(f"{name} must be one of {choices}; got {value!r}")
+        elif kind in _BOUNDS:
+            bound = next(iter(e["ctx"].values()))
+            bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
+            out.append(f"{name} must be {_BOUNDS[kind]} {bound}; got {value!r}")
+        elif kind in _TYPES:
+            null = " or null" if "None" in annotations.get(name.split(".")[0], "") else ""
+            out.append(f"{name} must be {_TYPES[kind]}{null}; got {value!r} ({type(value).__name__}){_hint(value)}")
+        else:
+            out.append(f"{name}: {e['msg']}; got {value!r}")
+    return "; ".join(out)
+
+
+def _hint(value: Any) -> str:
+    if isinstance(value, str):
         with contextlib.suppress(ValueError):
             float(value)
-            hint = (" (YAML reads an exponent without a dot as a string: write 5.0e-4, not 5e-4)"
+            return (" (YAML reads an exponent without a dot as a string: write 5.0e-4, not 5e-4)"
                     if "e" in value.lower() else " (quoted, it is a string: write it without quotes)")
-    return f"{name} must be {what}{' or null' if optional else ''}; got {value!r} ({type(value).__name__}){hint}"
+    return ""
 
 
 def _build(cls: type[T], values: Any, where: str) -> T:
@@ -458,32 +409,26 @@ def _build(cls: type[T], values: Any, where: str) -> T:
         raise ParamsError(f"{where}: missing key(s) {', '.join(missing)}")
     values = {n: _build(_NESTED[f.type], values[n], f"{where}.{n}") if f.type in _NESTED else values[n]
               for n, f in fields.items()}
-    wrong = [e for n, f in fields.items() if (e := _type_error(n, f.type, values[n])) is not None]
-    if wrong:
-        raise ParamsError(f"{where}: " + "; ".join(wrong))
     try:
         return cls(**values)
-    except (TypeError, ValueError) as e:
-        raise ParamsError(f"{where}: {e}") from e
+    except ValidationError as e:
+        raise ParamsError(f"{where}: {_explain(cls, e)}") from None
 
 
 _NESTED: dict[str, type] = {"LoraParams": LoraParams}  # a group's sub-mapping, built and checked like a group
-LOG_MODELS: tuple[str, ...] = ("best", "all", "none")
+LogModels = Literal["best", "all", "none"]
+LOG_MODELS = get_args(LogModels)
 
 
-@dataclass(frozen=True)
+@params_dataclass
 class TrackingParams:
     """What MLflow keeps (not a DVC param: changing it reruns nothing)."""
 
-    log_models: str = field(default="best", metadata={
+    log_models: LogModels = field(default="best", metadata={
         "help": "best (one registered version each of the best-evaluated PTG LM, transformers flavour in bf16, and "
                 "of the guidance that trained it; superseded versions are deleted with their weights), all (every "
                 "train_lm, fit_guidance and baseline folder logged and registered) or none (runs, metrics and "
                 "artifacts only); the models always stay in DVC"})
-
-    def __post_init__(self) -> None:
-        if self.log_models not in LOG_MODELS:
-            raise ValueError(f"log_models must be one of {', '.join(LOG_MODELS)}; got {self.log_models!r}")
 
 
 GROUPS: dict[str, type] = {

@@ -1,6 +1,6 @@
 """Train/validation/test examples for the ``prepare`` stage: from the Python standard library, a folder or the Hub.
 
-Three sources, chosen by ``DataConfig.source``:
+Three sources, chosen by ``ptg.config.DataConfig.source``:
 
 * ``"python-docstrings"`` (default, offline): every documented function and method of the running interpreter's
   standard library becomes an example whose input is the function's code with the docstring removed and whose
@@ -31,15 +31,17 @@ import time
 import tokenize
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from ptg.io import import_extra, read_records
 from ptg.schemas import SPLITS, check_disjoint_splits
+
+if TYPE_CHECKING:
+    from ptg.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,33 +56,6 @@ MAX_TARGET_WORDS = 40
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 _SIGNATURE_RE = re.compile(r"^[\w.]+\s*\(.*?\)\s*(->|-->|=>)")
 _BLANK_LINE_RE = re.compile(r"\n\s*\n")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    source: str = field(default=DOCSTRINGS_SOURCE, metadata={
-        "help": "'python-docstrings' (stdlib code -> docstring summary), a local folder, or a Hugging Face id"})
-    input_field: str = field(default="input", metadata={"help": "input column of a local or Hub dataset"})
-    target_field: str = field(default="target", metadata={
-        "help": "target column of a local or Hub dataset; a list value means several references"})
-    max_train: int = field(default=256, metadata={"help": "train examples at most (seeded sample); 0 keeps all"})
-    max_validation: int = field(default=64, metadata={"help": "validation examples at most; 0 keeps all"})
-    max_test: int = field(default=64, metadata={"help": "test examples at most; 0 keeps all"})
-    prompt_template: str = field(default="Summarize what this Python function does in one sentence.\n\n{input}",
-                                 metadata={"help": "prompt format; '{input}' is the only placeholder"})
-    max_input_chars: int = field(default=2000, metadata={
-        "help": "drop examples whose input is longer than this many characters; 0 keeps all"})
-    seed: int = field(default=0, metadata={"help": "seed of the sample that caps each split"})
-
-    def __post_init__(self) -> None:
-        for name in ("max_train", "max_validation", "max_test", "max_input_chars"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"DataConfig.{name} must be >= 0 (0 = no limit); got {getattr(self, name)!r}")
-        template_fields(self.prompt_template)
-
-    def cap(self, split: str) -> int:
-        """The row cap of ``split`` (0 = none)."""
-        return {"train": self.max_train, "validation": self.max_validation, "test": self.max_test}[split]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from ptg import fewshot, schemas
-from ptg.data import DataConfig, source_kind
+from ptg.config import DataConfig
+from ptg.data import source_kind
 from ptg.io import read_table
 
 if TYPE_CHECKING:
