@@ -169,10 +169,7 @@ def dvc_stage(stage: str, workdir: str, parent_run_id: str | None = None) -> boo
     """``dvc repro --single-item <stage>`` in ``workdir``, output streamed to the run log. True when the stage ran,
     False when DVC found it up to date."""
     logger = get_run_logger()
-    env = dvc_env() | {"MLFLOW_TRACKING_URI": tracking.tracking_uri(Path(workdir))}
-    env.pop(tracking.PARENT_ENV, None)
-    if parent_run_id:
-        env[tracking.PARENT_ENV] = parent_run_id
+    env = tracking.child_env(parent_run_id, Path(workdir), dvc_env())
     proc = subprocess.Popen(["dvc", "repro", "--single-item", stage], cwd=workdir, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     ran = False

@@ -7,7 +7,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted([*(ROOT / "src" / "ptg").rglob("*.py"), *(ROOT / "stages").glob("*.py"),
                   *(ROOT / "flows").glob("*.py")])
-PTG_MODULES = {p.stem for p in (ROOT / "src" / "ptg").glob("*.py")}
+PTG_MODULES = {p.stem for p in (ROOT / "src" / "ptg").glob("*.py")} | {
+    p.parent.name for p in (ROOT / "src" / "ptg").glob("*/__init__.py")}  # modules and packages
 
 
 def private_uses(source: str) -> list[str]:

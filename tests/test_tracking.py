@@ -218,7 +218,7 @@ def test_log_models_best_keeps_one_version_with_weights(project, tiny_models, tm
     assert tracking.set_best_alias(tracking.LM_MODEL, tiny_models[1], "rougeL", 10.0) == "1"
     assert c.get_model_version(tracking.LM_MODEL, "1").tags["eval.rougeL"] == "12.0"
     assert [str(v.version) for v in c.search_model_versions(f"name='{tracking.LM_MODEL}'")] == ["1"]
-    first_id = tracking._logged_model_id(c.get_model_version(tracking.LM_MODEL, "1"))
+    first_id = tracking.logged_model_id(c.get_model_version(tracking.LM_MODEL, "1"))
     first = _local(c.get_logged_model(first_id).artifact_location)
     assert any(first.rglob("*.safetensors"))
     assert tracking.set_best_alias(tracking.LM_MODEL, third, "rougeL", 13.0) == "2"
@@ -460,7 +460,7 @@ def test_against_a_real_mlflow_server(project, tiny_models, mlflow_server, monke
         log_round(r, tiny_models[r], "train_lm", tracking.LM_MODEL)
     assert tracking.set_best_alias(tracking.LM_MODEL, tiny_models[1], "rougeL", 5.0) == "1"
     c = client()
-    first_id = tracking._logged_model_id(c.get_model_version(tracking.LM_MODEL, "1"))
+    first_id = tracking.logged_model_id(c.get_model_version(tracking.LM_MODEL, "1"))
     assert c.list_logged_model_artifacts(first_id)
     assert tracking.set_best_alias(tracking.LM_MODEL, tiny_models[2], "rougeL", 6.0) == "2"
     tracking.end_parent(parent)

@@ -44,7 +44,6 @@ import yaml
 from ptg import stats, tracking
 from ptg.config import rounds as config_rounds
 from ptg.io import atomic_path, read_json, write_json
-from ptg.tracking import tracking_uri
 from ptg.workspace import PACKAGE, copy_pipeline, dvc_env, template_file
 
 log = logging.getLogger(__name__)
@@ -58,8 +57,8 @@ def _run(cmd: list[str], cwd: Path, threads: int | None = None) -> float:
     it waited for. The stages import the snapshot of src/ (PYTHONPATH comes before the editable install's path),
     track to the checkout's MLflow store, find the model wheel in the checkout's cache (experiments run in DVC's
     temporary copies) and, with ``threads``, use that many threads each."""
-    env = dvc_env() | {"PYTHONPATH": str(cwd / "src"), "MLFLOW_TRACKING_URI": tracking_uri(),
-                       "PTG_CACHE": str(Path(os.environ.get("PTG_CACHE", ".cache")).resolve())}  # the model wheel
+    env = tracking.child_env(None, base=dvc_env()) | {
+        "PYTHONPATH": str(cwd / "src"), "PTG_CACHE": str(Path(os.environ.get("PTG_CACHE", ".cache")).resolve())}
     if threads is not None:
         env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(cmd, cwd=cwd, env=env)
@@ -161,20 +160,12 @@ def run_experiment(directory: Path, name: str, overrides: list[str], targets: Se
     return out
 
 
-def _init_store() -> None:
-    """Create the checkout's MLflow store and experiment once, before experiments open runs side by side (MLflow's
-    sqlite schema migration fails when several processes create the same new database at once)."""
-    tracker = tracking.get_tracker()
-    if isinstance(tracker, tracking.MlflowTracker):
-        tracker.create_store()
-
-
 def run_all(directory: Path, experiments: Sequence[tuple[str, list[str], Sequence[str]]], jobs: int) -> None:
     """Run ``experiments`` ((name, overrides, targets)), ``jobs`` at a time, each stage with cores // jobs
     threads; the first failure is raised after the others finish (each resumes on the next call)."""
     jobs = max(1, min(jobs, len(experiments)))
     if jobs > 1:
-        _init_store()
+        tracking.create_store()  # once, before experiments open runs side by side
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = [pool.submit(run_experiment, directory, name, overrides, targets, threads)

@@ -111,8 +111,13 @@ def backfill(directory: str = typer.Option(None, "--dir", help="folder of pendin
     """Replay the MLflow records a stage could not log (server down) into the configured store."""
     from ptg import tracking
 
-    args = ["backfill"] + (["--dir", directory] if directory else [])
-    raise typer.Exit(tracking.main(args))
+    try:
+        done, pending = tracking.backfill(directory or tracking.PENDING_DIR)
+    except Exception as e:
+        typer.echo(f"backfill failed: {type(e).__name__}: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{done} replayed, {pending} still pending")
+    raise typer.Exit(1 if pending else 0)
 
 
 @app.command("prefect-setup", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
