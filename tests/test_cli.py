@@ -1,11 +1,13 @@
-"""The `ptg` command: it lists its commands and passes options through to the module that does the work."""
+"""The `ptg` command: it lists its commands and passes options through to the library function that does the work."""
 
 import shutil
 import subprocess
 
+import pytest
 from conftest import REPO
 from typer.testing import CliRunner
 
+from ptg import cli
 from ptg.cli import app
 
 runner = CliRunner()
@@ -14,8 +16,8 @@ runner = CliRunner()
 def test_help_lists_every_command():
     out = runner.invoke(app, ["--help"])
     assert out.exit_code == 0
-    for command in ("init", "run", "quick", "bench", "perf", "guidance", "annotate", "model", "report", "backfill",
-                    "ui", "prefect-setup"):
+    for command in ("init", "run", "track", "quick", "bench", "perf", "guidance", "annotate", "model", "report",
+                    "backfill", "ui", "prefect-setup"):
         assert command in out.output
     console = shutil.which("ptg", path=str(REPO / ".venv" / "bin"))
     if console:  # the installed console script is the same app
@@ -39,6 +41,40 @@ def test_bench_passes_its_options_through(tmp_path):
     out = runner.invoke(app, ["bench", "--collect-only", "--dir", str(tmp_path / "none"), "--out",
                               str(tmp_path / "out")])
     assert isinstance(out.exception, FileNotFoundError) and "no finished seed" in str(out.exception)
+
+
+def test_regroup_keeps_the_documented_multi_value_options():
+    argv = ["bench", "--seeds", "0", "1", "--ablation", "pg", "a.b=1", "c.d=x", "--jobs", "2", "--arm", "solo"]
+    assert cli.regroup(argv) == ["bench", "--seeds", "0", "--seeds", "1", "--ablation",
+                                 f"pg{cli.SEP}a.b=1{cli.SEP}c.d=x", "--jobs", "2", "--arm", "solo"]
+    assert cli.regroup(["bench", "--seeds"]) == ["bench", "--seeds"]  # click then says it needs a value
+
+
+def test_bench_options_reach_the_library_as_argparse_gave_them(tmp_path, monkeypatch):
+    """`ptg bench --seeds 3 4 --ablation NAME K=V K=V --ablation-seeds 1 2 --no-arms` as the README writes it."""
+    from ptg import bench
+
+    calls = []
+    monkeypatch.setattr(bench, "run", lambda *a: calls.append(a))
+    argv = ["bench", "--seeds", "3", "4", "--jobs", "2", "--dir", str(tmp_path / "b"), "--out", str(tmp_path / "o"),
+            "--ablation", "pg", "train_lm.pg_coeff=0.5", "train_lm.pg_credit=token", "--ablation", "k5",
+            "sample.num_samples=5", "--ablation-seeds", "1", "2", "--ablations-only"]
+    with pytest.raises(SystemExit) as done:
+        cli.main(argv)
+    assert done.value.code == 0
+    (params, directory, out, seeds, arms, jobs, collect_only, ablations, ablation_seeds, only), = calls
+    assert params.name == "bench.yaml" and directory == (tmp_path / "b").resolve() and out == tmp_path / "o"
+    assert seeds == [3, 4] and jobs == 2 and not collect_only and only
+    assert ablations == [["pg", "train_lm.pg_coeff=0.5", "train_lm.pg_credit=token"], ["k5", "sample.num_samples=5"]]
+    assert ablation_seeds == [1, 2] and arms == bench.ARMS
+    calls.clear()
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--no-arms", "--arm", "x", "a=1"])
+    assert calls[0][3] == [0, 1, 2] and calls[0][4] == ()
+    calls.clear()
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--arm", "x", "a=1", "b=2"])
+    assert calls[0][4] == [["x", "a=1", "b=2"]]
 
 
 def test_guidance_passes_its_options_through(tmp_path):

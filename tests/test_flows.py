@@ -524,7 +524,7 @@ def test_two_deployment_runs_for_one_workspace_run_one_after_the_other(env, flow
     print(f"runs' task spans: {a_start} .. {a_end}, then {b_start} .. {b_end}")
 
 
-def test_prefect_setup_is_idempotent_and_matches_prefect_yaml(env, harness, capsys):
+def test_prefect_setup_is_idempotent_and_matches_prefect_yaml(env, harness):
     """`ptg prefect-setup` twice: one pool, one automation, its window the last one asked for; and the heartbeat the
     window assumes is the one prefect.yaml gives every deployment's runs."""
     import asyncio
@@ -540,9 +540,15 @@ def test_prefect_setup_is_idempotent_and_matches_prefect_yaml(env, harness, caps
         prefect_setup.zombie_automation(prefect_setup.HEARTBEAT_S)
 
     pool = "ptg-process-setup-test"
-    assert prefect_setup.main(["--pool", pool, "--crash-after", "45"]) == 0
-    assert prefect_setup.main(["--pool", pool]) == 0
-    out = capsys.readouterr().out
+    from typer.testing import CliRunner
+
+    from ptg.cli import app
+
+    runner = CliRunner()
+    first = runner.invoke(app, ["prefect-setup", "--pool", pool, "--crash-after", "45"])
+    again = runner.invoke(app, ["prefect-setup", "--pool", pool])
+    assert first.exit_code == 0 and again.exit_code == 0, first.output + again.output
+    out = first.output + again.output
     assert f"'{pool}': created (process)" in out and f"'{pool}': exists (process)" in out
 
     async def read():

@@ -34,3 +34,24 @@ def test_no_module_uses_another_modules_private_names():
 def test_the_check_finds_both_forms():
     assert private_uses("from ptg.models import _pad, collate\nfrom ptg import io\nio._short(1)\n") == [
         "from ptg.models import _pad", "io._short"]
+
+
+def command_line_uses(source: str) -> list[str]:
+    """``import argparse`` / ``from argparse import ...`` and calls of ``print``: the command line's business."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out += [f"import {a.name}" for a in node.names if a.name == "argparse"]
+        elif isinstance(node, ast.ImportFrom) and node.module == "argparse":
+            out.append("from argparse import")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+            out.append(f"print() at line {node.lineno}")
+    return out
+
+
+def test_only_the_ptg_command_parses_arguments_and_prints():
+    """One command line (`ptg`, typer, in ptg.cli) over library functions that log and return; no argparse."""
+    library = [p for p in (ROOT / "src" / "ptg").rglob("*.py") if p.name != "cli.py" and "template" not in p.parts]
+    found = {str(p.relative_to(ROOT)): uses for p in library if (uses := command_line_uses(p.read_text()))}
+    assert not found, found
+    assert command_line_uses("import argparse\nprint(1)\n") == ["import argparse", "print() at line 2"]

@@ -365,12 +365,13 @@ def test_a_pending_record_refers_to_the_stages_metrics_files_and_refuses_them_ch
     assert runs_by_name(client())["sample@1"].data.metrics == {"seconds": 1.5, "history/loss": 2.0}
 
 
-def test_run_cli_wraps_dvc_repro(project):
-    """`python -m ptg.tracking run -- dvc repro`: one parent, a nested run per stage execution, exit code passed."""
-    done = subprocess.run([sys.executable, "-m", "ptg.tracking", "run", "--name", "repro", "--", "dvc", "repro"],
+def test_track_wraps_dvc_repro(project):
+    """`ptg track -- dvc repro` (what the bench runs each experiment under): one parent, a nested run per stage
+    execution, the exit code passed on."""
+    done = subprocess.run([sys.executable, "-m", "ptg.cli", "track", "--name", "repro", "--", "dvc", "repro"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    failed = subprocess.run([sys.executable, "-m", "ptg.tracking", "run", "--name", "broken", "--",
+    failed = subprocess.run([sys.executable, "-m", "ptg.cli", "track", "--name", "broken", "--",
                              sys.executable, "-c", "raise SystemExit(3)"], capture_output=True, text=True)
     assert failed.returncode == 3
     runs = runs_by_name(client())

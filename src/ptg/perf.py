@@ -16,12 +16,11 @@ On CUDA (``--device cuda``, or ``auto`` where a GPU is present) every row runs o
 precision there (bf16 autocast, ``generate`` under the same autocast) and the peak is the bf16 matmul peak.
 
 Writes metrics/perf.json and prints a table.
-Run: python -m ptg.perf [--device auto|cpu|cuda] [--threads N] [--prompts N] [--batch-size N] [--out metrics/perf.json]
+Run: ptg perf [--device auto|cpu|cuda] [--threads N] [--prompts N] [--batch-size N] [--out metrics/perf.json]
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import subprocess
@@ -33,8 +32,7 @@ from typing import Any
 
 import torch
 
-from ptg.io import write_json
-from ptg.precision import autocast, resolve_device, resolve_precision
+from ptg.precision import autocast, resolve_precision
 from ptg.workspace import TEMPLATE
 
 log = logging.getLogger(__name__)
@@ -331,25 +329,3 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{t['trainable_parameters'] / 1e6:.1f}M | {speedup:.2f}x | |")
     lines.append("| start-up (s) | " + ", ".join(f"{k} {v:.1f}" for k, v in result["startup_s"].items()) + " | | | |")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ptg.perf", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    ap.add_argument("--prompts", type=int, default=24, help="prompts per decoding measurement")
-    ap.add_argument("--batch-size", type=int, default=16, help="prompts per decoding batch")
-    ap.add_argument("--out", default="metrics/perf.json")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s perf %(levelname)s %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = run(args.prompts, device=resolve_device(args.device), batch_size=args.batch_size)
-    write_json(Path(args.out), result)
-    print(format_table(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

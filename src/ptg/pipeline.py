@@ -8,7 +8,6 @@ them, so a stage that loads no model (prepare, preferences, rank with a metric, 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
@@ -78,15 +77,19 @@ class Context:
 
 def cli(main: Callable[..., None], doc: str | None, per_round: bool = True) -> None:
     """The command line of a stage script: ``[--round R] [--params params.yaml]``, then ``main(R, params)``."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    import typer
+
+    params_opt = typer.Option("params.yaml", "--params", help="params file")
     if per_round:
-        ap.add_argument("--round", type=int, required=True, help="the PTG round (1, 2, ...)")
-    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    args = ap.parse_args()
-    if per_round:
-        main(args.round, args.params)
+        def command(round_: int = typer.Option(..., "--round", help="the PTG round (1, 2, ...)"),
+                    params: str = params_opt) -> None:
+            main(round_, params)
     else:
-        main(args.params)
+        def command(params: str = params_opt) -> None:  # type: ignore[misc]
+            main(params)
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+    app.command(help=doc)(command)
+    app()
 
 
 def start(stage: str, params: str | Path = "params.yaml", with_torch: bool = True) -> Context:

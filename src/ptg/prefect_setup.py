@@ -17,8 +17,6 @@ run of ``python flows/ptg_flow.py`` against a server keeps Prefect's default hea
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 from datetime import timedelta
 
 FLOW = "ptg-pipeline"  # the flow's name (flows/ptg_flow.py)
@@ -120,27 +118,3 @@ def api_url() -> str:
 async def setup(pool: str = PROCESS_POOL, pool_type: str = "process", crash_after_s: int = CRASH_AFTER_S
                 ) -> list[str]:
     return [await ensure_work_pool(pool, pool_type), await ensure_zombie_automation(crash_after_s)]
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="ptg prefect-setup", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pool", default=PROCESS_POOL, help=f"work pool to create if absent (default {PROCESS_POOL})")
-    ap.add_argument("--type", dest="pool_type", default="process", help="its type (default process; docker for "
-                    "ptg-gpu)")
-    ap.add_argument("--crash-after", type=int, default=CRASH_AFTER_S, metavar="SECONDS",
-                    help=f"seconds without a heartbeat before a run is set to Crashed (default {CRASH_AFTER_S}; "
-                         f"more than the {HEARTBEAT_S} s heartbeat period)")
-    args = ap.parse_args(argv)
-    try:
-        zombie_automation(args.crash_after)  # a bad window fails before anything is created
-    except ValueError as e:
-        ap.error(str(e))
-    url = api_url()
-    for line in asyncio.run(setup(args.pool, args.pool_type, args.crash_after)):
-        print(f"{url}: {line}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -7,16 +7,14 @@ references, against ROUGE-L and METEOR; writes token-reward heatmaps of held-out
 tracks the run in MLflow like a stage (``fit_preferences``). ``score`` writes every token's reward and each
 text's score for a file of (input, text) rows.
 
-Run: python -m ptg.preference_guidance fit FILE --out DIR [--params params.yaml] [--updates N]
-     python -m ptg.preference_guidance eval GUIDANCE FILE --out DIR [--tokenizer DIR]   (any guidance)
-     python -m ptg.preference_guidance score GUIDANCE FILE --out FILE.jsonl [--tokenizer DIR]
+Run: ptg guidance fit FILE --out DIR [--params params.yaml] [--updates N]
+     ptg guidance eval GUIDANCE FILE --out DIR [--tokenizer DIR]   (any guidance)
+     ptg guidance score GUIDANCE FILE --out FILE.jsonl [--tokenizer DIR]
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +101,6 @@ def fit_file(pp: PreferencesParams, out: Path, params: str | Path = "params.yaml
                        summary | {f"heldout_{k}_accuracy": v["accuracy"] for k, v in report.items() if "accuracy" in v},
                        history=pd.DataFrame(result.history), artifacts=files,
                        model_dir=out / "guidance", registered_name="ptg-guidance", step_metrics_on_parent=False)
-    print(format_report(report))
     return {"summary": summary, "report": report}
 
 
@@ -132,7 +129,6 @@ def write_heldout(guidance: Any, tok: Any, fit: tuple[pd.DataFrame, list[Any]], 
     shown = pd.DataFrame({"id": rows["group"], "prediction": [f"score {s:g}: {t}" for s, t in
                                                                zip(rows["score"], rows["text"], strict=True)]})
     files = save_heatmaps(tok, shown, responses, rewards, out / "heatmap")
-    print(format_report(report))
     return report, [out / "heldout.json", out / "heldout.md", out / "heldout_candidates.csv", *files]
 
 
@@ -202,42 +198,3 @@ def score_file(guidance_dir: Path, path: Path, out: Path, pp: PreferencesParams,
         else:
             table.to_json(tmp, orient="records", lines=True, force_ascii=False)
     return table
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ptg.preference_guidance", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True)
-    f = sub.add_parser("fit", help="fit a guidance on a preference file and report held-out accuracy")
-    f.add_argument("path")
-    f.add_argument("--out", required=True)
-    f.add_argument("--base", default=None, help="folder with lm/ and guidance/backbone (default: from params)")
-    f.add_argument("--updates", type=int, default=None, help="guidance updates (default: fit_guidance.max_updates)")
-    e = sub.add_parser("eval", help="held-out accuracy of any guidance on a preference file")
-    e.add_argument("guidance")
-    e.add_argument("path")
-    e.add_argument("--out", required=True)
-    s = sub.add_parser("score", help="token-level and sequence scores of a file of texts")
-    s.add_argument("guidance")
-    s.add_argument("path")
-    s.add_argument("--out", required=True)
-    for p in (e, s):
-        p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the guidance's backbone folder)")
-    for p in (f, e, s):
-        p.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
-    from ptg.config import load_group
-
-    pp = dataclasses.replace(load_group("preferences", args.params), path=args.path)
-    tokenizer = Path(args.tokenizer) if getattr(args, "tokenizer", None) else None
-    if args.command == "fit":
-        fit_file(pp, Path(args.out), args.params, Path(args.base) if args.base else None, args.updates)
-    elif args.command == "eval":
-        evaluate_file(Path(args.guidance), pp, Path(args.out), args.params, tokenizer)
-    else:
-        score_file(Path(args.guidance), Path(args.path), Path(args.out), pp, args.params, tokenizer)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -125,7 +125,6 @@ def collect(directory: Path, out: Path, seeds: Sequence[int], arms: Sequence[Seq
         tmp.write_text(table + "\n")
     with atomic_path(out / "accuracy_vs_calls.png") as tmp:
         plot(summary, tmp.with_suffix(".png")).rename(tmp)
-    print(table)
     return summary
 
 

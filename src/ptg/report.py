@@ -1,12 +1,11 @@
 """PTG against the MLE baseline, round by round, from the per-round metrics JSON files.
 
 ``build_report`` (the `report` stage) writes metrics/report/{eval_by_round,guidance_by_round}.csv for `dvc plots`;
-``python -m ptg.report`` prints the table from them (``make run`` does, after ``dvc repro``).
+``ptg report`` prints the table from them (``make run`` does, after ``dvc repro``).
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -71,10 +70,7 @@ def format_report(evals: pd.DataFrame, guidance: pd.DataFrame) -> str:
             + shown.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
 
 
-def main(metrics_dir: str = "metrics") -> None:
-    out = Path(metrics_dir) / "report"
-    print(format_report(pd.read_csv(out / "eval_by_round.csv"), pd.read_csv(out / "guidance_by_round.csv")))
-
-
-if __name__ == "__main__":
-    main(*sys.argv[1:])
+def read_report(metrics_dir: Path = Path("metrics")) -> str:
+    """The table of a finished run, from the CSVs the report stage wrote under ``metrics_dir``/report."""
+    out = metrics_dir / "report"
+    return format_report(pd.read_csv(out / "eval_by_round.csv"), pd.read_csv(out / "guidance_by_round.csv"))
