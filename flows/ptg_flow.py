@@ -10,7 +10,7 @@ params file (``device: auto``), never from here.
 With the repository's params.yaml the pipeline runs in the repository itself; with another params file, a given
 ``workdir``, or a ``rounds`` or ``launcher`` override it runs in a scratch DVC workspace
 (``ptg.workspace.make_workspace``; default build/<params file stem>, the folder ``make quick`` uses for
-configs/quick.yaml). The overrides are written into the workspace's params.yaml (``param_overrides``):
+configs/quick.yaml). The overrides are written into the workspace's params.yaml (``ptg.workspace.param_overrides``):
 ``rounds=N`` runs rounds 1..N (that chain), ``launcher`` is the command fit_guidance, train_lm and baseline start
 with (e.g. "accelerate launch --multi_gpu --num_processes 4": data parallel on 4 GPUs; README, "When one machine
 is not enough").
@@ -22,31 +22,20 @@ Deployments (a Prefect server, work pools, workers): see prefect.yaml.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import hashlib
-import re
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import typer
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.client.schemas.objects import ConcurrencyLeaseHolder
-from prefect.concurrency.sync import concurrency
-from prefect.context import FlowRunContext
-from prefect.exceptions import ObjectAlreadyExists
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
 from ptg import tracking
-from ptg.config import load_group
 from ptg.prefect_setup import FLOW
-from ptg.workspace import dvc_env, make_workspace, workspace_lock
+from ptg.workspace import dvc_env, make_workspace, param_overrides, workspace_lock, workspace_slot, write_overrides
 
 REPO = Path(__file__).resolve().parents[1]  # the project this flow file belongs to (a checkout or `ptg init`'s)
 # Stages that download (base_model), run the model on the accelerator or write large folders: worth a retry.
@@ -54,28 +43,11 @@ RETRIED_STAGES = frozenset({"base_model", "sample", "fit_guidance", "train_lm", 
 RETRIES = 2
 RETRY_DELAYS_S = [30, 120]
 WORKSPACES = REPO / "build"  # `make quick` uses build/quick too
-# A deployment run holds its workspace's slot under a lease it renews every 3/4 of this; a run killed with its
-# worker frees the slot when the lease expires (the server checks every 15 s). 60 s is the server's minimum.
-SLOT_LEASE_S = 60
 
 
 def _resolve(params_file: str) -> Path:
     path = Path(params_file)
     return path.resolve() if path.exists() or path.is_absolute() else (REPO / path).resolve()
-
-
-def param_overrides(rounds: int | None = None, launcher: str | None = None) -> dict[str, Any]:
-    """The top-level params.yaml values the flow's parameters set (none for a parameter left at None): ``rounds``
-    as the chain 1..N in the format ptg.config reads, ``launcher`` as given (checked with the rest of the params
-    once written, by ``prepare_workdir``)."""
-    overrides: dict[str, Any] = {}
-    if rounds is not None:
-        if rounds < 1:
-            raise ValueError(f"rounds must be >= 1; got {rounds}")
-        overrides["rounds"] = {str(r): {"prev": r - 1} for r in range(1, rounds + 1)}
-    if launcher is not None:
-        overrides["launcher"] = launcher
-    return overrides
 
 
 def workdir_of(params_file: str, workdir: str | None, overrides: dict[str, Any]) -> Path:
@@ -87,50 +59,17 @@ def workdir_of(params_file: str, workdir: str | None, overrides: dict[str, Any])
     return Path(workdir or WORKSPACES / params.stem).resolve()
 
 
-def workspace_limit_name(root: Path) -> str:
-    """The global concurrency limit of workspace ``root``: one per resolved path (a limit name cannot hold '/')."""
-    root = Path(root).resolve()
-    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", root.name)[:40]
-    return f"ptg-workspace-{stem}-{hashlib.sha256(str(root).encode()).hexdigest()[:12]}"
-
-
-@contextlib.contextmanager
-def workspace_slot(root: Path) -> Iterator[None]:
-    """For a deployment run: wait for, then hold, the one slot of ``root``'s global concurrency limit, so a second
-    deployment run for the same workspace queues behind the first (runs for other workspaces do not). The limit
-    (limit 1) is created here when missing: Prefect never creates one on acquisition (with ``strict=False`` it
-    only warns and runs unlimited), hence ``strict=True``. Other runs (``python flows/ptg_flow.py``, a flow called
-    in Python) skip this and rely on ``workspace_lock`` alone."""
-    context = FlowRunContext.get()
-    if context is None or context.flow_run is None or context.flow_run.deployment_id is None:
-        yield
-        return
-    name = workspace_limit_name(root)
-    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
-        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-    get_run_logger().info(f"Waiting for the slot of global concurrency limit {name!r} (workspace {root})")
-    # A failed lease renewal (a busy server) does not stop the run: the file lock still keeps others out.
-    with concurrency(name, occupy=1, lease_duration=SLOT_LEASE_S, strict=True, raise_on_lease_renewal_failure=False,
-                     holder=ConcurrencyLeaseHolder(type="flow_run", id=context.flow_run.id)):
-        get_run_logger().info(f"Holding workspace {root} (global concurrency limit {name!r})")
-        yield
-
-
 @task(cache_policy=NO_CACHE)
 def prepare_workdir(params_file: str, root: Path, overrides: dict[str, Any] | None = None) -> str:
     """Make or refresh the scratch workspace ``root`` (nothing to do for the repository itself) and write
-    ``overrides`` (``param_overrides``) into its params.yaml; a bad value fails here, naming the key and value,
-    before any stage runs."""
+    ``overrides`` (``ptg.workspace.param_overrides``) into its params.yaml; a bad value fails here, naming the key
+    and value, before any stage runs, and leaves the params file as it was."""
     params = _resolve(params_file)
     if root == REPO:
         return str(REPO)
     root = make_workspace(params, root)
     if overrides:
-        path = root / "params.yaml"
-        values = yaml.safe_load(path.read_text())
-        values.update(overrides)
-        path.write_text(yaml.safe_dump(values, sort_keys=False))
-        load_group("run", path)  # the launcher, with the other top-level keys
+        write_overrides(root, overrides)
     return str(root)
 
 
@@ -207,16 +146,19 @@ def ptg_pipeline(rounds: int | None = None, params_file: str = "params.yaml", wo
         return ran
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml", help="params file (default: the repository's params.yaml)")
-    ap.add_argument("--rounds", type=int, default=None, help="run rounds 1..N (default: the params' rounds)")
-    ap.add_argument("--launcher", default=None,
-                    help='command fit_guidance, train_lm and baseline start with (default: the params\' launcher), '
-                         'e.g. "accelerate launch --multi_gpu --num_processes 4"')
-    ap.add_argument("--workdir", default=None, help="scratch workspace folder (default build/<stem>)")
-    args = ap.parse_args()
+def main(params: str = typer.Option("params.yaml", help="params file (default: the repository's params.yaml)"),
+         rounds: int = typer.Option(None, help="run rounds 1..N (default: the params' rounds)"),
+         launcher: str = typer.Option(None, help="command fit_guidance, train_lm and baseline start with (default: "
+                                      "the params' launcher), e.g. 'accelerate launch --multi_gpu --num_processes 4'"),
+         workdir: str = typer.Option(None, help="scratch workspace folder (default build/<stem>)")) -> None:
+    """Run the ptg-pipeline flow here, with Prefect's temporary local API when no server is configured."""
     # The temporary local API gets 20 s to start by default, too little on a busy 2-core machine.
     startup = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
     with temporary_settings({startup: max(120, startup.value())}):
-        ptg_pipeline(rounds=args.rounds, params_file=args.params, workdir=args.workdir, launcher=args.launcher)
+        ptg_pipeline(rounds=rounds, params_file=params, workdir=workdir, launcher=launcher)
+
+
+if __name__ == "__main__":
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(main)
+    app()

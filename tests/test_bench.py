@@ -11,7 +11,8 @@ import yaml
 from conftest import REPO
 
 from ptg import bench, cli, stats
-from ptg.workspace import dvc_env
+from ptg.bench import experiments
+from ptg.workspace import commit, dvc_env
 
 
 def _fake_seed(root, seed, rng, delta, n_items=40, rounds=(1, 2), name=None, info=None):
@@ -165,34 +166,45 @@ def test_bench_runs_seeds_side_by_side_as_dvc_experiments_and_resumes(tmp_path):
     assert (directory / "results" / "seed-3" / "seconds.json").read_text() == seconds
 
 
-def test_a_finished_experiment_is_reused_only_with_the_same_params(tmp_path, monkeypatch):
+def test_a_finished_experiment_is_reused_only_with_the_same_snapshot(tmp_path, monkeypatch):
+    """The key a finished experiment is reused by is the bench repository's committed tree (code and bench params,
+    read from git itself), its overrides and its targets; only the DVC run and the export are stand-ins."""
     calls = []
-
-    def fake_run(cmd, cwd, threads=None):
-        calls.append(cmd)
-        return 1.0
-
-    monkeypatch.setattr(bench, "_run", fake_run)
-    monkeypatch.setattr(bench, "_snapshot", lambda directory: (directory / "params.yaml").read_text())
-    monkeypatch.setattr(bench, "_export_metrics", lambda directory, name, dest: (dest / "metrics").mkdir(parents=True))
+    monkeypatch.setattr(experiments, "run_tracked", lambda cmd, cwd, threads=None: calls.append(cmd) or 1.0)
+    monkeypatch.setattr(experiments, "export_metrics",
+                        lambda directory, name, dest: (dest / "metrics").mkdir(parents=True))
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
+    (tmp_path / ".gitignore").write_text("/.dvc/tmp/\n/results/\n")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "train.py").write_text("LR = 1\n")
     (tmp_path / "params.yaml").write_text("seed: 0\n")
+    commit(tmp_path, ["."], "bench")
     ran = lambda: sum("exp" in c for c in calls)  # noqa: E731
     bench.run_experiment(tmp_path, "seed-0", ["seed=0"])
     bench.run_experiment(tmp_path, "seed-0", ["seed=0"])
-    assert ran() == 1  # the same bench params: skipped
+    assert ran() == 1  # the same snapshot: skipped
     (tmp_path / "params.yaml").write_text("seed: 0\ntrain_lm: {normalize: batch}\n")
+    commit(tmp_path, ["."], "other bench params")
     bench.run_experiment(tmp_path, "seed-0", ["seed=0"])
     assert ran() == 2  # other bench params: the stale result is not reused
+    (tmp_path / "src" / "train.py").write_text("LR = 2\n")
+    commit(tmp_path, ["."], "other code")
+    bench.run_experiment(tmp_path, "seed-0", ["seed=0"])
+    assert ran() == 3  # other code
+    bench.run_experiment(tmp_path, "seed-0", ["seed=0"], targets=["evaluate@1"])
+    assert ran() == 4  # other targets
     bench.run_experiment(tmp_path, "seed-0", ["seed=1"])
-    assert ran() == 3
+    assert ran() == 5  # other overrides
+    bench.run_experiment(tmp_path, "seed-0", ["seed=1"])
+    assert ran() == 5
     # The parent run records the experiment's own params, not the bench params it started from.
     assert yaml.safe_load((tmp_path / ".dvc" / "tmp" / "bench-seed-0.params.yaml").read_text())["seed"] == 1
 
 
 def test_overrides_apply_to_nested_params_as_yaml_values():
     params = {"seed": 0, "train_lm": {"lr": 1e-4}}
-    out = bench._with_overrides(params, ["seed=2", "train_lm.lr=3.0e-4", "evaluate.split=validation"])
+    out = bench.with_overrides(params, ["seed=2", "train_lm.lr=3.0e-4", "evaluate.split=validation"])
     assert out == {"seed": 2, "train_lm": {"lr": 3e-4}, "evaluate": {"split": "validation"}}
     assert params == {"seed": 0, "train_lm": {"lr": 1e-4}}  # the bench params are not changed
 

@@ -29,7 +29,7 @@ import yaml
 from conftest import REPO, hold_workspace, stop_process_group, write_prompt_quick
 from mlflow import MlflowClient
 
-from ptg import prefect_setup, tracking
+from ptg import prefect_setup, tracking, workspace
 
 VENV_BIN = Path(sys.executable).parent
 QUICK = REPO / "configs" / "quick.yaml"
@@ -258,10 +258,11 @@ def test_rounds_and_launcher_reach_the_workspace_params_and_are_checked(flows, t
     from ptg.config import ParamsError
 
     launcher = "accelerate launch --multi_gpu --num_processes 4"
-    overrides = flows.param_overrides(rounds=1, launcher=launcher)
-    assert flows.param_overrides() == {}
+    overrides = workspace.param_overrides(rounds=1, launcher=launcher)
+    assert workspace.param_overrides() == {}
     assert flows.workdir_of("params.yaml", None, {}) == REPO
-    assert flows.workdir_of("params.yaml", None, flows.param_overrides(launcher=launcher)) == REPO / "build" / "params"
+    assert flows.workdir_of("params.yaml", None, workspace.param_overrides(launcher=launcher)) == \
+        REPO / "build" / "params"
     root = Path(flows.prepare_workdir.fn(str(QUICK), tmp_path / "ws", overrides))
     params, quick = yaml.safe_load((root / "params.yaml").read_text()), yaml.safe_load(QUICK.read_text())
     assert params == quick | {"launcher": launcher, "rounds": {"1": {"prev": 0}}}
@@ -273,10 +274,14 @@ def test_rounds_and_launcher_reach_the_workspace_params_and_are_checked(flows, t
     assert commands["sample@1"] == "python stages/sample.py --round 1" and "train_lm@2" not in commands
 
     for bad in ("", " "):
+        written = (root / "params.yaml").read_text()
         with pytest.raises(ParamsError, match=rf"ws/params.yaml: launcher must be a non-empty command .*got '{bad}'"):
-            flows.prepare_workdir.fn(str(QUICK), tmp_path / "ws", flows.param_overrides(launcher=bad))
+            workspace.write_overrides(root, workspace.param_overrides(launcher=bad))
+        assert (root / "params.yaml").read_text() == written  # a rejected value writes nothing
+        with pytest.raises(ParamsError, match=rf"ws/params.yaml: launcher must be a non-empty command .*got '{bad}'"):
+            flows.prepare_workdir.fn(str(QUICK), tmp_path / "ws", workspace.param_overrides(launcher=bad))
     with pytest.raises(ValueError, match="rounds must be >= 1; got 0"):
-        flows.param_overrides(rounds=0)
+        workspace.param_overrides(rounds=0)
 
 
 def test_every_deployment_runs_a_shipped_params_file_on_as_many_gpus_as_processes(flows, tmp_path):
@@ -293,7 +298,7 @@ def test_every_deployment_runs_a_shipped_params_file_on_as_many_gpus_as_processe
         name, parameters = deployment["name"], deployment["parameters"]
         assert set(parameters) <= flow_parameters, name
         assert (REPO / parameters["params_file"]).is_file(), name
-        overrides = flows.param_overrides(parameters.get("rounds"), parameters.get("launcher"))
+        overrides = workspace.param_overrides(parameters.get("rounds"), parameters.get("launcher"))
         root = Path(flows.prepare_workdir.fn(parameters["params_file"], tmp_path / name, overrides))
         for group in ("run", *GROUPS):
             load_group(group, root / "params.yaml")
@@ -519,7 +524,7 @@ def test_two_deployment_runs_for_one_workspace_run_one_after_the_other(env, flow
     # the later run's first task starts after the earlier run's last task ended: they never ran at the same time
     assert a_count and b_count and a_end <= b_start, (a_start, a_end, b_start, b_end)
     assert {"prepare", "train_lm@2", "report"} <= locked_stages(workdir)
-    limit = api(env, f"v2/concurrency_limits/{flows.workspace_limit_name(workdir)}")
+    limit = api(env, f"v2/concurrency_limits/{workspace.workspace_limit_name(workdir)}")
     assert limit["limit"] == 1 and limit["active_slots"] == 0  # created on demand, released by both runs
     print(f"runs' task spans: {a_start} .. {a_end}, then {b_start} .. {b_end}")
 

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from ptg import prompt_bench, stats
+from ptg import stats
+from ptg.bench import prompt as prompt_bench
 
 ROUNDS = {"1": {"prev": 0}, "2": {"prev": 1}}
 FIXED_COLUMNS = [f"{name}_correct" for name in prompt_bench.FIXED]
@@ -79,12 +80,12 @@ def test_experiments_give_each_seed_its_own_draw_and_arms_run_to_the_last_evalua
 def test_every_arm_is_a_valid_variant_of_the_prompt_params(tmp_path):
     """Each arm's overrides give params the stages accept (an arm with a misspelt value fails here, not after the
     seeds' hour of CPU)."""
-    from ptg.bench import _with_overrides
+    from ptg.bench import with_overrides
     from ptg.config import GROUPS, load_group
 
     base = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "prompt.yaml").read_text())
     for name, *overrides in prompt_bench.ARMS:
         path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(_with_overrides(base, overrides)))
+        path.write_text(yaml.safe_dump(with_overrides(base, overrides)))
         for group in GROUPS:
             load_group(group, path)

@@ -145,7 +145,7 @@ def bench(task: str = typer.Option("summarisation", help="summarisation or promp
     seeds, ablation = seeds or [0, 1, 2], ablation or []
     arms_given = [a.split(SEP) for a in arm or []]
     if task == "prompt":
-        from ptg import prompt_bench
+        from ptg.bench import prompt as prompt_bench
         from ptg.workspace import template_file
 
         result = Path(out or "metrics/bench/prompt")

@@ -449,9 +449,10 @@ def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     return params
 
 
-def load_group(name: str, path: str | Path = "params.yaml") -> Any:
-    """The params group ``name`` of ``path`` as its frozen dataclass (``run`` collects the top-level keys)."""
-    params = read_params(path)
+def load_group(name: str, path: str | Path = "params.yaml", params: dict[str, Any] | None = None) -> Any:
+    """The params group ``name`` of ``path`` as its frozen dataclass (``run`` collects the top-level keys);
+    ``params``: check these values instead of the file's, named as ``path`` in errors (before writing them)."""
+    params = read_params(path) if params is None else params
     if name == "run":
         return _build(RunParams, {k: params[k] for k in RUN_KEYS if k in params}, str(path))
     if name not in params:

@@ -51,6 +51,11 @@ def round_metrics(r: int, stage: str) -> Path:
     return METRICS / "rounds" / str(r) / f"{stage}.json"
 
 
+def baseline_metrics(r: int, stage: str) -> Path:
+    """What the baseline arm's ``stage`` wrote for round r (its train_lm and evaluate)."""
+    return METRICS / "baseline" / str(r) / f"{stage}.json"
+
+
 @dataclass(frozen=True)
 class Context:
     """What every stage needs: the params file, run settings, device and autocast dtype."""

@@ -9,24 +9,30 @@ those files, ``src/ptg`` as a link to the installed package (so DVC's deps on ``
 runs), its params file as params.yaml, and its own DVC repository, data/, metrics/ and MLflow store (``mlflow.db``
 at the project root, ``ptg.tracking.tracking_uri``): two projects sharing one environment never share runs.
 
-``workspace_lock`` keeps two runs out of one workspace: DVC locks the repository for one ``dvc repro``, but a
-Prefect flow runs one ``dvc repro`` per stage and refreshes the workspace first, so a second flow could slip in
-between two stages. The lock is an exclusive ``flock`` on ``<workspace>/.ptg-run.lock`` (taken before the workspace
-is refreshed), released by the kernel when its process ends, ``kill -9`` included.
+``param_overrides`` / ``write_overrides`` set a run's top-level params (rounds, launcher) in a workspace's
+params.yaml. ``workspace_lock`` keeps two runs out of one workspace: DVC locks the repository for one ``dvc
+repro``, but a Prefect flow runs one ``dvc repro`` per stage and refreshes the workspace first, so a second flow
+could slip in between two stages. The lock is an exclusive ``flock`` on ``<workspace>/.ptg-run.lock`` (taken
+before the workspace is refreshed), released by the kernel when its process ends, ``kill -9`` included;
+``workspace_slot`` queues Prefect deployment runs of one workspace behind each other (a global concurrency limit
+per workspace).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib.resources
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 PACKAGE = Path(str(importlib.resources.files("ptg")))  # the installed package; in a checkout, its src/ptg
 TEMPLATE = PACKAGE / "template"
@@ -34,6 +40,9 @@ PIPELINE_FILES = ("dvc.yaml", "stages", "configs", "flows", "prefect.yaml")
 CODE_LINK = Path("src") / "ptg"
 LOCK_FILE = ".ptg-run.lock"
 # src/ptg (the code link) is committed: `dvc exp run --temp` copies only what git tracks.
+# A deployment run holds its workspace's slot under a lease it renews every 3/4 of this; a run killed with its
+# worker frees the slot when the lease expires (the server checks every 15 s). 60 s is the server's minimum.
+SLOT_LEASE_S = 60
 GITIGNORE = "/mlflow.db\n/mlartifacts/\n/build/\n/.cache/\n.ptg-run.lock\n__pycache__/\n"
 
 
@@ -98,6 +107,19 @@ def make_workspace(params_file: str | Path | None, directory: str | Path, git: b
         shutil.copy2(params_file, directory / "params.yaml")
     elif not (directory / "params.yaml").is_file():
         shutil.copy2(template_file("params.yaml"), directory / "params.yaml")
+    init_repo(directory, git)
+    if git:
+        # Only what this call wrote is committed: the user's own changes (data, params edits) stay theirs.
+        paths = [*PIPELINE_FILES, str(CODE_LINK), ".gitignore", ".dvc", ".dvcignore"]
+        if params_file is not None or not _tracked(directory, "params.yaml"):
+            paths.append("params.yaml")
+        commit(directory, paths, "ptg pipeline")
+    return directory
+
+
+def init_repo(directory: Path, git: bool, gitignore: str = GITIGNORE) -> None:
+    """A DVC repository at ``directory`` (and, with ``git``, a git one with ``gitignore`` as its .gitignore),
+    unless it is one already; DVC's analytics off (the machine may be offline)."""
     if git and shutil.which("git") is None:
         raise FileNotFoundError("git not found on PATH: install it, or make the project without (`--no-git`; then "
                                 "`dvc exp` is not available there)")
@@ -107,22 +129,48 @@ def make_workspace(params_file: str | Path | None, directory: str | Path, git: b
         subprocess.run(["dvc", "init", "-q", *([] if git else ["--no-scm"])], cwd=directory, check=True,
                        env=dvc_env())
         subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=directory, check=True, env=dvc_env())
-    if git:
-        ignore = directory / ".gitignore"
-        if not ignore.is_file():
-            ignore.write_text(GITIGNORE)
-        # Only what this call wrote is committed: the user's own changes (data, params edits) stay theirs.
-        paths = [*PIPELINE_FILES, str(CODE_LINK), ".gitignore", ".dvc", ".dvcignore"]
-        if params_file is not None or not _tracked(directory, "params.yaml"):
-            paths.append("params.yaml")
-        subprocess.run(["git", "add", "--", *paths], cwd=directory, check=True)
-        if subprocess.run(["git", "diff", "--cached", "--quiet", "--", *paths], cwd=directory).returncode:
-            # The user's git identity when set, else one naming ptg (dvc exp needs a commit to start from).
-            who = [] if subprocess.run(["git", "config", "user.email"], cwd=directory, capture_output=True
-                                       ).returncode == 0 else ["-c", "user.name=ptg", "-c", "user.email=ptg@localhost"]
-            subprocess.run(["git", *who, "commit", "-q", "-m", "ptg pipeline", "--", *paths], cwd=directory,
-                           check=True)
-    return directory
+    if git and not (directory / ".gitignore").is_file():
+        (directory / ".gitignore").write_text(gitignore)
+
+
+def commit(directory: Path, paths: list[str], message: str) -> None:
+    """Stage ``paths`` of the git repository ``directory`` and commit them if they changed: as the user's git
+    identity when one is set, else as ptg (``dvc exp`` needs a commit to start from)."""
+    subprocess.run(["git", "add", "--", *paths], cwd=directory, check=True)
+    if subprocess.run(["git", "diff", "--cached", "--quiet", "--", *paths], cwd=directory).returncode:
+        who = [] if subprocess.run(["git", "config", "user.email"], cwd=directory, capture_output=True
+                                   ).returncode == 0 else ["-c", "user.name=ptg", "-c", "user.email=ptg@localhost"]
+        subprocess.run(["git", *who, "commit", "-q", "-m", message, "--", *paths], cwd=directory, check=True)
+
+
+def param_overrides(rounds: int | None = None, launcher: str | None = None) -> dict[str, Any]:
+    """The top-level params.yaml values a run's options set (none for an option left at None): ``rounds`` as the
+    chain 1..N in the format ptg.config reads, ``launcher`` as given (checked by ``write_overrides``)."""
+    overrides: dict[str, Any] = {}
+    if rounds is not None:
+        if rounds < 1:
+            raise ValueError(f"rounds must be >= 1; got {rounds}")
+        overrides["rounds"] = {str(r): {"prev": r - 1} for r in range(1, rounds + 1)}
+    if launcher is not None:
+        overrides["launcher"] = launcher
+    return overrides
+
+
+def write_overrides(directory: Path, overrides: dict[str, Any]) -> Path:
+    """Set the top-level ``overrides`` in ``directory``'s params.yaml, atomically; a bad value raises naming the
+    file, key and value and leaves the file as it was. Returns the params file."""
+    import yaml
+
+    from ptg.config import load_group
+    from ptg.io import atomic_path
+
+    path = Path(directory) / "params.yaml"
+    values = yaml.safe_load(path.read_text())
+    values.update(overrides)
+    load_group("run", path, values)  # the launcher, with the other top-level keys
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
 
 
 def _tracked(directory: Path, path: str) -> bool:
@@ -162,3 +210,40 @@ def dvc_env() -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["DVC_NO_ANALYTICS"] = "1"
     return env
+
+
+def workspace_limit_name(root: Path) -> str:
+    """The global concurrency limit of workspace ``root``: one per resolved path (a limit name cannot hold '/')."""
+    root = Path(root).resolve()
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", root.name)[:40]
+    return f"ptg-workspace-{stem}-{hashlib.sha256(str(root).encode()).hexdigest()[:12]}"
+
+
+@contextlib.contextmanager
+def workspace_slot(root: Path) -> Iterator[None]:
+    """For a Prefect deployment run: wait for, then hold, the one slot of ``root``'s global concurrency limit, so a
+    second deployment run for the same workspace queues behind the first (runs for other workspaces do not). The
+    limit (limit 1) is created here when missing: Prefect never creates one on acquisition (with ``strict=False``
+    it only warns and runs unlimited), hence ``strict=True``. Other runs (``python flows/ptg_flow.py``, a flow
+    called in Python) skip this and rely on ``workspace_lock`` alone."""
+    from prefect import get_run_logger
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+    from prefect.concurrency.sync import concurrency
+    from prefect.context import FlowRunContext
+    from prefect.exceptions import ObjectAlreadyExists
+
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None or context.flow_run.deployment_id is None:
+        yield
+        return
+    name = workspace_limit_name(root)
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    get_run_logger().info(f"Waiting for the slot of global concurrency limit {name!r} (workspace {root})")
+    # A failed lease renewal (a busy server) does not stop the run: the file lock still keeps others out.
+    with concurrency(name, occupy=1, lease_duration=SLOT_LEASE_S, strict=True, raise_on_lease_renewal_failure=False,
+                     holder=ConcurrencyLeaseHolder(type="flow_run", id=context.flow_run.id)):
+        get_run_logger().info(f"Holding workspace {root} (global concurrency limit {name!r})")
+        yield

@@ -1,5 +1,5 @@
 """`ptg bench --task prompt`: the prompt task over seeds, each a DVC experiment with its own few-shot draw and
-training seed (``seed`` and ``data.seed``), run by ``ptg.bench``'s experiment runner (resumable: a finished
+training seed (``seed`` and ``data.seed``), run by ``ptg.bench.experiments`` (resumable: a finished
 experiment is skipped).
 
 Compared on the test split of each seed, paired by text and bootstrapped over texts and seeds
@@ -21,8 +21,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ptg import stats
-from ptg.bench import machine, run_all, setup_repo
+from ptg import pipeline, stats
+from ptg.bench.experiments import evaluate_items, finished, machine, run_all, setup_repo
+from ptg.bench.report import ci
+from ptg.bench.statistics import aligned
 from ptg.config import rounds as config_rounds
 from ptg.io import atomic_path, read_json, write_json
 
@@ -54,12 +56,8 @@ def experiments(seeds: Sequence[int], arms: Sequence[Sequence[str]], last_round:
     return out
 
 
-def _done(results: Path, name: str) -> bool:
-    return (results / name / "seconds.json").is_file()
-
-
 def _items(run: Path, folder: str, r: int) -> pd.DataFrame:
-    return pd.read_csv(run / "metrics" / folder / str(r) / "evaluate_items.csv").set_index("id")
+    return evaluate_items(run, r, baseline=folder == "baseline").set_index("id")
 
 
 def training_calls(run: Path, folder: str) -> int:
@@ -74,32 +72,30 @@ def training_calls(run: Path, folder: str) -> int:
 
 
 def _paired(a: dict[int, pd.Series], b: dict[int, pd.Series]) -> dict[str, Any]:
-    """Accuracy (x100) of a and b over the seeds both have, and a - b, paired by text within each seed."""
-    common = sorted(set(a) & set(b))
-    ids = {s: sorted(set(a[s].index) & set(b[s].index)) for s in common}
-    n = min(len(v) for v in ids.values())  # every seed scores the same number of test texts
-    x = np.stack([a[s].loc[ids[s][:n]].to_numpy(float) for s in common]) * 100
-    y = np.stack([b[s].loc[ids[s][:n]].to_numpy(float) for s in common]) * 100
-    return {"seeds": common, "items": n, "accuracy": float(x.mean()), "other": float(y.mean()),
+    """Accuracy (x100) of a and b over the seeds both have, and a - b, paired by text within each seed (each seed
+    draws its own texts)."""
+    common, (x, y) = aligned([a, b], shared_items=False)
+    x, y = x * 100, y * 100
+    return {"seeds": common, "items": x.shape[1], "accuracy": float(x.mean()), "other": float(y.mean()),
             **stats.paired_bootstrap(x - y)}
 
 
 def collect(directory: Path, out: Path, seeds: Sequence[int], arms: Sequence[Sequence[str]]) -> dict[str, Any]:
     """Statistics over the finished experiments; writes summary.json, table.md and accuracy_vs_calls.png."""
     results = directory / "results"
-    runs = {s: results / seed_name(s) for s in seeds if _done(results, seed_name(s))}
+    runs = {s: results / seed_name(s) for s in seeds if finished(results, seed_name(s))}
     if not runs:
         raise FileNotFoundError(f"{results}: no finished prompt-task seed among {list(seeds)}; run the bench first")
     last = len(config_rounds(directory / "params.yaml"))
     methods: dict[str, dict[int, Path]] = {"ptg": dict(runs)}
-    methods |= {name: {s: results / arm_name(name, s) for s in runs if _done(results, arm_name(name, s))}
+    methods |= {name: {s: results / arm_name(name, s) for s in runs if finished(results, arm_name(name, s))}
                 for name, *_ in arms}
     correct = {m: {s: _items(d, "rounds", last)["correct"] for s, d in by_seed.items()}
                for m, by_seed in methods.items()}
     correct["sequence"] = {s: _items(d, "baseline", last)["correct"] for s, d in runs.items()}
     for fixed in FIXED:
         correct[fixed] = {s: _items(d, "rounds", last)[f"{fixed}_correct"] for s, d in runs.items()}
-    evaluated = {s: read_json(d / "metrics" / "rounds" / str(last) / "evaluate.json") for s, d in runs.items()}
+    evaluated = {s: read_json(d / pipeline.round_metrics(last, "evaluate")) for s, d in runs.items()}
     calls = {m: float(np.mean([training_calls(d, "rounds") for d in by_seed.values()]))
              for m, by_seed in methods.items() if by_seed}
     calls["sequence"] = float(np.mean([training_calls(d, "baseline") for d in runs.values()]))
@@ -112,9 +108,9 @@ def collect(directory: Path, out: Path, seeds: Sequence[int], arms: Sequence[Seq
         "accuracy": {m: float(np.mean([c.mean() for c in by_seed.values()]) * 100)
                      for m, by_seed in correct.items() if by_seed},
         "calls": calls, "majority_rate": float(np.mean([e["majority_rate"] for e in evaluated.values()]) * 100),
-        "prompts": {m: {str(s): read_json(d / "metrics" / "rounds" / str(last) / "evaluate.json")["prompt"]
+        "prompts": {m: {str(s): read_json(d / pipeline.round_metrics(last, "evaluate"))["prompt"]
                         for s, d in by_seed.items()} for m, by_seed in methods.items()}
-        | {"sequence": {str(s): read_json(d / "metrics" / "baseline" / str(last) / "evaluate.json")["prompt"]
+        | {"sequence": {str(s): read_json(d / pipeline.baseline_metrics(last, "evaluate"))["prompt"]
                         for s, d in runs.items()}},
         "seconds_per_seed": [read_json(d / "seconds.json")["seconds"] for d in runs.values()],
         "cpu_seconds_per_seed": [read_json(d / "seconds.json").get("cpu_seconds") for d in runs.values()]}
@@ -128,16 +124,13 @@ def collect(directory: Path, out: Path, seeds: Sequence[int], arms: Sequence[Seq
     return summary
 
 
-def _ci(row: dict[str, Any]) -> str:
-    return f"{row['mean']:+.1f} [{row['lo']:+.1f}, {row['hi']:+.1f}]"
-
-
 def format_table(summary: dict[str, Any]) -> str:
     acc, calls = summary["accuracy"], summary["calls"]
     lines = ["| method | test accuracy (%) | classifier calls in training | vs | difference (pp, 95% CI) |",
              "|---|---|---|---|---|"]
     for row in summary["rows"]:
-        lines.append(f"| {row['method']} | {row['accuracy']:.1f} | {row['calls']:.0f} | {row['vs']} | {_ci(row)} |")
+        lines.append(f"| {row['method']} | {row['accuracy']:.1f} | {row['calls']:.0f} | {row['vs']} "
+                     f"| {ci(row, digits=1)} |")
     lines.append(f"| sequence-level REINFORCE | {acc['sequence']:.1f} | {calls['sequence']:.0f} | | |")
     for fixed in FIXED:
         lines.append(f"| {fixed.replace('_', ' ')} prompt | {acc[fixed]:.1f} | 0 | | |")
