@@ -244,3 +244,21 @@ def test_cli_round_trip_in_a_project_folder(project):
     samples = make_samples(TEXTS)
     expected = [SCORES[k] for k in zip(samples["id"], samples["text"], strict=True)]
     assert human_scores(samples, table, "human/r1.csv") == expected
+
+
+@pytest.mark.parametrize("stale", ["older_round", "regenerated"])
+def test_a_stale_sheet_is_refused_and_writes_nothing(project, stale):
+    """A filled sheet of round 1 imported for round 2, or after sample@1 ran again with other texts: every row
+    names a candidate the round does not have, and every sample has no score."""
+    annotation.export_round(1, "sheet.csv")
+    fill(project / "sheet.csv")
+    other = {i: [f"{t} (again)" for t in ts] for i, ts in TEXTS.items()}  # the same ids, other samples
+    r = 2 if stale == "older_round" else 1
+    write_table(make_samples(other), project / "data" / "rounds" / str(r) / "samples.parquet", schemas.Samples)
+    with pytest.raises(TableError) as err:
+        annotation.import_round("sheet.csv", r, "human/scores.csv")
+    message = str(err.value)
+    rows = len(read_records("sheet.csv"))
+    assert f"{rows} row(s) are not among the round's samples (a stale sheet" in message, message
+    assert f"{sum(len(set(ts)) for ts in other.values())} sampled candidate(s) have no row" in message, message
+    assert not (project / "human").exists()

@@ -2,7 +2,8 @@
 --num_processes 2`, on the CPU) take the same updates as one process on the same global batch, with a guidance
 weighting the tokens, batches that split unevenly between the ranks and references of different lengths (so a
 per-rank mean, averaged over ranks, would differ), for both normalisations of weighted MLE, for the baseline's
-uniform weights and for the guidance's ListMLE."""
+uniform weights, for LoRA adapters and for the guidance's ListMLE; under REINFORCE (each rank samples its own
+share) the ranks stay in step."""
 
 import json
 import os
@@ -52,6 +53,28 @@ SCRIPT = textwrap.dedent('''
                                    progress=False, optimizer=sgd)
         if distributed.is_main():
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/{name}.safetensors")
+    # LoRA adapters (only they train and are synced) on the guided weighted MLE; and REINFORCE on the guidance's
+    # token rewards, whose samples each rank draws for its own share (so two processes cannot repeat one's
+    # updates; every rank saves its weights, which the synced gradients keep equal).
+    from ptg.models import add_lora
+    from ptg.sampling import SamplingConfig
+
+    for name, objective in (("lora", "wmle"), ("reinforce", "reinforce")):
+        torch.manual_seed(0)
+        guidance = guidance_for(tiny_llama(1))
+        for layer in (guidance.head[0], guidance.head[2]):
+            torch.nn.init.normal_(layer.weight, std=0.5)
+        model = tiny_llama(0)
+        if name == "lora":
+            model = add_lora(model, rank=4, alpha=8.0, dropout=0.0, target_modules=None, seed=0)
+        cfg = TrainConfig(objective=objective, lr=0.5 if name == "lora" else 0.05, batch_size=3, max_updates=5,
+                          normalize="sequence", seed=5)
+        sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+        histories[name] = train_lm(model, examples, cfg, PAD, torch.device("cpu"), guidance=guidance,
+                                   sampling=SamplingConfig(max_new_tokens=4), eos_ids=[EOS], progress=False,
+                                   optimizer=sgd)
+        rank = distributed.rank_and_world()[0]
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/{name}-rank{rank}.safetensors")
     # The guidance: ListMLE over groups of K = 4, 5 groups per update (3 and 2 per rank); 41 groups leave a batch
     # of one group per epoch (an empty shard on one rank).
     from test_guidance_train import synthetic_groups
@@ -146,3 +169,36 @@ def test_two_processes_fit_the_guidance_of_one(runs):
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5)
     assert h1[-1]["val_loss"] < h1[0]["val_loss"] - 0.01  # the head learned something
+
+
+def test_two_processes_train_lora_adapters_as_one(runs):
+    """LoRA (peft) under data parallelism: only the adapters move, and they move as one process moves them."""
+    one, two = runs
+    a, b = load_file(one / "lora-rank0.safetensors"), load_file(two / "lora-rank0.safetensors")
+    h1, h2 = (json.loads((d / "history.json").read_text())["lora"] for d in (one, two))
+    from conftest import tiny_llama
+
+    start = {f"base_model.model.{k}": v for k, v in tiny_llama(0).state_dict().items()}
+    # The base weights are the untouched tiny model; peft starts lora_B at zero, so a non-zero one has trained.
+    assert all(torch.equal(a[k], start[k.replace(".base_layer", "")]) for k in a if "lora_" not in k)
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5)
+    for r1, r2 in zip(h1, h2, strict=True):
+        assert r2["tokens"] == r1["tokens"] and r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)
+    assert h1[-1]["loss"] < h1[0]["loss"]  # the adapters learned
+
+
+def test_reinforce_ranks_stay_in_step(runs):
+    """REINFORCE with token rewards on two ranks: each samples its own share, the summed gradient keeps both ranks'
+    weights equal, and the updates moved them."""
+    _, two = runs
+    w0, w1 = (load_file(two / f"reinforce-rank{r}.safetensors") for r in (0, 1))
+    from conftest import tiny_llama
+
+    start = tiny_llama(0).state_dict()
+    assert any(not torch.equal(w0[k], start[k]) for k in w0)
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+    history = json.loads((two / "history.json").read_text())["reinforce"]
+    assert len(history) == 5 and all(row["entropy"] > 0 for row in history)

@@ -173,3 +173,29 @@ def test_pairwise_accuracy_counts_ties_as_half_and_skips_equal_preferences():
     assert pairwise_accuracy(torch.tensor([[3.0, 2.0, 1.0, 0.0]]), prefs) == (5.0, 5)
     assert pairwise_accuracy(torch.tensor([[1.0, 1.0, 1.0, 1.0]]), prefs) == (2.5, 5)
     assert pairwise_accuracy(torch.tensor([[0.0, 1.0, 2.0, 3.0]]), prefs) == (0.0, 5)
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_accumulated_micro_batches_make_the_update_of_one_batch(guided):
+    """grad_accum = 2 micro-batches of 2 references is one update of the 4 (per-sequence normalisation: the batch's
+    loss is the mean of its sequences' losses): the same loss, the same pre-clipping gradient norm (Adam's step alone
+    would hide a gradient off by a constant factor) and the same weights. Keeping only the last micro-batch's
+    gradient, or not dividing by grad_accum, fails it."""
+    examples = [Example([2, 4, 5], [4, 6, 7, EOS]), Example([2, 7], [9, EOS]), Example([2, 8, 9, 10], [5, 5, EOS]),
+                Example([2, 11], [12, 13, 14, 15, EOS])]
+    guidance = guidance_for(tiny_llama(seed=7)) if guided else None
+    if guided:
+        torch.nn.init.normal_(guidance.head[-1].weight, std=0.5)  # token weights that differ within a reference
+    runs = {}
+    for batch_size, accum in ((4, 1), (2, 2)):
+        lm = tiny_llama(seed=3)
+        cfg = TrainConfig(objective="wmle", lr=1e-3, batch_size=batch_size, grad_accum=accum, max_updates=1,
+                          clip_norm=1e9)
+        history = train_lm(lm, examples, cfg, PAD, CPU, guidance=guidance, progress=False)
+        runs[accum] = (history[0], lm.state_dict())
+    (one, w1), (two, w2) = runs[1], runs[2]
+    assert two["tokens"] == one["tokens"] == 14
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-6, rtol=1e-5)
