@@ -139,16 +139,34 @@ def test_a_fitted_guidance_favours_high_reward_tokens_more_than_uniform_weights(
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_t5])
-def test_reinforce_objective_runs_and_reports_entropy(make):
-    lm = make()
-    g = guidance_for(make())
+def test_reinforce_reports_the_reward_nll_and_entropy_of_its_samples(make):
+    """An LM whose logits are all zero (uniform over V tokens) and a guidance with one raw reward z everywhere: the
+    first update's row has reward exactly squash(z) (1 - softplus(1 - z), then 1e-8 + softplus(. - 1e-8)), nll and
+    entropy exactly log V, and the loss mean(r_t nll_t) - 0.125 H."""
+    import math
+
     from ptg.sampling import SamplingConfig
 
+    lm = make()
+    with torch.no_grad():
+        lm.get_output_embeddings().weight.zero_()
+    g = guidance_for(make())
+    z = 0.3
+    with torch.no_grad():
+        g.head[2].weight.zero_()
+        g.head[2].bias.fill_(z)
+    softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731
+    reward = 1e-8 + softplus(1 - softplus(1 - z) - 1e-8)
+    log_v = math.log(lm.config.vocab_size)
     examples = [Example([2, 4, 5]), Example([2, 7])]
     cfg = TrainConfig(objective="reinforce", lr=1e-3, batch_size=2, max_updates=2)
     hist = train_lm(lm, examples, cfg, PAD, CPU, guidance=g, sampling=SamplingConfig(max_new_tokens=4),
                     eos_ids=[EOS], progress=False)
-    assert len(hist) == 2 and all(h["entropy"] > 0 and 0 < h["reward"] < 1.32 for h in hist)
+    first = hist[0]
+    assert first["reward"] == pytest.approx(reward, rel=1e-6)
+    assert first["nll"] == pytest.approx(log_v, rel=1e-5) and first["entropy"] == pytest.approx(log_v, rel=1e-5)
+    assert first["loss"] == pytest.approx(reward * log_v - 0.125 * log_v, rel=1e-5)
+    assert len(hist) == 2 and hist[1]["entropy"] < log_v  # the update moved the LM off uniform
 
 
 def test_train_lm_rejects_bad_arguments():

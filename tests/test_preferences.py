@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 from conftest import EOS, PAD, REPO, tiny_llama
-from test_guidance_train import FIT, guidance_for, synthetic_groups
+from test_guidance_train import FIT, guidance_for
 
 from ptg import preferences
 from ptg.config import PreferencesParams
@@ -125,16 +125,19 @@ def test_groups_of_different_k_never_share_a_batch_and_fit_together():
     assert whole["pairs"] == sum(e["pairs"] for e in each)
 
 
-def test_equal_k_evaluation_is_unchanged_by_the_mixed_k_support():
-    from ptg import losses
-    from ptg.guidance import group_scores, pairwise_accuracy
+def test_evaluation_of_lists_of_two_sizes_against_hand_computed_values(monkeypatch):
+    """Two K = 3 lists (one scored in the preferred order, one reversed) and a K = 2 list scored as a tie: ListMLE
+    per list sum_j [log sum_{i>=j} exp(s_i) - s_j] in preference order, mean over lists; ties count half a pair."""
+    from ptg import guidance as guidance_module
 
-    g, groups = guidance_for(tiny_llama()), synthetic_groups(12, 4, seed=5)
-    out = evaluate_guidance(g, groups, FIT, PAD, torch.device("cpu"), torch.float32)
-    scores = torch.tensor(group_scores(g, groups, FIT, PAD, torch.device("cpu"), torch.float32))
-    prefs = torch.tensor([gr.scores for gr in groups])
-    assert out["loss"] == pytest.approx(losses.list_mle(scores, prefs, torch.Generator().manual_seed(0)).item())
-    assert out["pairs"] == pairwise_accuracy(scores, prefs)[1]
+    groups = [RankedGroup([2], [[4], [5], [6]], [3.0, 2.0, 1.0]), RankedGroup([2], [[4], [5], [6]], [3.0, 2.0, 1.0]),
+              RankedGroup([2], [[4], [5]], [1.0, 0.0])]
+    monkeypatch.setattr(guidance_module, "group_scores", lambda *a: [[2.0, 1.0, 0.0], [0.0, 1.0, 2.0], [0.5, 0.5]])
+    out = evaluate_guidance(None, groups, FIT, PAD, torch.device("cpu"), torch.float32)
+    # (log(e^2 + e + 1) - 2) + (log(e + 1) - 1) = 0.720868; log(e^2 + e + 1) + (log(e^2 + e) - 1) = 3.720868;
+    # log 2 = 0.693147; their mean 1.711627.
+    assert out["loss"] == pytest.approx(1.7116275, abs=1e-6)
+    assert (out["accuracy"], out["pairs"]) == (3.5 / 7, 7)
 
 
 def test_corruption_fixture_scores_by_corruption_level_in_both_layouts():

@@ -262,7 +262,14 @@ def test_registered_guidance_returns_per_token_rewards(project, tiny_models, tmp
     assert [len(r) for r in rewards] == lengths
     flat = [x for r in rewards for x in r]
     assert max(flat) - min(flat) > 1e-3  # token rewards differ along the response
-    own = tracking.HFFolderModel(folder).predict(frame)  # the folder's own rewards, through the registry unchanged
+    # The rewards of the guidance object that was saved, before any save, log or load: a registry version that
+    # lost the head, or points at another folder, differs.
+    from ptg.guidance import token_rewards
+    from ptg.models import encode_prompts, encode_responses, turn_end_id
+
+    prompts = encode_prompts(tok, frame["prompt"].tolist(), 512, False)
+    responses = encode_responses(tok, frame["response"].tolist(), 64, turn_end_id(guidance.backbone, tok))
+    own = token_rewards(guidance.eval(), prompts, responses, tok.pad_token_id, torch.device("cpu"), torch.float32)
     assert flat == pytest.approx([x for r in own for x in r], abs=1e-6)
     with pytest.raises(ValueError, match="missing response"):
         model.predict(frame[["prompt"]])
