@@ -62,13 +62,16 @@ def test_every_stage_writes_valid_outputs(quick):
 
 
 def test_baseline_round_sees_the_same_examples_in_the_same_order_as_ptg(quick):
-    """Same seed, same batches: the reference tokens of every update agree between the two arms, and the
-    baseline is marked unguided."""
+    """Same seed, same batches: the reference tokens of every update agree between the two arms, the first update's
+    NLL (the same base LM on the same references) too, and the baseline is marked unguided."""
     for r in (1, 2):
         ptg = pd.read_csv(quick / "metrics" / "rounds" / str(r) / "train_lm_history.csv")
         base = pd.read_csv(quick / "metrics" / "baseline_history" / str(r) / "train_lm_history.csv")
         assert ptg["tokens"].tolist() == base["tokens"].tolist()
         assert ptg["tokens"].nunique() > 1  # batches differ from update to update, so the match is informative
+        if r == 1:  # both arms start from the base LM: the first batch's unweighted NLL is the same references'
+            first = [h[h["update"] >= 1].iloc[0]["nll"] for h in (ptg, base)]
+            assert first[0] == pytest.approx(first[1], rel=1e-6)
         summary = json.loads((quick / "metrics" / "baseline" / str(r) / "train_lm.json").read_text())
         assert summary["guided"] is False and summary["objective"] == "wmle"
     items = pd.read_csv(quick / "metrics" / "rounds" / "2" / "evaluate_items.csv")
