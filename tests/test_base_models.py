@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
 
 from ptg import base_models as bm
+from ptg import tiny_models as tm
 
 LM_CLASS = {"tiny-llama": AutoModelForCausalLM, "tiny-t5": AutoModelForSeq2SeqLM}
 TEXT = "Héllo  wörld!\n\tThe café's price is $5 — 日本語, ok?"
@@ -19,9 +20,9 @@ TEXT = "Héllo  wörld!\n\tThe café's price is $5 — 日本語, ok?"
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    for kind in bm.TINY_KINDS:
-        bm.build_tiny(kind, root / kind)
-    return {kind: root / kind for kind in bm.TINY_KINDS}
+    for kind in tm.TINY_KINDS:
+        tm.build_tiny(kind, root / kind)
+    return {kind: root / kind for kind in tm.TINY_KINDS}
 
 
 def _config(path: Path) -> dict:
@@ -32,7 +33,7 @@ def _no_leftovers(parent: Path) -> bool:
     return not [p for p in parent.iterdir() if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)]
 
 
-@pytest.mark.parametrize("kind", bm.TINY_KINDS)
+@pytest.mark.parametrize("kind", tm.TINY_KINDS)
 def test_build_tiny_loads_back_and_tokenizer_round_trips(tiny_dirs, kind):
     path = tiny_dirs[kind]
     assert (path / "model.safetensors").is_file() and (path / "generation_config.json").is_file()
@@ -61,11 +62,11 @@ def test_build_tiny_loads_back_and_tokenizer_round_trips(tiny_dirs, kind):
 
 
 def test_build_tiny_is_deterministic_given_seed(tmp_path):
-    bm.build_tiny("tiny-llama", tmp_path / "a", seed=1)
+    tm.build_tiny("tiny-llama", tmp_path / "a", seed=1)
     state = torch.random.get_rng_state()
-    bm.build_tiny("tiny-llama", tmp_path / "b", seed=1)
+    tm.build_tiny("tiny-llama", tmp_path / "b", seed=1)
     assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is left alone
-    bm.build_tiny("tiny-llama", tmp_path / "c", seed=2)
+    tm.build_tiny("tiny-llama", tmp_path / "c", seed=2)
     a, b, c = (AutoModelForCausalLM.from_pretrained(tmp_path / n).state_dict() for n in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["model.embed_tokens.weight"], c["model.embed_tokens.weight"])
@@ -74,7 +75,7 @@ def test_build_tiny_is_deterministic_given_seed(tmp_path):
 
 def test_build_tiny_rejects_unknown_kind(tmp_path):
     with pytest.raises(ValueError, match="tiny-llama"):
-        bm.build_tiny("tiny-gpt", tmp_path / "x")
+        tm.build_tiny("tiny-gpt", tmp_path / "x")
 
 
 def test_truncate_backbone_llama_keeps_the_policys_first_layers(tiny_dirs, tmp_path):
@@ -113,7 +114,7 @@ def test_truncate_backbone_t5_cuts_encoder_and_decoder(tiny_dirs, tmp_path):
     assert torch.equal(backbone.shared.weight, policy.shared.weight)
 
 
-@pytest.mark.parametrize("kind", bm.TINY_KINDS)
+@pytest.mark.parametrize("kind", tm.TINY_KINDS)
 def test_truncate_backbone_with_all_layers_is_the_policys_base_model(tiny_dirs, tmp_path, kind):
     bm.truncate_backbone(tiny_dirs[kind], 2, tmp_path / "bb")
     policy = LM_CLASS[kind].from_pretrained(tiny_dirs[kind]).eval()
@@ -131,7 +132,7 @@ def test_truncate_backbone_with_all_layers_is_the_policys_base_model(tiny_dirs, 
 
 
 @pytest.mark.parametrize("n_layers", [0, -1, 3, 100])
-@pytest.mark.parametrize("kind", bm.TINY_KINDS)
+@pytest.mark.parametrize("kind", tm.TINY_KINDS)
 def test_truncate_backbone_rejects_bad_layer_counts(tiny_dirs, tmp_path, kind, n_layers):
     with pytest.raises(ValueError, match="guidance_layers"):
         bm.truncate_backbone(tiny_dirs[kind], n_layers, tmp_path / "bb")
@@ -155,7 +156,7 @@ def test_materialize_policy_from_a_local_folder_is_plain_and_replaces_the_old(ti
 
 def test_materialize_policy_seq2seq_and_missing_pad(tiny_dirs, tmp_path):
     src = tmp_path / "nopad"
-    bm.build_tiny("tiny-t5", src)
+    tm.build_tiny("tiny-t5", src)
     tok = AutoTokenizer.from_pretrained(src)
     tok.pad_token = None
     tok.save_pretrained(src)
@@ -175,12 +176,12 @@ def test_materialize_policy_missing_local_folder_fails_clearly(tmp_path):
 
 def test_copy_backbone_needs_the_policys_vocabulary(tiny_dirs, tmp_path):
     policy_dir = tiny_dirs["tiny-llama"]
-    bm.build_tiny("tiny-llama", tmp_path / "same", tokenizer_dir=policy_dir, seed=5)
+    tm.build_tiny("tiny-llama", tmp_path / "same", tokenizer_dir=policy_dir, seed=5)
     bm.copy_backbone(str(tmp_path / "same"), tmp_path / "bb", policy_dir)
     backbone = AutoModel.from_pretrained(tmp_path / "bb")
     assert type(backbone).__name__ == "LlamaModel"
-    bm.build_tiny_tokenizer("tiny-llama", vocab_size=600).save_pretrained(tmp_path / "small_tok")
-    bm.build_tiny("tiny-llama", tmp_path / "other", tokenizer_dir=tmp_path / "small_tok")
+    tm.build_tiny_tokenizer("tiny-llama", vocab_size=600).save_pretrained(tmp_path / "small_tok")
+    tm.build_tiny("tiny-llama", tmp_path / "other", tokenizer_dir=tmp_path / "small_tok")
     with pytest.raises(ValueError, match="different vocabulary"):
         bm.copy_backbone(str(tmp_path / "other"), tmp_path / "bb2", policy_dir)
     assert not (tmp_path / "bb2").exists()

@@ -12,9 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ptg import data
+from ptg import data, docstrings
 from ptg.config import DataConfig
-from ptg.data import build_examples, load_local, normalize_fields, python_docstrings, source_info, split_of
+from ptg.data import build_examples, load_local, normalize_fields, source_info, split_of
+from ptg.docstrings import python_docstrings
 from ptg.io import read_table, write_table
 from ptg.schemas import Examples
 
@@ -120,11 +121,11 @@ def test_docstrings_max_input_chars(tree):
 
 
 def test_docstring_helpers():
-    assert data.docstring_summary("  One\n  two   three.\n\n  Rest.") == "One two three."
-    assert data.restates_signature("f(a, b) -> int", "f")
-    assert data.restates_signature("S.lower() -> str Return a copy.", "lower")
-    assert data.restates_signature("f(x) computes things", "f")
-    assert not data.restates_signature("Return f(x) for every x.", "f")
+    assert docstrings.docstring_summary("  One\n  two   three.\n\n  Rest.") == "One two three."
+    assert docstrings.restates_signature("f(a, b) -> int", "f")
+    assert docstrings.restates_signature("S.lower() -> str Return a copy.", "lower")
+    assert docstrings.restates_signature("f(x) computes things", "f")
+    assert not docstrings.restates_signature("Return f(x) for every x.", "f")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -164,7 +165,7 @@ def test_stdlib_inputs_have_no_docstring(stdlib_corpus):
 
 
 def test_python_version_recorded():
-    assert data.python_version() == sys.version
+    assert docstrings.python_version() == sys.version
 
 
 # ---------------------------------------------------------------------------------------------------------------

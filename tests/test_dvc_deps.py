@@ -66,7 +66,8 @@ def _stages() -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("name", sorted(_stages()))
-def test_stage_deps_cover_every_imported_module(name):
+def test_stage_deps_are_exactly_the_imported_modules(name):
+    """No module missing (an edit would not rerun the stage) and none extra (an edit would rerun it for nothing)."""
     spec = _stages()[name]
     script = re.match(r"(?:python|\$\{launcher\}) (stages/\S+\.py)", spec["cmd"]).group(1)
     deps = set(spec["deps"])
@@ -75,6 +76,8 @@ def test_stage_deps_cover_every_imported_module(name):
     assert needed, f"{script} imports no ptg module?"
     missing = sorted(needed - deps)
     assert not missing, f"dvc.yaml stage {name}: deps lack {missing} (imported by {script})"
+    extra = sorted(d for d in deps - needed - {script} if d.endswith(".py"))
+    assert not extra, f"dvc.yaml stage {name}: deps list {extra}, which {script} never imports"
 
 
 def test_training_stages_start_with_the_launcher_and_the_others_with_python():

@@ -1,4 +1,4 @@
-"""Prompt and reference encoding (ptg.models: encode_prompts, encode_responses, eos_ids, turn_end_id) on the
+"""Prompt and reference encoding (ptg.encoding: encode_prompts, encode_responses, eos_ids, turn_end_id) on the
 offline tiny tokenizers: ChatML (tiny-llama), plain with a BOS, and T5-like (trailing ``</s>``)."""
 
 import copy
@@ -15,10 +15,10 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from ptg import models
-from ptg.base_models import build_tiny_tokenizer
+from ptg import encoding
 from ptg.config import ModelParams
 from ptg.pipeline import encode_targets_of
+from ptg.tiny_models import build_tiny_tokenizer
 
 INSTRUCTION = "Summarize what this Python function does in one sentence.\n\n"
 DEF_LINE = "def add_numbers(first, second):\n"
@@ -105,7 +105,7 @@ def test_chat_prompt_cut_at_the_end_keeps_instruction_def_and_template(chat_tok,
     tok = chat_tok if template is None else variant(chat_tok, chat_template=template)
     max_tokens = len(chat_ids(tok, "")) + room
     assert len(chat_ids(tok, PROMPT)) > max_tokens
-    (ids,) = models.encode_prompts(tok, [PROMPT], max_tokens, seq2seq=False)
+    (ids,) = encoding.encode_prompts(tok, [PROMPT], max_tokens, seq2seq=False)
     assert max_tokens - 2 <= len(ids) <= max_tokens  # cut to fit, not (much) further
     text = tok.decode(ids)
     assert text.startswith(header + "Summarize what this Python function does")
@@ -129,7 +129,7 @@ def test_chat_prompt_shrinks_again_when_the_template_grows_as_the_content_is_cut
     header = USER_HEADER + note
     for room in (30, 48, 90):
         max_tokens = len(chat_ids(tok, "")) + room
-        (ids,) = models.encode_prompts(tok, [PROMPT], max_tokens, seq2seq=False)
+        (ids,) = encoding.encode_prompts(tok, [PROMPT], max_tokens, seq2seq=False)
         assert max_tokens - 2 <= len(ids) <= max_tokens
         text = tok.decode(ids)
         assert text.startswith(header) and text.endswith(TURN_TAIL)
@@ -140,7 +140,7 @@ def test_chat_prompt_cut_inside_multibyte_characters_never_leaves_a_broken_chara
     text = INSTRUCTION + "def grüße():\n    return '" + "漢字かな" * 20 + "'\n"
     full = len(chat_ids(chat_tok, text))
     for max_tokens in range(full - 30, full):
-        (ids,) = models.encode_prompts(chat_tok, [text], max_tokens, seq2seq=False)
+        (ids,) = encoding.encode_prompts(chat_tok, [text], max_tokens, seq2seq=False)
         decoded = chat_tok.decode(ids)
         assert len(ids) <= max_tokens and decoded.endswith(TURN_TAIL)
         content = decoded[len(USER_HEADER): -len(TURN_TAIL)]
@@ -150,13 +150,13 @@ def test_chat_prompt_cut_inside_multibyte_characters_never_leaves_a_broken_chara
 
 def test_chat_prompts_that_fit_are_the_template_applied_unchanged(chat_tok):
     full = chat_ids(chat_tok, PROMPT)
-    assert models.encode_prompts(chat_tok, [SHORT, PROMPT], len(full), seq2seq=False) == [
+    assert encoding.encode_prompts(chat_tok, [SHORT, PROMPT], len(full), seq2seq=False) == [
         chat_ids(chat_tok, SHORT), full]
 
 
 def test_chat_prompt_one_token_too_long_loses_its_last_token_only(chat_tok):
     full = chat_ids(chat_tok, PROMPT)
-    (ids,) = models.encode_prompts(chat_tok, [PROMPT], len(full) - 1, seq2seq=False)
+    (ids,) = encoding.encode_prompts(chat_tok, [PROMPT], len(full) - 1, seq2seq=False)
     content = chat_tok(PROMPT, add_special_tokens=False)["input_ids"]
     assert chat_tok.decode(ids) == USER_HEADER + chat_tok.decode(content[:-1]) + TURN_TAIL
     assert len(ids) == len(full) - 1
@@ -165,9 +165,9 @@ def test_chat_prompt_one_token_too_long_loses_its_last_token_only(chat_tok):
 def test_chat_prompt_too_small_for_the_template_raises(chat_tok):
     empty = len(chat_ids(chat_tok, ""))
     with pytest.raises(ValueError, match=f"max_tokens={empty - 1}"):
-        models.encode_prompts(chat_tok, [PROMPT], empty - 1, seq2seq=False)
+        encoding.encode_prompts(chat_tok, [PROMPT], empty - 1, seq2seq=False)
     # An empty text fits exactly: the cut may leave nothing of the content, but the template stays whole.
-    (ids,) = models.encode_prompts(chat_tok, [PROMPT], empty, seq2seq=False)
+    (ids,) = encoding.encode_prompts(chat_tok, [PROMPT], empty, seq2seq=False)
     assert chat_tok.decode(ids) == USER_HEADER + TURN_TAIL
 
 
@@ -175,27 +175,27 @@ def test_chat_prompt_too_small_for_the_template_raises(chat_tok):
 def test_plain_prompt_keeps_bos_and_beginning(chat_tok, truncation_side):
     tok = bos_tok(chat_tok, truncation_side)
     full = tok(PROMPT)["input_ids"]
-    (ids,) = models.encode_prompts(tok, [PROMPT], 50, seq2seq=False)
+    (ids,) = encoding.encode_prompts(tok, [PROMPT], 50, seq2seq=False)
     assert len(ids) == 50 < len(full)
     assert ids[0] == BOS and ids.count(BOS) == 1
     assert_keeps_beginning(tok.decode(ids[1:]))
-    assert models.encode_prompts(tok, [SHORT, PROMPT], len(full), seq2seq=False) == [tok(SHORT)["input_ids"], full]
+    assert encoding.encode_prompts(tok, [SHORT, PROMPT], len(full), seq2seq=False) == [tok(SHORT)["input_ids"], full]
 
 
 @pytest.mark.parametrize("truncation_side", ["right", "left"])
 def test_seq2seq_prompt_keeps_beginning_and_trailing_eos(t5_tok, truncation_side):
     tok = variant(t5_tok, truncation_side=truncation_side)
     full = tok(PROMPT)["input_ids"]
-    (ids,) = models.encode_prompts(tok, [PROMPT], 50, seq2seq=True)
+    (ids,) = encoding.encode_prompts(tok, [PROMPT], 50, seq2seq=True)
     assert len(ids) == 50 < len(full)
     assert ids[-1] == SLASH_S and ids.count(SLASH_S) == 1
     assert_keeps_beginning(tok.decode(ids[:-1]))
-    assert models.encode_prompts(tok, [SHORT, PROMPT], len(full), seq2seq=True) == [tok(SHORT)["input_ids"], full]
+    assert encoding.encode_prompts(tok, [SHORT, PROMPT], len(full), seq2seq=True) == [tok(SHORT)["input_ids"], full]
 
 
 def test_seq2seq_prompts_ignore_a_chat_template(t5_tok, chat_tok):
     tok = variant(t5_tok, chat_template=chat_tok.chat_template)
-    assert models.encode_prompts(tok, [SHORT], 512, seq2seq=True) == [t5_tok(SHORT)["input_ids"]]
+    assert encoding.encode_prompts(tok, [SHORT], 512, seq2seq=True) == [t5_tok(SHORT)["input_ids"]]
 
 
 # ----------------------------------------------------------------------------------------- encode_responses
@@ -203,7 +203,7 @@ def test_seq2seq_prompts_ignore_a_chat_template(t5_tok, chat_tok):
 
 def test_responses_end_with_the_given_eos_and_are_cut_including_it(t5_tok):
     short, long = "Adds two numbers.", "Adds two numbers and returns the total of every step of the sum. " * 5
-    out = models.encode_responses(t5_tok, [short, long], 12, eos_id=IM_END)
+    out = encoding.encode_responses(t5_tok, [short, long], 12, eos_id=IM_END)
     body = t5_tok([short, long], add_special_tokens=False)["input_ids"]
     assert out[0] == body[0] + [IM_END]  # no tokenizer EOS (T5's </s>) added before it
     assert SLASH_S not in out[0] and SLASH_S not in out[1]
@@ -222,13 +222,13 @@ def test_responses_end_with_the_given_eos_and_are_cut_including_it(t5_tok):
 ])
 def test_eos_ids_union_generation_config_and_tokenizer(chat_tok, gen_eos, tok_eos, expected):
     tok = variant(chat_tok, eos_token=tok_eos)
-    assert models.eos_ids(tiny_causal(tok, gen_eos), tok) == expected
+    assert encoding.eos_ids(tiny_causal(tok, gen_eos), tok) == expected
 
 
 def test_eos_ids_raise_without_any_eos(chat_tok):
     tok = variant(chat_tok, eos_token=None)
     with pytest.raises(ValueError, match="EOS"):
-        models.eos_ids(tiny_causal(tok, None), tok)
+        encoding.eos_ids(tiny_causal(tok, None), tok)
 
 
 # ------------------------------------------------------------------------------------------------ turn_end_id
@@ -237,29 +237,29 @@ def test_eos_ids_raise_without_any_eos(chat_tok):
 @pytest.mark.parametrize("gen_eos", [[0, 5, IM_END], [IM_END, 0, 5], [5, IM_END, 0]])
 def test_turn_end_is_the_chat_turn_terminator_not_the_smallest_eos(chat_tok, gen_eos):
     model = tiny_causal(chat_tok, gen_eos)
-    assert models.eos_ids(model, chat_tok)[0] == 0
-    assert models.turn_end_id(model, chat_tok) == IM_END
+    assert encoding.eos_ids(model, chat_tok)[0] == 0
+    assert encoding.turn_end_id(model, chat_tok) == IM_END
 
 
 @pytest.mark.parametrize("template", [None, SYSTEM_TEMPLATE])
 def test_turn_end_comes_from_the_template_when_the_tokenizer_eos_differs(chat_tok, template):
     """A chat model whose tokenizer EOS is a document end (``</s>``) still ends assistant turns with <|im_end|>."""
     tok = variant(chat_tok, eos_token="</s>", **({"chat_template": template} if template else {}))
-    assert models.turn_end_id(tiny_causal(tok, [IM_END, SLASH_S]), tok) == IM_END
+    assert encoding.turn_end_id(tiny_causal(tok, [IM_END, SLASH_S]), tok) == IM_END
 
 
 def test_turn_end_falls_back_to_the_tokenizer_eos_then_the_generation_config(chat_tok):
     plain = variant(chat_tok, chat_template=None)
-    assert models.turn_end_id(tiny_causal(plain, [0, 5, IM_END]), plain) == IM_END
+    assert encoding.turn_end_id(tiny_causal(plain, [0, 5, IM_END]), plain) == IM_END
     no_eos = variant(plain, eos_token=None)
-    assert models.turn_end_id(tiny_causal(no_eos, [5, 2]), no_eos) == 5
+    assert encoding.turn_end_id(tiny_causal(no_eos, [5, 2]), no_eos) == 5
     # A template whose turn terminator is no EOS id: the tokenizer's EOS.
     other = variant(chat_tok, eos_token="</s>")
-    assert models.turn_end_id(tiny_causal(other, [7, SLASH_S]), other) == SLASH_S
+    assert encoding.turn_end_id(tiny_causal(other, [7, SLASH_S]), other) == SLASH_S
 
 
 def test_turn_end_of_seq2seq_is_the_tokenizer_eos(t5_tok):
-    assert models.turn_end_id(tiny_seq2seq(t5_tok, [0, SLASH_S]), t5_tok) == SLASH_S
+    assert encoding.turn_end_id(tiny_seq2seq(t5_tok, [0, SLASH_S]), t5_tok) == SLASH_S
 
 
 def test_references_end_with_the_turn_end_token(chat_tok, t5_tok):

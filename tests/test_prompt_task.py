@@ -171,7 +171,7 @@ def test_save_lm_and_load_lm_round_trip_the_prompt_head(tmp_path, tied):
 
 
 def test_start_ids_is_bos_else_eos_else_an_error():
-    from ptg.base_models import build_tiny_tokenizer
+    from ptg.tiny_models import build_tiny_tokenizer
 
     assert prompt_data.start_ids(build_tiny_tokenizer("tiny-llama")) == [3]
     assert prompt_data.start_ids(SimpleNamespace(bos_token_id=0, eos_token_id=4)) == [0]  # id 0 is a BOS too

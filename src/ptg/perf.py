@@ -269,7 +269,7 @@ def run(n_prompts: int = 24, k: int = 3, max_new: int = 32, device: torch.device
     from ptg.bench import machine
     from ptg.config import load_group
     from ptg.data import build_examples
-    from ptg.models import encode_prompts, encode_responses, eos_ids, turn_end_id
+    from ptg.encoding import encode_prompts, encode_responses, eos_ids, turn_end_id
 
     dtype = resolve_precision("auto", device)  # what the pipeline computes in on this device
     model, tok = _policy(PERF_DIR / "lm")

@@ -125,7 +125,8 @@ def read_examples(*splits: str) -> pd.DataFrame:
 def encode_prompts_of(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, frame: pd.DataFrame,
                       mp: ModelParams) -> list[list[int]]:
     """Prompt token ids of ``frame`` (chat template for decoder-only models that have one)."""
-    from ptg.models import encode_prompts, is_seq2seq
+    from ptg.encoding import encode_prompts
+    from ptg.models import is_seq2seq
 
     return encode_prompts(tokenizer, frame["prompt"].tolist(), mp.max_prompt_tokens, is_seq2seq(model))
 
@@ -134,7 +135,7 @@ def encode_targets_of(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel
                       mp: ModelParams) -> list[list[int]]:
     """Reference token ids of ``frame``, ending with the token the model ends its own turn with (``turn_end_id``:
     e.g. ``<|im_end|>`` for a ChatML model, however its EOS ids sort)."""
-    from ptg.models import encode_responses, turn_end_id
+    from ptg.encoding import encode_responses, turn_end_id
 
     return encode_responses(tokenizer, frame["target"].tolist(), mp.max_target_tokens, turn_end_id(model, tokenizer))
 
@@ -146,7 +147,7 @@ def sample_table(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fra
     """K continuations of every row of ``frame`` as a Samples table, plus throughput figures. ``prompts``: the
     rows' input ids (default: their encoded ``prompt``); ``stops``: the ids that end a sample (default: the EOS
     ids; empty: every sample is ``max_new_tokens`` long, as a prompt policy's)."""
-    from ptg.models import eos_ids
+    from ptg.encoding import eos_ids
     from ptg.sampling import sample
 
     prompts = encode_prompts_of(tokenizer, model, frame, mp) if prompts is None else prompts

@@ -175,9 +175,10 @@ def score_file(guidance_dir: Path, path: Path, out: Path, pp: PreferencesParams,
     tokenizer is ``tokenizer`` or the one saved beside the backbone (``fit`` saves it; a pipeline round's guidance
     needs ``--tokenizer data/rounds/0/lm``)."""
     from ptg.config import load_group
+    from ptg.encoding import encode_prompts, encode_responses, turn_end_id
     from ptg.guidance import load_guidance, token_rewards
     from ptg.io import atomic_path
-    from ptg.models import encode_prompts, encode_responses, is_seq2seq, turn_end_id
+    from ptg.models import is_seq2seq
     from ptg.pipeline import start
 
     ctx = start("score_preferences", params)

@@ -107,7 +107,7 @@ def encode_inputs(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, fr
 
 def stops(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, params: str | Path) -> list[int]:
     """The ids that end a sample: the EOS ids; none for the prompt task (every prompt has the same length)."""
-    from ptg.models import eos_ids
+    from ptg.encoding import eos_ids
 
     return [] if is_prompt(params) else eos_ids(model, tokenizer)
 
