@@ -95,6 +95,7 @@ def main(r: int, params: str = "params.yaml") -> None:
                "updates": result.updates, "val_loss_start": start["val_loss"],
                "val_accuracy_start": start["val_accuracy"], "train_groups": len(train), "val_groups": len(val),
                "fitted_groups": len(fitted_on), "preference_train_groups": len(pref_train), **extra,
+               "precision": ctx.precision,
                # How far the token rewards moved from the starting head's (on the held-out samples).
                **{f"reward_{k}_start": v for k, v in spread_start.items()},
                **{f"reward_{k}": v for k, v in reward_spread(guidance, val, tok.pad_token_id, ctx.device,

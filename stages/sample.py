@@ -28,7 +28,7 @@ def main(r: int, params: str = "params.yaml") -> None:
                                          inputs, stops)
     out = pipeline.round_dir(r) / "samples.parquet"
     write_table(table, out, schemas.Samples)
-    summary = speed | {"inputs": len(frame)}
+    summary = speed | {"inputs": len(frame), "precision": ctx.precision}
     write_json(pipeline.round_metrics(r, "sample"), summary | {"settings": dataclasses.asdict(cfg)})
     tracking.log_stage("sample", r, dataclasses.asdict(sp), pipeline.round_metrics(r, "sample"), artifacts=[out])
 

@@ -62,6 +62,7 @@ def write_prompt_quick(path: Path) -> Path:
 
     cfg = yaml.safe_load((REPO / "configs" / "prompt.yaml").read_text())
     cfg["progress"] = False
+    cfg["precision"] = "fp32"  # tiny models: the same numbers on every machine, as configs/quick.yaml
     cfg["model"] |= {"policy": "tiny-llama", "guidance_layers": 1}
     cfg["task"] |= {"verbalizers": [" food", " the", " a", " of"], "candidates": 4, "head_hidden": 32}
     cfg["data"] |= {"max_test": 40}

@@ -261,19 +261,42 @@ def perf(device: str = typer.Option("auto", help="auto (CUDA when present), cpu 
          threads: int = typer.Option(0, help="torch threads (0 = torch's default)"),
          prompts: int = typer.Option(24, help="prompts per decoding measurement"),
          batch_size: int = typer.Option(16, help="prompts per decoding batch"),
-         out: str = typer.Option("metrics/perf.json", help="the JSON to write")) -> None:
-    """Sampling, guidance, training and start-up speed as ratios measured in one run; prints the table."""
+         bench_round: bool = typer.Option(False, help="time one bench round's stages (CPU-s per stage) instead"),
+         compare: str = typer.Option("", help="with --bench-round: a git revision of the old code, run "
+                                              "alternately with this checkout's (their CPU-s ratio per stage)"),
+         repeats: int = typer.Option(1, help="with --compare: runs of each code (the lowest CPU-s counts)"),
+         out: str = typer.Option("", help="the JSON to write (default metrics/perf.json, or "
+                                          "metrics/perf_round.json with --bench-round)")) -> None:
+    """Sampling, guidance, training and start-up speed as ratios measured in one run; prints the table. With
+    --bench-round: the CPU seconds of each stage of a bench round (configs/bench.yaml, round 1) in this checkout."""
+    from ptg.io import write_json
+
+    _log("perf")
+    if bench_round or compare:
+        from ptg import perf_round
+        from ptg.bench import machine
+
+        work = Path("build") / "perf"
+        if compare:
+            old = perf_round.checkout_of(Path.cwd(), compare, work / "code-old")
+            result = perf_round.compare(old, Path.cwd(), work, repeats, threads or None)
+            table = perf_round.format_comparison(result)
+        else:
+            result = perf_round.run_round(Path.cwd(), work / "round-new", threads or None)
+            table = "\n".join(f"{s}: {v['cpu_s']:.0f} CPU-s, {v['wall_s']:.0f} s wall"
+                              for s, v in result["stages"].items())
+        write_json(Path(out or "metrics/perf_round.json"), result | {"machine": machine()})
+        typer.echo(table)
+        return
     import torch
 
     from ptg import perf as module
-    from ptg.io import write_json
     from ptg.precision import resolve_device
 
-    _log("perf")
     if threads:
         torch.set_num_threads(threads)
     result = module.run(prompts, device=resolve_device(device), batch_size=batch_size)
-    write_json(Path(out), result)
+    write_json(Path(out or "metrics/perf.json"), result)
     typer.echo(module.format_table(result))
 
 

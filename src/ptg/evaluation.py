@@ -96,7 +96,7 @@ def evaluate_summaries(lm_dir: Path, guidance: Guidance | None, predictions_path
     # Per-example scores beside the metrics (small, kept in git): paired statistics across runs read them.
     with atomic_path(metrics_path.with_name("evaluate_items.csv")) as tmp:
         table.drop(columns=["prediction", "references"]).to_csv(tmp, index=False)
-    write_json(metrics_path, summary | {"items": len(table), "split": ep.split})
+    write_json(metrics_path, summary | {"items": len(table), "split": ep.split, "precision": ctx.precision})
     files = [predictions_path]
     if guidance is not None:
         files += save_heatmaps(tok, table, token_ids, rewards, predictions_path.with_name("heatmap"))
@@ -148,5 +148,5 @@ def evaluate_prompt_policy(lm_dir: Path, guidance: Guidance | None, predictions_
     write_table(table, predictions_path, schemas.PromptCandidates)
     with atomic_path(metrics_path.with_name("evaluate_items.csv")) as tmp:
         items.to_csv(tmp, index=False)
-    write_json(metrics_path, summary)
+    write_json(metrics_path, summary | {"precision": ctx.precision})
     return summary, files

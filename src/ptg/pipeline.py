@@ -9,6 +9,7 @@ them, so a stage that loads no model (prepare, preferences, rank with a metric, 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -76,6 +77,11 @@ class Context:
         return torch.Generator().manual_seed(self.seed(stage, r))
 
     @property
+    def precision(self) -> str:
+        """What the stage's matmuls compute in (``bf16`` or ``fp32``), for its metrics JSON."""
+        return "bf16" if str(self.dtype) == "torch.bfloat16" else "fp32"
+
+    @property
     def progress(self) -> bool:
         return self.run.progress and not os.environ.get("CI") and os.environ.get("RANK", "0") == "0"
 
@@ -111,10 +117,21 @@ def start(stage: str, params: str | Path = "params.yaml", with_torch: bool = Tru
 
     distributed.init_from_env()  # under `accelerate launch --num_processes N`: data-parallel train_lm
     device = resolve_device(run.device)
-    dtype = resolve_precision(run.precision, device)
+    dtype = resolve_precision(run.precision, device, *policy_shape())
     torch.manual_seed(run.seed)
     log.info("device %s, compute dtype %s", device, dtype)
     return Context(Path(params), run, device, dtype)
+
+
+def policy_shape() -> tuple[int, int]:
+    """(hidden size, intermediate size) of the base policy (data/rounds/0/lm), what ``precision: auto`` probes;
+    (0, 0) before base_model has run."""
+    path = round_dir(0) / "lm" / "config.json"
+    if not path.is_file():
+        return 0, 0
+    cfg = json.loads(path.read_text())
+    width = cfg.get("hidden_size") or cfg.get("d_model") or 0
+    return int(width), int(cfg.get("intermediate_size") or cfg.get("d_ff") or 0)
 
 
 def read_examples(*splits: str) -> pd.DataFrame:

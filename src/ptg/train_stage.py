@@ -104,7 +104,8 @@ def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance 
     summary = {"objective": cfg.objective, "guided": guidance is not None, "optimizer_carried": carried,
                "lora_rank": lora.rank, "trainable_parameters": trainable,
                "updates": len(updates), "final_loss": last["loss"], "final_nll": last["nll"], "seconds": seconds,
-               "tokens_per_second": tokens / seconds, "processes": distributed.rank_and_world()[1], **summary}
+               "tokens_per_second": tokens / seconds, "processes": distributed.rank_and_world()[1],
+               "precision": ctx.precision, **summary}
     if isinstance(score, PromptScorer):  # the prompt task's budget: the classifier's calls in training
         summary["classifier_pairs"] = score.classifier.scored
     if validate is not None:

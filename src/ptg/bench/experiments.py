@@ -26,6 +26,7 @@ import yaml
 
 from ptg import pipeline, tracking
 from ptg.io import atomic_path, read_json, write_json
+from ptg.perf_round import cpu_seconds
 from ptg.workspace import PACKAGE, commit, copy_pipeline, dvc_env, init_repo
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,7 @@ def run_tracked(cmd: list[str], cwd: Path, threads: int | None = None) -> float:
         "PYTHONPATH": str(cwd / "src"), "PTG_CACHE": str(Path(os.environ.get("PTG_CACHE", ".cache")).resolve())}
     if threads is not None:
         env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise subprocess.CalledProcessError(proc.returncode, cmd)
-    return usage.ru_utime + usage.ru_stime
+    return cpu_seconds(cmd, cwd, env)
 
 
 def setup_repo(params_file: Path, directory: Path) -> Path:
@@ -163,17 +159,13 @@ def evaluate_items(run: Path, r: int, baseline: bool = False) -> pd.DataFrame:
 
 def machine() -> dict[str, Any]:
     """The CPU (model, cores, the flags that decide fp32/bf16 speed) and, where CUDA is present, the GPU."""
-    flags = set()
-    model = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        text = cpuinfo.read_text()
-        flags = {f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in text}
-        model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
-                     model)
-    out: dict[str, Any] = {"cpu": model, "cores": os.cpu_count(), "flags": sorted(flags)}
     import torch
 
+    from ptg.precision import cpu_info
+
+    model, flags = cpu_info()
+    out: dict[str, Any] = {"cpu": model or platform.processor(), "cores": os.cpu_count(),
+                           "flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})}
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name()
     return out
