@@ -265,6 +265,8 @@ def perf(device: str = typer.Option("auto", help="auto (CUDA when present), cpu 
          compare: str = typer.Option("", help="with --bench-round: a git revision of the old code, run "
                                               "alternately with this checkout's (their CPU-s ratio per stage)"),
          repeats: int = typer.Option(1, help="with --compare: runs of each code (the lowest CPU-s counts)"),
+         precision: str = typer.Option("", help="with --bench-round: this precision in place of the bench "
+                                                "params' (fp32: compare artifacts byte for byte)"),
          out: str = typer.Option("", help="the JSON to write (default metrics/perf.json, or "
                                           "metrics/perf_round.json with --bench-round)")) -> None:
     """Sampling, guidance, training and start-up speed as ratios measured in one run; prints the table. With
@@ -279,10 +281,10 @@ def perf(device: str = typer.Option("auto", help="auto (CUDA when present), cpu 
         work = Path("build") / "perf"
         if compare:
             old = perf_round.checkout_of(Path.cwd(), compare, work / "code-old")
-            result = perf_round.compare(old, Path.cwd(), work, repeats, threads or None)
+            result = perf_round.compare(old, Path.cwd(), work, repeats, threads or None, precision or None)
             table = perf_round.format_comparison(result)
         else:
-            result = perf_round.run_round(Path.cwd(), work / "round-new", threads or None)
+            result = perf_round.run_round(Path.cwd(), work / "round-new", threads or None, precision=precision or None)
             table = "\n".join(f"{s}: {v['cpu_s']:.0f} CPU-s, {v['wall_s']:.0f} s wall"
                               for s, v in result["stages"].items())
         write_json(Path(out or "metrics/perf_round.json"), result | {"machine": machine()})

@@ -60,17 +60,19 @@ def file_md5s(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def run_round(checkout: Path, directory: Path, threads: int | None = None, params_file: Path = BENCH_PARAMS
-              ) -> dict[str, Any]:
-    """Round 1 of ``checkout``'s ``params_file`` (its bench params) in ``directory`` (emptied first), one process
-    per stage; returns {"stages": {stage: {"cpu_s", "wall_s"}}, "data_md5": {path: md5}}."""
+def run_round(checkout: Path, directory: Path, threads: int | None = None, params_file: Path = BENCH_PARAMS,
+              precision: str | None = None) -> dict[str, Any]:
+    """Round 1 of ``checkout``'s ``params_file`` (its bench params; ``precision`` in place of its own) in
+    ``directory`` (emptied first), one process per stage; returns {"stages": {stage: {"cpu_s", "wall_s"}},
+    "data_md5": {path: md5}}."""
     checkout = checkout.resolve()
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
     shutil.copytree(checkout / "stages", directory / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((checkout / params_file).read_text())
-    (directory / "params.yaml").write_text(yaml.safe_dump(params | {"progress": False}, sort_keys=False))
+    params |= {"progress": False} | ({"precision": precision} if precision else {})
+    (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = os.environ | {"PYTHONPATH": str(checkout / "src"), "PTG_TRACKING": "off",
                         "PTG_CACHE": str(Path(os.environ.get("PTG_CACHE", ".cache")).resolve())}
     if threads:
@@ -89,13 +91,14 @@ def round_cpu(result: dict[str, Any]) -> float:
     return sum(result["stages"][s]["cpu_s"] for s in ROUND_STAGES)
 
 
-def compare(old: Path, new: Path, work: Path, repeats: int = 1, threads: int | None = None) -> dict[str, Any]:
+def compare(old: Path, new: Path, work: Path, repeats: int = 1, threads: int | None = None,
+            precision: str | None = None) -> dict[str, Any]:
     """``old`` and ``new`` checkouts' bench rounds, alternating (old, new, old, new, ...), ``repeats`` each; per
     stage the lowest CPU seconds of each and the ratio new / old, the round's total, and which data files differ."""
     runs: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
     for i in range(repeats):
         for name, checkout in (("old", old), ("new", new)):
-            runs[name].append(run_round(checkout, work / f"round-{name}", threads))
+            runs[name].append(run_round(checkout, work / f"round-{name}", threads, precision=precision))
             log.info("%s run %d: round %.0f CPU-s", name, i + 1, round_cpu(runs[name][-1]))
     best = {name: {s: min(r["stages"][s]["cpu_s"] for r in rs) for s in (*SETUP_STAGES, *ROUND_STAGES)}
             for name, rs in runs.items()}
@@ -103,6 +106,7 @@ def compare(old: Path, new: Path, work: Path, repeats: int = 1, threads: int | N
     differ = sorted(p for p in md5["old"].keys() | md5["new"].keys() if md5["old"].get(p) != md5["new"].get(p))
     total = {name: sum(b[s] for s in ROUND_STAGES) for name, b in best.items()}
     return {"old": str(old.resolve()), "new": str(new.resolve()), "repeats": repeats, "threads": threads,
+            "precision": precision or "each checkout's",
             "cpu_s": best, "ratio": {s: best["new"][s] / best["old"][s] for s in best["new"]},
             "round_cpu_s": total, "round_ratio": total["new"] / total["old"], "data_files_differ": differ,
             "runs": runs}
