@@ -29,15 +29,8 @@ class HFFolderModel:
         import pandas as pd
         import torch
 
-        from ptg.models import (
-            encode_prompts,
-            encode_responses,
-            eos_ids,
-            is_seq2seq,
-            load_lm,
-            load_tokenizer,
-            turn_end_id,
-        )
+        from ptg.encoding import encode_prompts, encode_responses, eos_ids, turn_end_id
+        from ptg.models import is_seq2seq, load_lm, load_tokenizer
 
         params = params or {}
         cpu = torch.device("cpu")
