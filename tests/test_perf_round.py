@@ -33,7 +33,7 @@ def test_compare_alternates_the_codes_keeps_the_lowest_cost_and_names_the_files_
     calls = []
     costs = {"old": iter([10.0, 8.0]), "new": iter([4.0, 5.0])}
 
-    def fake_round(checkout, directory, threads=None, precision=None):
+    def fake_round(checkout, directory, threads=None, params_file=None, precision=None):
         name = Path(checkout).name
         calls.append(name)
         cpu = next(costs[name])

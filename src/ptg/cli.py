@@ -267,6 +267,8 @@ def perf(device: str = typer.Option("auto", help="auto (CUDA when present), cpu 
          repeats: int = typer.Option(1, help="with --compare: runs of each code (the lowest CPU-s counts)"),
          precision: str = typer.Option("", help="with --bench-round: this precision in place of the bench "
                                                 "params' (fp32: compare artifacts byte for byte)"),
+         params: str = typer.Option(str(Path("configs") / "bench.yaml"),
+                                    help="with --bench-round: the params file, relative to each checkout"),
          out: str = typer.Option("", help="the JSON to write (default metrics/perf.json, or "
                                           "metrics/perf_round.json with --bench-round)")) -> None:
     """Sampling, guidance, training and start-up speed as ratios measured in one run; prints the table. With
@@ -281,10 +283,12 @@ def perf(device: str = typer.Option("auto", help="auto (CUDA when present), cpu 
         work = Path("build") / "perf"
         if compare:
             old = perf_round.checkout_of(Path.cwd(), compare, work / "code-old")
-            result = perf_round.compare(old, Path.cwd(), work, repeats, threads or None, precision or None)
+            result = perf_round.compare(old, Path.cwd(), work, repeats, threads or None, precision or None,
+                                        Path(params))
             table = perf_round.format_comparison(result)
         else:
-            result = perf_round.run_round(Path.cwd(), work / "round-new", threads or None, precision=precision or None)
+            result = perf_round.run_round(Path.cwd(), work / "round-new", threads or None, Path(params),
+                                          precision or None)
             table = "\n".join(f"{s}: {v['cpu_s']:.0f} CPU-s, {v['wall_s']:.0f} s wall"
                               for s, v in result["stages"].items())
         write_json(Path(out or "metrics/perf_round.json"), result | {"machine": machine()})

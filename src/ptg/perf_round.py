@@ -92,13 +92,13 @@ def round_cpu(result: dict[str, Any]) -> float:
 
 
 def compare(old: Path, new: Path, work: Path, repeats: int = 1, threads: int | None = None,
-            precision: str | None = None) -> dict[str, Any]:
+            precision: str | None = None, params_file: Path = BENCH_PARAMS) -> dict[str, Any]:
     """``old`` and ``new`` checkouts' bench rounds, alternating (old, new, old, new, ...), ``repeats`` each; per
     stage the lowest CPU seconds of each and the ratio new / old, the round's total, and which data files differ."""
     runs: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
     for i in range(repeats):
         for name, checkout in (("old", old), ("new", new)):
-            runs[name].append(run_round(checkout, work / f"round-{name}", threads, precision=precision))
+            runs[name].append(run_round(checkout, work / f"round-{name}", threads, params_file, precision))
             log.info("%s run %d: round %.0f CPU-s", name, i + 1, round_cpu(runs[name][-1]))
     best = {name: {s: min(r["stages"][s]["cpu_s"] for r in rs) for s in (*SETUP_STAGES, *ROUND_STAGES)}
             for name, rs in runs.items()}
