@@ -61,6 +61,15 @@ def test_every_stage_writes_valid_outputs(quick):
         assert key in shown
 
 
+def test_outputs_are_stored_once_linked_to_the_cache(quick):
+    """cache.type reflink,hardlink,copy (ptg.workspace.CACHE_TYPES): on this file system a model in data/ is the
+    cache's file itself (hard-linked), not a second copy."""
+    weights = quick / "data" / "rounds" / "1" / "lm" / "model.safetensors"
+    inode = weights.stat().st_ino
+    in_cache = [p for p in (quick / ".dvc" / "cache").rglob("*") if p.is_file() and p.stat().st_ino == inode]
+    assert weights.stat().st_nlink == 2 and len(in_cache) == 1
+
+
 def test_baseline_round_sees_the_same_examples_in_the_same_order_as_ptg(quick):
     """Same seed, same batches: the reference tokens of every update agree between the two arms, the first update's
     NLL (the same base LM on the same references) too, and the baseline is marked unguided."""

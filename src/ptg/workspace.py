@@ -117,9 +117,13 @@ def make_workspace(params_file: str | Path | None, directory: str | Path, git: b
     return directory
 
 
+CACHE_TYPES = "reflink,hardlink,copy"  # DVC's cache.type of a new project: outputs linked to the cache if possible
+
+
 def init_repo(directory: Path, git: bool, gitignore: str = GITIGNORE) -> None:
     """A DVC repository at ``directory`` (and, with ``git``, a git one with ``gitignore`` as its .gitignore),
-    unless it is one already; DVC's analytics off (the machine may be offline)."""
+    unless it is one already; DVC's analytics off (the machine may be offline), outputs linked to the cache
+    (``CACHE_TYPES``)."""
     if git and shutil.which("git") is None:
         raise FileNotFoundError("git not found on PATH: install it, or make the project without (`--no-git`; then "
                                 "`dvc exp` is not available there)")
@@ -128,7 +132,14 @@ def init_repo(directory: Path, git: bool, gitignore: str = GITIGNORE) -> None:
     if not (directory / ".dvc").is_dir():
         subprocess.run(["dvc", "init", "-q", *([] if git else ["--no-scm"])], cwd=directory, check=True,
                        env=dvc_env())
-        subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=directory, check=True, env=dvc_env())
+        # DVC's analytics off, and outputs hard-linked to the cache where the file system allows (reflink first, a
+        # copy last): a default run's 3 GB of models are stored once, not twice. Linked outputs are read-only; ptg
+        # replaces an output (a temporary beside it, then a rename), never edits one in place.
+        from dvc.config import Config
+
+        with Config(dvc_dir=str(directory / ".dvc")).edit("repo") as conf:
+            conf["core"]["analytics"] = False
+            conf["cache"]["type"] = CACHE_TYPES
     if git and not (directory / ".gitignore").is_file():
         (directory / ".gitignore").write_text(gitignore)
 
