@@ -28,7 +28,9 @@ def test_every_row_runs_and_the_table_shows_it():
     prompts = [[2, 5, 6, 7], [2, 9], [3, 4, 11, 12, 13]]
     result = {"machine": {"cpu": "test cpu", "cores": 2, "flags": ["avx2"]}, "threads": 1,
               "peak_flops": {"fp32": 1e9}, "settings": {"k": 2}}
-    result |= perf.decoding_rows(model, prompts, [EOS], PAD, k=2, max_new=4, batch_size=2)
+    result["bandwidth_bytes_per_s"] = perf.memory_bandwidth(mib=8)
+    result |= perf.decoding_rows(model, prompts, [EOS], PAD, k=2, max_new=4, batch_size=2,
+                                 bandwidth=result["bandwidth_bytes_per_s"])
     result["guidance"] = perf.guidance_row(model.model, prompts, PAD, k=2, repeats=1)
     for row, rank in (("train_lm", 0), ("train_lm_lora", 2)):
         result[row] = perf.train_row(model, prompts, [[4, 5, EOS], [6, EOS], [7, 8, 9, EOS]], PAD, updates=1,
@@ -38,12 +40,20 @@ def test_every_row_runs_and_the_table_shows_it():
     result["startup_s"] = {"report": 1.0}
     for row in ("sample", "greedy"):
         assert result[row]["tokens"] > 0 and result[row]["vs_generate"] > 0
-        assert result[row]["of_compute_bound"] > 0
+        assert result[row]["of_compute_bound"] > 0 and 0 < result[row]["of_bandwidth_bound"] < 1
     assert result["guidance"]["speedup"] > 0 and result["train_lm"]["of_peak"] > 0
     table = perf.format_table(result)
     for label in ("sample (K = 2)", "greedy (evaluate)", "guidance scoring (K = 2)", "train_lm", "LoRA r=8",
-                  "start-up"):
+                  "start-up", "(3x)", "(60%)", "decode steps alone need", "GB/s"):
         assert label in table
+
+
+def test_decode_steps_follow_the_samplers_batches():
+    """Prompts sorted by length, two per batch: [b, c] then [a]; each batch steps to its longest output, less
+    the token the prefill gives."""
+    prompts = [[1, 2, 3], [1], [1, 2]]
+    outputs = [[[5] * 4], [[5] * 2, [5] * 6], [[5] * 3]]
+    assert perf.decode_steps(prompts, outputs, batch_size=2) == (6 - 1) + (4 - 1)
 
 
 @pytest.mark.parametrize("lora_rank", [0, 2])

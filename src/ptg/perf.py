@@ -53,6 +53,23 @@ def matmul_peak(dtype: torch.dtype, device: torch.device = CPU, n: int = 0, repe
     return 2 * n**3 / best
 
 
+def memory_bandwidth(device: torch.device = CPU, mib: int = 512, repeats: int = 3) -> float:
+    """Best bytes/s of copying a ``mib`` MiB tensor (read + write) on ``device``: what a decode step that reads
+    every weight once is bound by."""
+    a = torch.empty(mib << 18, device=device)  # fp32: 4 bytes each
+    b = torch.empty_like(a).copy_(a)  # touched once, so no page is first faulted in inside the timing
+    best = min(_timed(lambda: b.copy_(a), device) for _ in range(repeats))
+    return 2 * a.numel() * 4 / best
+
+
+def decode_steps(prompts: list[list[int]], outputs: list[list[list[int]]], batch_size: int) -> int:
+    """Decode steps (forwards after the prefill) of sampling ``outputs`` in ptg's batches (prompts sorted by length,
+    ``batch_size`` at a time): each batch steps until its longest output is complete."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return sum(max(len(s) for i in order[b:b + batch_size] for s in outputs[i]) - 1
+               for b in range(0, len(order), batch_size))
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -118,12 +135,14 @@ def _generate(model: torch.nn.Module, prompts: list[list[int]], k: int, greedy: 
 
 def decoding_rows(model: torch.nn.Module, prompts: list[list[int]], eos: list[int], pad_id: int,
                   k: int = 3, max_new: int = 32, batch_size: int = 16, device: torch.device = CPU,
-                  dtype: torch.dtype = torch.float32) -> dict[str, dict[str, float]]:
-    """The sample and greedy rows: ptg against generate, and ptg's useful FLOP/s (``with_peak`` turns it into the
-    fraction of the compute bound)."""
+                  dtype: torch.dtype = torch.float32, bandwidth: float = 0.0) -> dict[str, dict[str, float]]:
+    """The sample and greedy rows: ptg against generate, ptg's useful FLOP/s (``with_peak`` turns it into the
+    fraction of the compute bound) and, with the measured memory ``bandwidth`` (bytes/s), the seconds its decode
+    steps need at least: each reads every weight once, in the compute dtype (``bandwidth_bound_s``)."""
     from ptg.sampling import SamplingConfig, sample
 
     shape = _shape(model)
+    step_bytes = (shape["linear"] + shape["vocab"] * shape["width"]) * torch.finfo(dtype).bits // 8
     rows = {}
     for name, temperature, kk in (("sample", 1.0, k), ("greedy", 0.0, 1)):
         cfg = SamplingConfig(num_samples=kk, max_new_tokens=max_new, temperature=temperature)
@@ -149,6 +168,9 @@ def decoding_rows(model: torch.nn.Module, prompts: list[list[int]], eos: list[in
                       "vs_generate": ptg["tokens_per_s"] / gen["tokens_per_s"],
                       "flops_per_s": ptg["flops_per_s"], "ptg_seconds": ptg["seconds"],
                       "generate_seconds": gen["seconds"], "tokens": ptg["tokens"]}
+        if bandwidth:
+            bound = decode_steps(prompts, outputs, batch_size) * step_bytes / bandwidth
+            rows[name] |= {"bandwidth_bound_s": bound, "of_bandwidth_bound": bound / ptg["seconds"]}
         log.info("%s: %s", name, rows[name])
     return rows
 
@@ -271,9 +293,10 @@ def run(n_prompts: int = 24, k: int = 3, max_new: int = 32, device: torch.device
     from ptg.data import build_examples
     from ptg.encoding import encode_prompts, encode_responses, eos_ids, turn_end_id
 
-    dtype = resolve_precision("auto", device)  # what the pipeline computes in on this device
     model, tok = _policy(PERF_DIR / "lm")
     model.to(device)
+    # What the pipeline computes in on this device (precision: auto, for this model's shapes).
+    dtype = resolve_precision("auto", device, model.config.hidden_size, model.config.intermediate_size)
     params = TEMPLATE / "params.yaml"
     frame = build_examples(load_group("data", params))["train"].head(n_prompts)
     prompts = encode_prompts(tok, frame["prompt"].tolist(), load_group("model", params).max_prompt_tokens, False)
@@ -283,7 +306,9 @@ def run(n_prompts: int = 24, k: int = 3, max_new: int = 32, device: torch.device
                               "device": device.type, "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
                               "settings": {"prompts": n_prompts, "k": k, "max_new_tokens": max_new,
                                            "batch_size": batch_size}}
-    result |= decoding_rows(model, prompts, eos, tok.pad_token_id, k, max_new, batch_size, device, dtype)
+    result["bandwidth_bytes_per_s"] = memory_bandwidth(device)
+    result |= decoding_rows(model, prompts, eos, tok.pad_token_id, k, max_new, batch_size, device, dtype,
+                            result["bandwidth_bytes_per_s"])
     result["guidance"] = guidance_row(guidance_backbone(PERF_DIR / "lm").to(device), prompts, tok.pad_token_id, k=k,
                                       device=device, dtype=dtype)
     log.info("guidance: %s", result["guidance"])
@@ -304,28 +329,40 @@ def run(n_prompts: int = 24, k: int = 3, max_new: int = 32, device: torch.device
     return with_peak(result, max(first, last))
 
 
+TARGETS = {"vs_generate": 3.0, "of_compute_bound": 0.5, "guidance_speedup": 2.0, "train_of_peak": 0.6,
+           "startup_s": 2.0}  # issue #20's targets, printed beside each figure
+
+
 def format_table(result: dict[str, Any]) -> str:
     m = result["machine"]
     s, g, t = result["sample"], result["greedy"], result["train_lm"]
     dtype = result.get("dtype", "fp32")
     where = f"GPU {m['gpu']} ({dtype} autocast); host " if "gpu" in m else ""
+    bandwidth = result.get("bandwidth_bytes_per_s", 0.0)
     lines = [f"machine: {where}{m['cpu']}, {m['cores']} cores, flags {' '.join(m['flags'])}; torch threads "
-             f"{result['threads']}; {dtype} matmul peak {result['peak_flops'][dtype] / 1e9:.0f} GFLOP/s",
-             "| path | ptg | transformers generate | ptg / generate | of compute bound |", "|---|---|---|---|---|"]
+             f"{result['threads']}; {dtype} matmul peak {result['peak_flops'][dtype] / 1e9:.0f} GFLOP/s; memory "
+             f"bandwidth {bandwidth / 1e9:.1f} GB/s",
+             "| path | ptg | baseline | ptg / baseline (target) | of the bound (target) |", "|---|---|---|---|---|"]
     for name, row in ((f"sample (K = {result['settings']['k']})", s), ("greedy (evaluate)", g)):
-        lines.append(f"| {name} | {row['ptg_tokens_per_s']:.1f} tok/s | {row['generate_tokens_per_s']:.1f} tok/s "
-                     f"| {row['vs_generate']:.2f}x | {row['of_compute_bound']:.0%} |")
+        bound = (f"; its decode steps alone need {row['bandwidth_bound_s']:.1f} s at the bandwidth "
+                 f"({row['of_bandwidth_bound']:.0%} of its {row['ptg_seconds']:.1f} s)" if "bandwidth_bound_s" in row
+                 else "")
+        lines.append(f"| {name} | {row['ptg_tokens_per_s']:.1f} tok/s | generate {row['generate_tokens_per_s']:.1f} "
+                     f"tok/s | {row['vs_generate']:.2f}x ({TARGETS['vs_generate']:.0f}x) | "
+                     f"{row['of_compute_bound']:.0%} of compute ({TARGETS['of_compute_bound']:.0%}){bound} |")
     if "guidance" in result:
         gd = result["guidance"]
         lines.append(f"| guidance scoring (K = {gd['k']}) | {gd['shared_rows_per_s']:.1f} rows/s shared prompts "
-                     f"| {gd['repeated_rows_per_s']:.1f} rows/s repeated | {gd['speedup']:.2f}x | |")
+                     f"| {gd['repeated_rows_per_s']:.1f} rows/s repeated | {gd['speedup']:.2f}x "
+                     f"({TARGETS['guidance_speedup']:.0f}x) | |")
     lines.append(f"| train_lm (batch 8) | {t['flops_per_s'] / 1e9:.1f} GFLOP/s, {t['seconds_per_update']:.2f} s/update "
-                 f"| | | {t['of_peak']:.0%} of peak |")
+                 f"| | | {t['of_peak']:.0%} of peak ({TARGETS['train_of_peak']:.0%}) |")
     if "train_lm_lora" in result:
         lo = result["train_lm_lora"]
         speedup = t["seconds_per_update"] / lo["seconds_per_update"]
         lines.append(f"| train_lm LoRA r=8 (batch 8) | {lo['seconds_per_update']:.2f} s/update, "
                      f"{lo['trainable_parameters'] / 1e6:.2f}M trainable | full: {t['seconds_per_update']:.2f} s, "
                      f"{t['trainable_parameters'] / 1e6:.1f}M | {speedup:.2f}x | |")
-    lines.append("| start-up (s) | " + ", ".join(f"{k} {v:.1f}" for k, v in result["startup_s"].items()) + " | | | |")
+    lines.append("| start-up (s) | " + ", ".join(f"{k} {v:.1f}" for k, v in result["startup_s"].items())
+                 + f" | | | < {TARGETS['startup_s']:.0f} s for a stage without a model |")
     return "\n".join(lines)
