@@ -146,3 +146,60 @@ def test_sampling_under_bf16_autocast_runs_and_is_reproducible():
     runs = [sample(model, PROMPTS, cfg, [EOS], PAD, CPU, torch.bfloat16, generator=torch.Generator().manual_seed(0),
                    progress=False) for _ in range(2)]
     assert runs[0] == runs[1] and [len(g) for g in runs[0]] == [2, 2, 2]
+
+
+PREFIX = [2, 5, 6, 7, 8, 9, 10, 11, 12, 13]  # a chat template and instruction every prompt starts with
+
+
+def test_shared_prefix_len_counts_the_leading_tokens_every_prompt_has():
+    from ptg.models import MIN_SHARED_PREFIX, pad, shared_prefix_len
+
+    def n(prompts):
+        return shared_prefix_len(*pad(prompts, PAD, left=True))
+
+    assert n([PREFIX + [3, 4], PREFIX + [4], PREFIX[:9] + [3] * 5]) == 9
+    assert n([PREFIX + [3], PREFIX]) == len(PREFIX) - 1  # each prompt keeps a token of its own
+    assert n([PREFIX + [3]]) == 0  # one prompt: nothing to share
+    assert n([PREFIX[:MIN_SHARED_PREFIX - 1] + [3, 4], PREFIX[:MIN_SHARED_PREFIX - 1] + [4, 4]]) == 0  # too short
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_shared_prefix_gives_the_logits_hidden_states_and_gradients_of_whole_prompts(k):
+    """Prompts of different lengths starting with the same 10 tokens: that prefix runs once and every prompt reads
+    its cache (``prefill``); the logits, hidden states and gradients equal one pass over the concatenated prompt +
+    response sequences, to fp32 tolerance."""
+    from ptg.models import decoder_only_inputs, response_hidden, shares_prompts
+
+    model = tiny_llama()
+    prompts = [PREFIX + [3, 4, 14], PREFIX + [15], PREFIX + [16, 17, 18, 19, 20, 21]]
+    responses = [[4, 5, 6], [7, EOS], [8, 9, 10, 11], [12, EOS], [13, 14, 15], [5]][:3 * k]
+    batch = collate(prompts, responses, PAD)
+    assert batch.group_size == k and shares_prompts(batch)
+    t, p = batch.response_ids.shape[1], batch.prompt_ids.shape[1]
+    mask = batch.response_mask.bool()
+    whole = model(**decoder_only_inputs(batch, k), use_cache=False).logits[:, p - 1:p - 1 + t]
+    torch.testing.assert_close(response_logits(model, batch)[mask], whole[mask], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(response_hidden(model.model, batch)[mask],
+                               model.model(**decoder_only_inputs(batch, k)).last_hidden_state[:, p:][mask],
+                               atol=1e-5, rtol=1e-4)
+    grads = []
+    for shared in (True, False):
+        model.zero_grad()
+        logits = response_logits(model, batch) if shared else \
+            model(**decoder_only_inputs(batch, k), use_cache=False).logits[:, p - 1:p - 1 + t]
+        (logits.log_softmax(-1)[..., 3] * batch.response_mask).sum().backward()
+        grads.append(torch.cat([q.grad.flatten() for q in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_sampling_prompts_with_a_shared_prefix_equals_each_prompt_alone():
+    """Greedy and seeded sampling of a batch whose prompts share their first 10 tokens (run once, ``prefill``)
+    give what each prompt gives alone (no prefix to share)."""
+    model = tiny_llama()
+    prompts = [PREFIX + [3, 4, 14], PREFIX + [15], PREFIX + [16, 17, 18, 19, 20, 21]]
+    greedy = SamplingConfig(num_samples=2, max_new_tokens=6, temperature=0)
+    alone = [sample(model, [q], greedy, [EOS], PAD, CPU, progress=False)[0] for q in prompts]
+    assert sample(model, prompts, greedy, [EOS], PAD, CPU, progress=False) == alone
+    logits = response_logits(model, collate(prompts, [g[0] for g in alone], PAD))
+    assert [row[:len(g[0])].argmax(-1).tolist() for row, g in zip(logits, alone, strict=True)] == [g[0] for g in alone]
+

@@ -189,29 +189,71 @@ def decoder_only_inputs(batch: Batch, n_prompt_repeat: int) -> dict[str, torch.T
     return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}
 
 
+MIN_SHARED_PREFIX = 8  # leading tokens every prompt of a batch must share for a pass of their own to pay
+
+
+def shared_prefix_len(ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """How many leading tokens all of a batch's left-padded prompts ``ids`` (B, P) have in common (a chat template's
+    system turn, an instruction), leaving each prompt at least one token of its own; 0 for fewer than
+    ``MIN_SHARED_PREFIX`` or a batch of one prompt."""
+    lengths = mask.sum(-1)
+    most = int(lengths.min()) - 1
+    if ids.shape[0] < 2 or most < MIN_SHARED_PREFIX:
+        return 0
+    cols = (ids.shape[1] - lengths)[:, None] + torch.arange(most, device=ids.device)  # each row's first tokens
+    lead = ids.gather(1, cols)
+    n = int((lead == lead[:1]).all(0).long().cumprod(0).sum())
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def prefill(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, **kwargs: Any) -> tuple[Any, torch.Tensor]:
+    """A decoder-only forward of left-padded prompts ``ids`` (B, P) that fills a KV cache. On the CPU the leading
+    tokens every prompt shares (``shared_prefix_len``) run once, as one row whose cache every prompt then reads, and
+    each prompt's rest runs after them at the same positions: the values of one pass over the whole prompts (a
+    test) for less work (a 93-token docstring prompt shares 38 tokens of chat template and instruction). Returns
+    the last pass's output, whose ``past_key_values`` hold all P columns, and the (B, P) attention mask of those
+    columns. ``kwargs`` go to both passes (e.g. ``logits_to_keep=1``)."""
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    n = shared_prefix_len(ids, mask) if ids.device.type == "cpu" else 0
+    if not n:
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kwargs), mask
+    first = ids.shape[1] - int(mask[0].sum())
+    shared = model(input_ids=ids[:1, first:first + n], use_cache=True, **kwargs)
+    cache = shared.past_key_values
+    cache.batch_repeat_interleave(ids.shape[0])
+    # The cache's columns: the shared tokens, then each prompt's rest (its own copy of the shared tokens masked).
+    cached = torch.cat([torch.ones_like(mask[:, :n]), (mask.bool() & (pos >= n))[:, n:].to(mask.dtype)], dim=1)
+    out = model(input_ids=ids[:, n:], attention_mask=cached, position_ids=pos[:, n:], past_key_values=cache,
+                use_cache=True, **kwargs)
+    return out, cached
+
+
 def shares_prompts(batch: Batch) -> bool:
-    """Whether a decoder-only forward runs each prompt once for its K responses (``_shared_prompt_forward``) rather
-    than repeating it K times. Both give the same values (tests/test_models_sampling.py); which is faster depends on
-    the device. Measured with the guidance backbone (`make perf`'s guidance row, K = 3, SmolLM2-135M's 4 layers):
-    on a 2-core CPU, compute-bound, sharing runs 2.1x the rows/s; on an H100 (bf16), bound by kernel launches at
-    these sizes, sharing (two passes, a cache copy) ran 0.45-0.58x of repeating at 8, 24 and 64 prompts. So: share
-    on the CPU only."""
-    return batch.group_size > 1 and batch.prompt_ids.device.type == "cpu"
+    """Whether a decoder-only forward runs the prompts in a pass of their own whose cache the responses read
+    (``_shared_prompt_forward``: each prompt once for its K responses, and the prefix all prompts share once,
+    ``prefill``) rather than one pass over the concatenated sequences. Both give the same values
+    (tests/test_models_sampling.py); which is faster depends on the device. Measured with the guidance backbone
+    (`make perf`'s guidance row, K = 3, SmolLM2-135M's 4 layers): on a 2-core CPU, compute-bound, sharing runs 2.1x
+    the rows/s; on an H100 (bf16), bound by kernel launches at these sizes, sharing (two passes, a cache copy) ran
+    0.45-0.58x of repeating at 8, 24 and 64 prompts. So: share on the CPU only."""
+    return batch.prompt_ids.device.type == "cpu" and (
+        batch.group_size > 1 or shared_prefix_len(batch.prompt_ids, batch.prompt_mask) > 0)
 
 
 def _shared_prompt_forward(model: PreTrainedModel, batch: Batch, **prompt_kwargs: Any) -> tuple[Any, Any]:
-    """Decoder-only forward of K responses per prompt that runs each prompt once: the prompt pass fills a cache,
-    repeated K times, which the responses' pass attends to (same positions and masks as the concatenated
-    sequence). Returns both passes' outputs; gradients flow through the cache."""
-    pos = (batch.prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    prompt = model(input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask, position_ids=pos, use_cache=True,
-                   **prompt_kwargs)
+    """Decoder-only forward of K responses per prompt that runs each prompt once: the prompt pass (``prefill``)
+    fills a cache, repeated K times, which the responses' pass attends to (same positions and masks as the
+    concatenated sequence). Returns both passes' outputs; gradients flow through the cache."""
+    prompt, cached = prefill(model, batch.prompt_ids, batch.prompt_mask, **prompt_kwargs)
     cache = prompt.past_key_values
-    cache.batch_repeat_interleave(batch.group_size)
-    full = decoder_only_inputs(batch, batch.group_size)
+    k = batch.group_size
+    if k > 1:
+        cache.batch_repeat_interleave(k)
     p = batch.prompt_ids.shape[1]
-    responses = model(input_ids=batch.response_ids, attention_mask=full["attention_mask"],
-                      position_ids=full["position_ids"][:, p:], past_key_values=cache, use_cache=True)
+    positions = decoder_only_inputs(batch, k)["position_ids"][:, p:]
+    mask = torch.cat([cached.repeat_interleave(k, dim=0), batch.response_mask], dim=1)
+    responses = model(input_ids=batch.response_ids, attention_mask=mask, position_ids=positions,
+                      past_key_values=cache, use_cache=True)
     return prompt, responses
 
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, StaticCache
 
 from ptg.config import SamplingConfig
-from ptg.models import decoder_start_id, is_seq2seq, pad
+from ptg.models import decoder_start_id, is_seq2seq, pad, prefill
 from ptg.precision import autocast
 
 
@@ -52,7 +52,8 @@ def _sample_chunk(model: PreTrainedModel, prompts: Sequence[list[int]], cfg: Sam
                   pad_id: int, device: torch.device, generator: torch.Generator | None) -> list[list[int]]:
     """K continuations of each prompt, input-major.
 
-    The prompt is prefilled once and its cache repeated K times. Decoder-only models decode into a static cache
+    The prompt is prefilled once (the prefix every prompt shares once for all, ``ptg.models.prefill``) and its
+    cache repeated K times. Decoder-only models decode into a static cache
     (written in place, never concatenated; the concatenation cost more than the matmuls on a CPU). Rows that emit
     EOS stop writing output at once; they leave the batch (and the cache) when half of the rows are done, so
     little compute goes to finished rows and the cache is copied only a few times. One host sync per step."""
@@ -67,15 +68,14 @@ def _sample_chunk(model: PreTrainedModel, prompts: Sequence[list[int]], cfg: Sam
         cache, logits = out.past_key_values, out.logits[:, -1]
     else:
         prompt_len = ids.shape[1]
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        out, cached = prefill(model, ids, mask, logits_to_keep=1)  # the prefix all prompts share runs once
         cache = _static_cache(model, prompt_len + cfg.max_new_tokens,
                               [(layer.keys.repeat_interleave(k, 0), layer.values.repeat_interleave(k, 0))
                                for layer in out.past_key_values.layers])
         logits = out.logits[:, -1].repeat_interleave(k, 0)
         attn = torch.zeros((ids.shape[0] * k, prompt_len + cfg.max_new_tokens), dtype=mask.dtype, device=device)
-        attn[:, :prompt_len] = mask.repeat_interleave(k, 0)
-        last_pos = pos[:, -1:].repeat_interleave(k, 0)
+        attn[:, :prompt_len] = cached.repeat_interleave(k, 0)
+        last_pos = (mask.sum(-1, keepdim=True) - 1).repeat_interleave(k, 0)
     rows = list(range(logits.shape[0]))  # the output row of each batch row
     done = [False] * len(rows)
     seqs: list[list[int]] = [[] for _ in rows]
