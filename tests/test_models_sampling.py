@@ -203,3 +203,30 @@ def test_sampling_prompts_with_a_shared_prefix_equals_each_prompt_alone():
     logits = response_logits(model, collate(prompts, [g[0] for g in alone], PAD))
     assert [row[:len(g[0])].argmax(-1).tolist() for row, g in zip(logits, alone, strict=True)] == [g[0] for g in alone]
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_matches_sdpa(dtype):
+    """One query token per row, 4 query heads on 2 key/value heads, a padding mask: the plain-matmul decode attention
+    gives SDPA's output (fp32 to 1e-6, bf16 to its resolution), and a greedy decode with it gives the same tokens."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from ptg.models import DECODE_ATTENTION, decode_attention, register_decode_attention
+
+    model = tiny_llama().to(dtype)
+    module = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=g).to(dtype) for shape in ((3, 4, 1, 8), (3, 2, 7, 8), (3, 2, 7, 8)))
+    mask = torch.ones(3, 1, 1, 7, dtype=torch.bool)
+    mask[0, ..., :3] = False
+    mask[2, ..., 5:] = False
+    ours, ref = (f(module, q, k, v, mask, scaling=module.scaling, dropout=0.0)[0]
+                 for f in (decode_attention, sdpa_attention_forward))
+    assert ours.shape == ref.shape == (3, 1, 4, 8)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours.float(), ref.float(), atol=tol, rtol=0)
+    if dtype == torch.float32:
+        greedy = SamplingConfig(num_samples=2, max_new_tokens=6, temperature=0)
+        before = sample(model, PROMPTS, greedy, [EOS], PAD, CPU, progress=False)
+        register_decode_attention()
+        model.set_attn_implementation(DECODE_ATTENTION)
+        assert sample(model, PROMPTS, greedy, [EOS], PAD, CPU, progress=False) == before

@@ -86,7 +86,7 @@ def evaluate_summaries(lm_dir: Path, guidance: Guidance | None, predictions_path
     files written."""
     mp: ModelParams = load_group("model", ctx.params)
     ep = load_group("evaluate", ctx.params)
-    model, tok = load_lm(lm_dir, ctx.device), load_tokenizer(lm_dir)
+    model, tok = load_lm(lm_dir, ctx.device, ctx.dtype), load_tokenizer(lm_dir)
     examples = read_examples(ep.split)
     if ep.subset_items and not last_round:
         examples = examples.head(ep.subset_items)
@@ -121,14 +121,14 @@ def evaluate_prompt_policy(lm_dir: Path, guidance: Guidance | None, predictions_
     last evaluation with a guidance (PTG's) also scores the untrained baselines; the candidates table (schema
     PromptCandidates) with the guidance's token rewards and their heatmap."""
     task, sp, ep = task_of(ctx.params), load_group("sample", ctx.params), load_group("evaluate", ctx.params)
-    model, tok = load_lm(lm_dir, ctx.device), load_tokenizer(lm_dir)
+    model, tok = load_lm(lm_dir, ctx.device, ctx.dtype), load_tokenizer(lm_dir)
     clf = prompt_task.load_task_classifier(task, ctx)
     settings = (task, ep.split, sp.max_new_tokens, sp.top_k, ctx)
     table, items, summary = prompt_task.evaluate_prompts(model, tok, clf, *settings,
                                                          torch.Generator().manual_seed(seed),
                                                          subset_items=0 if last_round else ep.subset_items)
     if last_round and guidance is not None:  # PTG's last evaluation also scores the untrained baselines, once
-        untrained = load_lm(round_dir(0) / "lm", ctx.device)
+        untrained = load_lm(round_dir(0) / "lm", ctx.device, ctx.dtype)
         accuracy, correct = prompt_task.untrained_baselines(untrained, tok, clf, *settings,
                                                             torch.Generator().manual_seed(seed))
         summary |= accuracy

@@ -28,7 +28,7 @@ from transformers import AutoModel, PreTrainedModel
 from ptg import distributed, losses
 from ptg.config import FitConfig
 from ptg.models import Batch, collate, require_safetensors, response_hidden
-from ptg.precision import autocast
+from ptg.precision import WorkingCopy, autocast
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,9 @@ def fit_guidance(guidance: Guidance, train: Sequence[RankedGroup], val: Sequence
                             {"params": list(guidance.head.parameters()), "lr": head_lr}], fused=True)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.lr_decay,
                                                        patience=cfg.lr_patience, min_lr=1e-6)
-    start = evaluate_guidance(guidance, val, cfg, pad_id, device, dtype)
+    work = WorkingCopy(guidance, dtype)  # bf16: forward and backward on a bf16 copy, the update on fp32 weights
+    net = work.model
+    start = evaluate_guidance(net, val, cfg, pad_id, device, dtype)
     history: list[dict[str, float]] = [{"update": 0, "val_loss": start["loss"], "val_accuracy": start["accuracy"]}]
     best, best_state, best_update, stale = start, None, -1, 0
     if guidance.fitted:
@@ -298,15 +300,17 @@ def fit_guidance(guidance: Guidance, train: Sequence[RankedGroup], val: Sequence
             batches = _group_batches(train, cfg.batch_groups, pad_id, order)
             continue
         opt.zero_grad(set_to_none=True)
-        loss = _shard_loss(guidance, batch, prefs, cfg, gen, device, dtype)
+        loss = _shard_loss(net, batch, prefs, cfg, gen, device, dtype)
+        work.push()
         distributed.sync_gradients(guidance.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(guidance.parameters(), cfg.clip_norm)
         opt.step()
+        work.pull()
         update += 1
         bar.update(1)
         row = {"update": update, "train_loss": loss, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"]}
         if update % cfg.eval_every == 0 or update == cfg.max_updates:
-            val_metrics = evaluate_guidance(guidance, val, cfg, pad_id, device, dtype)
+            val_metrics = evaluate_guidance(net, val, cfg, pad_id, device, dtype)
             row |= {"val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"]}
             sched.step(val_metrics["loss"])
             bar.set_postfix(val_loss=f"{val_metrics['loss']:.4f}", val_acc=f"{val_metrics['accuracy']:.3f}")

@@ -20,6 +20,7 @@ fp32: a bf16 matmul that small is no faster. ``precision: fp32`` or ``bf16`` for
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import json
 import os
@@ -105,6 +106,32 @@ def bf16_speedup(width: int, ffn: int) -> float:
             tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
             tmp.replace(path)
     return float(known[key])
+
+
+class WorkingCopy:
+    """bf16 working weights of a model whose fp32 weights (``master``) the optimiser updates: forward and backward
+    run on ``model``, a bf16 copy (its weights cast once per update, not once per autocast region, and its
+    element-wise work on bf16 activations); ``push`` adds its gradients to the master's in fp32 (accumulated over
+    micro-batches there), where clipping and the optimiser step run; ``pull`` casts the updated master weights into
+    the copy. Frozen weights are cast once, at the copy. With fp32, ``model`` is the master itself and both calls
+    do nothing."""
+
+    def __init__(self, master: torch.nn.Module, dtype: torch.dtype) -> None:
+        self.master = master
+        self.model = master if dtype == torch.float32 else copy.deepcopy(master).to(dtype)
+        self.pairs = [] if self.model is master else [
+            (m, w) for m, w in zip(master.parameters(), self.model.parameters(), strict=True) if m.requires_grad]
+
+    @torch.no_grad()
+    def pull(self) -> None:
+        for m, w in self.pairs:
+            w.copy_(m)
+
+    def push(self) -> None:
+        for m, w in self.pairs:
+            if w.grad is not None:
+                m.grad = w.grad.float() if m.grad is None else m.grad.add_(w.grad)
+                w.grad = None
 
 
 @contextlib.contextmanager

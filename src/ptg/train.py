@@ -12,7 +12,8 @@ once, before the first update (``example_weights``: the paper's w_t proportional
 transform), and trains with no guidance forward. ``wmle`` may add ``pg_coeff`` x a policy-gradient term on K
 on-policy samples per input with a leave-one-out baseline, its credit either sequence-level (a metric score per sample)
 or token-level (the guidance's rewards). With ``eval_every``, a ``validate`` function scores the LM every so many
-updates and the best checkpoint is kept. AdamW, gradient accumulation, clipping, bf16 autocast where it pays, a
+updates and the best checkpoint is kept. AdamW, gradient accumulation, clipping, bf16 working weights where they
+pay (``ptg.precision.WorkingCopy``: fp32 weights and optimiser state), a
 progress bar, and one metrics row per optimizer update returned to the caller.
 """
 
@@ -35,7 +36,7 @@ from ptg import distributed, losses
 from ptg.config import TrainConfig
 from ptg.guidance import Guidance, token_rewards
 from ptg.models import Batch, collate, response_logits
-from ptg.precision import autocast
+from ptg.precision import WorkingCopy, autocast
 from ptg.sampling import SamplingConfig, filter_logits, sample
 
 log = logging.getLogger(__name__)
@@ -329,6 +330,8 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
                 examples[i] = dataclasses.replace(examples[i], weights=tuple(w))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer if optimizer is not None else make_optimizer(model, cfg)
+    work = WorkingCopy(model, dtype)  # bf16: forward and backward on a bf16 copy, the update on fp32 weights
+    net = work.model.train()
     batches = iter(plan)
     history: list[dict[str, float]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
@@ -336,8 +339,8 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
     def checkpoint(update: int) -> dict[str, float]:
         nonlocal best
         assert validate is not None
-        score_now = float(validate(model))
-        model.train()
+        score_now = float(validate(net))
+        net.train()
         if best is None or score_now > best[0]:
             best = (score_now, update, {k: v.detach().clone() for k, v in model.state_dict().items()})
         return {"val_score": score_now}
@@ -350,13 +353,15 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
         sums: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
             chunk = distributed.shard([examples[i] for i in next(batches)])
-            parts = _micro_batch(model, chunk, cfg, guidance, sampling, score, eos_ids, pad_id, device, dtype,
+            parts = _micro_batch(net, chunk, cfg, guidance, sampling, score, eos_ids, pad_id, device, dtype,
                                  sample_gen)
+            work.push()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + (v if k == "tokens" else v / cfg.grad_accum)
         distributed.sync_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
         opt.step()
+        work.pull()
         row = {"update": float(update), **sums, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"]}
         if cfg.eval_every and (update % cfg.eval_every == 0 or update == cfg.max_updates):
             row |= checkpoint(update)
