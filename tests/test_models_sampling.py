@@ -83,34 +83,6 @@ def test_collate_rejects_empty_and_mismatched():
         collate([[1, 2]], [[]], PAD)
 
 
-def test_shared_prompts_give_the_rewards_and_gradients_of_repeated_prompts():
-    """K responses per prompt: running each prompt once and sharing its cache gives the logits, hidden states and
-    gradients of the concatenated prompt + response sequences (decoder-only), to fp32 tolerance."""
-    from ptg.models import decoder_only_inputs, response_hidden
-
-    model = tiny_llama()
-    prompts = [[2, 5, 6, 7, 8, 9, 10, 11], [2, 9, 4]]
-    responses = [[4, 5, 6], [7, EOS], [8, 9, 10, 11], [12, EOS], [13, 14, 15], [5]]
-    batch = collate(prompts, responses, PAD)
-    assert batch.group_size == 3
-    t, p = batch.response_ids.shape[1], batch.prompt_ids.shape[1]
-    repeated = model(**decoder_only_inputs(batch, 3), use_cache=False, output_hidden_states=True)
-    mask = batch.response_mask.bool()
-    torch.testing.assert_close(response_logits(model, batch)[mask], repeated.logits[:, p - 1:p - 1 + t][mask],
-                               atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(response_hidden(model.model, batch)[mask],
-                               model.model(**decoder_only_inputs(batch, 3)).last_hidden_state[:, p:][mask],
-                               atol=1e-5, rtol=1e-4)
-    grads = []
-    for shared in (True, False):
-        model.zero_grad()
-        logits = response_logits(model, batch) if shared else \
-            model(**decoder_only_inputs(batch, 3), use_cache=False).logits[:, p - 1:p - 1 + t]
-        (logits.log_softmax(-1)[..., 3] * batch.response_mask).sum().backward()
-        grads.append(torch.cat([q.grad.flatten() for q in model.parameters()]))
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
-
-
 def test_inverse_cdf_draws_follow_the_distribution_and_never_a_removed_token():
     from ptg.sampling import _next_tokens
 
@@ -163,16 +135,18 @@ def test_shared_prefix_len_counts_the_leading_tokens_every_prompt_has():
     assert n([PREFIX[:MIN_SHARED_PREFIX - 1] + [3, 4], PREFIX[:MIN_SHARED_PREFIX - 1] + [4, 4]]) == 0  # too short
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_a_shared_prefix_gives_the_logits_hidden_states_and_gradients_of_whole_prompts(k):
-    """Prompts of different lengths starting with the same 10 tokens: that prefix runs once and every prompt reads
-    its cache (``prefill``); the logits, hidden states and gradients equal one pass over the concatenated prompt +
-    response sequences, to fp32 tolerance."""
+@pytest.mark.parametrize(("prompts", "k"), [
+    ([[2, 5, 6, 7, 8, 9, 10, 11], [2, 9, 4]], 3),  # K responses per prompt: each prompt runs once
+    ([PREFIX + [3, 4, 14], PREFIX + [15], PREFIX + [16, 17, 18, 19, 20, 21]], 1),  # a 10-token shared prefix
+    ([PREFIX + [3, 4, 14], PREFIX + [15], PREFIX + [16, 17, 18, 19, 20, 21]], 2)])  # both
+def test_shared_prompts_and_prefixes_give_the_logits_hidden_states_and_gradients_of_whole_sequences(prompts, k):
+    """The prompts in a pass of their own whose cache the responses read (each prompt once for its K responses; the
+    prefix every prompt starts with once for all, ``prefill``): the logits, hidden states and gradients of one pass
+    over the concatenated prompt + response sequences (decoder-only), to fp32 tolerance."""
     from ptg.models import decoder_only_inputs, response_hidden, shares_prompts
 
     model = tiny_llama()
-    prompts = [PREFIX + [3, 4, 14], PREFIX + [15], PREFIX + [16, 17, 18, 19, 20, 21]]
-    responses = [[4, 5, 6], [7, EOS], [8, 9, 10, 11], [12, EOS], [13, 14, 15], [5]][:3 * k]
+    responses = [[4, 5, 6], [7, EOS], [8, 9, 10, 11], [12, EOS], [13, 14, 15], [5]][:len(prompts) * k]
     batch = collate(prompts, responses, PAD)
     assert batch.group_size == k and shares_prompts(batch)
     t, p = batch.response_ids.shape[1], batch.prompt_ids.shape[1]
