@@ -82,3 +82,43 @@ def test_bf16_autocast_stays_close_to_fp32():
     nll32 = losses.token_nll(l32, batch.response_ids, batch.response_mask)
     nll16 = losses.token_nll(l16, batch.response_ids, batch.response_mask)
     torch.testing.assert_close(nll16, nll32, atol=5e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("wrap", ["lora", "prompt_head"])
+def test_bf16_training_updates_only_the_trainable_fp32_weights(wrap):
+    """A working copy with frozen weights (LoRA adapters, the prompt policy's MLP head): after bf16 updates the
+    model's trainable weights moved and are still fp32, and its frozen weights are untouched."""
+    from ptg.models import add_lora, add_prompt_head
+    from ptg.precision import WorkingCopy
+
+    base = tiny_llama()
+    model = add_lora(base, 2, 4.0, 0.0, None, seed=0) if wrap == "lora" else add_prompt_head(base, 16, seed=0)
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert trainable and frozen
+    work = WorkingCopy(model, torch.bfloat16)
+    assert len(work.pairs) == len(trainable) and all(w.dtype == torch.bfloat16 for _, w in work.pairs)
+    examples = [Example([2, 5, 6, 7], [4, 5, EOS]), Example([2, 9], [7, 8, EOS])]
+    train_lm(model, examples, TrainConfig(max_updates=3, batch_size=2, lr=1e-2), PAD, CPU, torch.bfloat16,
+             progress=False)
+    now = dict(model.named_parameters())
+    assert all(now[n].dtype == torch.float32 and not torch.equal(now[n], v) for n, v in trainable.items())
+    assert all(torch.equal(now[n], v) for n, v in frozen.items())
+
+
+def test_a_working_copy_pulls_fp32_weights_and_accumulates_its_gradients_in_fp32():
+    from ptg.precision import WorkingCopy
+
+    master = torch.nn.Linear(4, 3)
+    work = WorkingCopy(master, torch.bfloat16)
+    assert work.model is not master and work.model.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        master.weight.add_(1.0)
+    work.pull()
+    assert torch.equal(work.model.weight, master.weight.bfloat16())
+    for step in (1.0, 2.0):  # two micro-batches: the master holds their sum, in fp32; the copy's are cleared
+        work.model.weight.grad = torch.full_like(work.model.weight, step)
+        work.push()
+        assert work.model.weight.grad is None
+    assert master.weight.grad.dtype == torch.float32 and torch.equal(master.weight.grad, torch.full((3, 4), 3.0))
+    assert WorkingCopy(master, torch.float32).model is master  # fp32: no copy, pull and push do nothing
