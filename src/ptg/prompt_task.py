@@ -49,12 +49,16 @@ TOP = 3  # the reference reports the mean test accuracy of the top-3 prompts (ch
 
 
 def load_task_classifier(task: TaskParams, ctx: Context) -> Classifier:
-    """The frozen classifier: ``task.classifier``, or the materialised policy (data/rounds/0/lm) when null."""
+    """The frozen classifier: ``task.classifier``, or the materialised policy (data/rounds/0/lm) when null. It is
+    the task's measure (its rewards rank prompts, its accuracy is the result), so it computes in fp32 whatever
+    ``precision`` the learner uses: in bf16 SmolLM2's verbalizer probabilities moved by up to 0.12."""
+    import torch
+
     from ptg.classifier import load_classifier
 
     path = task.classifier or str(Path("data") / "rounds" / "0" / "lm")
     return load_classifier(path, None, template=task.template, verbalizers=task.verbalizers, device=ctx.device,
-                           dtype=ctx.dtype, kind=task.classifier_kind)
+                           dtype=torch.float32, kind=task.classifier_kind)
 
 
 def label_ids(frame: pd.DataFrame, task: TaskParams) -> torch.Tensor:
