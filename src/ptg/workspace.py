@@ -117,7 +117,10 @@ def make_workspace(params_file: str | Path | None, directory: str | Path, git: b
     return directory
 
 
-CACHE_TYPES = "reflink,hardlink,copy"  # DVC's cache.type of a new project: outputs linked to the cache if possible
+# DVC's cache.type of a new project: outputs hard-linked to the cache where the file system allows, else copied.
+# Not reflink first: DVC (3.67, dvc/output.py commit) links a directory output's files back only when hardlink is
+# the first type, so "reflink,hardlink,copy" left every model folder a second copy on ext4.
+CACHE_TYPES = "hardlink,copy"
 
 
 def init_repo(directory: Path, git: bool, gitignore: str = GITIGNORE) -> None:
@@ -132,8 +135,8 @@ def init_repo(directory: Path, git: bool, gitignore: str = GITIGNORE) -> None:
     if not (directory / ".dvc").is_dir():
         subprocess.run(["dvc", "init", "-q", *([] if git else ["--no-scm"])], cwd=directory, check=True,
                        env=dvc_env())
-        # DVC's analytics off, and outputs hard-linked to the cache where the file system allows (reflink first, a
-        # copy last): a default run's 3 GB of models are stored once, not twice. Linked outputs are read-only; ptg
+        # DVC's analytics off, and outputs hard-linked to the cache where the file system allows (a copy where it
+        # does not): a default run's 3 GB of models are stored once, not twice. Linked outputs are read-only; ptg
         # replaces an output (a temporary beside it, then a rename), never edits one in place.
         from dvc.config import Config
 
