@@ -1,8 +1,10 @@
 """Device and numeric precision: one place decides where tensors live and whether matmuls run in bf16.
 
-bf16 is mixed precision as the GPU world does it: weights, gradients' accumulation, optimiser state and losses stay
-in fp32, and the matmuls run in bf16 under ``torch.autocast`` (each fp32 weight cast once per autocast region and
-reused by the backward). ``precision: auto`` follows a measurement:
+bf16 is mixed precision as the GPU world does it: master weights, gradients' accumulation, optimiser state and
+losses stay in fp32. Training (``train_lm``, ``fit_guidance``) runs forward and backward on a bf16 working copy
+(``WorkingCopy``: weights cast once per update, 1.06x autocast per update); stages that only infer load the model in
+bf16 (``models.load_lm(dtype=...)``); the rest runs under ``torch.autocast`` (``autocast``). ``precision: auto``
+follows a measurement:
 
 - on CUDA, bf16 where the GPU supports it;
 - on a CPU, bf16 where it makes the model's matmuls faster: ``bf16_speedup`` times a [512, width] x [width, ffn]
