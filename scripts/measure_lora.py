@@ -10,12 +10,13 @@ import torch
 from ptg import perf
 from ptg.config import load_group
 from ptg.data import build_examples
-from ptg.models import encode_prompts, encode_responses, turn_end_id
+from ptg.encoding import encode_prompts, encode_responses, turn_end_id
+from ptg.workspace import TEMPLATE
 
 torch.set_num_threads(1)
 rank = int(sys.argv[1])
-model, tok = perf._policy(perf.PERF_DIR / "lm")
-frame = build_examples(load_group("data", perf.REPO / "params.yaml"))["train"].head(24)
+model, tok = perf.default_policy()
+frame = build_examples(load_group("data", TEMPLATE / "params.yaml"))["train"].head(24)
 prompts = encode_prompts(tok, frame["prompt"].tolist(), 160, False)
 targets = encode_responses(tok, frame["target"].tolist(), 40, turn_end_id(model, tok))
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -277,7 +277,9 @@ def startup_row(stages: tuple[str, ...] = STAGES) -> dict[str, float]:
     return out
 
 
-def _policy(directory: Path) -> tuple[torch.nn.Module, Any]:
+def default_policy(directory: Path = PERF_DIR / "lm") -> tuple[torch.nn.Module, Any]:
+    """The offline default policy (SmolLM2-135M-Instruct, fp32) and its tokenizer, materialised into ``directory``
+    once."""
     from ptg.base_models import materialize_policy
     from ptg.models import load_lm, load_tokenizer
 
@@ -293,7 +295,7 @@ def run(n_prompts: int = 24, k: int = 3, max_new: int = 32, device: torch.device
     from ptg.data import build_examples
     from ptg.encoding import encode_prompts, encode_responses, eos_ids, turn_end_id
 
-    model, tok = _policy(PERF_DIR / "lm")
+    model, tok = default_policy()
     model.to(device)
     # What the pipeline computes in on this device (precision: auto, for this model's shapes).
     dtype = resolve_precision("auto", device, model.config.hidden_size, model.config.intermediate_size)
