@@ -207,7 +207,9 @@ def test_failed_run_resumes_at_the_failed_stage(quick_run, harness, flows, env, 
     assert parent_of(mlflow_client(), failed).info.status == "FAILED"
 
     del params["evaluate"]["bogus_key"]
-    params["evaluate"]["batch_size"] = 8  # differs from quick.yaml, so the evaluations really run again
+    # differs from quick.yaml and is read by evaluate and baseline only (evaluate.batch_size is train_lm's too: its
+    # checkpoint validation decodes in those batches), so the evaluations really run again and the training not
+    params["evaluate"]["subset_items"] = 2
     (env / "fixed.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = flows.ptg_pipeline(rounds=2, params_file=str(env / "fixed.yaml"), workdir=str(resume))
     skipped = [name for name in TASKS
