@@ -9,20 +9,13 @@ import time
 import torch
 
 from ptg import perf
-from ptg.config import TrainConfig, load_group
-from ptg.data import build_examples
-from ptg.encoding import encode_prompts, encode_responses, turn_end_id
+from ptg.config import TrainConfig
 from ptg.train import Example, train_lm
-from ptg.workspace import TEMPLATE
 
 torch.set_num_threads(1)
 updates = int(sys.argv[1]) if len(sys.argv) > 1 else 50
 model, tok = perf.default_policy()
-mp = load_group("model", TEMPLATE / "params.yaml")
-frame = build_examples(load_group("data", TEMPLATE / "params.yaml"))["train"]
-prompts = encode_prompts(tok, frame["prompt"].tolist(), mp.max_prompt_tokens, False)
-targets = encode_responses(tok, frame["target"].tolist(), mp.max_target_tokens, turn_end_id(model, tok))
-examples = [Example(p, t) for p, t in zip(prompts, targets, strict=True)]
+examples = [Example(p, t) for p, t in zip(*perf.default_examples(model, tok), strict=True)]
 cfg = TrainConfig(max_updates=updates, batch_size=8, lr=1e-4)
 losses = {}
 for dtype in (torch.float32, torch.bfloat16):

@@ -8,17 +8,11 @@ import sys
 import torch
 
 from ptg import perf
-from ptg.config import load_group
-from ptg.data import build_examples
-from ptg.encoding import encode_prompts, encode_responses, turn_end_id
-from ptg.workspace import TEMPLATE
 
 torch.set_num_threads(1)
 rank = int(sys.argv[1])
 model, tok = perf.default_policy()
-frame = build_examples(load_group("data", TEMPLATE / "params.yaml"))["train"].head(24)
-prompts = encode_prompts(tok, frame["prompt"].tolist(), 160, False)
-targets = encode_responses(tok, frame["target"].tolist(), 40, turn_end_id(model, tok))
+prompts, targets = perf.default_examples(model, tok, 24)
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 row = perf.train_row(model, prompts, targets, tok.pad_token_id, updates=6, batch_size=8, lora_rank=rank)
 row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -288,20 +288,33 @@ def default_policy(directory: Path = PERF_DIR / "lm") -> tuple[torch.nn.Module, 
     return load_lm(directory), load_tokenizer(directory)
 
 
+def default_examples(model: torch.nn.Module, tokenizer: Any, n: int | None = None
+                     ) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of the default params' first ``n`` training prompts and their references (all with None), cut at
+    the params' ``model.max_prompt_tokens`` / ``max_target_tokens``: what perf and the scripts time on."""
+    from ptg.config import load_group
+    from ptg.data import build_examples
+    from ptg.encoding import encode_prompts, encode_responses, turn_end_id
+
+    params = TEMPLATE / "params.yaml"
+    mp = load_group("model", params)
+    frame = build_examples(load_group("data", params))["train"].head(n)
+    prompts = encode_prompts(tokenizer, frame["prompt"].tolist(), mp.max_prompt_tokens, False)
+    targets = encode_responses(tokenizer, frame["target"].tolist(), mp.max_target_tokens,
+                               turn_end_id(model, tokenizer))
+    return prompts, targets
+
+
 def run(n_prompts: int = 24, k: int = 3, max_new: int = 32, device: torch.device = CPU, batch_size: int = 16
         ) -> dict[str, Any]:
     from ptg.bench import machine
-    from ptg.config import load_group
-    from ptg.data import build_examples
-    from ptg.encoding import encode_prompts, encode_responses, eos_ids, turn_end_id
+    from ptg.encoding import eos_ids
 
     model, tok = default_policy()
     model.to(device)
     # What the pipeline computes in on this device (precision: auto, for this model's shapes).
     dtype = resolve_precision("auto", device, model.config.hidden_size, model.config.intermediate_size)
-    params = TEMPLATE / "params.yaml"
-    frame = build_examples(load_group("data", params))["train"].head(n_prompts)
-    prompts = encode_prompts(tok, frame["prompt"].tolist(), load_group("model", params).max_prompt_tokens, False)
+    prompts, targets = default_examples(model, tok, n_prompts)
     eos = eos_ids(model, tok)
     first = matmul_peak(dtype, device)
     result: dict[str, Any] = {"machine": machine(), "threads": torch.get_num_threads(),
@@ -314,8 +327,6 @@ def run(n_prompts: int = 24, k: int = 3, max_new: int = 32, device: torch.device
     result["guidance"] = guidance_row(guidance_backbone(PERF_DIR / "lm").to(device), prompts, tok.pad_token_id, k=k,
                                       device=device, dtype=dtype)
     log.info("guidance: %s", result["guidance"])
-    targets = encode_responses(tok, frame["target"].tolist(), load_group("model", params).max_target_tokens,
-                               turn_end_id(model, tok))
     result["train_lm"] = train_row(model, prompts, targets, tok.pad_token_id, device=device, dtype=dtype)
     log.info("train_lm: %s", result["train_lm"])
     result["train_lm_lora"] = train_row(model, prompts, targets, tok.pad_token_id, device=device, dtype=dtype,
