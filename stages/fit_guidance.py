@@ -14,12 +14,15 @@ Run: python stages/fit_guidance.py --round r [--params params.yaml]
 """
 
 import dataclasses
+import logging
+from typing import Any
 
 import pandas as pd
 
-from ptg import distributed, pipeline, preferences, schemas, tasks, tracking
-from ptg.config import load_group, round_budget
+from ptg import diagnostics, distributed, pipeline, preferences, schemas, scoring, tasks, tracking
+from ptg.config import FitConfig, load_group, round_budget
 from ptg.guidance import (
+    Guidance,
     RankedGroup,
     evaluate_guidance,
     fit_guidance,
@@ -27,9 +30,12 @@ from ptg.guidance import (
     load_guidance,
     reward_spread,
     save_guidance,
+    token_rewards,
 )
 from ptg.io import atomic_path, read_table, write_json
 from ptg.models import load_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def _groups(merged: pd.DataFrame, prompts: dict[str, list[int]]) -> list[RankedGroup]:
@@ -52,6 +58,41 @@ def _check_ranked(samples: pd.DataFrame, rankings: pd.DataFrame, r: int) -> None
     if problems:
         raise ValueError(f"{pipeline.round_dir(r)}: " + "; ".join(problems) + f" (rank@{r} ran on other samples: "
                          f"`dvc repro rank@{r}` ranks these)")
+
+
+OCCLUSION_SAMPLES = 64  # held-out samples whose tokens are dropped one by one (occlusion credit)
+
+
+def _diagnostics(guidance: Guidance, val: list[RankedGroup], val_ids: list[str], inputs: pd.DataFrame,
+                 cfg: FitConfig, tok: Any, ctx: pipeline.Context) -> dict[str, float]:
+    """Whether the fitted guidance knows which samples and which tokens were better, on held-out samples
+    (``ptg.diagnostics``; ``val_ids``: the id of each of ``val``'s groups): accuracy on clear pairs (the
+    within-sample CV of its token rewards is reward_cv), and the mean Spearman correlation of its token rewards
+    with occlusion credit on up to ``OCCLUSION_SAMPLES`` samples, scored by the sequence-level preference that
+    trains the LM (a metric against the references, or the prompt task's gap reward on the training texts; none
+    for human scores or a reward model)."""
+    scores = group_scores(guidance, val, cfg, tok.pad_token_id, ctx.device, ctx.dtype)
+    clear = diagnostics.clear_pair_accuracy(scores, [g.scores for g in val])
+    out = {"val_accuracy_clear": clear["accuracy"], "val_pairs_clear": clear["pairs"], "clear_margin": clear["margin"]}
+    try:
+        score = scoring.sample_scorer(tok, ctx)
+    except ValueError as e:
+        log.info("no occlusion credit: %s", e)
+        return out
+    refs = dict(zip(inputs["id"], inputs["references"], strict=True)) if "references" in inputs else {}
+    picked = [(g, i, s) for g, i in zip(val, val_ids, strict=True) for s in g.responses if len(s) >= 2]
+    picked = picked[:OCCLUSION_SAMPLES]
+    rewards = token_rewards(guidance, [g.prompt for g, _, _ in picked], [s for _, _, s in picked], tok.pad_token_id,
+                            ctx.device, ctx.dtype)
+    full, dropped = [], []
+    for g, i, s in picked:
+        variants = [s, *diagnostics.occlusions(s)]
+        values = score([refs.get(i, [])], [variants])[0]
+        full.append(values[0])
+        dropped.append(values[1:])
+    agreement = diagnostics.occlusion_agreement(rewards, full, dropped)
+    return out | {"occlusion_spearman": agreement["spearman"], "occlusion_samples": agreement["samples"],
+                  "occlusion_undefined": agreement["undefined"]}
 
 
 def main(r: int, params: str = "params.yaml") -> None:
@@ -100,6 +141,8 @@ def main(r: int, params: str = "params.yaml") -> None:
                **{f"reward_{k}_start": v for k, v in spread_start.items()},
                **{f"reward_{k}": v for k, v in reward_spread(guidance, val, tok.pad_token_id, ctx.device,
                                                               ctx.dtype).items()}}
+    val_ids = sorted(by_split["validation"]["id"].unique())  # the order of _groups
+    summary |= _diagnostics(guidance, val, val_ids, examples, cfg, tok, ctx)
     if pref_val:
         held = evaluate_guidance(guidance, pref_val, cfg, tok.pad_token_id, ctx.device, ctx.dtype)
         summary |= {"preferences_val_accuracy": held["accuracy"], "preferences_val_pairs": held["pairs"]}

@@ -80,7 +80,7 @@ def test_sequence_credit_gives_every_token_of_a_prompt_its_standardised_score(mo
         seen.append(rewards.detach().clone())
         return original(nll, rewards, mask, use_q)
 
-    def score(examples, samples):  # the sum of a prompt's token ids: a score that differs between prompts
+    def score(references, samples):  # the sum of a prompt's token ids: a score that differs between prompts
         out = [[float(sum(s)) for s in group] for group in samples]
         scored.append([row[0] for row in out])
         return out

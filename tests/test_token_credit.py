@@ -156,7 +156,7 @@ def _pg_run(credit: str, guidance=None, score=None, sign: int = 1):
 
 def _scores_x(sign: int):
     """A sequence-level metric: 1 for a sample that starts with X, else 0 (negated with sign -1)."""
-    def score(examples, samples):
+    def score(references, samples):
         return [[sign * float(s[0] == X) for s in group] for group in samples]
     return score
 
@@ -178,7 +178,7 @@ def test_the_policy_gradient_term_needs_its_credit_source():
     with pytest.raises(ValueError, match="sample scorer"):
         train_lm(tiny_llama(), _references(4), cfg, PAD, CPU, sampling=SamplingConfig(max_new_tokens=2),
                  eos_ids=[EOS], progress=False)
-    with pytest.raises(ValueError, match="objective reinforce"):
+    with pytest.raises(ValueError, match="objectives reinforce, pg and grpo"):
         TrainConfig(objective="reinforce", pg_coeff=0.1)
 
 
@@ -193,7 +193,7 @@ def test_the_best_validation_checkpoint_is_kept():
 
     def validate(model):
         seen.append(copy.deepcopy(model.state_dict()))
-        return next(scripted)
+        return {"val_score": next(scripted)}
 
     lm = tiny_llama(seed=3)
     cfg = TrainConfig(lr=1e-2, batch_size=4, max_updates=8, eval_every=2, seed=11)
@@ -210,5 +210,125 @@ def test_the_start_is_kept_when_no_update_beats_it():
     lm = tiny_llama(seed=3)
     start = _params(lm)
     cfg = TrainConfig(lr=1e-2, batch_size=4, max_updates=4, eval_every=2, seed=11)
-    train_lm(lm, _references(), cfg, PAD, CPU, progress=False, validate=lambda m: next(scores))
+    train_lm(lm, _references(), cfg, PAD, CPU, progress=False, validate=lambda m: {"val_score": next(scores)})
     assert all(torch.equal(a, b) for a, b in zip(start, _params(lm), strict=True))
+
+
+# --- return-preserving token credit (spread) and its placebo --------------------------------------------------------
+
+
+def _credit_case(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(3, 4, generator=gen)  # B = 3 inputs, K = 4 samples
+    rewards = 0.5 + 0.05 * torch.randn(12, 6, generator=gen)
+    lengths = torch.tensor([6, 3, 5, 1, 2, 6, 4, 6, 6, 2, 3, 5])
+    mask = (torch.arange(6)[None, :] < lengths[:, None]).long()
+    return scores, rewards * mask, mask
+
+
+@pytest.mark.parametrize(("beta", "temperature"), [(1.0, 1.0), (0.3, 0.5), (0.8, 2.0)])
+def test_spread_credit_keeps_each_samples_total_the_sequence_credits(beta, temperature):
+    scores, rewards, mask = _credit_case()
+    spread = losses.spread_advantages(scores, rewards, mask, beta, temperature)
+    seq = losses.sequence_advantages(scores, mask)
+    torch.testing.assert_close(spread.sum(-1), seq.sum(-1), atol=1e-6, rtol=1e-5)  # T_k x A_k per sample
+    assert (spread[~mask.bool()] == 0).all()
+    assert not torch.allclose(spread, seq)  # the guidance did move credit between tokens
+
+
+def test_spread_credit_with_beta_zero_is_sequence_credit_bit_for_bit():
+    scores, rewards, mask = _credit_case(1)
+    assert torch.equal(losses.spread_advantages(scores, rewards, mask, 0.0, 1.0),
+                       losses.sequence_advantages(scores, mask))
+
+
+def test_a_positive_advantage_goes_to_the_token_the_guidance_rates_high_and_a_negative_one_avoids_it():
+    """One input, two samples of 5 tokens; the guidance rates token 2 of each far above the rest. The better
+    sample (advantage +0.4) puts most of its credit on token 2; the worse (-0.4) blames token 2 least."""
+    scores = torch.tensor([[0.9, 0.5]])
+    rewards = torch.full((2, 5), 0.5)
+    rewards[:, 2] = 1.2
+    mask = torch.ones(2, 5)
+    c = losses.spread_advantages(scores, rewards, mask, 1.0, 1.0)
+    a = 0.4
+    assert c[0].argmax() == 2 and c[0, 2] > a and (c[0, [0, 1, 3, 4]] < a).all()  # praise: on the good token
+    assert c[1].argmax() == 2 and -a < c[1, 2] < 0 and (c[1, [0, 1, 3, 4]] < -a).all()  # blame: elsewhere
+    shares = losses.credit_shares(rewards, mask, torch.tensor([1.0, -1.0]), 1.0)
+    torch.testing.assert_close(shares.sum(-1), torch.full((2,), 5.0))
+    assert torch.equal(losses.credit_shares(rewards, mask, torch.zeros(2), 1.0), torch.ones(2, 5))  # A = 0
+    sharper = losses.credit_shares(rewards, mask, torch.tensor([1.0, -1.0]), 0.25)
+    assert sharper[0, 2] > shares[0, 2] and sharper[1, 2] < shares[1, 2]  # lower temperature: more concentrated
+
+
+def test_the_placebo_keeps_each_samples_multiset_of_credit_and_moves_it():
+    scores, rewards, mask = _credit_case(2)
+    spread = losses.spread_advantages(scores, rewards, mask, 1.0, 1.0)
+    placebo = losses.spread_advantages(scores, rewards, mask, 1.0, 1.0, torch.Generator().manual_seed(0))
+    for i in range(12):
+        valid = mask[i].bool()
+        torch.testing.assert_close(placebo[i, valid].sort().values, spread[i, valid].sort().values)
+        assert (placebo[i, ~valid] == 0).all()
+    assert not torch.equal(placebo, spread)
+    again = losses.spread_advantages(scores, rewards, mask, 1.0, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(placebo, again)  # seeded
+
+
+def test_policy_gradient_loss_scaled_by_the_sequence_credit_takes_its_step_size():
+    scores, rewards, mask = _credit_case(3)
+    nll = torch.rand(12, 6, generator=torch.Generator().manual_seed(4))
+    seq = losses.sequence_advantages(scores, mask)
+    same = losses.policy_gradient_loss(nll, seq, mask)
+    torch.testing.assert_close(losses.policy_gradient_loss(nll, seq, mask, seq), same)
+    spread = losses.spread_advantages(scores, rewards, mask, 1.0, 1.0)
+    rms = (seq.pow(2).sum() / mask.sum()).sqrt()
+    torch.testing.assert_close(losses.policy_gradient_loss(nll, spread, mask, seq),
+                               (spread * nll * mask).sum() / rms / mask.sum())
+
+
+def _pg_alone(credit: str, sign: int, guidance=None):
+    """objective pg from a tiny Llama: K = 4 samples of 2 tokens per prompt, reward 1 for a sample that starts with
+    X (negated with sign -1), the guidance (if any) paying most for X."""
+    lm = tiny_llama(seed=4)
+    before = _p_first(lm, PROMPTS, X)
+    cfg = TrainConfig(objective="pg", lr=2e-2, batch_size=16, max_updates=12, pg_credit=credit, pg_samples=4,
+                      seed=3)
+    hist = train_lm(lm, [Example(p) for p in PROMPTS], cfg, PAD, CPU, guidance=guidance,
+                    sampling=SamplingConfig(max_new_tokens=2), eos_ids=[EOS], progress=False, score=_scores_x(sign))
+    return before, _p_first(lm, PROMPTS, X), hist
+
+
+@pytest.mark.parametrize("credit", ["sequence", "spread", "placebo"])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_policy_gradient_alone_moves_probability_toward_the_rewarded_samples_with_every_credit(credit, sign):
+    before, after, hist = _pg_alone(credit, sign, guidance=TokenReward(1.3, 0.01))
+    assert (after > before + 0.05) if sign > 0 else (after < 0.5 * before), (before, after)
+    assert len(hist) == 12 and all(h["seconds"] > 0 for h in hist)
+    assert {"pg_score", "pg_loss", "nll", "tokens"} <= set(hist[0])
+    assert hist[0]["reward"] == pytest.approx(hist[0]["pg_score"])  # objective pg: the reward is the mean score
+
+
+def test_spread_credit_places_what_sequence_credit_spreads_evenly():
+    """The same samples (same seed, same first policy): with the guidance paying most for X, spread credit's first
+    update raises p(X first) more than sequence-level credit's when X-first samples are rewarded."""
+    p = {}
+    for credit in ("sequence", "spread"):
+        lm = tiny_llama(seed=4)
+        cfg = TrainConfig(objective="pg", lr=2e-2, batch_size=16, max_updates=1, pg_credit=credit, pg_samples=4,
+                          seed=3)
+        train_lm(lm, [Example(q) for q in PROMPTS], cfg, PAD, CPU, guidance=TokenReward(1.3, 0.01),
+                 sampling=SamplingConfig(max_new_tokens=2), eos_ids=[EOS], progress=False, score=_scores_x(1))
+        p[credit] = _p_first(lm, PROMPTS, X)
+    assert p["spread"] > p["sequence"], p
+
+
+def test_objective_pg_needs_what_its_credit_reads():
+    with pytest.raises(ValueError, match="pg_credit 'spread' needs a guidance"):
+        _pg_alone("spread", 1)
+    with pytest.raises(ValueError, match="sample scorer"):
+        train_lm(tiny_llama(), [Example(p) for p in PROMPTS[:4]], TrainConfig(objective="pg", pg_credit="placebo"),
+                 PAD, CPU, guidance=TokenReward(1.3, 0.01), sampling=SamplingConfig(max_new_tokens=2),
+                 eos_ids=[EOS], progress=False)
+    with pytest.raises(ValueError, match="no leave-one-out advantage"):
+        TrainConfig(objective="reinforce", pg_credit="spread")
+    with pytest.raises(ValueError, match="set pg_credit: sequence"):
+        TrainConfig(objective="grpo", pg_credit="token")

@@ -119,11 +119,13 @@ def regroup(argv: list[str]) -> list[str]:
 
 
 @app.command()
-def bench(task: str = typer.Option("summarisation", help="summarisation or prompt (configs/prompt.yaml, "
-                                   "build/bench-prompt, metrics/bench/prompt, its own arms)"),
+def bench(task: str = typer.Option("summarisation", help="summarisation, prompt (configs/prompt.yaml, "
+                                   "build/bench-prompt, metrics/bench/prompt, its own arms) or rl (summarisation by "
+                                   "policy gradient alone: configs/bench-rl.yaml, build/bench-rl, metrics/bench/rl, "
+                                   "the credit arms and TRL's GRPO)"),
           params: str = typer.Option(None, help="bench params file (default: ptg's configs/bench.yaml)"),
           seeds: Annotated[list[int] | None, typer.Option(help="seeds, one DVC experiment each (default: --seeds "
-                                                          "0 1 2)")] = None,
+                                                          "0 1 2; prompt and rl: 0 1 2 3 4)")] = None,
           directory: str = typer.Option(None, "--dir", help="the bench's git + DVC repository (default: build/bench)"),
           out: str = typer.Option(None, help="where the statistics go (default: metrics/bench)"),
           jobs: int = typer.Option(3, help="experiments run side by side, each stage on cores // jobs threads"),
@@ -138,11 +140,14 @@ def bench(task: str = typer.Option("summarisation", help="summarisation or promp
           arm: Annotated[list[str] | None, typer.Option(
               help="NAME KEY=VALUE...: an arm beside PTG and uniform MLE, the whole chain with these overrides, "
                    "every seed (repeatable; default: the policy-gradient controls, ptg.bench.ARMS)")] = None,
-          no_arms: bool = typer.Option(False, help="only PTG and its baseline")) -> None:
+          no_arms: bool = typer.Option(False, help="only PTG and its baseline"),
+          peer_seeds: int = typer.Option(None, help="rl: run the GRPO arm on the first N seeds only (default: "
+                                         "all)")) -> None:
     """PTG, uniform MLE and the other arms over seeds as DVC experiments, with paired bootstrap CIs; prints the
     table it writes (metrics/bench/table.md)."""
     _log("bench")
-    seeds, ablation = seeds or [0, 1, 2], ablation or []
+    # the summarisation bench's 3 seeds; 5 few-shot draws or seeds where single seeds vary most (prompt, rl)
+    seeds, ablation = seeds or ([0, 1, 2] if task == "summarisation" else [0, 1, 2, 3, 4]), ablation or []
     arms_given = [a.split(SEP) for a in arm or []]
     if task == "prompt":
         from ptg.bench import prompt as prompt_bench
@@ -152,6 +157,14 @@ def bench(task: str = typer.Option("summarisation", help="summarisation or promp
         prompt_bench.run(Path(params or template_file("configs/prompt.yaml")).resolve(),
                          Path(directory or "build/bench-prompt").resolve(), result, seeds,
                          () if no_arms else (arms_given or prompt_bench.ARMS), jobs, collect_only)
+    elif task == "rl":
+        from ptg.bench import rl
+        from ptg.workspace import template_file
+
+        result = Path(out or "metrics/bench/rl")
+        rl.run(Path(params or template_file("configs/bench-rl.yaml")).resolve(),
+               Path(directory or "build/bench-rl").resolve(), result, seeds,
+               () if no_arms else (arms_given or rl.ARMS), jobs, collect_only, peer_seeds)
     elif task == "summarisation":
         from ptg import bench as module
         from ptg.workspace import template_file
@@ -162,7 +175,7 @@ def bench(task: str = typer.Option("summarisation", help="summarisation or promp
                    () if no_arms else (arms_given or module.ARMS), jobs, collect_only,
                    [a.split(SEP) for a in ablation], ablation_seeds or None, ablations_only)
     else:
-        raise typer.BadParameter(f"{task!r}: expected summarisation or prompt", param_hint="--task")
+        raise typer.BadParameter(f"{task!r}: expected summarisation, prompt or rl", param_hint="--task")
     for table in ("table.md", "ablations.md"):
         if (result / table).is_file() and (table == "table.md" and not ablations_only or ablation):
             typer.echo((result / table).read_text())

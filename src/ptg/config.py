@@ -31,8 +31,8 @@ AtLeast1 = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[float, Field(ge=0)]
 Positive = Annotated[float, Field(gt=0)]
 Strings = Annotated[tuple[str, ...], Field(strict=False)]  # a YAML list
-Objective = Literal["wmle", "reinforce"]  # train_lm.objective
-PgCredit = Literal["sequence", "token"]  # train_lm.pg_credit: who gets the policy-gradient credit
+Objective = Literal["wmle", "reinforce", "pg", "grpo"]  # train_lm.objective
+PgCredit = Literal["sequence", "token", "spread", "placebo"]  # train_lm.pg_credit: who gets the policy-gradient credit
 Normalization = Literal["sequence", "batch"]  # how wmle normalises token weights (ptg.losses)
 AggMethod = Literal["avg", "sum", "soft_max", "soft_min"]  # sequence score from token rewards
 SquashMode = Literal["soft_clamp", "sigmoid"]  # token reward from the head's output
@@ -85,7 +85,11 @@ class SamplingConfig:
 
 @params_dataclass
 class TrainConfig:
-    objective: Objective = field(default="wmle", metadata={"help": "wmle or reinforce"})
+    objective: Objective = field(default="wmle", metadata={
+        "help": "wmle (weighted MLE on the references), reinforce (the paper's REINFORCE: one sample per input, "
+                "the guidance's rewards), pg (policy gradient alone: pg_samples on-policy samples per input, "
+                "leave-one-out baseline, credit pg_credit) or grpo (TRL's GRPOTrainer with the same reward, K, "
+                "learning rate and inputs: the peer; needs the bench extra)"})
     lr: float = field(default=5e-5, metadata={"help": "AdamW learning rate (constant, as the reference)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay on matrices"})
     batch_size: AtLeast1 = field(default=8, metadata={"help": "examples per micro-batch"})
@@ -112,22 +116,41 @@ class TrainConfig:
         "help": "wmle: alpha of a policy-gradient term on the LM's own samples added to the MLE loss (0 = off, "
                 "the MLE update bit for bit)"})
     pg_credit: PgCredit = field(default="token", metadata={
-        "help": "pg_coeff > 0: sequence (every token of a sample gets its metric score minus the leave-one-out "
-                "baseline) or token (each token its guidance reward minus the leave-one-out baseline: PTG); "
-                "objective reinforce: token (the guidance's rewards, the paper's) or sequence (each sample's "
-                "score standardised over the micro-batch's samples on every token: RLPrompt's)"})
+        "help": "who gets the policy-gradient credit. pg_coeff > 0 and objective pg: sequence (every token of a "
+                "sample gets its rank.metric score minus the leave-one-out baseline: RLOO), token (each token its "
+                "guidance reward minus the leave-one-out baseline: the paper's), spread (the sequence-level "
+                "advantage shared out over the sample's tokens by the guidance, its sum kept: see pg_spread) or "
+                "placebo (spread with each sample's shares permuted among its tokens); objective reinforce: token "
+                "or sequence (each sample's score standardised over the micro-batch's samples: RLPrompt's); "
+                "objective grpo: sequence"})
     pg_samples: Annotated[int, Field(ge=2)] = field(default=3, metadata={
-        "help": "pg_coeff > 0: on-policy samples per input (K >= 2)"})
+        "help": "pg_coeff > 0, objective pg or grpo: on-policy samples per input (K >= 2)"})
+    pg_spread: Annotated[float, Field(ge=0, le=1)] = field(default=1.0, metadata={
+        "help": "pg_credit spread / placebo: beta, the share of each advantage the guidance places (the rest is "
+                "spread evenly); 0 = sequence-level credit bit for bit"})
+    pg_temperature: Positive = field(default=1.0, metadata={
+        "help": "pg_credit spread / placebo: softmax temperature over the sample's standardised guidance rewards "
+                "(smaller concentrates the credit on fewer tokens)"})
     eval_every: AtLeast0 = field(default=0, metadata={
-        "help": "score greedy predictions of eval_items validation inputs (ROUGE-L) every this many updates and "
-                "keep the best checkpoint (the start included); 0 = off, the last update is kept"})
+        "help": "validate every this many updates and keep the best checkpoint (the start included): greedy "
+                "ROUGE-L of eval_items validation inputs (wmle, reinforce: the task's score), the held-out reward "
+                "of their greedy and sampled outputs (pg, grpo: the learning curve); 0 = off, the last update is "
+                "kept"})
     eval_items: AtLeast1 = field(default=64, metadata={"help": "eval_every > 0: validation inputs scored"})
+    eval_samples: AtLeast1 = field(default=2, metadata={
+        "help": "objective pg / grpo, eval_every > 0: sampled outputs per validation input in the held-out reward"})
     seed: int = field(default=0, metadata={"help": "seed of data order and REINFORCE sampling"})
 
     def __post_init__(self) -> None:
         if self.pg_coeff > 0 and self.objective != "wmle":
-            raise ValueError("pg_coeff adds a policy-gradient term to the wmle objective; objective reinforce "
-                             "is policy gradient already (set pg_coeff: 0)")
+            raise ValueError("pg_coeff adds a policy-gradient term to the wmle objective; objectives reinforce, pg "
+                             "and grpo are policy gradient already (set pg_coeff: 0)")
+        if self.objective == "reinforce" and self.pg_credit not in ("sequence", "token"):
+            raise ValueError(f"objective reinforce draws one sample per input, so it has no leave-one-out "
+                             f"advantage to spread: pg_credit must be sequence or token; got {self.pg_credit!r}")
+        if self.objective == "grpo" and self.pg_credit != "sequence":
+            raise ValueError(f"objective grpo is TRL's GRPOTrainer, whose credit is sequence-level: set pg_credit: "
+                             f"sequence; got {self.pg_credit!r}")
 
 
 @params_dataclass

@@ -210,6 +210,68 @@ def token_advantages(rewards: torch.Tensor, mask: torch.Tensor, group_size: int)
     return (r - loo_baseline(means).reshape(-1, 1)) * m
 
 
+def credit_shares(rewards: torch.Tensor, mask: torch.Tensor, sign: torch.Tensor, temperature: float) -> torch.Tensor:
+    """How a sample's credit is shared out over its tokens by the guidance: T_n x softmax over the sample's valid
+    tokens of sign_n x z_nt / temperature, z_nt the guidance reward standardised within the sample (mean 0,
+    population std 1 over its valid tokens).
+
+    rewards, mask: (N, T); sign: (N,), the sign of each sample's advantage. Returns (N, T), 0 at padding, each row
+    summing to its number of valid tokens T_n, so a share of 1 is the uniform share. With sign +1 the tokens the
+    guidance rates higher get more; with -1 those it rates lower (they take more of the blame); with 0, or when a
+    sample's rewards are all equal, every token gets exactly 1. Standardising first makes the spread of the shares
+    depend on ``temperature`` and on the guidance's *ordering* of the tokens, not on the scale of its raw rewards
+    (which sit within a few percent of each other when the head has barely left its constant start)."""
+    _check_same_shape(rewards=rewards, mask=mask)
+    _check_nonempty_rows("mask", mask)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive; got {temperature}")
+    valid = mask.bool()
+    m = valid.to(torch.float32)
+    n = m.sum(-1, keepdim=True)
+    r = rewards.detach().to(torch.float32) * m
+    mean = r.sum(-1, keepdim=True) / n
+    std = (((r - mean) * m) ** 2).sum(-1, keepdim=True).div(n).sqrt()
+    z = torch.where(std > 0, (r - mean) / std.clamp(min=1e-12), torch.zeros_like(r))
+    logits = (sign.to(torch.float32).reshape(-1, 1) * z / temperature).masked_fill(~valid, float("-inf"))
+    return logits.softmax(-1) * n * m
+
+
+def permuted_within(values: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None
+                    ) -> torch.Tensor:
+    """``values`` (N, T) with each row's valid entries put in a random order (one seeded permutation per row from
+    ``generator``); padding stays 0. Each row keeps its multiset of values: the placebo of a token-level credit,
+    which keeps how unevenly a sample's credit is spread and loses which token it goes to."""
+    _check_same_shape(values=values, mask=mask)
+    out = torch.zeros_like(values)
+    valid = mask.bool()
+    for i in range(values.shape[0]):
+        idx = valid[i].nonzero().flatten()
+        perm = torch.randperm(idx.numel(), generator=generator, device=generator.device if generator else "cpu")
+        out[i, idx] = values[i, idx[perm.to(idx.device)]]
+    return out
+
+
+def spread_advantages(scores: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, beta: float,
+                      temperature: float, placebo: torch.Generator | None = None) -> torch.Tensor:
+    """Return-preserving token credit: each sample's real advantage A_k = score_k - leave-one-out baseline (exactly
+    ``sequence_advantages``'s) spread over its tokens, c_kt = A_k x ((1 - beta) + beta x share_kt), the shares from
+    ``credit_shares`` with the sign of A_k (a sample that beat its siblings credits the tokens the guidance rates
+    higher most; one that fell short blames the lower-rated ones most).
+
+    scores: (B, K); rewards, mask: (B * K, T), rows input-major. Returns (B * K, T), 0 at padding. Each sample's
+    credit sums to T_k x A_k over its tokens, the sequence-level credit's sum, whatever ``beta`` in [0, 1]; beta 0
+    is ``sequence_advantages`` bit for bit. ``placebo``: a generator that permutes each sample's shares within it
+    (``permuted_within``): the same unevenness, put on random tokens."""
+    if not 0 <= beta <= 1:
+        raise ValueError(f"beta must be in [0, 1]; got {beta}")
+    seq = sequence_advantages(scores, mask)
+    adv = (scores - loo_baseline(scores)).reshape(-1).to(torch.float32)
+    shares = credit_shares(rewards, mask, torch.sign(adv), temperature)
+    if placebo is not None:
+        shares = permuted_within(shares, mask, placebo)
+    return seq * ((1.0 - beta) + beta * shares)
+
+
 def standardized(scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """(s - mean) / std over all of ``scores`` (population std): RLPrompt's per-step reward normalisation, the
     sequence-level credit of REINFORCE without references. Constant scores give zeros."""
@@ -217,21 +279,25 @@ def standardized(scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return centred / (centred.pow(2).mean().sqrt() + eps)
 
 
-def policy_gradient_loss(nll: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """REINFORCE with advantages: sum_{n,t} (A_nt / rms(A)) nll_nt / sum_{n,t} m_nt, no gradient through A.
+def policy_gradient_loss(nll: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                         scale_by: torch.Tensor | None = None) -> torch.Tensor:
+    """REINFORCE with advantages: sum_{n,t} (A_nt / rms(S)) nll_nt / sum_{n,t} m_nt, no gradient through A.
 
-    nll, advantages, mask: (N, T); ``nll`` = -log pi(a_t | s_t) of the sampled tokens. Advantages are divided by
-    their root mean square over valid tokens, so the coefficient in front of this term means the same step size
-    whatever the scale of the credit (a metric in [0, 1] or guidance rewards): sequence- and token-level credit
-    then differ in where the credit goes, not in how large it is. All-zero advantages give 0. Minimising it raises
-    the log-probability of tokens with a positive advantage. Returns a scalar."""
-    _check_same_shape(nll=nll, advantages=advantages, mask=mask)
+    nll, advantages, mask (and ``scale_by``): (N, T); ``nll`` = -log pi(a_t | s_t) of the sampled tokens. The
+    advantages are divided by the root mean square over valid tokens of S = ``scale_by``, by default the advantages
+    themselves, so the coefficient in front of this term means the same step size whatever the scale of the credit
+    (a metric in [0, 1] or guidance rewards). A credit that only moves a sample's advantage between its tokens
+    (``spread_advantages``) passes the sequence-level advantages as ``scale_by``: it then takes the very step size
+    of sequence-level credit and differs from it in where the credit goes alone. All-zero S gives 0. Minimising it
+    raises the log-probability of tokens with a positive advantage. Returns a scalar."""
+    scale_by = advantages if scale_by is None else scale_by
+    _check_same_shape(nll=nll, advantages=advantages, mask=mask, scale_by=scale_by)
     m = mask.to(torch.float32)
     total = m.sum()
     if total == 0:
         raise ValueError("mask has no valid token")
     a = advantages.detach().to(torch.float32) * m
-    rms = (a.pow(2).sum() / total).sqrt()
+    rms = ((scale_by.detach().to(torch.float32) * m).pow(2).sum() / total).sqrt()
     scale = torch.where(rms > 0, 1.0 / rms.clamp(min=1e-12), torch.zeros_like(rms))
     return (a * scale * nll.masked_fill(~mask.bool(), 0.0).float()).sum() / total
 

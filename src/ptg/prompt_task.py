@@ -103,7 +103,7 @@ class PromptScorer:
     frame: pd.DataFrame
     task: TaskParams
 
-    def __call__(self, examples: Sequence[Any], samples: list[list[list[int]]]) -> list[list[float]]:
+    def __call__(self, references: Sequence[Sequence[str]], samples: list[list[list[int]]]) -> list[list[float]]:
         texts = prompt_texts(self.tokenizer, [s for group in samples for s in group])
         flat = score_prompts(self.classifier, texts, self.frame, self.task).reward
         k = len(samples[0])

@@ -22,7 +22,8 @@ from ptg.tasks import is_prompt, task_of
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from ptg.train import Example, SampleScorer
+    from ptg.config import TrainConfig
+    from ptg.train import SampleScorer, Validator
 
 
 def score_samples(samples: pd.DataFrame, ctx: pipeline.Context) -> tuple[list[float], dict[str, Any]]:
@@ -91,9 +92,9 @@ def sample_scorer(tokenizer: PreTrainedTokenizerBase, ctx: pipeline.Context) -> 
         raise ValueError(f"train_lm.pg_credit: sequence scores samples with rank.metric against the references; "
                          f"rank.metric {metric!r} is not one of {', '.join(metrics.METRICS)}")
 
-    def score(examples: Sequence[Example], samples: list[list[list[int]]]) -> list[list[float]]:
+    def score(references: Sequence[Sequence[str]], samples: list[list[list[int]]]) -> list[list[float]]:
         texts = [tokenizer.decode(s, skip_special_tokens=True).strip() for group in samples for s in group]
-        refs = [list(e.references) for e, group in zip(examples, samples, strict=True) for _ in group]
+        refs = [list(r) for r, group in zip(references, samples, strict=True) for _ in group]
         flat = metrics.score(metric, texts, refs)
         k = len(samples[0])
         return [flat[i:i + k] for i in range(0, len(flat), k)]
@@ -101,37 +102,105 @@ def sample_scorer(tokenizer: PreTrainedTokenizerBase, ctx: pipeline.Context) -> 
     return score
 
 
-def validation_scorer(tokenizer: PreTrainedTokenizerBase, items: int, ctx: pipeline.Context
-                      ) -> Callable[[PreTrainedModel], float]:
-    """What checkpoint selection maximises, never on the test split: ROUGE-L (x100) of greedy predictions
-    decoded as the evaluate stage decodes (``evaluate.max_new_tokens``, batches of ``evaluate.batch_size``: in bf16
-    the batch's shape moves the last bits of the logits, and greedy decoding of 64 validation inputs in batches of
-    16 and 64 gave different text for 24 of them) on the first ``items`` validation inputs; prompt task: the greedy
-    prompt's gap reward on the validation texts."""
+def validation_scorer(tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, ctx: pipeline.Context) -> Validator:
+    """What checkpoint selection maximises and the learning curve records, never on the test split, on the first
+    ``cfg.eval_items`` validation inputs:
+
+    - objectives wmle and reinforce (``val_score``): summarisation, ROUGE-L (x100) of greedy predictions decoded as
+      the evaluate stage decodes (``evaluate.max_new_tokens``, batches of ``evaluate.batch_size``: in bf16 the
+      batch's shape moves the last bits of the logits, and greedy decoding of 64 validation inputs in batches of 16
+      and 64 gave different text for 24 of them); prompt task, the greedy prompt's gap reward on the validation
+      texts;
+    - objectives pg and grpo, the held-out reward (the training reward: ``rank.metric``, or the gap reward on the
+      validation texts) of the greedy outputs (``val_reward_greedy``, also ``val_score``) and of
+      ``cfg.eval_samples`` sampled outputs per input with the sampling settings (``val_reward_sampled``, from a
+      generator seeded the same at every checkpoint of every arm), and, summarisation, the greedy ROUGE-L
+      (``val_rougeL``)."""
     from ptg import metrics
 
     sp = load_group("sample", ctx.params)
+    curve = cfg.objective in ("pg", "grpo")
+    sampled = SamplingConfig(cfg.eval_samples, sp.max_new_tokens, sp.temperature, sp.top_k, sp.top_p)
     if is_prompt(ctx.params):
         task = task_of(ctx.params)
         clf = prompt_task.load_task_classifier(task, ctx)
         dev = prompt_data.read_labelled("validation")
-        greedy_prompt = SamplingConfig(1, sp.max_new_tokens, 0.0)
+        start = [prompt_data.start_ids(tokenizer)]
 
-        def validate_prompt(model: PreTrainedModel) -> float:
+        def prompt_reward(model: PreTrainedModel, how: SamplingConfig, generator: Any) -> float:
             from ptg.sampling import sample
 
-            ids = sample(model, [prompt_data.start_ids(tokenizer)], greedy_prompt, (), tokenizer.pad_token_id,
-                         ctx.device, ctx.dtype, progress=False)[0]
-            return prompt_task.score_prompts(clf, prompt_task.prompt_texts(tokenizer, ids), dev, task).reward[0]
+            ids = sample(model, start, how, (), tokenizer.pad_token_id, ctx.device, ctx.dtype, generator=generator,
+                         progress=False)[0]
+            rewards = prompt_task.score_prompts(clf, prompt_task.prompt_texts(tokenizer, ids), dev, task).reward
+            return sum(rewards) / len(rewards)
+
+        def validate_prompt(model: PreTrainedModel) -> dict[str, float]:
+            import torch
+
+            greedy = prompt_reward(model, SamplingConfig(1, sp.max_new_tokens, 0.0), None)
+            if not curve:
+                return {"val_score": greedy}
+            gen = torch.Generator().manual_seed(cfg.seed + 7)
+            return {"val_score": greedy, "val_reward_greedy": greedy,
+                    "val_reward_sampled": prompt_reward(model, sampled, gen)}
 
         return validate_prompt
     mp, ep = load_group("model", ctx.params), load_group("evaluate", ctx.params)
-    val = pipeline.read_examples("validation").head(items)
+    metric = load_group("rank", ctx.params).metric
+    if curve and metric not in metrics.METRICS:
+        raise ValueError(f"objective {cfg.objective}'s held-out reward is rank.metric against the references; "
+                         f"rank.metric {metric!r} is not one of {', '.join(metrics.METRICS)}")
+    val = pipeline.read_examples("validation").head(cfg.eval_items)
     refs = [list(r) for r in val["references"]]
     greedy = SamplingConfig(num_samples=1, max_new_tokens=ep.max_new_tokens, temperature=0.0)
 
-    def validate(model: PreTrainedModel) -> float:
+    def validate(model: PreTrainedModel) -> dict[str, float]:
         table, _ = pipeline.sample_table(model, tokenizer, val, mp, greedy, ep.batch_size, ctx, generator=None)
-        return 100.0 * sum(metrics.score("rouge", table["text"].tolist(), refs)) / len(refs)
+        return {"val_score": 100.0 * _mean(metrics.score("rouge", table["text"].tolist(), refs))}
 
-    return validate
+    if not curve:
+        return validate
+    return HeldOutReward(tokenizer, val, mp, greedy, sampled, ep.batch_size, metric, cfg.seed + 7, ctx)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+class HeldOutReward:
+    """The learning curve of the summarisation task's policy-gradient objectives (a ``train.Validator``): at each
+    call, the held-out reward (``metric`` against the references) of the greedy outputs and of ``sampled``'s
+    outputs (a generator seeded ``seed`` at every call, so every checkpoint of every arm draws with the same
+    stream) of the ``val`` inputs, and their greedy ROUGE-L; ``items`` keeps each call's per-input rewards (id,
+    reward_greedy, reward_sampled: the mean over its samples), the unit of the bench's paired statistics."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, val: pd.DataFrame, mp: Any, greedy: SamplingConfig,
+                 sampled: SamplingConfig, batch_size: int, metric: str, seed: int, ctx: pipeline.Context) -> None:
+        self.tokenizer, self.val, self.mp, self.ctx = tokenizer, val, mp, ctx
+        self.greedy, self.sampled, self.batch_size, self.metric, self.seed = greedy, sampled, batch_size, metric, seed
+        self.refs = dict(zip(val["id"], [list(r) for r in val["references"]], strict=True))
+        self.items: list[pd.DataFrame] = []
+
+    def _rewards(self, model: PreTrainedModel, how: SamplingConfig, generator: Any) -> tuple[pd.Series, list[str]]:
+        from ptg import metrics
+
+        table, _ = pipeline.sample_table(model, self.tokenizer, self.val, self.mp, how, self.batch_size, self.ctx,
+                                         generator=generator)
+        texts = table["text"].tolist()
+        scores = metrics.score(self.metric, texts, [self.refs[i] for i in table["id"]])
+        return pd.Series(scores, index=table["id"]).groupby(level=0, sort=False).mean(), texts
+
+    def __call__(self, model: PreTrainedModel) -> dict[str, float]:
+        import torch
+
+        from ptg import metrics
+
+        greedy, texts = self._rewards(model, self.greedy, None)
+        sampled, _ = self._rewards(model, self.sampled, torch.Generator().manual_seed(self.seed))
+        rouge_l = 100.0 * _mean(metrics.score("rouge", texts, [self.refs[i] for i in self.val["id"]]))
+        self.items.append(pd.DataFrame({"id": self.val["id"].to_numpy(),
+                                        "reward_greedy": greedy.loc[self.val["id"]].to_numpy(),
+                                        "reward_sampled": sampled.loc[self.val["id"]].to_numpy()}))
+        return {"val_score": float(greedy.mean()), "val_reward_greedy": float(greedy.mean()),
+                "val_reward_sampled": float(sampled.mean()), "val_rougeL": rouge_l}

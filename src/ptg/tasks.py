@@ -118,10 +118,14 @@ def stops(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, params: st
 
 
 def baseline_config(cfg: TrainLMParams, params: str | Path) -> TrainLMParams:
-    """The baseline's training: summarisation, uniform MLE (no guidance weights, no policy-gradient term); prompt
-    task, REINFORCE with sequence-level credit (RLPrompt's), everything else as PTG's; with ``task.baseline_budget:
-    calls``, only as many updates as the training texts' classifier calls of PTG's rank@r pay for (each of its
-    ``sample.train_inputs`` x K prompts scored once, where the baseline scores ``batch_size`` prompts an update)."""
+    """The baseline's training: the same preference without the guidance. Policy-gradient objectives (pg, grpo),
+    either task: ``pg`` with sequence-level credit (RLOO), everything else as PTG's. Otherwise, summarisation:
+    uniform MLE (no guidance weights, no policy-gradient term); prompt task: REINFORCE with sequence-level credit
+    (RLPrompt's), everything else as PTG's; with ``task.baseline_budget: calls``, only as many updates as the
+    training texts' classifier calls of PTG's rank@r pay for (each of its ``sample.train_inputs`` x K prompts scored
+    once, where the baseline scores ``batch_size`` prompts an update)."""
+    if cfg.objective in ("pg", "grpo"):
+        return dataclasses.replace(cfg, objective="pg", pg_credit="sequence")
     if not is_prompt(params):
         return dataclasses.replace(cfg, contrast=None, pg_coeff=0.0)
     cfg = dataclasses.replace(cfg, pg_credit="sequence")

@@ -1,27 +1,30 @@
-"""One LM training loop for the two objectives of PTG (spec §3):
+"""One LM training loop for PTG's objectives (spec §3) and the policy-gradient controls beside them:
 
 - ``wmle``: guidance-weighted MLE on reference responses (the supervised objective);
 - ``reinforce``: REINFORCE on the LM's own samples with the guidance's token rewards plus an entropy bonus (the
-  objective for tasks without references). Samples are drawn with the sampling settings and scored under the
-  same (temperature / top-k / top-p filtered) distribution, so the update is on-policy (spec pitfall 7.7).
+  paper's objective for tasks without references). Samples are drawn with the sampling settings and scored under
+  the same (temperature / top-k / top-p filtered) distribution, so the update is on-policy (spec pitfall 7.7);
+- ``pg``: policy gradient alone, the regime where credit assignment decides: K on-policy samples per input, a
+  leave-one-out baseline, and the credit of ``pg_credit`` (sequence: RLOO; token: the paper's guidance rewards;
+  spread: each sample's real advantage shared out over its tokens by the guidance, its sum kept; placebo: spread
+  with the shares permuted within each sample).
 
 Without a guidance every token weighs the same: that is the baseline PTG is compared against, identical to PTG in
 everything else (examples, their order, optimizer, normalisation), so a difference between the two is the guidance's
 doing. The guidance is frozen throughout, so ``wmle`` scores the references the run draws (``schedule``) with it
 once, before the first update (``example_weights``: the paper's w_t proportional to r_t, or the ``contrast``
-transform), and trains with no guidance forward. ``wmle`` may add ``pg_coeff`` x a policy-gradient term on K
-on-policy samples per input with a leave-one-out baseline, its credit either sequence-level (a metric score per sample)
-or token-level (the guidance's rewards). With ``eval_every``, a ``validate`` function scores the LM every so many
-updates and the best checkpoint is kept. AdamW, gradient accumulation, clipping, bf16 working weights where they
-pay (``ptg.precision.WorkingCopy``: fp32 weights and optimiser state), a
-progress bar, and one metrics row per optimizer update returned to the caller.
-"""
+transform), and trains with no guidance forward. ``wmle`` may add ``pg_coeff`` x the ``pg`` loss. With
+``eval_every``, a ``validate`` function scores the LM every so many updates (a learning curve) and the best
+checkpoint is kept. AdamW, gradient accumulation, clipping, bf16 working weights where they pay
+(``ptg.precision.WorkingCopy``: fp32 weights and optimiser state), a progress bar, and one metrics row per optimizer
+update returned to the caller."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +44,12 @@ from ptg.sampling import SamplingConfig, filter_logits, sample
 
 log = logging.getLogger(__name__)
 
-# scores(examples, samples) -> one sequence-level score per sample: samples[i] holds the K token-id lists drawn for
-# examples[i] (the sequence-level credit of the policy-gradient term).
-SampleScorer = Callable[[Sequence["Example"], list[list[list[int]]]], list[list[float]]]
+# score(references, samples) -> one sequence-level score per sample: samples[i] holds the K token-id lists drawn for
+# an input whose references (texts) are references[i] (the sequence-level credit of the policy-gradient terms).
+SampleScorer = Callable[[Sequence[Sequence[str]], list[list[list[int]]]], list[list[float]]]
+# validate(model) -> the validation row of a checkpoint: "val_score" (higher = better: what the best checkpoint
+# maximises) and whatever else the learning curve records (e.g. the held-out reward of greedy and sampled outputs).
+Validator = Callable[[PreTrainedModel], dict[str, float]]
 
 
 @dataclass(frozen=True)
@@ -128,11 +134,12 @@ def _sampled_nll(model: PreTrainedModel, batch: Batch, sampling: SamplingConfig)
 
 def _policy_gradient(model: PreTrainedModel, chunk: Sequence[Example], cfg: TrainConfig, guidance: Guidance | None,
                      sampling: SamplingConfig, score: SampleScorer | None, eos_ids: Sequence[int], pad_id: int,
-                     device: torch.device, dtype: torch.dtype,
-                     sample_gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The policy-gradient term of the combined objective on ``cfg.pg_samples`` on-policy samples per example, with
-    sequence-level credit (``score``'s metric, leave-one-out baseline) or token-level credit (the guidance's
-    rewards, leave-one-out baseline); returns (term, sums for the metrics row)."""
+                     device: torch.device, dtype: torch.dtype, sample_gen: torch.Generator,
+                     placebo_gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The policy-gradient loss on ``cfg.pg_samples`` on-policy samples per example with a leave-one-out baseline
+    and ``cfg.pg_credit``'s credit (``ptg.losses``): sequence (the sample's ``score``), token (the guidance's
+    rewards), spread (the sample's advantage shared out by the guidance, its sum kept) or placebo (spread with the
+    shares permuted within each sample, from ``placebo_gen``). Returns (loss, sums for the metrics row)."""
     k = cfg.pg_samples
     prompts = [e.prompt for e in chunk]
     drawn = sample(model, prompts, dataclasses.replace(sampling, num_samples=k), eos_ids, pad_id, device, dtype,
@@ -142,18 +149,29 @@ def _policy_gradient(model: PreTrainedModel, chunk: Sequence[Example], cfg: Trai
     mask = batch.response_mask
     with autocast(device, dtype):
         nll, _ = _sampled_nll(model, batch, sampling)
-    sums = {"pg_tokens": mask.sum().float()}
-    if score is not None:  # the samples' metric score, logged in both credits (sequence credit is trained on it)
-        scores = torch.tensor(score(chunk, drawn), dtype=torch.float32, device=device)
+    sums = {"pg_tokens": mask.sum().float(), "pg_nll": (nll.detach() * mask).sum().float()}
+    scores = None
+    if score is not None:  # the samples' sequence-level score, logged whatever the credit
+        scores = torch.tensor(score([e.references for e in chunk], drawn), dtype=torch.float32, device=device)
         sums["pg_score"] = scores.sum() / k
-    if cfg.pg_credit == "sequence":
-        assert score is not None
-        adv = losses.sequence_advantages(scores, mask)
-    else:
+    rewards = None
+    if cfg.pg_credit != "sequence":
         assert guidance is not None
         with torch.no_grad(), autocast(device, dtype):
-            adv = losses.token_advantages(guidance(batch).float(), mask, k)
-    term = losses.policy_gradient_loss(nll, adv, mask)
+            rewards = guidance(batch).float()
+    scale_by = None
+    if cfg.pg_credit == "sequence":
+        assert scores is not None
+        adv = losses.sequence_advantages(scores, mask)
+    elif cfg.pg_credit == "token":
+        assert rewards is not None
+        adv = losses.token_advantages(rewards, mask, k)
+    else:  # spread, placebo: the step size of sequence-level credit, the credit placed by the guidance
+        assert scores is not None and rewards is not None
+        adv = losses.spread_advantages(scores, rewards, mask, cfg.pg_spread, cfg.pg_temperature,
+                                       placebo_gen if cfg.pg_credit == "placebo" else None)
+        scale_by = losses.sequence_advantages(scores, mask)
+    term = losses.policy_gradient_loss(nll, adv, mask, scale_by)
     sums["pg_loss"] = term.detach()
     return term, sums
 
@@ -188,14 +206,25 @@ def _loss(model: PreTrainedModel, batch: Batch, chunk: Sequence[Example], cfg: T
 
 def _micro_batch(model: PreTrainedModel, chunk: list[Example], cfg: TrainConfig, guidance: Guidance | None,
                  sampling: SamplingConfig | None, score: SampleScorer | None, eos_ids: Sequence[int], pad_id: int,
-                 device: torch.device, dtype: torch.dtype, sample_gen: torch.Generator) -> dict[str, float]:
+                 device: torch.device, dtype: torch.dtype, sample_gen: torch.Generator,
+                 placebo_gen: torch.Generator) -> dict[str, float]:
     """Forward and backward of this rank's ``chunk`` of one micro-batch, its loss scaled to its share of the
     whole micro-batch's loss (the counts are summed over ranks first); returns the micro-batch's metrics (loss,
     per-token nll / reward / entropy means, tokens), summed over ranks. A rank with no example (a micro-batch
-    smaller than the world) still joins the reductions and adds nothing."""
+    smaller than the world) still joins the reductions and adds nothing. Objective pg (one process): the
+    policy-gradient loss alone, its nll and tokens those of the samples, its reward their mean score."""
     rank_sums = {k: torch.zeros((), device=device) for k in ("count", "loss", "tokens", "nll", "reward", "entropy")}
     loss = None
-    if chunk:
+    if chunk and cfg.objective == "pg":
+        assert sampling is not None
+        loss, pg_sums = _policy_gradient(model, chunk, cfg, guidance, sampling, score, eos_ids, pad_id, device, dtype,
+                                         sample_gen, placebo_gen)
+        rank_sums |= {k: v.detach().float() for k, v in pg_sums.items()}
+        rank_sums |= {"count": torch.ones((), device=device), "loss": loss.detach().float(),
+                      "tokens": pg_sums["pg_tokens"], "nll": pg_sums["pg_nll"],
+                      "reward": pg_sums.get("pg_score", torch.zeros((), device=device)) * pg_sums["pg_tokens"]
+                      / len(chunk)}
+    elif chunk:
         prompts = [e.prompt for e in chunk]
         credit = None
         if cfg.objective == "reinforce":
@@ -208,7 +237,8 @@ def _micro_batch(model: PreTrainedModel, chunk: list[Example], cfg: TrainConfig,
             # grad_accum > 1); a micro-batch of one sample gets none.
             if cfg.pg_credit == "sequence":
                 assert score is not None
-                scores = torch.tensor([s[0] for s in score(chunk, drawn)], dtype=torch.float32)
+                scores = torch.tensor([s[0] for s in score([e.references for e in chunk], drawn)],
+                                      dtype=torch.float32)
                 credit = losses.standardized(scores)
                 rank_sums["pg_score"] = scores.sum().to(device)
         else:
@@ -219,7 +249,7 @@ def _micro_batch(model: PreTrainedModel, chunk: list[Example], cfg: TrainConfig,
         if cfg.pg_coeff > 0:  # one process (train_lm refuses it data-parallel): loss is the whole micro-batch's
             assert sampling is not None
             term, pg_sums = _policy_gradient(model, chunk, cfg, guidance, sampling, score, eos_ids, pad_id, device,
-                                             dtype, sample_gen)
+                                             dtype, sample_gen, placebo_gen)
             loss = loss + cfg.pg_coeff * term
             rank_sums |= {k: v.detach().float() for k, v in pg_sums.items()}
         rank_sums |= {k: v.detach().float() for k, v in sums.items()} | {"count": count.detach().float(),
@@ -276,7 +306,7 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
              sampling: SamplingConfig | None = None, eos_ids: Sequence[int] = (),
              progress: bool = True, optimizer: torch.optim.Optimizer | None = None,
              score: SampleScorer | None = None,
-             validate: Callable[[PreTrainedModel], float] | None = None) -> list[dict[str, float]]:
+             validate: Validator | None = None) -> list[dict[str, float]]:
     """Train ``model`` in place for ``cfg.max_updates`` optimizer updates; returns one metrics row per update.
 
     Without ``guidance`` every token weighs the same (the baseline); with it, ``wmle`` weighs the references'
@@ -287,9 +317,11 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
     a fresh one. The order of examples depends on ``cfg.seed`` alone, never on the model or the guidance, so two
     calls with the same seed see the same examples in the same order.
 
-    With ``cfg.eval_every`` > 0, ``validate(model)`` (higher = better) scores the start and every
-    ``eval_every``-th update (and the last); the best-scoring weights are restored at the end (the earliest of
-    equal scores) and the history gets a row for update 0 and a ``val_score`` column.
+    With ``cfg.eval_every`` > 0, ``validate(model)`` scores the start and every ``eval_every``-th update (and the
+    last); the weights of the highest ``val_score`` are restored at the end (the earliest of equal scores) and the
+    history gets a row for update 0 and the validation's columns (``val_score`` and the learning curve's).
+    Objective ``pg``: the policy-gradient loss alone on ``cfg.pg_samples`` samples per example (``score`` for
+    every credit, ``guidance`` for all but sequence).
     """
     if not examples:
         raise ValueError("examples is empty")
@@ -305,18 +337,23 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
         if distributed.rank_and_world()[1] > 1:
             raise ValueError("sequence-level credit standardises over the micro-batch's samples, not a shard of "
                              "them: use launcher: python")
-    if cfg.pg_coeff > 0:
-        if sampling is None or not eos_ids or sampling.temperature <= 0:
-            raise ValueError("pg_coeff > 0 needs sampling settings with a temperature > 0 and eos_ids")
-        if (score if cfg.pg_credit == "sequence" else guidance) is None:
-            raise ValueError(f"pg_credit {cfg.pg_credit!r} needs "
-                             f"{'a sample scorer' if cfg.pg_credit == 'sequence' else 'a guidance'}")
+    if cfg.objective == "grpo":
+        raise ValueError("objective grpo trains with TRL's GRPOTrainer (ptg.grpo.train_grpo), not this loop")
+    if cfg.pg_coeff > 0 or cfg.objective == "pg":
+        what = "pg_coeff > 0" if cfg.pg_coeff > 0 else "objective pg"
+        if sampling is None or not eos_ids and cfg.objective != "pg" or sampling.temperature <= 0:
+            raise ValueError(f"{what} needs sampling settings with a temperature > 0 and eos_ids")
+        if cfg.pg_credit in ("sequence", "spread", "placebo") and score is None:
+            raise ValueError(f"pg_credit {cfg.pg_credit!r} needs a sample scorer")
+        if cfg.pg_credit != "sequence" and guidance is None:
+            raise ValueError(f"pg_credit {cfg.pg_credit!r} needs a guidance")
         if distributed.rank_and_world()[1] > 1:
-            raise ValueError("pg_coeff > 0 runs in one process (its samples are not sharded); use launcher: python")
+            raise ValueError(f"{what} runs in one process (its samples are not sharded); use launcher: python")
     if cfg.eval_every and validate is None:
         raise ValueError("eval_every > 0 needs a validate function")
     rank = distributed.rank_and_world()[0]
     sample_gen = torch.Generator().manual_seed(cfg.seed + 1 + 1_000_003 * rank)  # each rank samples its own share
+    placebo_gen = torch.Generator().manual_seed(cfg.seed + 2)  # its own stream: the samples stay those of spread
     model.to(device).train()
     if guidance is not None:
         guidance.to(device).eval().requires_grad_(False)
@@ -339,22 +376,23 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
     def checkpoint(update: int) -> dict[str, float]:
         nonlocal best
         assert validate is not None
-        score_now = float(validate(net))
+        scored = validate(net)
         net.train()
-        if best is None or score_now > best[0]:
-            best = (score_now, update, {k: v.detach().clone() for k, v in model.state_dict().items()})
-        return {"val_score": score_now}
+        if best is None or scored["val_score"] > best[0]:
+            best = (scored["val_score"], update, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        return scored
 
     if cfg.eval_every:
         history.append({"update": 0.0, **checkpoint(0)})
     bar = tqdm(range(1, cfg.max_updates + 1), desc=f"train_lm[{cfg.objective}]", disable=not progress, leave=False)
     for update in bar:
+        t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
             chunk = distributed.shard([examples[i] for i in next(batches)])
             parts = _micro_batch(net, chunk, cfg, guidance, sampling, score, eos_ids, pad_id, device, dtype,
-                                 sample_gen)
+                                 sample_gen, placebo_gen)
             work.push()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + (v if k == "tokens" else v / cfg.grad_accum)
@@ -362,7 +400,8 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
         opt.step()
         work.pull()
-        row = {"update": float(update), **sums, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"]}
+        row = {"update": float(update), **sums, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"],
+               "seconds": time.perf_counter() - t0}  # the update alone, validation not included
         if cfg.eval_every and (update % cfg.eval_every == 0 or update == cfg.max_updates):
             row |= checkpoint(update)
         history.append(row)

@@ -53,6 +53,24 @@ def lm_examples(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, cfg:
     return [Example(p, t, tuple(refs)) for p, t, refs in zip(prompts, targets, train["references"], strict=True)]
 
 
+def curve_path(metrics_path: Path) -> Path:
+    """The per-input learning curve written beside a training summary JSON (``train_lm_curve.csv``): the
+    held-out reward of each validation input at each checkpoint (objectives pg and grpo; only its header
+    otherwise)."""
+    return metrics_path.with_name("train_lm_curve.csv")
+
+
+def needs_scorer(cfg: TrainLMParams, metric: str) -> bool:
+    """Whether training scores its samples: every credit of objectives pg and grpo (the reward is logged even when
+    the guidance's rewards are the credit), RLPrompt's sequence-level REINFORCE, and the policy-gradient term beside
+    MLE when its credit needs the score or the metric can score samples (the score is then logged)."""
+    if cfg.objective in ("pg", "grpo"):
+        return True
+    if cfg.objective == "reinforce":
+        return cfg.pg_credit == "sequence"
+    return cfg.pg_coeff > 0 and (cfg.pg_credit != "token" or metric in metrics.METRICS)
+
+
 def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance | None, ctx: Context,
                    metrics_path: Path, history_path: Path) -> None:
     """Load the LM at ``src``, train it on the training split with ``cfg`` (uniform token weights without a
@@ -80,32 +98,41 @@ def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance 
         summary |= {f"reward_{k}": v for k, v in stats.spread(rewards).items()}
         summary |= {f"weight_{k}": v for k, v in stats.spread(weights, bounds).items()}
     sampling = None
-    if cfg.objective == "reinforce" or cfg.pg_coeff > 0:
+    policy_gradient = cfg.objective != "wmle" or cfg.pg_coeff > 0
+    if policy_gradient:
         sp = load_group("sample", ctx.params)
         sampling = SamplingConfig(1, sp.max_new_tokens, sp.temperature, sp.top_k, sp.top_p)
     score = None
-    policy_gradient = cfg.pg_coeff > 0 or cfg.objective == "reinforce"
-    if policy_gradient and cfg.pg_credit == "sequence" or cfg.pg_coeff > 0 and (
-            load_group("rank", ctx.params).metric in metrics.METRICS):  # token credit: the score is only logged
+    if needs_scorer(cfg, load_group("rank", ctx.params).metric):
         score = scoring.sample_scorer(tok, ctx)
-    validate = scoring.validation_scorer(tok, cfg.eval_items, ctx) if cfg.eval_every else None
+    validate = scoring.validation_scorer(tok, cfg, ctx) if cfg.eval_every else None
     opt = make_optimizer(model, cfg)
     carried = cfg.carry_optimizer and (src / OPTIMIZER_FILE).exists()
     if carried:
         load_optimizer(opt, src / OPTIMIZER_FILE, cfg.lr)
     t0 = time.perf_counter()
-    history = train_lm(model, examples, cfg, tok.pad_token_id, ctx.device, ctx.dtype, guidance, sampling,
-                       tasks.stops(model, tok, ctx.params), ctx.progress, optimizer=opt, score=score,
-                       validate=validate)
+    if cfg.objective == "grpo":
+        from ptg.grpo import train_grpo  # TRL: the bench extra
+
+        assert sampling is not None and score is not None
+        history = train_grpo(model, tok, examples, cfg, sampling, score, tasks.stops(model, tok, ctx.params),
+                             ctx.device, validate, ctx.progress, bf16=ctx.precision == "bf16")
+    else:
+        history = train_lm(model, examples, cfg, tok.pad_token_id, ctx.device, ctx.dtype, guidance, sampling,
+                           tasks.stops(model, tok, ctx.params), ctx.progress, optimizer=opt, score=score,
+                           validate=validate)
     seconds = time.perf_counter() - t0
     updates = [h for h in history if h["update"] > 0]
     last = updates[-1]
     tokens = sum(h["tokens"] for h in updates)
     summary = {"objective": cfg.objective, "guided": guidance is not None, "optimizer_carried": carried,
                "lora_rank": lora.rank, "trainable_parameters": trainable,
-               "updates": len(updates), "final_loss": last["loss"], "final_nll": last["nll"], "seconds": seconds,
+               "updates": len(updates), "final_loss": last["loss"], "seconds": seconds,
+               "seconds_per_update": sum(h["seconds"] for h in updates) / len(updates),
                "tokens_per_second": tokens / seconds, "processes": distributed.rank_and_world()[1],
                "precision": ctx.precision, **summary}
+    if "nll" in last:  # TRL's GRPO logs no NLL
+        summary["final_nll"] = last["nll"]
     if isinstance(score, PromptScorer):  # the prompt task's budget: the classifier's calls in training
         summary["classifier_pairs"] = score.classifier.scored
     if validate is not None:
@@ -113,6 +140,11 @@ def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance 
         best_score, best_update = max(scored, key=lambda x: (x[0], -x[1]))
         summary |= {"val_score_start": scored[0][0], "val_score_best": best_score, "best_update": best_update}
     frame = pd.DataFrame(history)
+    curve = pd.DataFrame(columns=["update", "id", "reward_greedy", "reward_sampled"])
+    if isinstance(validate, scoring.HeldOutReward):  # per validation input, at every checkpoint (in call order)
+        checkpoints = [int(h["update"]) for h in history if "val_score" in h]
+        curve = pd.concat([items.assign(update=u) for u, items in zip(checkpoints, validate.items, strict=True)],
+                          ignore_index=True)[list(curve.columns)]
     if distributed.is_main():  # every rank holds the same weights: one writes
         with atomic_path(dst) as tmp:
             if lora.enabled:  # the adapters, and the merged LM that the next stages load
@@ -125,4 +157,6 @@ def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance 
         write_json(metrics_path, summary)
         with atomic_path(history_path) as tmp:
             frame.to_csv(tmp, index=False)
+        with atomic_path(curve_path(metrics_path)) as tmp:
+            curve.to_csv(tmp, index=False)
     distributed.barrier()  # the other ranks go on (the baseline's next round) once the LM is saved

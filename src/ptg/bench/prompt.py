@@ -5,8 +5,8 @@ experiment is skipped).
 Compared on the test split of each seed, paired by text and bootstrapped over texts and seeds
 (``stats.paired_bootstrap``): PTG (REINFORCE on the guidance's token rewards, the seed experiment's train_lm)
 against REINFORCE with the classifier's sequence-level reward (the seed experiment's baseline: RLPrompt's credit, at
-the classifier budget of ``task.baseline_budget``), the arms (PTG with the soft-min and soft-max aggregations by
-default), and the prompts that need no training (empty, manual; with and without contextual calibration) beside the
+the classifier budget of ``task.baseline_budget``), the arms (``ARMS``: policy gradient with sequence-level,
+return-preserving token and placebo credit, compared with each other too: ``PAIRS``), and the prompts that need no training (empty, manual; with and without contextual calibration) beside the
 majority class. Classifier calls are the budget: each method's (prompt, text) pairs spent on its training signal.
 Writes summary.json, table.md and accuracy_vs_calls.png to ``--out``.
 """
@@ -30,10 +30,17 @@ from ptg.io import atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
 
-# Arms beside PTG (average aggregation) and the sequence-level baseline: PTG's chain from fit_guidance on, with
-# these overrides (samples and rankings come from DVC's run cache).
-ARMS: tuple[tuple[str, ...], ...] = (("ptg-soft-min", "fit_guidance.agg=soft_min"),
-                                     ("ptg-soft-max", "fit_guidance.agg=soft_max"))
+# Arms beside PTG (the paper's REINFORCE on the guidance's rewards) and the sequence-level baseline (RLPrompt's
+# REINFORCE): policy gradient with K = 4 prompts per start and a leave-one-out baseline, 4 starts an update (the 16
+# prompts an update of PTG and the baseline), with sequence-level credit (RLOO), return-preserving token credit
+# (spread: each prompt's advantage shared out over its tokens by the guidance) and its placebo (the shares permuted
+# within each prompt). PTG's chain from train_lm on (samples, rankings and guidance come from DVC's run cache).
+PG = ("train_lm.objective=pg", "train_lm.batch_size=4", "train_lm.pg_samples=4")
+ARMS: tuple[tuple[str, ...], ...] = (("pg-sequence", *PG, "train_lm.pg_credit=sequence"),
+                                     ("pg-spread", *PG, "train_lm.pg_credit=spread"),
+                                     ("pg-placebo", *PG, "train_lm.pg_credit=placebo"))
+# Direct comparisons besides every method against the sequence-level baseline: (method, against).
+PAIRS = (("pg-spread", "pg-sequence"), ("pg-spread", "pg-placebo"), ("ptg", "pg-sequence"))
 # Prompts without training (PTG's last evaluation): best-of-N from the untrained policy, the empty and manual prompts.
 FIXED = ("best_of_n", "empty", "empty_calibrated", "manual", "manual_calibrated")
 
@@ -60,15 +67,15 @@ def _items(run: Path, folder: str, r: int) -> pd.DataFrame:
     return evaluate_items(run, r, baseline=folder == "baseline").set_index("id")
 
 
-def training_calls(run: Path, folder: str) -> int:
-    """(prompt, text) pairs the classifier scored for a method's training signal, over its rounds: PTG's rank@r
-    on the training texts; the baseline's train_lm (its sequence-level credit at every update)."""
+def training_calls(run: Path, folder: str, guided: bool = True) -> int:
+    """(prompt, text) pairs the classifier scored for a method's training signal, over its rounds: the ranking of
+    rank@r when the method trains on the guidance (``guided``), plus what its own training scored (a
+    sequence-level credit at every update: the baseline, the policy-gradient arms)."""
     metrics = run / "metrics"
-    if folder == "rounds":
-        return sum(int(read_json(p).get("classifier_pairs_train", 0))
-                   for p in sorted((metrics / "rounds").glob("*/rank.json")))
-    return sum(int(read_json(p).get("classifier_pairs", 0))
-               for p in sorted((metrics / "baseline").glob("*/train_lm.json")))
+    ranked = sum(int(read_json(p).get("classifier_pairs_train", 0))
+                 for p in sorted((metrics / "rounds").glob("*/rank.json"))) if folder == "rounds" and guided else 0
+    return ranked + sum(int(read_json(p).get("classifier_pairs", 0))
+                        for p in sorted((metrics / folder).glob("*/train_lm.json")))
 
 
 def _paired(a: dict[int, pd.Series], b: dict[int, pd.Series]) -> dict[str, Any]:
@@ -96,11 +103,13 @@ def collect(directory: Path, out: Path, seeds: Sequence[int], arms: Sequence[Seq
     for fixed in FIXED:
         correct[fixed] = {s: _items(d, "rounds", last)[f"{fixed}_correct"] for s, d in runs.items()}
     evaluated = {s: read_json(d / pipeline.round_metrics(last, "evaluate")) for s, d in runs.items()}
-    calls = {m: float(np.mean([training_calls(d, "rounds") for d in by_seed.values()]))
+    calls = {m: float(np.mean([training_calls(d, "rounds", guided=m != "pg-sequence") for d in by_seed.values()]))
              for m, by_seed in methods.items() if by_seed}
     calls["sequence"] = float(np.mean([training_calls(d, "baseline") for d in runs.values()]))
     rows = [{"method": m, "vs": "sequence", "calls": calls[m], **_paired(correct[m], correct["sequence"])}
             for m in methods if correct[m]]
+    rows += [{"method": m, "vs": vs, "calls": calls.get(m, 0.0), **_paired(correct[m], correct[vs])}
+             for m, vs in PAIRS if correct.get(m) and correct.get(vs)]
     rows += [{"method": m, "vs": vs, "calls": calls.get(m, 0.0), **_paired(correct[m], correct[vs])}
              for vs in ("manual", "best_of_n") for m in ("ptg", "sequence")]
     summary = {

@@ -76,8 +76,9 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def plot_curves(curves: dict[str, dict[int, list[tuple[int, float]]]], path: Path) -> Path:
-    """Validation ROUGE-L against LM updates, one panel per seed, one line per arm."""
+def plot_curves(curves: dict[str, dict[int, list[tuple[int, float]]]], path: Path,
+                ylabel: str = "validation ROUGE-L") -> Path:
+    """A validation score (``ylabel``) against LM updates, one panel per seed, one line per arm."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,7 +91,7 @@ def plot_curves(curves: dict[str, dict[int, list[tuple[int, float]]]], path: Pat
             if s in by_seed:
                 u, v = zip(*by_seed[s], strict=True)
                 ax.plot(u, v, "o-", ms=3, label=arm)
-        ax.set(xlabel="LM updates", ylabel="validation ROUGE-L", title=f"seed {s}")
+        ax.set(xlabel="LM updates", ylabel=ylabel, title=f"seed {s}")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
