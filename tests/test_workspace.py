@@ -3,7 +3,6 @@ holder killed with SIGKILL frees the workspace."""
 
 import os
 import signal
-import time
 
 import pytest
 from conftest import hold_workspace
@@ -15,11 +14,12 @@ def test_a_second_run_fails_fast_naming_the_holder_and_kill_9_frees_the_workspac
     ws = tmp_path / "ws"
     holder = hold_workspace(ws)
     try:
-        t0 = time.monotonic()
         with pytest.raises(WorkspaceBusy, match=rf"another run holds this workspace \(pid {holder.pid} since"), \
                 workspace_lock(ws):
             pass
-        assert time.monotonic() - t0 < 2  # fails at once, never waits
+        # It failed while the holder still held the lock (for 120 s): it never waited for it. No wall-clock bound,
+        # which a loaded machine could break.
+        assert holder.poll() is None
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
