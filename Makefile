@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup test quick run bench ablations perf prompt bench-prompt lint clean
+.PHONY: setup test test-fast quick run bench bench-rl ablations perf prompt bench-prompt lint clean
 
 setup: $(VENV_STAMP)
 
@@ -50,6 +50,9 @@ prompt: $(VENV_STAMP)
 
 bench-prompt: $(VENV_STAMP)
 	ptg bench --task prompt --jobs 2
+
+bench-rl: $(VENV_STAMP)
+	ptg bench --task rl --jobs 2
 
 ABLATIONS := --ablation normalize-sequence train_lm.normalize=sequence --ablation agg-sum fit_guidance.agg=sum \
 	--ablation agg-soft-min fit_guidance.agg=soft_min --ablation agg-soft-max fit_guidance.agg=soft_max \
