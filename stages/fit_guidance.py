@@ -85,7 +85,7 @@ def _diagnostics(guidance: Guidance, val: list[RankedGroup], val_ids: list[str],
     rewards = token_rewards(guidance, [g.prompt for g, _, _ in picked], [s for _, _, s in picked], tok.pad_token_id,
                             ctx.device, ctx.dtype)
     full, dropped = [], []
-    for g, i, s in picked:
+    for _, i, s in picked:
         variants = [s, *diagnostics.occlusions(s)]
         values = score([refs.get(i, [])], [variants])[0]
         full.append(values[0])

@@ -1,7 +1,12 @@
-"""Shared fixtures: tiny randomly initialised LMs built from configs (no downloads), in eval mode."""
+"""Shared fixtures: tiny randomly initialised LMs built from configs (no downloads), in eval mode; the quick
+profile's whole pipeline, run once per test run and copied by the tests that need a finished workspace; helpers for
+child processes (reads that time out, process groups stopped)."""
 
+import contextlib
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +14,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 REPO = Path(__file__).resolve().parents[1]  # this checkout
+BIN = Path(sys.executable).parent  # the venv's dvc, prefect, accelerate
+QUICK = REPO / "configs" / "quick.yaml"
 VOCAB = 24
 PAD, EOS, BOS = 0, 1, 2
 
@@ -63,6 +70,80 @@ def stop_process_group(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def listening_port(proc: subprocess.Popen, seconds: float) -> int:
+    """The TCP port a server started with port 0 bound (it or a child of it, LISTEN on 127.0.0.1), read from the
+    kernel: no port is picked first and bound later, so no other process can take it in between."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited ({proc.returncode}) before it listened")
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(proc.pid)
+            for p in (root, *root.children(recursive=True)):
+                ports = [c.laddr.port for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+                if ports:
+                    return ports[0]
+        time.sleep(0.2)
+    raise TimeoutError(f"{proc.args!r} listened on no port within {seconds} s")
+
+
+def start_server(cmd: list[str], env: dict[str, str], log_path: Path, health: str,
+                 seconds: float = 180) -> tuple[subprocess.Popen, str]:
+    """Start a server (``cmd`` asks for port 0) in a process group of its own, logging to ``log_path``; return it
+    and its base URL (http://127.0.0.1:<the port it bound>) once ``health`` (a path) answers. Stop it with
+    ``stop_process_group``."""
+    import time
+    import urllib.request
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{listening_port(proc, seconds)}"
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                with urllib.request.urlopen(url + health, timeout=3):
+                    return proc, url
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+    except BaseException as e:
+        stop_process_group(proc)
+        raise RuntimeError(f"{' '.join(cmd)} did not come up:\n{log_path.read_text()[-4000:]}") from e
+
+
+def kill_tree(pid: int) -> None:
+    """kill -9 of a process and all its descendants, sparing none started meanwhile: every process of the tree is
+    stopped first (SIGSTOP; a stopped process starts no other), the tree listed again until it stops growing, then
+    all of them are killed."""
+    import signal
+
+    import psutil
+
+    stopped: set[int] = set()
+    while True:
+        try:
+            root = psutil.Process(pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:  # the root is gone: what was stopped is all there is
+            tree = []
+        new = [p for p in tree if p.pid not in stopped]
+        if not new:
+            break
+        for p in new:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGSTOP)
+            stopped.add(p.pid)
+    for p in stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
 @pytest.fixture(params=["llama", "t5"])
 def tiny_lm(request):
     return tiny_llama() if request.param == "llama" else tiny_t5()
@@ -85,3 +166,63 @@ def write_prompt_quick(path: Path) -> Path:
     cfg["evaluate"] |= {"subset_items": 20}
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def pytest_configure(config) -> None:
+    """One torch thread per test process when tests run side by side (pytest-xdist): two workers on two cores then
+    never fight over them, and the stages' child processes inherit it."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def run(args: list[str], cwd: Path, check: bool = True, env: dict[str, str] | None = None,
+        timeout: float = 900) -> subprocess.CompletedProcess:
+    """A command in ``cwd`` with the venv first on PATH, tracking off (unless ``env`` says otherwise) and DVC's
+    analytics off; with ``check``, a non-zero exit fails with the end of its output."""
+    full = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PTG_TRACKING": "off",
+                         "DVC_NO_ANALYTICS": "1"} | (env or {})
+    proc = subprocess.run(args, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def quick_pipeline(tmp_path_factory, worker_id) -> Path:
+    """configs/quick.yaml's whole pipeline (`dvc repro`, tracking off, one torch thread), run once per test run:
+    the first test process that asks builds it under a file lock, the others wait and share it. Read it; copy it
+    (``copy_workspace``) before changing anything."""
+    from filelock import FileLock
+
+    from ptg.workspace import make_workspace
+
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    ws = shared / "quick-pipeline"
+    with FileLock(str(shared / "quick-pipeline.lock")):
+        if not (ws / ".built").is_file():
+            if ws.exists():
+                shutil.rmtree(ws)  # a build that failed half-way
+            make_workspace(QUICK, ws)
+            done = run(["dvc", "repro"], ws, env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+            (ws / ".built").write_text(done.stdout + done.stderr)
+    return ws
+
+
+def copy_workspace(src: Path, dst: Path, **overrides: dict) -> Path:
+    """A copy of workspace ``src`` at ``dst`` (links kept as links; DVC rehashes what it needs), its params.yaml
+    groups updated with ``overrides`` ({group: {key: value}}): `dvc repro` there reruns what they change."""
+    import yaml
+
+    shutil.copytree(src, dst, symlinks=True)
+    if overrides:
+        params = yaml.safe_load((dst / "params.yaml").read_text())
+        for group, values in overrides.items():
+            if isinstance(values, dict):
+                params[group] |= values
+            else:
+                params[group] = values
+        (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dst

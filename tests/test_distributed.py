@@ -7,7 +7,6 @@ share) the ranks stay in step."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.xdist_group("distributed")  # one process builds the runs every test reads
 TESTS = Path(__file__).parent
 VENV_BIN = Path(sys.executable).parent
 
@@ -98,12 +98,6 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train(tmp_path: Path, name: str, processes: int) -> Path:
     out = tmp_path / name
     out.mkdir()
@@ -112,9 +106,10 @@ def _train(tmp_path: Path, name: str, processes: int) -> Path:
     if processes == 1:
         cmd = [sys.executable, str(script), str(out)]
     else:
+        # --main_process_port 0: accelerate takes a free port itself, as it starts the processes
         cmd = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()), str(script), str(out)]
+               "--main_process_ip", "127.0.0.1", "--main_process_port", "0", str(script), str(out)]
     src = str(TESTS.parent / "src")
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(TESTS), src]), "OMP_NUM_THREADS": "1",
                         "CUDA_VISIBLE_DEVICES": ""}

@@ -8,13 +8,11 @@ every stage whose inputs did not change.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +24,7 @@ from types import ModuleType
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, hold_workspace, stop_process_group, write_prompt_quick
+from conftest import REPO, hold_workspace, kill_tree, start_server, stop_process_group, write_prompt_quick
 from mlflow import MlflowClient
 
 from ptg import prefect_setup, tracking, workspace
@@ -36,25 +34,6 @@ QUICK = REPO / "configs" / "quick.yaml"
 ROUND_STAGES = ("sample", "rank", "fit_guidance", "train_lm", "evaluate")
 TASKS = ["prepare", "base_model", "preferences", *(f"{s}@{r}" for r in (1, 2) for s in ROUND_STAGES), "baseline",
          "report"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, proc: subprocess.Popen, log: Path, seconds: float) -> None:
-    """Poll ``url`` until it answers; fail with the process log if it exits or ``seconds`` pass."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=3):
-                return
-        except OSError as e:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{url} did not come up:\n{log.read_text()[-4000:]}") from e
-            time.sleep(1)
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +101,7 @@ def parent_of(c: MlflowClient, flow_state):
     return parent
 
 
+@pytest.mark.xdist_group("flows")
 @pytest.mark.slow
 def test_quick_flow_runs_every_stage_and_tracks_it(quick_run):
     workdir, state = quick_run
@@ -150,6 +130,7 @@ def test_quick_flow_runs_every_stage_and_tracks_it(quick_run):
     assert c.search_model_versions(f"name='{tracking.BASELINE_MODEL}'") == []  # the baseline arm stays in DVC
 
 
+@pytest.mark.xdist_group("flows")
 @pytest.mark.slow
 def test_prompt_task_flow_runs_every_stage(env, harness, flows):
     """configs/prompt.yaml's task (tiny models): the same flow and stages, the prompt task's artifacts."""
@@ -184,6 +165,7 @@ def test_prompt_task_flow_runs_every_stage(env, harness, flows):
         assert items[f"{name}_correct"].mean() == pytest.approx(ptg[key])
 
 
+@pytest.mark.xdist_group("flows")
 @pytest.mark.slow
 def test_failed_run_resumes_at_the_failed_stage(quick_run, harness, flows, env, monkeypatch):
     """A bad `evaluate` value fails evaluate@1; after the fix the flow re-runs from there, DVC skipping the rest."""
@@ -219,6 +201,7 @@ def test_failed_run_resumes_at_the_failed_stage(quick_run, harness, flows, env, 
     assert lm.stat().st_mtime_ns == lm_mtime
 
 
+@pytest.mark.xdist_group("flows")
 def test_the_plan_is_read_from_dvc_yaml_and_follows_an_added_stage(flows, env, tmp_path):
     """The flow has no stage list of its own: its plan is the workspace's dvc.yaml, round by round; a stage (and a
     round) added to a copy of dvc.yaml is in the plan, in its place."""
@@ -244,6 +227,7 @@ def test_the_plan_is_read_from_dvc_yaml_and_follows_an_added_stage(flows, env, t
         "report", "publish"]
 
 
+@pytest.mark.xdist_group("flows")
 def test_retry_policy(flows):
     assert flows._options("sample@1")["retries"] == flows.RETRIES > 0
     assert flows._options("base_model")["retries"] == flows.RETRIES
@@ -251,6 +235,7 @@ def test_retry_policy(flows):
     assert flows._options("evaluate@2")["task_run_name"] == "evaluate@2"
 
 
+@pytest.mark.xdist_group("flows")
 def test_rounds_and_launcher_reach_the_workspace_params_and_are_checked(flows, tmp_path):
     """The flow's `rounds` and `launcher` parameters are written into the scratch workspace's params.yaml (one code
     path, the rest of the params file kept), where DVC interpolates the launcher into the training stages' cmd; a
@@ -286,6 +271,7 @@ def test_rounds_and_launcher_reach_the_workspace_params_and_are_checked(flows, t
         workspace.param_overrides(rounds=0)
 
 
+@pytest.mark.xdist_group("flows")
 def test_every_deployment_runs_a_shipped_params_file_on_as_many_gpus_as_processes(flows, tmp_path):
     """prefect.yaml's deployments: their parameters are the flow's, their params file ships with the repository and
     loads with their overrides, and a GPU deployment's launcher starts one process per GPU it requests."""
@@ -312,12 +298,16 @@ def test_every_deployment_runs_a_shipped_params_file_on_as_many_gpus_as_processe
 
 
 def prefect_env(home: Path) -> dict[str, str]:
+    """A Prefect client's environment with its own PREFECT_HOME; a worker started with it asks for work every
+    second (Prefect's default is 10 s, which the deployment tests would spend waiting)."""
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180", PREFECT_WORKER_QUERY_SECONDS="1",
+               PREFECT_WORKER_PREFETCH_SECONDS="1")
     env.pop("PREFECT_API_URL", None)
     return env
 
 
+@pytest.mark.xdist_group("flows")
 @pytest.mark.slow
 def test_one_command_local_run(quick_run, tmp_path):
     """`python flows/ptg_flow.py --params configs/quick.yaml` with no server: Prefect's temporary local API."""
@@ -329,22 +319,26 @@ def test_one_command_local_run(quick_run, tmp_path):
     assert re.search(r"Flow run '[^']+' - Finished in state Completed", done.stdout + done.stderr)
 
 
-@pytest.fixture
-def prefect_server(tmp_path):
-    """A real `prefect server start` on a free loopback port with its own PREFECT_HOME; killed on teardown.
-    Yields the environment for clients (PREFECT_API_URL set)."""
-    port = free_port()
-    env = prefect_env(tmp_path / "prefect-home")
-    log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                                 str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            api = f"http://127.0.0.1:{port}/api"
-            wait_for(f"{api}/health", proc, log_path, seconds=180)
-            yield env | {"PREFECT_API_URL": api}
-        finally:
-            stop_process_group(proc)
+@pytest.fixture(scope="module")
+def prefect_server(env, tmp_path_factory):
+    """A real `prefect server start` on a loopback port it binds itself (port 0, read back from the kernel) with its
+    own PREFECT_HOME, set up once as a user would (`ptg prefect-setup`: the process pool and the zombie automation;
+    `prefect deploy` of prefect.yaml's ptg-local, exit 0) for every deployment test of this module; killed on
+    teardown. Yields the environment for clients (PREFECT_API_URL set)."""
+    root = tmp_path_factory.mktemp("prefect")
+    client_env = prefect_env(root / "prefect-home")
+    proc, url = start_server([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", "0"],
+                             client_env, root / "server.log", "/api/health")
+    try:
+        client_env |= {"PREFECT_API_URL": f"{url}/api"}
+        done = subprocess.run([str(VENV_BIN / "ptg"), "prefect-setup", "--crash-after", str(TEST_CRASH_AFTER_S)],
+                              cwd=REPO, env=client_env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        prefect(client_env, "--no-prompt", "deploy", "--name", "ptg-local")  # exit 0: prefect 3.9 with its FastAPI
+        prefect(client_env, "deployment", "inspect", "ptg-pipeline/ptg-local")
+        yield client_env
+    finally:
+        stop_process_group(proc)
 
 
 def prefect(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -361,15 +355,9 @@ def prefect(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 TEST_CRASH_AFTER_S = 60
 
 
-def deploy_and_run(env: dict[str, str], workdir: Path, deploy: bool = True) -> str:
-    """prefect.yaml's ptg-local: when ``deploy``, `ptg prefect-setup` (the process pool and the zombie automation)
-    and `prefect deploy` (exit 0); triggers a quick run in ``workdir`` and returns its flow run id."""
-    if deploy:
-        done = subprocess.run([str(VENV_BIN / "ptg"), "prefect-setup", "--crash-after", str(TEST_CRASH_AFTER_S)],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        prefect(env, "--no-prompt", "deploy", "--name", "ptg-local")  # exit 0: prefect 3.9 with its FastAPI
-        prefect(env, "deployment", "inspect", "ptg-pipeline/ptg-local")
+def run_deployment(env: dict[str, str], workdir: Path) -> str:
+    """Trigger a quick run of prefect.yaml's ptg-local (deployed by ``prefect_server``) in ``workdir``; returns its
+    flow run id."""
     params = json.dumps({"params_file": "configs/quick.yaml", "rounds": 2, "workdir": str(workdir)})
     out = prefect(env, "deployment", "run", "ptg-pipeline/ptg-local", "--params", params).stdout
     return re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
@@ -421,29 +409,14 @@ def locked_stages(workdir: Path) -> set[str]:
     return set(data["stages"]) if isinstance(data, dict) and isinstance(data.get("stages"), dict) else set()
 
 
+@pytest.mark.xdist_group("prefect-server")
 @pytest.mark.slow
-def test_deployment_runs_on_a_process_worker(quick_run, prefect_server, tmp_path):
-    """prefect.yaml's ptg-local: create the pool, deploy (exit 0), trigger a quick run in a fresh workspace, and a
-    process worker executes every stage there."""
-    workdir = tmp_path / "worker-workspace"  # fresh: the stages must really run on the worker
-    env = prefect_server
-    complete_on_a_worker(env, deploy_and_run(env, workdir), tmp_path / "worker.log")
-    assert {"prepare", "base_model", "sample@1", "train_lm@2", "evaluate@2", "baseline", "report"} <= \
-        locked_stages(workdir)
-    for r in (1, 2):
-        assert json.loads((workdir / "metrics" / "rounds" / str(r) / "evaluate.json").read_text())["items"] > 0
-    assert (workdir / "metrics" / "report" / "eval_by_round.csv").is_file()
-
-
-@pytest.mark.slow
-def test_a_killed_worker_leaves_a_workspace_the_next_run_resumes(quick_run, prefect_server, tmp_path):
+def test_a_killed_worker_leaves_a_workspace_the_next_run_resumes(prefect_server, tmp_path):
     """kill -9 of the worker, its flow run and the running stage, mid-pipeline: what finished stays, nothing is
     half-written, the zombie automation sets the orphaned flow run to Crashed once its heartbeats stop, and the
     deployment run again resumes at the stage that did not finish and completes."""
-    import psutil
-
     workdir, env = tmp_path / "killed-workspace", prefect_server
-    first = deploy_and_run(env, workdir)
+    first = run_deployment(env, workdir)
     worker = start_worker(env, tmp_path / "worker-1.log")
     try:
         deadline = time.monotonic() + 600
@@ -451,10 +424,7 @@ def test_a_killed_worker_leaves_a_workspace_the_next_run_resumes(quick_run, pref
             assert worker.poll() is None and time.monotonic() < deadline, (tmp_path / "worker-1.log").read_text()
             time.sleep(0.5)
     finally:
-        tree = [worker.pid, *(c.pid for c in psutil.Process(worker.pid).children(recursive=True))]
-        for pid in tree:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
+        kill_tree(worker.pid)  # the worker, its flow run and the stage running, none spared
         worker.wait()
         killed = time.monotonic()
     done_before = locked_stages(workdir)
@@ -472,7 +442,7 @@ def test_a_killed_worker_leaves_a_workspace_the_next_run_resumes(quick_run, pref
     assert f"No heartbeat for {TEST_CRASH_AFTER_S} s" in flow_run(env, first)["state"]["message"]  # the automation
     print(f"killed worker: flow run Crashed {took:.0f} s after the kill (window {TEST_CRASH_AFTER_S} s)")
 
-    complete_on_a_worker(env, deploy_and_run(env, workdir, deploy=False), tmp_path / "worker-2.log")
+    complete_on_a_worker(env, run_deployment(env, workdir), tmp_path / "worker-2.log")
     assert samples.stat().st_mtime_ns == stamp  # sample@1 finished before the kill: not run again
     assert {"sample@2", "train_lm@2", "evaluate@2", "baseline", "report"} <= locked_stages(workdir)
     status = subprocess.run(["dvc", "status", "--json"], cwd=workdir, capture_output=True, text=True, check=True)
@@ -497,14 +467,16 @@ def task_run_span(env: dict[str, str], flow_run_id: str) -> tuple[datetime | Non
     return min(starts, default=None), max(ends, default=None), len(runs)
 
 
+@pytest.mark.xdist_group("prefect-server")
 @pytest.mark.slow
-def test_two_deployment_runs_for_one_workspace_run_one_after_the_other(env, flows, prefect_server, tmp_path):
-    """Two runs of ptg-local for the same fresh workspace, triggered together, on ONE process worker (which starts
-    both at once): the second waits for the workspace's global concurrency slot, runs no task while the first
-    works, then finds every stage up to date; both complete, and the slot is free again."""
+def test_two_deployment_runs_for_one_workspace_run_one_after_the_other(prefect_server, tmp_path):
+    """prefect.yaml's ptg-local, deployed, run by a process worker of a real server in a fresh workspace, where it
+    executes every stage. Two runs of it for that workspace, triggered together, on ONE process worker (which
+    starts both at once): the second waits for the workspace's global concurrency slot, runs no task while the
+    first works, then finds every stage up to date; both complete, and the slot is free again."""
     workdir, env = tmp_path / "shared-workspace", prefect_server
-    first = deploy_and_run(env, workdir)
-    second = deploy_and_run(env, workdir, deploy=False)
+    first = run_deployment(env, workdir)
+    second = run_deployment(env, workdir)
     log = tmp_path / "worker.log"
     worker = start_worker(env, log)
     try:
@@ -525,12 +497,17 @@ def test_two_deployment_runs_for_one_workspace_run_one_after_the_other(env, flow
     (a_start, a_end, a_count), (b_start, b_end, b_count) = sorted(task_run_span(env, run) for run in (first, second))
     # the later run's first task starts after the earlier run's last task ended: they never ran at the same time
     assert a_count and b_count and a_end <= b_start, (a_start, a_end, b_start, b_end)
-    assert {"prepare", "train_lm@2", "report"} <= locked_stages(workdir)
+    assert {"prepare", "base_model", "sample@1", "train_lm@2", "evaluate@2", "baseline", "report"} <= \
+        locked_stages(workdir)
+    for r in (1, 2):
+        assert json.loads((workdir / "metrics" / "rounds" / str(r) / "evaluate.json").read_text())["items"] > 0
+    assert (workdir / "metrics" / "report" / "eval_by_round.csv").is_file()
     limit = api(env, f"v2/concurrency_limits/{workspace.workspace_limit_name(workdir)}")
     assert limit["limit"] == 1 and limit["active_slots"] == 0  # created on demand, released by both runs
     print(f"runs' task spans: {a_start} .. {a_end}, then {b_start} .. {b_end}")
 
 
+@pytest.mark.xdist_group("flows")
 def test_prefect_setup_is_idempotent_and_matches_prefect_yaml(env, harness):
     """`ptg prefect-setup` twice: one pool, one automation, its window the last one asked for; and the heartbeat the
     window assumes is the one prefect.yaml gives every deployment's runs."""
@@ -570,6 +547,7 @@ def test_prefect_setup_is_idempotent_and_matches_prefect_yaml(env, harness):
     assert automation.actions[0].state.value == "CRASHED" and automation.enabled
 
 
+@pytest.mark.xdist_group("flows")
 def test_a_second_flow_in_a_busy_workspace_fails_before_touching_it(env, harness, flows):
     from ptg.workspace import workspace_lock
 

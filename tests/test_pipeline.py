@@ -1,40 +1,36 @@
-"""The DVC pipeline end to end on the quick profile (tiny models), in a scratch workspace: every stage runs,
-outputs validate, a second `dvc repro` has nothing to do, a fit_guidance param change re-runs only what depends
-on it, and malformed inputs are rejected with a clear error and no output written."""
+"""The DVC pipeline end to end on the quick profile (tiny models): every stage runs, outputs validate, a second
+`dvc repro` has nothing to do, a fit_guidance param change re-runs only what depends on it, and malformed inputs
+are rejected with a clear error and no output written. The pipeline runs once per test run (conftest's
+``quick_pipeline``); a test that changes a workspace changes its own copy."""
 
+import dataclasses
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO
+from conftest import QUICK, REPO, copy_workspace, run
 
 from ptg import schemas
 from ptg.io import read_table
 from ptg.workspace import make_workspace
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
 
 
-def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PTG_TRACKING": "off",
-                        "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if check and proc.returncode:
-        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+@pytest.fixture
+def quick(quick_pipeline) -> Path:
+    """The finished quick workspace, shared by every test: read it only."""
+    return quick_pipeline
 
 
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory) -> Path:
-    ws = make_workspace(REPO / "configs" / "quick.yaml", tmp_path_factory.mktemp("quick"))
-    run(["dvc", "repro"], ws)
-    return ws
+@pytest.fixture
+def quick_copy(quick_pipeline, tmp_path) -> Path:
+    """A copy of the finished quick workspace of this test's own."""
+    return copy_workspace(quick_pipeline, tmp_path / "ws")
 
 
 def ran(ws: Path, *args: str) -> set[str]:
@@ -91,32 +87,27 @@ def test_baseline_round_sees_the_same_examples_in_the_same_order_as_ptg(quick):
     assert len(items) == 16 and {"rougeL", "rouge2", "meteor", "gen_len"} <= set(items.columns)
 
 
-def test_repro_again_has_nothing_to_do(quick):
+def test_repro_again_has_nothing_to_do(quick_copy):
     # Only `preferences` (always_changed: its data lives outside the project) runs; its output is unchanged, so
     # nothing downstream does.
-    assert ran(quick, "--dry") == {"preferences"}
-    status = run(["dvc", "status"], quick).stdout
+    assert ran(quick_copy, "--dry") == {"preferences"}
+    status = run(["dvc", "status"], quick_copy).stdout
     assert "preferences" in status and "always changed" in status
     assert not any(f"{s}:" in status for s in ("prepare", "sample@1", "fit_guidance@1", "evaluate@2", "baseline"))
-    assert ran(quick) == {"preferences"}
+    assert ran(quick_copy) == {"preferences"}
 
 
-def test_fit_guidance_param_change_reruns_only_downstream(quick):
-    params = yaml.safe_load((quick / "params.yaml").read_text())
-    params["fit_guidance"]["lr"] = params["fit_guidance"]["lr"] / 2
-    original = (quick / "params.yaml").read_text()
-    (quick / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    try:
-        # For real: a dry run cannot know which outputs will change, so it lists only fit_guidance@1 and @2.
-        # rank@2 re-runs only if LM_1's samples changed (a tiny random LM may draw the same tokens again).
-        stages = ran(quick)
-        # `preferences` always runs (its data is outside the project); its unchanged output reruns nothing.
-        assert {"fit_guidance@1", "train_lm@1", "evaluate@1", "sample@2", "fit_guidance@2", "train_lm@2",
-                "evaluate@2", "report"} <= stages <= {"preferences", "fit_guidance@1", "train_lm@1", "evaluate@1",
-                                                      "sample@2", "rank@2", "fit_guidance@2", "train_lm@2",
-                                                      "evaluate@2", "report"}
-    finally:
-        (quick / "params.yaml").write_text(original)
+def test_fit_guidance_param_change_reruns_only_downstream(quick_pipeline, tmp_path):
+    lr = yaml.safe_load(QUICK.read_text())["fit_guidance"]["lr"]
+    ws = copy_workspace(quick_pipeline, tmp_path / "ws", fit_guidance={"lr": lr / 2})
+    # For real: a dry run cannot know which outputs will change, so it lists only fit_guidance@1 and @2.
+    # rank@2 re-runs only if LM_1's samples changed (a tiny random LM may draw the same tokens again).
+    stages = ran(ws)
+    # `preferences` always runs (its data is outside the project); its unchanged output reruns nothing.
+    assert {"fit_guidance@1", "train_lm@1", "evaluate@1", "sample@2", "fit_guidance@2", "train_lm@2",
+            "evaluate@2", "report"} <= stages <= {"preferences", "fit_guidance@1", "train_lm@1", "evaluate@1",
+                                                  "sample@2", "rank@2", "fit_guidance@2", "train_lm@2",
+                                                  "evaluate@2", "report"}
 
 
 def _workspace_with(tmp_path: Path, **overrides) -> Path:
@@ -162,33 +153,27 @@ def test_nan_human_score_is_rejected_and_no_ranking_is_written(tmp_path):
     assert not (ws / "data" / "rounds" / "1" / "rankings.parquet").exists()
 
 
-def test_a_damaged_artifact_is_reported_by_the_stage_that_reads_it_and_dvc_restores_it(quick):
-    weights = quick / "data" / "rounds" / "1" / "lm" / "model.safetensors"
-    table = quick / "data" / "rounds" / "2" / "samples.parquet"
+def test_a_damaged_artifact_is_reported_by_the_stage_that_reads_it_and_dvc_restores_it(quick_copy):
+    weights = quick_copy / "data" / "rounds" / "1" / "lm" / "model.safetensors"
+    table = quick_copy / "data" / "rounds" / "2" / "samples.parquet"
     originals = {p: p.read_bytes() for p in (weights, table)}
-    try:
-        for p, data in originals.items():
-            p.chmod(0o644)  # DVC may link cache files read-only
-            p.unlink()
-            p.write_bytes(data[: len(data) // 2])
-        proc = run([sys.executable, "stages/sample.py", "--round", "2"], quick, check=False)
-        assert proc.returncode != 0 and "model.safetensors: damaged weights" in proc.stderr
-        proc = run([sys.executable, "stages/rank.py", "--round", "2"], quick, check=False)
-        assert proc.returncode != 0 and "samples.parquet: not a readable parquet table" in proc.stderr
-        status = run(["dvc", "status"], quick).stdout
-        assert "data/rounds/1/lm" in status and "data/rounds/2/samples.parquet" in status
-        run(["dvc", "checkout", "--force"], quick)
-        assert all(p.read_bytes() == data for p, data in originals.items())
-        status = run(["dvc", "status"], quick).stdout  # (other tests' param edits may leave their own entries)
-        assert "data/rounds/1/lm" not in status and "data/rounds/2/samples.parquet" not in status
-    finally:
-        for p, data in originals.items():
-            if p.read_bytes() != data:
-                p.unlink()
-                p.write_bytes(data)
+    for p, data in originals.items():
+        p.chmod(0o644)  # DVC may link cache files read-only
+        p.unlink()
+        p.write_bytes(data[: len(data) // 2])
+    proc = run([sys.executable, "stages/sample.py", "--round", "2"], quick_copy, check=False)
+    assert proc.returncode != 0 and "model.safetensors: damaged weights" in proc.stderr
+    proc = run([sys.executable, "stages/rank.py", "--round", "2"], quick_copy, check=False)
+    assert proc.returncode != 0 and "samples.parquet: not a readable parquet table" in proc.stderr
+    status = run(["dvc", "status"], quick_copy).stdout
+    assert "data/rounds/1/lm" in status and "data/rounds/2/samples.parquet" in status
+    run(["dvc", "checkout", "--force"], quick_copy)
+    assert all(p.read_bytes() == data for p, data in originals.items())
+    status = run(["dvc", "status"], quick_copy).stdout
+    assert "data/rounds/1/lm" not in status and "data/rounds/2/samples.parquet" not in status
 
 
-def test_lora_trains_adapters_for_both_arms_and_saves_them_beside_the_merged_lm(tmp_path):
+def test_lora_trains_adapters_for_both_arms_and_saves_them_beside_the_merged_lm(quick_pipeline, tmp_path):
     """train_lm.lora.rank > 0: train_lm@1 and the baseline train fresh LoRA adapters (peft) with the same setup;
     the round's LM folder holds the merged weights, which plain transformers loads and which give the adapted
     model's logits, and the adapters under adapter/. Only the targeted projections change."""
@@ -198,11 +183,9 @@ def test_lora_trains_adapters_for_both_arms_and_saves_them_beside_the_merged_lm(
     from transformers import AutoModelForCausalLM
 
     lora = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": "q_proj,v_proj"}
-    params = yaml.safe_load((REPO / "configs" / "quick.yaml").read_text())
-    params["train_lm"]["lora"] = lora
-    params["train_lm"]["lr"] = 1.0e-2  # adapters start at B = 0: a visible step in 4 updates
-    ws = _workspace_with(tmp_path, train_lm=params["train_lm"])
-    run(["dvc", "repro", "train_lm@1", "baseline"], ws)
+    # adapters start at B = 0: lr 1e-2 takes a visible step in 4 updates
+    ws = copy_workspace(quick_pipeline, tmp_path / "ws", train_lm={"lora": lora, "lr": 1.0e-2})
+    assert ran(ws, "train_lm@1", "baseline") - {"preferences"} == {"train_lm@1", "baseline"}  # upstream: done
 
     lm0, lm1 = ws / "data" / "rounds" / "0" / "lm", ws / "data" / "rounds" / "1" / "lm"
     adapter = json.loads((lm1 / "adapter" / "adapter_config.json").read_text())
@@ -227,24 +210,19 @@ def test_lora_trains_adapters_for_both_arms_and_saves_them_beside_the_merged_lm(
     assert (ws / "data" / "baseline" / "1" / "lm" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_train_lm_under_accelerate_launch_trains_data_parallel_and_writes_once(tmp_path):
+def test_train_lm_under_accelerate_launch_trains_data_parallel_and_writes_once(quick_pipeline, tmp_path):
     """`launcher: accelerate launch --multi_gpu --num_processes 2 ...` in params.yaml (gloo on the CPU): DVC sees
     the training stages' interpolated cmd change and `dvc repro` runs train_lm@1 that way; the two ranks train one LM
     on the global batch (the same losses as the stage in one process) and rank 0 alone writes it."""
-    import socket
-
     from safetensors.torch import load_file
 
-    ws = _workspace_with(tmp_path)
-    run(["dvc", "repro", "train_lm@1"], ws)
+    ws = copy_workspace(quick_pipeline, tmp_path / "ws")  # train_lm@1 trained there in one process
     lm, metrics = ws / "data" / "rounds" / "1" / "lm", ws / "metrics" / "rounds" / "1"
     one = load_file(lm / "model.safetensors")
     history_one = pd.read_csv(metrics / "train_lm_history.csv")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # --main_process_port 0: accelerate takes a free port itself, as it starts the processes
     launcher = ("accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no "
-                f"--dynamo_backend no --main_process_ip 127.0.0.1 --main_process_port {port}")
+                "--dynamo_backend no --main_process_ip 127.0.0.1 --main_process_port 0")
     params = yaml.safe_load((ws / "params.yaml").read_text())
     assert params["launcher"] == "python"
     (ws / "params.yaml").write_text(yaml.safe_dump(params | {"launcher": launcher}, sort_keys=False))
@@ -286,5 +264,28 @@ def test_checkpoint_selection_scores_validation_as_the_evaluation_does(quick, mo
                                                   ep.max_new_tokens, ep.batch_size, ctx, None)
         scores[split] = summary["rougeL"]
     n = len(pipeline.read_examples("validation"))
-    assert scoring.validation_scorer(tok, n, ctx)(model) == pytest.approx(scores["validation"], abs=1e-9)
+    cfg = dataclasses.replace(load_group("train_lm", "params.yaml"), eval_items=n)
+    assert scoring.validation_scorer(tok, cfg, ctx)(model)["val_score"] == pytest.approx(scores["validation"],
+                                                                                          abs=1e-9)
     assert scores["validation"] != pytest.approx(scores["test"])  # the two splits score apart: it read validation
+
+
+def test_policy_gradient_alone_records_held_out_reward_curves_for_both_arms(quick_pipeline, tmp_path):
+    """train_lm.objective pg (the RL bench's regime): train_lm@1 with return-preserving credit, the baseline with
+    sequence-level credit (RLOO); both write the held-out reward of each validation input at every checkpoint
+    (train_lm_curve.csv), the same inputs and checkpoints; fit_guidance reports its diagnostics."""
+    pg = {"objective": "pg", "pg_credit": "spread", "eval_every": 2, "eval_items": 4, "pg_samples": 3}
+    ws = copy_workspace(quick_pipeline, tmp_path / "ws", train_lm=pg)
+    assert {"train_lm@1", "baseline"} <= ran(ws, "train_lm@1", "baseline")
+    val = read_table(ws / "data" / "prepared" / "validation.parquet", schemas.Examples)["id"].head(4).tolist()
+    for folder in ("rounds", "baseline"):
+        summary = json.loads((ws / "metrics" / folder / "1" / "train_lm.json").read_text())
+        assert summary["objective"] == "pg" and summary["seconds_per_update"] > 0
+        curve = pd.read_csv(ws / "metrics" / folder / "1" / "train_lm_curve.csv")
+        assert sorted(curve["update"].unique()) == [0, 2, 4]
+        assert curve.groupby("update")["id"].apply(list).map(sorted).tolist() == [sorted(val)] * 3
+        assert curve[["reward_greedy", "reward_sampled"]].notna().all().all()
+    history = pd.read_csv(ws / "metrics" / "baseline_history" / "1" / "train_lm_history.csv")
+    assert {"val_reward_greedy", "val_reward_sampled", "pg_score"} <= set(history.columns)
+    fit = json.loads((ws / "metrics" / "rounds" / "1" / "fit_guidance.json").read_text())
+    assert {"val_accuracy_clear", "occlusion_spearman", "occlusion_samples", "reward_cv"} <= set(fit)

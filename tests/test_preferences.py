@@ -157,16 +157,16 @@ def test_corruption_fixture_scores_by_corruption_level_in_both_layouts():
 
 
 @pytest.mark.slow
-def test_a_pipeline_round_fits_a_prior_then_mixes_preferences_with_its_own_samples(tmp_path):
-    from test_pipeline import _workspace_with, run
+def test_a_pipeline_round_fits_a_prior_then_mixes_preferences_with_its_own_samples(quick_pipeline, tmp_path):
+    from conftest import copy_workspace, run
 
     from ptg.config import load_group
     from ptg.data import build_examples
 
     examples = build_examples(load_group("data", REPO_QUICK))["train"]
     path = _write(tmp_path, preferences.corruption_fixture(examples, seed=0).to_dict("records"), "fixture.jsonl")
-    ws = _workspace_with(tmp_path, preferences={"path": path, "weight": 0.5, "prior_updates": 4,
-                                                "heldout_fraction": 0.25})
+    ws = copy_workspace(quick_pipeline, tmp_path / "ws", preferences={
+        "path": path, "weight": 0.5, "prior_updates": 4, "heldout_fraction": 0.25})
     run(["dvc", "repro", "fit_guidance@1"], ws)
     counts = json.loads((ws / "metrics" / "preferences.json").read_text())
     assert counts["groups"] == len(examples) and counts["validation_groups"] > 0

@@ -3,6 +3,7 @@ backfill, the `run` CLI around a real `dvc repro`, and (slow) a real `mlflow ser
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -20,7 +22,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import stop_process_group
+from conftest import start_server, stop_process_group
 from mlflow import MlflowClient
 
 from ptg import tracking
@@ -55,12 +57,6 @@ out.parent.mkdir(exist_ok=True)
 out.write_text(json.dumps({"score": r / 10}))
 tracking.log_stage(stage, r, {"lr": 0.5}, {"score": r / 10}, artifacts=[out])
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -317,13 +313,16 @@ assert "mlflow" not in sys.modules, "tracking off imported mlflow"
 
 
 def test_unreachable_server_writes_pending_then_backfills(project, tiny_models, monkeypatch, caplog):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     caplog.set_level(logging.WARNING, logger="ptg.tracking")
-    start = time.monotonic()
-    assert tracking.start_parent("pipeline", {}) is None
-    log_round(1, tiny_models[1], "train_lm", tracking.LM_MODEL)
-    assert tracking.set_best_alias(tracking.LM_MODEL, tiny_models[1], "rougeL", 3.0) is None
-    assert time.monotonic() - start < 10
+    with unreachable_url() as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        start = time.monotonic()
+        assert tracking.start_parent("pipeline", {}) is None
+        log_round(1, tiny_models[1], "train_lm", tracking.LM_MODEL)
+        assert tracking.set_best_alias(tracking.LM_MODEL, tiny_models[1], "rougeL", 3.0) is None
+        # seconds, not the minutes MLflow's default retries against a dead server take (a bound with a wide
+        # margin for a loaded machine)
+        assert time.monotonic() - start < 60
     assert "tracking skipped" in caplog.text
     pending = sorted(p.name for p in tracking.PENDING_DIR.iterdir())
     assert pending[-1] == "train_lm@1.json" and pending[0].startswith("alias-ptg-lm-best-")
@@ -345,16 +344,17 @@ def test_unreachable_server_writes_pending_then_backfills(project, tiny_models, 
 def test_a_pending_record_refers_to_the_stages_metrics_files_and_refuses_them_changed(project, monkeypatch, caplog):
     """A stage that logs its DVC metrics files leaves a pending record naming them (with their md5), not a copy of
     their numbers; backfill reads them back, and keeps the record (saying why) when a file changed since."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     metrics, history = Path("metrics/sample.json"), Path("metrics/sample_history.csv")
     metrics.parent.mkdir()
-    for r in (1, 2):
-        metrics.write_text(json.dumps({"seconds": 1.5 * r, "split": "train"}))
-        history.write_text(f"update,loss\n1,{3.0 * r}\n2,{2.0 * r}\n")
-        tracking.log_stage("sample", r, {"k": 3}, metrics, history=history)
-        if r == 1:
-            kept = (Path("kept.json"), Path("kept.csv"))
-            shutil.copy(metrics, kept[0]), shutil.copy(history, kept[1])
+    with unreachable_url() as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        for r in (1, 2):
+            metrics.write_text(json.dumps({"seconds": 1.5 * r, "split": "train"}))
+            history.write_text(f"update,loss\n1,{3.0 * r}\n2,{2.0 * r}\n")
+            tracking.log_stage("sample", r, {"k": 3}, metrics, history=history)
+            if r == 1:
+                kept = (Path("kept.json"), Path("kept.csv"))
+                shutil.copy(metrics, kept[0]), shutil.copy(history, kept[1])
     entry = json.loads((tracking.PENDING_DIR / "sample@2.json").read_text())["record"]
     assert entry["metrics"] == {} and entry["history"] == [] and entry["tags"]["info.split"] == "train"
     assert entry["sources"]["metrics"]["path"] == str(metrics.resolve())
@@ -390,33 +390,32 @@ def test_track_wraps_dvc_repro(project):
     assert all(len(runs[s].data.tags["dvc_hash"]) == 32 for s in stages)
 
 
-def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
-    """A real `mlflow server` on loopback ``port`` with its store under ``root`` (the same store when restarted),
-    answering its health check."""
-    cmd = [str(Path(VENV_BIN) / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+def start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` on a loopback port it binds itself (port 0, read back) with its store under ``root``
+    (the same store when restarted), answering its health check; returns it and its URL. MLflow's job runner is
+    off: these tests run no jobs."""
+    cmd = [str(Path(VENV_BIN) / "mlflow"), "server", "--host", "127.0.0.1", "--port", "0",
            "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
            "--artifacts-destination", str(root / "server-artifacts"), "--workers", "1"]
-    with open(root / "server.log", "a") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc
-        except OSError as e:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop_process_group(proc)
-                raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()}") from e
-            time.sleep(0.5)
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return start_server(cmd, env, root / "server.log", "/health", seconds=120)
+
+
+@contextlib.contextmanager
+def unreachable_url() -> Iterator[str]:
+    """The URL of a loopback port this process holds bound and never listens on: a connection is refused, and no
+    other process can take the port while the block runs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    """A real `mlflow server` on a free loopback port; killed on teardown."""
-    port = free_port()
-    proc = start_mlflow_server(tmp_path, port)
+    """A real `mlflow server` on a loopback port; killed on teardown."""
+    proc, url = start_mlflow_server(tmp_path)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
         stop_process_group(proc)
 
@@ -426,9 +425,8 @@ def test_a_tracking_server_killed_mid_pipeline_loses_nothing(project, tmp_path, 
     """kill -9 of the MLflow server between the stages of a `dvc repro`: every stage still writes its outputs and
     warns once, what it could not log waits in metrics/.tracking_pending, and `backfill` against the restarted
     server completes the records."""
-    port = free_port()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
-    server = start_mlflow_server(tmp_path, port)
+    server, url = start_mlflow_server(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     try:
         def repro(*targets: str) -> subprocess.CompletedProcess:
             done = subprocess.run(["dvc", "repro", *targets], capture_output=True, text=True)
@@ -446,7 +444,8 @@ def test_a_tracking_server_killed_mid_pipeline_loses_nothing(project, tmp_path, 
         status = subprocess.run(["dvc", "status", "--json"], capture_output=True, text=True, check=True)
         assert json.loads(status.stdout) == {}  # every DVC output is intact
 
-        server = start_mlflow_server(tmp_path, port)  # back, on the same store
+        server, url = start_mlflow_server(tmp_path)  # back, on the same store (at the port it bound now)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         assert tracking.backfill() == (2, 0)
         assert not list(tracking.PENDING_DIR.iterdir())
         runs = runs_by_name(client())

@@ -1,15 +1,14 @@
-"""`ptg bench --task prompt`: the prompt task over seeds, each a DVC experiment with its own few-shot draw and
-training seed (``seed`` and ``data.seed``), run by ``ptg.bench.experiments`` (resumable: a finished
-experiment is skipped).
+"""`ptg bench --task prompt`: the prompt task over seeds, each a DVC experiment with its own few-shot draw and training
+seed (``seed`` and ``data.seed``), run by ``ptg.bench.experiments`` (resumable: a finished experiment is skipped).
 
 Compared on the test split of each seed, paired by text and bootstrapped over texts and seeds
-(``stats.paired_bootstrap``): PTG (REINFORCE on the guidance's token rewards, the seed experiment's train_lm)
-against REINFORCE with the classifier's sequence-level reward (the seed experiment's baseline: RLPrompt's credit, at
-the classifier budget of ``task.baseline_budget``), the arms (``ARMS``: policy gradient with sequence-level,
-return-preserving token and placebo credit, compared with each other too: ``PAIRS``), and the prompts that need no training (empty, manual; with and without contextual calibration) beside the
-majority class. Classifier calls are the budget: each method's (prompt, text) pairs spent on its training signal.
-Writes summary.json, table.md and accuracy_vs_calls.png to ``--out``.
-"""
+(``stats.paired_bootstrap``): PTG (REINFORCE on the guidance's token rewards, the seed experiment's train_lm) against
+REINFORCE with the classifier's sequence-level reward (the seed experiment's baseline: RLPrompt's credit, at the
+classifier budget of ``task.baseline_budget``), the arms (``ARMS``: policy gradient with sequence-level,
+return-preserving token and placebo credit, compared with each other too: ``PAIRS``), and the prompts that need no
+training (empty, manual; with and without contextual calibration) beside the majority class. Classifier calls are the
+budget: each method's (prompt, text) pairs spent on its training signal. Writes summary.json, table.md and
+accuracy_vs_calls.png to ``--out``."""
 
 from __future__ import annotations
 
