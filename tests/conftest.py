@@ -226,3 +226,31 @@ def copy_workspace(src: Path, dst: Path, **overrides: dict) -> Path:
                 params[group] = values
         (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return dst
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> Path:
+    """A flow test module's environment: the venv first on PATH (DVC and the stages' `python`), a fresh sqlite
+    MLflow, no progress bars, no telemetry. Returns the module's scratch folder."""
+    root = tmp_path_factory.mktemp("flows")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.setenv("CI", "1")
+        mp.setenv("DVC_NO_ANALYTICS", "1")
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        from ptg import tracking
+
+        for name in (tracking.SWITCH_ENV, tracking.PARENT_ENV, "MLFLOW_EXPERIMENT_NAME"):
+            mp.delenv(name, raising=False)
+        yield root
+
+
+def prefect_env(home: Path) -> dict[str, str]:
+    """A Prefect client's environment with its own PREFECT_HOME; a worker started with it asks for work every
+    second (Prefect's default is 10 s, which the deployment tests would spend waiting)."""
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180", PREFECT_WORKER_QUERY_SECONDS="1",
+               PREFECT_WORKER_PREFETCH_SECONDS="1")
+    env.pop("PREFECT_API_URL", None)
+    return env

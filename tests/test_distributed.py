@@ -16,7 +16,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.xdist_group("distributed")  # one process builds the runs every test reads
 TESTS = Path(__file__).parent
 VENV_BIN = Path(sys.executable).parent
 

@@ -1,8 +1,8 @@
 """ptg as a user installs it: a wheel built from this checkout, installed without extras into a fresh virtual
-environment (constraints.txt pins the versions), runs `ptg quick` in one project folder and the pipeline's first
-stage, then a DVC experiment, in a second project made by `ptg init`. Each project keeps its own MLflow store
-(mlflow.db at its root); nothing is written next to the installed package, and no path is resolved from where ptg
-is installed except the packaged pipeline itself."""
+environment as `make setup` installs (scripts/install.sh: uv, the versions constraints.txt pins, torch's CPU
+build), runs `ptg quick` in one project folder and the pipeline's first stage, then a DVC experiment, in a second
+project made by `ptg init`. Each project keeps its own MLflow store (mlflow.db at its root); nothing is written next
+to the installed package, and no path is resolved from where ptg is installed except the packaged pipeline itself."""
 
 import os
 import sqlite3
@@ -48,8 +48,13 @@ def test_a_wheel_in_a_fresh_venv_runs_quick_and_projects_keep_their_own_stores(t
     env = {k: v for k, v in os.environ.items()
            if k not in {"PYTHONPATH", "VIRTUAL_ENV", "MLFLOW_TRACKING_URI", "DVC_ROOT", "PTG_MLFLOW_PARENT_RUN_ID"}}
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}/usr/local/bin{os.pathsep}/usr/bin{os.pathsep}/bin"  # git, not .venv
-    _run([str(venv / "bin" / "pip"), "install", "-q", "--no-compile", "-c", str(REPO / "constraints.txt"),
-          str(wheel)], tmp_path, env, timeout=1800)
+    # As `make setup` installs (scripts/install.sh: uv, the pinned versions, torch's CPU build), the wheel alone.
+    _run(["bash", str(REPO / "scripts" / "install.sh"), str(venv / "bin" / "python"), str(wheel)], tmp_path,
+         env | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}, timeout=1800)
+    torch_build = _run(["python", "-c", "import torch; print(torch.__version__)"], tmp_path, env).strip()
+    assert torch_build.endswith("+cpu"), torch_build  # never the multi-GB CUDA build
+    installed = _run(["python", "-m", "pip", "list", "--format=freeze"], tmp_path, env)
+    assert not [line for line in installed.splitlines() if line.lower().startswith("nvidia-")]
     assert "init" in _run(["ptg", "--help"], tmp_path, env) and "quick" in _run(["ptg", "--help"], tmp_path, env)
     # The core install has no Prefect (the `orchestration` extra): the command that needs it says so.
     done = subprocess.run(["ptg", "prefect-setup"], cwd=tmp_path, env=env, capture_output=True, text=True)
