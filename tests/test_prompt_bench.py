@@ -73,7 +73,8 @@ def test_collect_without_a_finished_seed_says_so(tmp_path):
 def test_experiments_give_each_seed_its_own_draw_and_arms_run_to_the_last_evaluation():
     planned = prompt_bench.experiments([0, 1], prompt_bench.ARMS, last_round=2)
     assert planned[0] == ("prompt-s0", ["seed=0", "data.seed=0"], ())
-    assert ("prompt-ptg-soft-min-s1", ["seed=1", "data.seed=1", "fit_guidance.agg=soft_min"], ["evaluate@2"]) in planned
+    assert ("prompt-pg-spread-s1", ["seed=1", "data.seed=1", *prompt_bench.PG, "train_lm.pg_credit=spread"],
+            ["evaluate@2"]) in planned
     assert len(planned) == 2 + 2 * len(prompt_bench.ARMS)
 
 
@@ -89,3 +90,24 @@ def test_every_arm_is_a_valid_variant_of_the_prompt_params(tmp_path):
         path.write_text(yaml.safe_dump(with_overrides(base, overrides)))
         for group in GROUPS:
             load_group(group, path)
+
+
+def test_the_policy_gradient_arms_are_compared_with_each_other_and_count_their_own_calls(tmp_path):
+    """pg-spread against pg-sequence and the placebo, paired by text; calls: the ranking only for the arms that
+    train on the guidance (pg-sequence does not), plus what each arm's training scored."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"rounds": ROUNDS}))
+    n = 20
+    right = {"pg-sequence": 10, "pg-spread": 15, "pg-placebo": 5}
+    for seed in (0, 1):
+        write_run(tmp_path / "results" / prompt_bench.seed_name(seed), [True] * n, [False] * n, seed)
+        for arm, k in right.items():
+            run = tmp_path / "results" / prompt_bench.arm_name(arm, seed)
+            write_run(run, [i < k for i in range(n)], [False] * n, seed)
+            for r in (1, 2):
+                (run / "metrics" / "rounds" / str(r) / "train_lm.json").write_text(json.dumps({"classifier_pairs": 7}))
+    summary = prompt_bench.collect(tmp_path, tmp_path / "out", [0, 1], arms=prompt_bench.ARMS)
+    rows = {(r["method"], r["vs"]): r for r in summary["rows"]}
+    assert rows[("pg-spread", "pg-sequence")]["mean"] == pytest.approx(25.0)  # 15 vs 10 of 20 texts right
+    assert rows[("pg-spread", "pg-placebo")]["mean"] == pytest.approx(50.0)
+    assert rows[("ptg", "pg-sequence")]["mean"] == pytest.approx(50.0)
+    assert summary["calls"]["pg-spread"] == 300 + 14 and summary["calls"]["pg-sequence"] == 14
