@@ -108,15 +108,19 @@ def dvc_stage(stage: str, workdir: str, parent_run_id: str | None = None) -> boo
     """``dvc repro --single-item <stage>`` in ``workdir``, output streamed to the run log. True when the stage ran,
     False when DVC found it up to date."""
     logger = get_run_logger()
-    env = tracking.child_env(parent_run_id, Path(workdir), dvc_env())
+    records = tracking.deferral_dir(parent_run_id, Path(workdir)) if parent_run_id else None
+    env = tracking.child_env(parent_run_id, Path(workdir), dvc_env(), defer=records)
     proc = subprocess.Popen(["dvc", "repro", "--single-item", stage], cwd=workdir, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     ran = False
     for line in proc.stdout:
         logger.info(line.rstrip())
         ran = ran or line.startswith("Running stage")
-    if proc.wait() != 0:
-        raise RuntimeError(f"`dvc repro --single-item {stage}` failed with exit code {proc.returncode} in {workdir}")
+    code = proc.wait()
+    if records is not None:  # the stage left its MLflow record to this task: log it now (DVC recorded the stage)
+        tracking.replay_deferred(records, Path(workdir))
+    if code != 0:
+        raise RuntimeError(f"`dvc repro --single-item {stage}` failed with exit code {code} in {workdir}")
     return ran
 
 

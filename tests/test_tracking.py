@@ -372,6 +372,25 @@ def test_a_pending_record_refers_to_the_stages_metrics_files_and_refuses_them_ch
     assert runs_by_name(client())["sample@1"].data.metrics == {"seconds": 1.5, "history/loss": 2.0}
 
 
+def test_stages_under_a_replaying_parent_leave_mlflow_to_it(project):
+    """run_command(defer=True) (`ptg run`, `ptg quick`; the flow's tasks likewise): each stage writes its record
+    and never imports MLflow; the parent logs each as a run nested under it, with the dvc_hash DVC recorded for the
+    stage, and leaves nothing pending."""
+    probe = 'Path(f"out/{stage}_{r}.mlflow").write_text(str("mlflow" in sys.modules))\n'
+    (project / "toy_stage.py").write_text(TOY_STAGE + probe)
+    assert tracking.run_command(["dvc", "repro"], "deferred", defer=True) == 0
+    probes = sorted((project / "out").glob("*.mlflow"))
+    assert len(probes) == 4 and {p.read_text() for p in probes} == {"False"}
+    runs = runs_by_name(client())
+    parent = runs["deferred"]
+    stages = {name for name, run in runs.items() if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert stages == {"train_lm@1", "train_lm@2", "fit_guidance@1", "fit_guidance@2"}
+    for name in stages:
+        assert runs[name].data.tags["dvc_hash"] == tracking.dvc_stage_hash(name)  # what DVC records for it
+        assert runs[name].data.metrics["score"] == int(name[-1]) / 10
+    assert not tracking.PENDING_DIR.exists() and not list((project / ".dvc" / "tmp" / "ptg-tracking").glob("*/*.json"))
+
+
 def test_track_wraps_dvc_repro(project):
     """`ptg track -- dvc repro` (what the bench runs each experiment under): one parent, a nested run per stage
     execution, the exit code passed on."""

@@ -43,7 +43,7 @@ def run(targets: Annotated[list[str] | None, typer.Argument(help="DVC stages to 
     PTG-vs-baseline table (when the report stage was among them; what `make run` does)."""
     from ptg import tracking
 
-    code = tracking.run_command(["dvc", "repro", *(targets or [])], name, params)
+    code = tracking.run_command(["dvc", "repro", *(targets or [])], name, params, defer=True)
     if code:
         raise typer.Exit(code)
     if targets and "report" in targets or not targets and _has_stage("report"):
@@ -88,7 +88,7 @@ def quick(directory: str = typer.Option("build/quick", "--dir", help="scratch wo
 
     root = make_workspace(params or template_file("configs/quick.yaml"), directory)
     os.chdir(root)
-    code = tracking.run_command(["dvc", "repro"], "ptg quick", "params.yaml")
+    code = tracking.run_command(["dvc", "repro"], "ptg quick", "params.yaml", defer=True)
     if code:
         raise typer.Exit(code)
     _echo_report("metrics")

@@ -47,9 +47,12 @@ from ptg.tracking.runs import (
     STATUSES,
     backfill,
     child_env,
+    deferral_dir,
     end_parent,
     log_stage,
     parent_run,
+    replay_deferred,
+    replaying,
     run_command,
     start_parent,
 )
@@ -66,8 +69,10 @@ from ptg.tracking.store import (
 __all__ = [
     "BASELINE_MODEL", "EXPERIMENT", "GUIDANCE_MODEL", "HTTP_DEFAULTS", "LM_MODEL", "LOADER_MODULE", "LOG_MODELS_ENV",
     "PARENT_ENV", "PENDING_DIR", "STATUSES", "SWITCH_ENV", "AliasRecord", "HFFolderModel", "PendingVersionError",
-    "StageRecord", "StaleSourceError", "_load_pyfunc", "backfill", "child_env", "create_store", "dvc_stage_hash",
+    "StageRecord", "StaleSourceError", "_load_pyfunc", "backfill", "child_env", "create_store", "deferral_dir",
+    "dvc_stage_hash",
     "dvc_stage_name", "end_parent", "flatten", "folder_md5", "git_commit", "log_models_mode", "log_stage",
-    "logged_model_id", "parent_run", "project_root", "run_command", "set_best_alias", "start_parent",
+    "logged_model_id", "parent_run", "project_root", "replay_deferred", "replaying", "run_command", "set_best_alias",
+    "start_parent",
     "tracking_enabled", "tracking_uri",
 ]

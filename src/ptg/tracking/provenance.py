@@ -69,12 +69,31 @@ def folder_md5(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def stage_tags(stage: str, round: int | None, dvc_stage: str | None) -> dict[str, str]:
-    """Tags of a stage run, computed where the stage runs; never raises (tracking must not fail a stage)."""
+DEFERRED_HASH = "deferred"  # the dvc_hash of a record whose parent computes it (``lock_hash``)
+
+
+def lock_hash(workdir: str | Path, name: str) -> str:
+    """``dvc_stage_hash`` of stage ``name`` read from ``workdir``'s dvc.lock once DVC recorded the stage there:
+    the same fields (its command, the md5 of each dependency, the values of its params), without loading DVC;
+    "unknown" when the lock has no such stage."""
+    try:
+        entry = yaml.load((Path(workdir) / "dvc.lock").read_text(), Loader=getattr(yaml, "CSafeLoader",
+                                                                                     yaml.SafeLoader))["stages"][name]
+        deps = {dep["path"]: dep["md5"] for dep in entry.get("deps", [])} | dict(entry.get("params", {}))
+        fingerprint = {"cmd": entry["cmd"], "deps": deps}
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as e:
+        log.info("no DVC stage hash for %s in %s: %s: %s", name, workdir, type(e).__name__, e)
+        return "unknown"
+    return hashlib.md5(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stage_tags(stage: str, round: int | None, dvc_stage: str | None, deferred: bool = False) -> dict[str, str]:
+    """Tags of a stage run, computed where the stage runs (``deferred``: the dvc_hash is left to the parent that
+    replays the record, ``lock_hash``); never raises (tracking must not fail a stage)."""
     dvc_name, dvc_hash = dvc_stage or (stage if round is None else f"{stage}@{round}"), "unknown"
     try:
         dvc_name = dvc_stage or dvc_stage_name(stage, round)
-        dvc_hash = dvc_stage_hash(dvc_name)
+        dvc_hash = DEFERRED_HASH if deferred else dvc_stage_hash(dvc_name)
     except Exception as e:  # no DVC repository, no params.yaml, a stage DVC does not know...
         log.info("no DVC stage hash for %s: %s: %s", dvc_name, type(e).__name__, e)
     return {"stage": stage, "round": "" if round is None else str(round), "git_commit": git_commit(),

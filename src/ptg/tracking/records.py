@@ -1,6 +1,10 @@
 """What a stage asks to track, as JSON-serialisable records, and the pending files they wait in while the store is
 unreachable (``ptg backfill`` replays them: ``ptg.tracking.runs.backfill``).
 
+A stage run by a parent that replays its records itself (``ptg run``, ``ptg quick``, the Prefect flow:
+``PTG_TRACKING_DEFER`` names the folder) writes its record there at once, with no MLflow import or store access in
+the stage, and the parent logs it as soon as DVC has recorded the stage (``ptg.tracking.runs.replaying``).
+
 A pending record is a reference, not a second copy: the pipeline's stages log their DVC metrics files
 (``metrics/...json``, the history CSVs), and the record names those files with their md5, as it names the model
 folders and artifacts; replaying reads them back and refuses a file that changed since (the stage ran again: replay
@@ -14,6 +18,7 @@ import hashlib
 import io
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,6 +29,18 @@ if TYPE_CHECKING:
     import pandas as pd
 
 PENDING_DIR = Path("metrics") / ".tracking_pending"
+DEFER_ENV = "PTG_TRACKING_DEFER"
+
+
+def deferred_dir() -> Path | None:
+    """The folder a parent process replays this process's records from (``PTG_TRACKING_DEFER``), if any."""
+    value = os.environ.get(DEFER_ENV, "").strip()
+    return Path(value) if value else None
+
+
+def pending_dir() -> Path:
+    """Where a record that is not logged now waits: the parent's folder when deferred, else ``PENDING_DIR``."""
+    return deferred_dir() or PENDING_DIR
 
 
 @dataclass
@@ -150,8 +167,10 @@ def history_rows(history: pd.DataFrame | None) -> list[dict[str, float]]:
 
 
 def write_pending(kind: str, name: str, record: StageRecord | AliasRecord, error: str,
-                  directory: Path = PENDING_DIR) -> Path:
-    """``record`` as ``directory/<name>.json`` (written atomically), with the error that kept it from the store."""
+                  directory: Path | None = None) -> Path:
+    """``record`` as ``directory/<name>.json`` (default ``pending_dir()``; written atomically), with the reason it
+    was not logged into the store."""
+    directory = directory or pending_dir()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.json"
     payload = {"kind": kind, "error": error, "created": datetime.now(UTC).isoformat(),
@@ -170,9 +189,10 @@ def read_pending(directory: str | Path = PENDING_DIR) -> list[tuple[Path, dict[s
     return entries
 
 
-def stage_pending_for(model_dir: str, directory: Path = PENDING_DIR) -> bool:
-    """Whether a pending stage record in ``directory`` logs the model folder ``model_dir``."""
-    for path in directory.glob("*.json"):
+def stage_pending_for(model_dir: str, directory: Path | None = None) -> bool:
+    """Whether a pending stage record in ``directory`` (default ``pending_dir()``) logs the model folder
+    ``model_dir``."""
+    for path in (directory or pending_dir()).glob("*.json"):
         entry = json.loads(path.read_text())
         if entry["kind"] == "stage" and entry["record"]["model_dir"] == model_dir:
             return True

@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
@@ -22,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from ptg.tracking.provenance import folder_md5, git_commit, stage_tags
+from ptg.tracking.provenance import DEFERRED_HASH, folder_md5, git_commit, lock_hash, stage_tags
 from ptg.tracking.records import (
+    DEFER_ENV,
     PENDING_DIR,
     AliasRecord,
     StageRecord,
@@ -43,6 +46,7 @@ from ptg.tracking.store import (
     client,
     experiment_id,
     guarded,
+    project_root,
     tracking_enabled,
     tracking_uri,
 )
@@ -102,27 +106,115 @@ def parent_run(name: str, params: Mapping[str, Any], tags: Mapping[str, str] | N
 
 
 def child_env(parent_run_id: str | None, project: Path | None = None,
-              base: Mapping[str, str] | None = None) -> dict[str, str]:
+              base: Mapping[str, str] | None = None, defer: Path | None = None) -> dict[str, str]:
     """The environment (``base``, default this process's) of a child process whose stages log where this process
     does: the store of ``project`` as ``MLFLOW_TRACKING_URI``, nested under ``parent_run_id`` (standalone when
-    None, whatever ``base`` said)."""
+    None, whatever ``base`` said); with ``defer`` (and a parent), the stages write their records into that folder
+    for this process to replay (``replay_deferred``) instead of importing MLflow each."""
     env = dict(os.environ if base is None else base, MLFLOW_TRACKING_URI=tracking_uri(project))
     env.pop(PARENT_ENV, None)
+    env.pop(DEFER_ENV, None)
     if parent_run_id:
         env[PARENT_ENV] = parent_run_id
+        if defer is not None:
+            env[DEFER_ENV] = str(Path(defer).resolve())
     return env
 
 
-def run_command(command: Sequence[str], name: str | None = None, params_file: str | Path = "params.yaml") -> int:
+def deferral_dir(parent_run_id: str, project: Path | None = None) -> Path:
+    """The folder the stages of parent run ``parent_run_id`` leave their records in (DVC's own tmp folder of
+    ``project``, which DVC ignores)."""
+    return project_root(project) / ".dvc" / "tmp" / "ptg-tracking" / parent_run_id
+
+
+def replay_deferred(directory: Path, project: Path | None = None, final: bool = True) -> tuple[int, int]:
+    """Log the records the stages left in ``directory`` (``child_env(..., defer=...)``) into the store of
+    ``project`` (default: the working directory's). A stage's record is logged once DVC recorded the stage (its
+    dvc.lock changed after the record was written: the record's dvc_hash is read from there, ``lock_hash``), an
+    alias's once no stage record waits; ``final`` logs all that is left (the command ended), and what could not be
+    logged moves to the project's ``PENDING_DIR`` for ``ptg backfill``. Returns (logged, left)."""
+    if not directory.is_dir():
+        return 0, 0
+    entries = read_pending(directory)
+    stages = [(p, e) for p, e in entries if e["kind"] == "stage"]
+
+    def ready(path: Path, entry: dict[str, Any]) -> bool:
+        lock = Path(entry["record"]["tags"].get("cwd", ".")) / "dvc.lock"
+        return final or lock.is_file() and lock.stat().st_mtime > path.stat().st_mtime
+
+    todo = [(p, e) for p, e in stages if ready(p, e)]
+    if len(todo) == len(stages):
+        todo += [(p, e) for p, e in entries if e["kind"] != "stage"]
+    done = 0
+    uri = tracking_uri(project)
+    bound_http_retries()
+    try:
+        check_reachable(uri)
+    except Exception as e:
+        log.warning("tracking skipped: %s unreachable: %s: %s", uri, type(e).__name__, e)
+        todo = []
+    if todo:
+        for path, entry in todo:
+            try:
+                if entry["kind"] == "stage":
+                    replay_stage(StageRecord(**entry["record"]).with_sources(), uri)
+                else:
+                    replay_alias(AliasRecord(**entry["record"]), uri)
+            except Exception as e:
+                log.warning("could not log %s: %s: %s", path.name, type(e).__name__, e)
+                continue
+            path.unlink()
+            done += 1
+    left = sorted(directory.glob("*.json"))
+    if final:
+        pending = project_root(project) / PENDING_DIR
+        for path in left:
+            pending.mkdir(parents=True, exist_ok=True)
+            shutil.move(path, pending / path.name)
+            log.warning("what was not logged is in %s; replay it with `ptg backfill`", pending / path.name)
+        shutil.rmtree(directory, ignore_errors=True)
+    return done, len(left)
+
+
+@contextlib.contextmanager
+def replaying(directory: Path, project: Path | None = None, every_s: float = 1.0) -> Iterator[None]:
+    """Log the records stages leave in ``directory`` into the store of ``project`` while the block runs (a thread,
+    every ``every_s`` seconds, each once DVC recorded its stage) and all that is left when it ends."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(every_s):
+            with contextlib.suppress(Exception):  # a record half-seen now is logged on the next pass
+                replay_deferred(directory, project, final=False)
+
+    thread = threading.Thread(target=watch, name="ptg-tracking-replay", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        replay_deferred(directory, project, final=True)
+
+
+def run_command(command: Sequence[str], name: str | None = None, params_file: str | Path = "params.yaml",
+                defer: bool = False) -> int:
     """Run ``command`` (e.g. ``dvc repro``) under a new parent run (``child_env``); the parent ends FINISHED,
-    FAILED (non-zero exit) or KILLED (interrupt). Returns the command's exit code (130 on an interrupt)."""
+    FAILED (non-zero exit) or KILLED (interrupt). Returns the command's exit code (130 on an interrupt). ``defer``
+    (a ``dvc repro`` in this project): this process logs what the stages record (``replaying``), so no stage
+    imports MLflow; not for ``dvc exp run --temp``, whose stages run in a copy that is gone when it ends."""
     params_file = Path(params_file)
     params = (yaml.safe_load(params_file.read_text()) or {}) if params_file.is_file() else {}
     name = name or f"pipeline {datetime.now().strftime('%Y-%m-%d %H:%M:%S')}"
     tags = {"command": " ".join(command), "params_file": str(params_file)}
     try:
         with parent_run(name, params, tags) as run_id:
-            subprocess.run(list(command), env=child_env(run_id), check=True)
+            if defer and run_id:
+                directory = deferral_dir(run_id)
+                with replaying(directory):
+                    subprocess.run(list(command), env=child_env(run_id, defer=directory), check=True)
+            else:
+                subprocess.run(list(command), env=child_env(run_id), check=True)
     except subprocess.CalledProcessError as e:
         return e.returncode
     except KeyboardInterrupt:
@@ -169,7 +261,8 @@ def log_stage(stage: str, round: int | None, params: Mapping[str, Any], metrics:
         history=history_rows(history), artifacts=[str(Path(p).resolve()) for p in artifacts],
         model_dir=str(Path(model_dir).resolve()) if model_dir is not None else None,
         registered_name=registered_name, step_metrics_on_parent=step_metrics_on_parent,
-        parent_run_id=os.environ.get(PARENT_ENV) or None, tags=stage_tags(stage, round, dvc_stage) | info,
+        parent_run_id=os.environ.get(PARENT_ENV) or None,
+        tags=stage_tags(stage, round, dvc_stage, deferred=bool(os.environ.get(DEFER_ENV))) | info,
         sources=sources)
     guarded(f"logging {record.run_name}", lambda uri: replay_stage(record, uri),
             pending=lambda e: write_pending("stage", record.run_name, record, f"{type(e).__name__}: {e}"))
@@ -183,6 +276,8 @@ def replay_stage(record: StageRecord, uri: str) -> str:
     from mlflow.exceptions import MlflowException
 
     mlflow_client = client(uri)
+    if record.tags.get("dvc_hash") == DEFERRED_HASH:  # left to the parent: DVC has recorded the stage by now
+        record.tags["dvc_hash"] = lock_hash(record.tags.get("cwd", "."), record.tags.get("dvc_stage", record.run_name))
     parent = None
     if record.parent_run_id:
         with contextlib.suppress(MlflowException):

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ptg.tracking")
 
 SWITCH_ENV = "PTG_TRACKING"
+DEFER_ENV = "PTG_TRACKING_DEFER"  # ptg.tracking.records reads it too
 EXPERIMENT = "ptg"
 # Bounded HTTP retries so an unreachable server costs seconds (MLflow's defaults retry for minutes); an explicit
 # environment setting wins. The timeout is per request and must leave room for uploading a model file.
@@ -97,11 +98,19 @@ def bound_http_retries() -> None:
         os.environ.setdefault(key, value)
 
 
+class Deferred(Exception):  # noqa: N818 - not an error: the reason a record waits for its parent
+    """A record left to the parent process that replays it (``PTG_TRACKING_DEFER``)."""
+
+
 def guarded(what: str, call: Callable[[str], T], project: Path | None = None,
             pending: Callable[[Exception], Path | None] | None = None) -> T | None:
     """``call(uri)`` against the store of ``project`` when tracking is on and the store answers; None when tracking
-    is off or anything fails (a warning, and the pending record ``pending`` writes, if any)."""
+    is off or anything fails (a warning, and the pending record ``pending`` writes, if any). A process whose parent
+    replays its records (``PTG_TRACKING_DEFER``) writes the record at once and never touches MLflow."""
     if not tracking_enabled():
+        return None
+    if pending is not None and os.environ.get(DEFER_ENV, "").strip():
+        pending(Deferred(what))
         return None
     uri = tracking_uri(project)
     bound_http_retries()
