@@ -55,7 +55,7 @@ bench-prompt: $(VENV_STAMP)
 	ptg bench --task prompt --jobs 2
 
 bench-rl: $(VENV_STAMP)
-	ptg bench --task rl --jobs 2
+	ptg bench --task rl --jobs 2 --peer-seeds 3
 
 ABLATIONS := --ablation normalize-sequence train_lm.normalize=sequence --ablation agg-sum fit_guidance.agg=sum \
 	--ablation agg-soft-min fit_guidance.agg=soft_min --ablation agg-soft-max fit_guidance.agg=soft_max \
