@@ -13,7 +13,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup test test-fast quick run bench bench-rl ablations perf prompt bench-prompt lint clean
+.PHONY: setup test test-fast quick run bench bench-rl bench-rl-gpu ablations perf prompt bench-prompt lint clean
 
 setup: $(VENV_STAMP)
 
@@ -56,6 +56,10 @@ bench-prompt: $(VENV_STAMP)
 
 bench-rl: $(VENV_STAMP)
 	ptg bench --task rl --jobs 2 --peer-seeds 3
+
+# The RL bench's GPU profile (10x the budget, every arm on every seed, 5 seeds side by side on one GPU)
+bench-rl-gpu: $(VENV_STAMP)
+	ptg bench --task rl --params configs/bench-rl-gpu.yaml --dir build/bench-rl-gpu --out metrics/bench/rl-gpu --jobs 5
 
 ABLATIONS := --ablation normalize-sequence train_lm.normalize=sequence --ablation agg-sum fit_guidance.agg=sum \
 	--ablation agg-soft-min fit_guidance.agg=soft_min --ablation agg-soft-max fit_guidance.agg=soft_max \

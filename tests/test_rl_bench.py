@@ -96,12 +96,14 @@ def test_the_plan_runs_every_arm_with_every_seed_and_the_peer_on_the_first_seeds
     assert all(overrides[0] == f"seed={name[-1]}" for name, overrides, _ in plan)
 
 
-def test_the_profile_and_every_arm_are_valid_params(tmp_path):
-    """configs/bench-rl.yaml loads, trains by policy gradient alone, and each arm's overrides give valid params."""
+@pytest.mark.parametrize("profile", ["bench-rl", "bench-rl-gpu"])
+def test_the_profile_and_every_arm_are_valid_params(tmp_path, profile):
+    """configs/bench-rl.yaml and its GPU profile load, train by policy gradient alone, and each arm's overrides give
+    valid params."""
     from ptg.bench.experiments import with_overrides
 
-    base = yaml.safe_load(template_file("configs/bench-rl.yaml").read_text())
-    assert template_file("configs/bench-rl.yaml").resolve() == (REPO / "configs" / "bench-rl.yaml").resolve()
+    base = yaml.safe_load(template_file(f"configs/{profile}.yaml").read_text())
+    assert template_file(f"configs/{profile}.yaml").resolve() == (REPO / "configs" / f"{profile}.yaml").resolve()
     for name, *overrides in (("spread",), *rl.ARMS):
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(with_overrides(base, overrides)))
@@ -109,3 +111,13 @@ def test_the_profile_and_every_arm_are_valid_params(tmp_path):
             load_group(group, path)
         cfg = load_group("train_lm", path)
         assert cfg.objective in ("pg", "grpo") and cfg.pg_coeff == 0 and cfg.eval_every > 0
+
+
+def test_the_gpu_profile_has_ten_times_the_samples_and_the_same_settings():
+    """The GPU profile: >= 10x the CPU profile's on-policy samples per arm, the settings chosen on validation
+    (beta, tau, lr, K, the credit) unchanged."""
+    cpu, gpu = (load_group("train_lm", template_file(f"configs/{p}.yaml")) for p in ("bench-rl", "bench-rl-gpu"))
+    samples = [c.max_updates * c.batch_size * c.pg_samples for c in (cpu, gpu)]
+    assert samples[1] >= 10 * samples[0]
+    for key in ("objective", "pg_credit", "pg_spread", "pg_temperature", "lr", "pg_samples", "entropy_coeff"):
+        assert getattr(gpu, key) == getattr(cpu, key), key
