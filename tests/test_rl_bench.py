@@ -121,3 +121,21 @@ def test_the_gpu_profile_has_ten_times_the_samples_and_the_same_settings():
     assert samples[1] >= 10 * samples[0]
     for key in ("objective", "pg_credit", "pg_spread", "pg_temperature", "lr", "pg_samples", "entropy_coeff"):
         assert getattr(gpu, key) == getattr(cpu, key), key
+
+
+def test_every_arm_is_paired_with_the_peer_on_the_seeds_the_peer_ran(tmp_path):
+    """TRL's GRPO on fewer seeds (--peer-seeds): each arm's difference from it is paired over the seeds both have,
+    and the table says what the bench cost and on which CPU."""
+    _fake_bench(tmp_path)
+    _fake_bench(tmp_path, seeds=(0,), gains={"grpo": 0.025})
+    summary = rl.collect(tmp_path, tmp_path / "out", [0, 1], rl.ARMS)
+    rows = {r["method"]: r for r in summary["rows"]}
+    assert rows["grpo"]["seeds"] == [0] and rows["spread"]["seeds"] == [0, 1]
+    vs = rows["spread"]["reward_sampled_vs_grpo"]
+    assert vs["seeds"] == [0] and vs["mean"] == pytest.approx(2 * (0.03 - 0.025))
+    assert rows["token"]["reward_greedy_vs_grpo"]["mean"] == pytest.approx(-2 * 0.025)
+    assert "reward_sampled_vs_grpo" not in rows["grpo"]
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| vs GRPO [95% CI] |" in table and "| spread | 2 | 6.00 | +2.00 [+2.00, +2.00] | +2.00 [+2.00, +2.00] " \
+                                               "| +1.00 [+1.00, +1.00] |" in table
+    assert f"cost: {7 * 90 / 60:.0f} core-minutes" in table and " ".join(summary["machine"]["flags"]) in table

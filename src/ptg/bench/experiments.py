@@ -119,9 +119,11 @@ def run_experiment(directory: Path, name: str, overrides: list[str], targets: Se
     parent_params.write_text(yaml.safe_dump(with_overrides(yaml.safe_load(params) or {}, overrides)))
     t0 = time.perf_counter()
     sets = [a for o in overrides for a in ("-S", o)]
+    # --wait-for-lock: experiments starting side by side take the repository's lock in turn (without it, the one
+    # that asks second fails at once: "Unable to acquire lock").
     cpu = run_tracked([sys.executable, "-m", "ptg.cli", "track", "--name", f"bench {name}", "--params",
-                str(parent_params), "--", "dvc", "exp", "run", "--temp", "-n", f"bench-{name}", *sets, *targets],
-               directory, threads)
+                       str(parent_params), "--", "dvc", "--wait-for-lock", "exp", "run", "--temp", "-n",
+                       f"bench-{name}", *sets, *targets], directory, threads)
     seconds = time.perf_counter() - t0
     with atomic_path(out) as tmp:
         export_metrics(directory, name, tmp)

@@ -116,7 +116,7 @@ def collect(directory: Path, out: Path, seeds: Sequence[int], arms: Sequence[Seq
         for c in REWARDS:
             row[f"area_{c}"] = float(np.mean([a.mean() for a in areas[c][m].values()]))
             row[f"start_{c}"] = float(np.mean([f[f["update"] == 0][c].mean() for f in curves[m].values()]))
-            for vs in ("sequence", "placebo"):
+            for vs in ("sequence", "placebo", "grpo"):
                 if vs != m and vs in runs:
                     row[f"{c}_vs_{vs}"] = _paired(areas[c][m], areas[c][vs])
             if "sequence" in runs and m != "sequence":
@@ -159,8 +159,9 @@ def format_table(summary: dict[str, Any]) -> str:
     """The README table: per method, the area under the held-out reward curve (sampled and greedy) with its paired
     differences against sequence-level credit and the placebo, and the final test scores."""
     lines = ["| method | seeds | area, sampled (x100) | vs sequence [95% CI] | vs placebo [95% CI] "
-             "| area, greedy (x100) | vs sequence [95% CI] | test ROUGE-L | vs sequence [95% CI] | test METEOR "
-             "| vs sequence [95% CI] | s / update |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| vs GRPO [95% CI] | area, greedy (x100) | vs sequence [95% CI] | vs GRPO [95% CI] | test ROUGE-L "
+             "| vs sequence [95% CI] | test METEOR | vs sequence [95% CI] | s / update |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def diff(row: dict[str, Any], key: str, scale: float = 100.0) -> str:
         d = row.get(key)
@@ -172,13 +173,18 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append(
             f"| {r['method']} | {len(r['seeds'])} | {100 * r['area_reward_sampled']:.2f} "
             f"| {diff(r, 'reward_sampled_vs_sequence')} | {diff(r, 'reward_sampled_vs_placebo')} "
-            f"| {100 * r['area_reward_greedy']:.2f} | {diff(r, 'reward_greedy_vs_sequence')} | {r['rougeL']:.2f} "
+            f"| {diff(r, 'reward_sampled_vs_grpo')} | {100 * r['area_reward_greedy']:.2f} "
+            f"| {diff(r, 'reward_greedy_vs_sequence')} | {diff(r, 'reward_greedy_vs_grpo')} | {r['rougeL']:.2f} "
             f"| {diff(r, 'rougeL_vs_sequence', 1.0)} | {r['meteor']:.2f} | {diff(r, 'meteor_vs_sequence', 1.0)} "
             f"| {r['seconds_per_update']:.1f} |")
     g = summary["guidance"]
     lines.append(f"\nguidance (held-out, mean over seeds): pairwise accuracy {g['val_accuracy']:.3f}, on clear pairs "
                  f"{g['val_accuracy_clear']:.3f}, within-sample reward CV {g['reward_cv']:.3f}, Spearman with "
                  f"occlusion credit {g['occlusion_spearman']:.3f}; seeds {summary['seeds']}")
+    m = summary["machine"]
+    lines.append(f"\ncost: {summary['cpu_seconds'] / 60:.0f} core-minutes over the experiments "
+                 f"({summary['wall_seconds'] / 60:.0f} experiment-minutes, side by side as --jobs ran them) on "
+                 f"{m.get('gpu') or m['cpu']}, {m['cores']} cores, {' '.join(m['flags'])}")
     return "\n".join(lines)
 
 
