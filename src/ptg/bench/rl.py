@@ -157,7 +157,8 @@ def collect(directory: Path, out: Path, seeds: Sequence[int], arms: Sequence[Seq
 
 def format_table(summary: dict[str, Any]) -> str:
     """The README table: per method, the area under the held-out reward curve (sampled and greedy) with its paired
-    differences against sequence-level credit and the placebo, and the final test scores."""
+    differences against sequence-level credit, the placebo and TRL's GRPO, the final test scores, then the
+    guidance diagnostics and what the bench cost on which machine."""
     lines = ["| method | seeds | area, sampled (x100) | vs sequence [95% CI] | vs placebo [95% CI] "
              "| vs GRPO [95% CI] | area, greedy (x100) | vs sequence [95% CI] | vs GRPO [95% CI] | test ROUGE-L "
              "| vs sequence [95% CI] | test METEOR | vs sequence [95% CI] | s / update |",
