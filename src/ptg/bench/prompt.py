@@ -32,9 +32,13 @@ log = logging.getLogger(__name__)
 # Arms beside PTG (the paper's REINFORCE on the guidance's rewards) and the sequence-level baseline (RLPrompt's
 # REINFORCE): policy gradient with K = 4 prompts per start and a leave-one-out baseline, 4 starts an update (the 16
 # prompts an update of PTG and the baseline), with sequence-level credit (RLOO), return-preserving token credit
-# (spread: each prompt's advantage shared out over its tokens by the guidance) and its placebo (the shares permuted
-# within each prompt). PTG's chain from train_lm on (samples, rankings and guidance come from DVC's run cache).
-PG = ("train_lm.objective=pg", "train_lm.batch_size=4", "train_lm.pg_samples=4")
+# (spread: each prompt's advantage shared out over its tokens by the guidance, beta 0.5 as chosen on the RL bench's
+# validation seeds) and its placebo (the shares permuted within each prompt). Each arm scores its 16 prompts an
+# update on every training text, so 4 updates a round spend what rank@r spends (16 x 4 prompts): the sequence-level
+# baseline's classifier budget (task.baseline_budget: calls). PTG's chain from train_lm on (samples, rankings and
+# guidance come from DVC's run cache).
+PG = ("train_lm.objective=pg", "train_lm.batch_size=4", "train_lm.pg_samples=4", "train_lm.max_updates=4",
+      "train_lm.pg_spread=0.5")
 ARMS: tuple[tuple[str, ...], ...] = (("pg-sequence", *PG, "train_lm.pg_credit=sequence"),
                                      ("pg-spread", *PG, "train_lm.pg_credit=spread"),
                                      ("pg-placebo", *PG, "train_lm.pg_credit=placebo"))
