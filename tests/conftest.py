@@ -178,6 +178,19 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(1)
 
 
+# The files that take minutes (metrics/tests/durations_*.txt), longest first. `make test` runs xdist with
+# `--no-loadscope-reorder`, so files are handed out in collection order: the long ones start first and the many short
+# files fill in at the end. xdist's own order (most tests first) started the one-test wheel install and the bench
+# last, with the other process idle for minutes.
+LONGEST_FIRST = ("test_bench.py", "test_install.py", "test_flows.py", "test_deployments.py", "test_pipeline.py",
+                 "test_crash_resume.py", "test_preferences.py", "test_perf_round.py", "test_tracking.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the other files keep their order
+
+
 def run(args: list[str], cwd: Path, check: bool = True, env: dict[str, str] | None = None,
         timeout: float = 900) -> subprocess.CompletedProcess:
     """A command in ``cwd`` with the venv first on PATH, tracking off (unless ``env`` says otherwise) and DVC's
