@@ -89,3 +89,17 @@ def test_model_tiny_writes_a_loadable_model(tmp_path):
     from ptg.models import load_lm
 
     assert load_lm(tmp_path / "lm").config.num_hidden_layers == 2
+
+
+def test_run_refuses_a_params_file_dvc_would_not_read(tmp_path, monkeypatch):
+    """`dvc repro` reads params.yaml only: `ptg run --params other.yaml` would run params.yaml under other.yaml's
+    name, so it is refused, saying what to do, before anything runs."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "other.yaml").write_text("seed: 1\n")
+    ran = []
+    monkeypatch.setattr("ptg.tracking.run_command", lambda *a, **k: ran.append(a) or 0)
+    out = runner.invoke(app, ["run", "--params", "other.yaml"])
+    assert out.exit_code == 2 and not ran
+    assert "cp other.yaml params.yaml" in out.output and "ptg quick --params other.yaml" in out.output
+    out = runner.invoke(app, ["run", "--params", str(tmp_path / "params.yaml")])  # the project's own, by any path
+    assert out.exit_code == 0 and ran[0][0] == ["dvc", "repro"]

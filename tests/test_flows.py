@@ -100,14 +100,17 @@ def test_quick_flow_runs_every_stage_and_tracks_it(quick_run):
     names = {run.info.run_name for run in nested}
     assert {f"{s}@{r}" for r in (1, 2) for s in ROUND_STAGES} <= names
     assert any(name.startswith("baseline") for name in names)
-    # tracking.log_models: best (the default): one version each of the LM and the guidance, the best evaluated.
+    # tracking.log_models: all (the default): every round's LM and guidance and the baseline's LMs registered with
+    # their weights; the alias best on the best evaluated.
     evaluated = [json.loads((workdir / "metrics" / "rounds" / str(r) / "evaluate.json").read_text())["rougeL"]
                  for r in (1, 2)]
+    for name in (tracking.GUIDANCE_MODEL, tracking.LM_MODEL, tracking.BASELINE_MODEL):
+        versions = c.search_model_versions(f"name='{name}'")
+        assert sorted(v.tags["round"] for v in versions) == ["1", "2"], name
+        assert not [v for v in versions if "weights" in v.tags]  # none lost its weights
     for name in (tracking.GUIDANCE_MODEL, tracking.LM_MODEL):
-        (version,) = c.search_model_versions(f"name='{name}'")
-        assert str(c.get_model_version_by_alias(name, "best").version) == str(version.version)
-        assert float(version.tags["eval.rougeL"]) == max(evaluated)
-    assert c.search_model_versions(f"name='{tracking.BASELINE_MODEL}'") == []  # the baseline arm stays in DVC
+        best = c.get_model_version_by_alias(name, "best")
+        assert float(best.tags["eval.rougeL"]) == max(evaluated)
 
 
 @pytest.mark.slow

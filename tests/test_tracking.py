@@ -183,7 +183,7 @@ def test_log_models_none_keeps_models_out_of_the_store(project, tiny_models, mon
 
 def test_a_bad_log_models_value_names_the_param(project, monkeypatch):
     monkeypatch.delenv(tracking.LOG_MODELS_ENV)
-    assert tracking.log_models_mode() == "best"  # the default without a tracking group
+    assert tracking.log_models_mode() == "all"  # the default without a tracking group
     with (project / "params.yaml").open("a") as f:
         f.write("tracking: {log_models: some}\n")
     with pytest.raises(ParamsError, match="tracking: log_models must be one of best, all, none; got .some."):
@@ -199,7 +199,8 @@ def _local(uri: str) -> Path:
 
 def test_log_models_best_keeps_one_version_with_weights(project, tiny_models, tmp_path, monkeypatch):
     """The best-evaluated LM is logged once, into its stage's run, as a transformers pipeline in bf16; a better one
-    replaces it and the superseded version's weights leave the store; a worse one logs nothing."""
+    takes the weights over: the superseded version's weights leave the store, its record stays (tags, lineage);
+    a worse one logs nothing."""
     monkeypatch.setenv(tracking.LOG_MODELS_ENV, "best")
     third = tmp_path / "third"
     shutil.copytree(tiny_models[1], third)
@@ -218,10 +219,14 @@ def test_log_models_best_keeps_one_version_with_weights(project, tiny_models, tm
     first = _local(c.get_logged_model(first_id).artifact_location)
     assert any(first.rglob("*.safetensors"))
     assert tracking.set_best_alias(tracking.LM_MODEL, third, "rougeL", 13.0) == "2"
-    versions = c.search_model_versions(f"name='{tracking.LM_MODEL}'")
-    assert [str(v.version) for v in versions] == ["2"] and aliases(c, tracking.LM_MODEL) == {"best": "2"}
+    versions = {str(v.version): v for v in c.search_model_versions(f"name='{tracking.LM_MODEL}'")}
+    assert sorted(versions) == ["1", "2"] and aliases(c, tracking.LM_MODEL) == {"best": "2"}
     assert not first.exists()  # the superseded weights are gone from mlartifacts
-    tags = versions[0].tags
+    old = versions["1"].tags  # ... and its record stays, saying so
+    assert (old["weights"], old["superseded_by"], old["round"], old["eval.rougeL"]) == ("deleted", "2", "1", "12.0")
+    assert old["run_id"] == runs_by_name(c)["train_lm@1"].info.run_id
+    assert "weights" not in versions["2"].tags
+    tags = versions["2"].tags
     assert (tags["round"], tags["stage"], tags["eval.rougeL"]) == ("3", "train_lm", "13.0")
     assert tags["run_id"] == runs_by_name(c)["train_lm@3"].info.run_id
     assert tags["content_md5"] == tracking.folder_md5(third)
@@ -492,7 +497,10 @@ def test_against_a_real_mlflow_server(project, tiny_models, mlflow_server, monke
     tracking.end_parent(parent)
     assert not tracking.PENDING_DIR.exists()
 
-    (version,) = c.search_model_versions(f"name='{tracking.LM_MODEL}'")
+    versions = {str(v.version): v for v in c.search_model_versions(f"name='{tracking.LM_MODEL}'")}
+    assert sorted(versions) == ["1", "2"] and versions["1"].tags["weights"] == "deleted"  # the record stays
+    assert not c.list_logged_model_artifacts(first_id)  # the server deleted the weights
+    version = versions["2"]
     run = c.get_run(version.tags["run_id"])
     assert run.info.run_name == "train_lm@2" and run.data.tags["mlflow.parentRunId"] == parent
     assert aliases(c, tracking.LM_MODEL) == {"best": "2"}

@@ -37,12 +37,19 @@ def init(directory: str = typer.Argument(".", help="the project folder (created 
 
 @app.command()
 def run(targets: Annotated[list[str] | None, typer.Argument(help="DVC stages to reproduce (default: all)")] = None,
-        params: str = typer.Option("params.yaml", help="params file of this DVC project"),
+        params: str = typer.Option("params.yaml", help="must be this project's params.yaml, the file DVC reads; "
+                                   "another file is refused (copy it over params.yaml, or `ptg quick --params FILE "
+                                   "--dir DIR` runs it in a workspace of its own)"),
         name: str = typer.Option("ptg run", help="MLflow parent run name")) -> None:
     """`dvc repro [TARGETS]` of the pipeline in the working directory under one MLflow parent run, then the
     PTG-vs-baseline table (when the report stage was among them; what `make run` does)."""
     from ptg import tracking
 
+    if Path(params).resolve() != Path("params.yaml").resolve():
+        typer.echo(f"ptg run --params {params}: DVC runs the pipeline on this project's params.yaml, not on "
+                   f"{params}. Copy it over params.yaml (`cp {params} params.yaml`) to run it here, or run it in a "
+                   f"workspace of its own: `ptg quick --params {params} --dir build/<name>`.", err=True)
+        raise typer.Exit(2)
     code = tracking.run_command(["dvc", "repro", *(targets or [])], name, params, defer=True)
     if code:
         raise typer.Exit(code)

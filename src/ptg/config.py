@@ -447,11 +447,12 @@ LOG_MODELS = get_args(LogModels)
 class TrackingParams:
     """What MLflow keeps (not a DVC param: changing it reruns nothing)."""
 
-    log_models: LogModels = field(default="best", metadata={
-        "help": "best (one registered version each of the best-evaluated PTG LM, transformers flavour in bf16, and "
-                "of the guidance that trained it; superseded versions are deleted with their weights), all (every "
-                "train_lm, fit_guidance and baseline folder logged and registered) or none (runs, metrics and "
-                "artifacts only); the models always stay in DVC"})
+    log_models: LogModels = field(default="all", metadata={
+        "help": "all (every train_lm, fit_guidance and baseline folder logged and registered, weights kept: a "
+                "registry's usual contract), best (only the best-evaluated PTG LM, transformers flavour in bf16, "
+                "and the guidance that trained it hold weights; a superseded version keeps its record and lineage, "
+                "tagged weights: deleted) or none (runs, metrics and artifacts only); the models always stay in "
+                "DVC"})
 
 
 GROUPS: dict[str, type] = {

@@ -5,8 +5,9 @@ pipeline); any other folder (a guidance, a seq2seq LM) as a pyfunc model whose d
 (``loader_module="ptg.tracking"``: ``mlflow.pyfunc.load_model`` needs ``ptg`` importable and gives an
 ``HFFolderModel``). Versions of ``ptg-guidance`` / ``ptg-lm`` / ``ptg-lm-baseline`` carry the tags ``run_id``,
 ``round``, ``stage``, ``dvc_hash`` and ``content_md5``; ``set_best_alias`` points ``best`` at the version with the
-best evaluated metric. ``tracking.log_models`` says which folders get weights in the store: ``all``, ``best`` (one
-version per registered name, replaced when a better one is evaluated) or ``none``.
+best evaluated metric. ``tracking.log_models`` says which folders get weights in the store: ``all`` (the default:
+every version keeps its weights), ``best`` (one version per registered name holds weights; a better one evaluated
+later takes them over, and the superseded version keeps its record, tagged ``weights: deleted``) or ``none``.
 """
 
 from __future__ import annotations
@@ -99,17 +100,21 @@ def logged_model_id(version: Any) -> str | None:
     return model_id or None
 
 
-def drop_version(mlflow_client: MlflowClient, name: str, version: Any) -> None:
-    """Delete a registered version and the weights its logged model holds (log_models: best keeps one)."""
+def drop_weights(mlflow_client: MlflowClient, name: str, version: Any, by: str) -> None:
+    """log_models: best. Delete the weights of a superseded version (its logged model's artifacts) and keep its
+    record: the version, its tags (run, round, stage, DVC hash, content md5, scores) and its logged model stay,
+    tagged ``weights: deleted`` and ``superseded_by``, so the registry's history and lineage are whole."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
+    if version.tags.get("weights") == "deleted":
+        return
     model_id = logged_model_id(version)
     if model_id:
-        location = mlflow_client.get_logged_model(model_id).artifact_location
-        get_artifact_repository(location).delete_artifacts()
-        mlflow_client.delete_logged_model(model_id)
-    mlflow_client.delete_model_version(name, version.version)
-    log.info("%s version %s superseded: deleted with its weights", name, version.version)
+        get_artifact_repository(mlflow_client.get_logged_model(model_id).artifact_location).delete_artifacts()
+    mlflow_client.set_model_version_tag(name, version.version, "weights", "deleted")
+    mlflow_client.set_model_version_tag(name, version.version, "superseded_by", by)
+    log.info("%s version %s superseded by version %s: its weights deleted, its record kept", name,
+             version.version, by)
 
 
 def set_best_alias(registered_name: str, model_dir: str | Path, metric: str, value: float, alias: str = "best",
@@ -123,8 +128,8 @@ def set_best_alias(registered_name: str, model_dir: str | Path, metric: str, val
     (None when tracking is off or skipped; then a pending record is written for ``backfill``).
 
     With ``tracking.log_models: best`` no stage logged its folder: the folder is logged now, into the run of the
-    stage that wrote it, only if it beats the version holding ``alias``, and the superseded version is deleted
-    with its weights. ``weights=False`` (the baseline arm) logs nothing under ``best``.
+    stage that wrote it, only if it beats the version holding ``alias``, and the superseded version's weights are
+    deleted (its record stays). ``weights=False`` (the baseline arm) logs nothing under ``best``.
     """
     if not tracking_enabled():
         return None
@@ -174,7 +179,8 @@ def replay_alias(record: AliasRecord, uri: str) -> str:
 def replace_best(mlflow_client: MlflowClient, uri: str, record: AliasRecord, versions: list[Any]) -> str:
     """log_models: best. Keep the alias holder unless the evaluated folder beats it (ties keep it); else log
     the folder into the stage run that wrote it (found by its content_md5 tag), register it, move the alias
-    and delete every other version with its weights: one version per registered name holds weights. Runs that
+    and delete every other version's weights, keeping their records: one version per registered name holds
+    weights. Runs that
     wrote identical bytes (a round that kept its warm start) resolve to the first of them, the folder's origin."""
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -210,6 +216,6 @@ def replace_best(mlflow_client: MlflowClient, uri: str, record: AliasRecord, ver
     assert version is not None
     mlflow_client.set_registered_model_alias(name, record.alias, version)
     for old in versions:
-        drop_version(mlflow_client, name, old)
+        drop_weights(mlflow_client, name, old, version)
     log.info("%s@%s -> version %s (%s %s)", name, record.alias, version, key, value)
     return version
