@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from ptg import diagnostics, distributed, pipeline, preferences, schemas, scoring, tasks, tracking
-from ptg.config import FitConfig, load_group, round_budget
+from ptg.config import FitConfig, load_group, preferences_params, round_budget
 from ptg.guidance import (
     Guidance,
     RankedGroup,
@@ -111,7 +111,7 @@ def main(r: int, params: str = "params.yaml") -> None:
     train, val = (_groups(by_split[s], prompts) for s in ("train", "validation"))
     cfg = fp.fit_config()
     cfg = dataclasses.replace(cfg, seed=ctx.seed("fit_guidance", r))
-    pp = load_group("preferences", params)
+    pp = preferences_params(params)
     prefs = read_table(pipeline.PREFERENCES, schemas.Preferences)
     pref_train, pref_val = ([] if prefs.empty or not (prefs["split"] == s).any() else preferences.ranked_groups(
         prefs[prefs["split"] == s], tok, guidance.backbone, pp, mp) for s in ("train", "validation"))

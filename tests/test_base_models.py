@@ -252,3 +252,19 @@ def test_smollm2_from_the_cached_wheel(tmp_path):
         out_ids = model.generate(**ids, max_new_tokens=24, do_sample=False)
     text = tok.decode(out_ids[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in text, text
+
+
+def test_model_revision_reaches_the_hub_loader(monkeypatch, tmp_path):
+    """model.revision pins a hub id's branch, tag or commit: materialize_base passes it to from_pretrained."""
+    from ptg.config import ModelParams
+
+    calls = []
+
+    def offline(spec, **kwargs):
+        calls.append((spec, kwargs.get("revision")))
+        raise OSError("the hub is unreachable")
+
+    monkeypatch.setattr(bm.AutoConfig, "from_pretrained", offline)
+    with pytest.raises(OSError, match="cannot load model 'someone/lm'"):
+        bm.materialize_base(ModelParams(policy="someone/lm", revision="v1.0"), tmp_path / "base")
+    assert calls == [("someone/lm", "v1.0")] and not (tmp_path / "base").exists()

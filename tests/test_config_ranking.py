@@ -172,3 +172,17 @@ def test_an_unknown_guidance_name_fails_when_params_are_read(tmp_path, key, valu
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(ParamsError, match=rf"p.yaml: fit_guidance: {message}"):
         load_group("fit_guidance", tmp_path / "p.yaml")
+
+
+def test_preference_prompts_follow_the_data_template_unless_set(tmp_path):
+    """preferences.prompt_template null reads preference inputs with data.prompt_template, the prompts the pipeline
+    writes (editing one cannot leave the other behind); a template of its own is kept."""
+    from ptg.config import preferences_params
+
+    path = _write(tmp_path, lambda p: p["data"].update(prompt_template="Sum up:\n{input}"))
+    assert preferences_params(path).prompt_template == "Sum up:\n{input}"
+    path = _write(tmp_path, lambda p: p["preferences"].update(prompt_template="Q: {input}"))
+    assert preferences_params(path).prompt_template == "Q: {input}"
+    path = _write(tmp_path, lambda p: p["preferences"].update(prompt_template="no placeholder"))
+    with pytest.raises(ParamsError, match="prompt_template must contain"):
+        preferences_params(path)

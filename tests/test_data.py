@@ -349,8 +349,22 @@ def test_load_hf_uses_load_dataset(monkeypatch):
             "validation": FakeSplit({"document": ["c"], "summary": ["d"]}),
             "test": FakeSplit({"document": ["e"], "summary": [["f", "g"]]})}
     calls = []
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda *a: calls.append(a) or fake))
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
+        load_dataset=lambda *a, **k: calls.append((a, k)) or fake))
     df = data.load_hf("someone/xsum-like", "document", "summary")
-    assert calls == [("someone/xsum-like", None)]
+    assert calls == [(("someone/xsum-like", None), {"revision": None})]
     assert df["split"].tolist() == ["train", "validation", "test"]
     assert df["references"].iloc[2] == ["f", "g"]
+    # data.config and data.revision reach load_dataset: the paper's CNN/DailyMail needs its config name
+    calls.clear()
+    cfg = DataConfig(source="abisee/cnn_dailymail", input_field="document", target_field="summary", config="3.0.0",
+                     revision="96df5e6", max_input_chars=0)
+    assert len(data.load_source(cfg)) == 3
+    assert calls == [(("abisee/cnn_dailymail", "3.0.0"), {"revision": "96df5e6"})]
+
+
+def test_a_hub_config_or_revision_on_a_local_folder_names_the_param(folder):
+    for key, value in (("config", "3.0.0"), ("revision", "main")):
+        with pytest.raises(ValueError, match=f"data.{key} '{value}' applies to a Hugging Face data set; "
+                                             f"data.source .* is a local folder"):
+            data.load_source(DataConfig(source=str(folder), **{key: value}))

@@ -29,8 +29,8 @@ from ptg import prefect_setup, tracking, workspace
 VENV_BIN = Path(sys.executable).parent
 QUICK = REPO / "configs" / "quick.yaml"
 ROUND_STAGES = ("sample", "rank", "fit_guidance", "train_lm", "evaluate")
-TASKS = ["prepare", "base_model", "preferences", *(f"{s}@{r}" for r in (1, 2) for s in ROUND_STAGES), "baseline",
-         "report"]
+SETUP = ["sources", "prepare", "base_model", "preferences"]
+TASKS = [*SETUP, *(f"{s}@{r}" for r in (1, 2) for s in ROUND_STAGES), "baseline", "report"]
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_prompt_task_flow_runs_every_stage(env, harness, flows):
     state = flows.ptg_pipeline(rounds=1, params_file=str(write_prompt_quick(env / "prompt.yaml")),
                                workdir=str(workdir), return_state=True)
     assert state.is_completed(), state.message
-    expected = ["prepare", "base_model", "preferences", *(f"{s}@1" for s in ROUND_STAGES), "baseline", "report"]
+    expected = [*SETUP, *(f"{s}@1" for s in ROUND_STAGES), "baseline", "report"]
     assert list(state.result()) == expected
     metrics = workdir / "metrics"
     ptg, base = (json.loads((metrics / d / "1" / "evaluate.json").read_text()) for d in ("rounds", "baseline"))
@@ -191,8 +191,7 @@ def test_the_plan_is_read_from_dvc_yaml_and_follows_an_added_stage(flows, env, t
     (tmp_path / "three.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     root = make_workspace(tmp_path / "three.yaml", tmp_path / "ws")
     steps = [name for name, dvc_name in flows.plan.fn(str(root)) if name == dvc_name]
-    assert steps == ["prepare", "base_model", "preferences", *(f"{s}@{r}" for r in (1, 2, 3) for s in ROUND_STAGES),
-                     "baseline", "report"]
+    assert steps == [*SETUP, *(f"{s}@{r}" for r in (1, 2, 3) for s in ROUND_STAGES), "baseline", "report"]
     dvc_yaml = root / "dvc.yaml"
     spec = yaml.safe_load(dvc_yaml.read_text())
     stages = list(spec["stages"].items())
@@ -203,8 +202,7 @@ def test_the_plan_is_read_from_dvc_yaml_and_follows_an_added_stage(flows, env, t
     dvc_yaml.write_text(yaml.safe_dump(spec, sort_keys=False))
     per_round = ["sample", "rank", "fit_guidance", "audit", "train_lm", "evaluate"]
     assert [name for name, _ in flows.plan.fn(str(root))] == [
-        "prepare", "base_model", "preferences", *(f"{s}@{r}" for r in (1, 2, 3) for s in per_round), "baseline",
-        "report", "publish"]
+        *SETUP, *(f"{s}@{r}" for r in (1, 2, 3) for s in per_round), "baseline", "report", "publish"]
 
 
 def test_retry_policy(flows):

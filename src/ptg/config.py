@@ -64,6 +64,10 @@ class DataConfig:
     max_input_chars: AtLeast0 = field(default=2000, metadata={
         "help": "drop examples whose input is longer than this many characters; 0 keeps all"})
     seed: int = field(default=0, metadata={"help": "seed of the sample that caps each split"})
+    config: str | None = field(default=None, metadata={
+        "help": "a Hugging Face data set's configuration name (e.g. '3.0.0' for cnn_dailymail); null = none"})
+    revision: str | None = field(default=None, metadata={
+        "help": "a Hugging Face data set's revision (branch, tag or commit); null = the default branch"})
 
     def __post_init__(self) -> None:
         template_fields(self.prompt_template)
@@ -200,6 +204,9 @@ class ModelParams:
     max_prompt_tokens: AtLeast1 = field(default=384, metadata={
         "help": "prompt tokens at most (an over-long prompt loses the end of its text; instruction and template stay)"})
     max_target_tokens: AtLeast1 = field(default=48, metadata={"help": "reference tokens at most, EOS included"})
+    revision: str | None = field(default=None, metadata={
+        "help": "the hub revision (branch, tag or commit) of policy and guidance when they are hub ids; null = the "
+                "default branch"})
 
 
 @params_dataclass
@@ -366,8 +373,9 @@ class PreferencesParams:
     prompt_field: str = field(default="prompt", metadata={"help": "pairwise: the prompt column"})
     chosen_field: str = field(default="chosen", metadata={"help": "pairwise: the preferred response column"})
     rejected_field: str = field(default="rejected", metadata={"help": "pairwise: the other response column"})
-    prompt_template: str = field(default="{input}", metadata={
-        "help": "how an input becomes the prompt the guidance reads (the data group's template, e.g.)"})
+    prompt_template: str | None = field(default=None, metadata={
+        "help": "how an input becomes the prompt the guidance reads; null = data.prompt_template, the prompts the "
+                "pipeline itself writes (``preferences_params`` fills it in)"})
     heldout_fraction: Annotated[float, Field(ge=0, lt=1)] = field(default=0.2, metadata={
         "help": "share of inputs held out for evaluation when the data has no split column"})
     weight: Annotated[float, Field(ge=0, le=1)] = field(default=0.0, metadata={
@@ -378,8 +386,17 @@ class PreferencesParams:
     seed: int = field(default=0, metadata={"help": "seed of the held-out split and of the mixing draw"})
 
     def __post_init__(self) -> None:
-        if "{input}" not in self.prompt_template:
+        if self.prompt_template is not None and "{input}" not in self.prompt_template:
             raise ValueError(f"prompt_template must contain {{input}}; got {self.prompt_template!r}")
+
+
+def preferences_params(params: str | Path = "params.yaml") -> PreferencesParams:
+    """params' ``preferences`` group with its ``prompt_template`` filled in: null reads the preferences with
+    ``data.prompt_template``, the prompts the pipeline writes, so the two cannot drift apart."""
+    pp: PreferencesParams = load_group("preferences", params)
+    if pp.prompt_template is None:
+        pp = dataclasses.replace(pp, prompt_template=load_group("data", params).prompt_template)
+    return pp
 
 
 _TYPES = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",

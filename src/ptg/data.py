@@ -183,14 +183,15 @@ def load_local(folder: str | os.PathLike[str], input_field: str = "input",
 
 
 def load_hf(dataset_id: str, input_field: str = "input", target_field: str = "target",
-            name: str | None = None) -> pd.DataFrame:
+            name: str | None = None, revision: str | None = None) -> pd.DataFrame:
     """All splits of a Hugging Face dataset (``train``, ``validation`` or ``dev``, ``test``) as ``load_local`` does.
 
     ``datasets`` is imported here, not at module import, and downloads only when this is called (or reads its
-    cache when offline). ``name`` is the dataset configuration, if it has several.
+    cache when offline). ``name`` is the dataset configuration (``data.config``), if it has several; ``revision``
+    a branch, tag or commit (``data.revision``).
     """
     datasets = import_extra("datasets", "hub", f"data.source {dataset_id!r} (a Hugging Face dataset id)")
-    dd = datasets.load_dataset(dataset_id, name)
+    dd = datasets.load_dataset(dataset_id, name, revision=revision)
     frames = []
     for split in SPLITS:
         hub_split = next((s for s in SPLIT_ALIASES[split] if s in dd), None)
@@ -221,10 +222,14 @@ def load_source(cfg: DataConfig) -> pd.DataFrame:
         return pd.DataFrame({"id": df["id"], "split": df["id"].map(split_of), "input": df["input"],
                              "references": [[t] for t in df["target"]]})
     if kind == "local":
+        for key in ("config", "revision"):
+            if getattr(cfg, key) is not None:
+                raise ValueError(f"data.{key} {getattr(cfg, key)!r} applies to a Hugging Face data set; data.source "
+                                 f"{cfg.source!r} is a local folder (set data.{key}: null)")
         df = load_local(cfg.source, cfg.input_field, cfg.target_field)
     else:
         log.info("%s is not a local folder: loading it as a Hugging Face dataset", cfg.source)
-        df = load_hf(cfg.source, cfg.input_field, cfg.target_field)
+        df = load_hf(cfg.source, cfg.input_field, cfg.target_field, cfg.config, cfg.revision)
     if cfg.max_input_chars:
         long = df["input"].str.len() > cfg.max_input_chars
         if long.any():

@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
 
 PERF_DIR = Path("build") / "perf"  # in the working directory (the project)
-STAGES = ("prepare", "base_model", "preferences", "sample", "rank", "fit_guidance", "train_lm", "evaluate", "baseline",
-          "report")
+STAGES = ("sources", "prepare", "base_model", "preferences", "sample", "rank", "fit_guidance", "train_lm", "evaluate",
+          "baseline", "report")
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device = CPU, n: int = 0, repeats: int = 5) -> float:
