@@ -12,8 +12,7 @@ With the repository's params.yaml the pipeline runs in the repository itself; wi
 (``ptg.workspace.make_workspace``; default build/<params file stem>, the folder ``make quick`` uses for
 configs/quick.yaml). The overrides are written into the workspace's params.yaml (``ptg.workspace.param_overrides``):
 ``rounds=N`` runs rounds 1..N (that chain), ``launcher`` is the command fit_guidance, train_lm and baseline start
-with (e.g. "accelerate launch --multi_gpu --num_processes 4": data parallel on 4 GPUs; README, "When one machine
-is not enough").
+with (e.g. "accelerate launch --multi_gpu --num_processes 4": data parallel on 4 GPUs; docs/reference.md).
 
 Run locally, no server needed (Prefect starts a temporary local API):
     python flows/ptg_flow.py --params configs/quick.yaml [--rounds 1] [--launcher CMD] [--workdir DIR]

@@ -2,7 +2,7 @@
 # Installs into the environment of PYTHON, with uv, exactly the versions constraints.txt pins, and torch's CPU build
 # (torch==<pin>+cpu, so no CUDA build can come in): from a folder of wheels pip is configured with where the machine
 # has one (global.find-links holding a torch-*+cpu wheel), else from PyTorch's CPU index. Then `uv pip check`.
-# A CUDA machine installs its torch build first (README "Install") and runs `uv pip install -c constraints.txt ...`.
+# A CUDA machine installs its torch build first (README "Set-up") and runs `uv pip install -c constraints.txt ...`.
 # Usage: scripts/install.sh PYTHON REQUIREMENT... (e.g. scripts/install.sh .venv/bin/python -e '.[dev]')
 set -euo pipefail
 python=${1:?usage: install.sh PYTHON REQUIREMENT...}

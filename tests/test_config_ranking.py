@@ -9,7 +9,8 @@ from ptg.config import ParamsError, load_group, rounds
 from ptg.ranking import human_scores, rank_within_groups, unfinished_last
 
 
-@pytest.mark.parametrize("params", ["params.yaml", "configs/quick.yaml", "configs/bench.yaml", "configs/gpu.yaml"])
+@pytest.mark.parametrize("params", ["params.yaml", "configs/quick.yaml", "configs/bench.yaml", "configs/gpu.yaml",
+                                    "configs/prompt.yaml", "configs/bench-rl.yaml", "configs/paper-cnndm.yaml"])
 def test_shipped_params_files_load_completely(params):
     path = REPO / params
     for group in ("run", "data", "model", "sample", "rank", "fit_guidance", "train_lm", "evaluate"):

@@ -363,8 +363,27 @@ def test_load_hf_uses_load_dataset(monkeypatch):
     assert calls == [(("abisee/cnn_dailymail", "3.0.0"), {"revision": "96df5e6"})]
 
 
-def test_a_hub_config_or_revision_on_a_local_folder_names_the_param(folder):
-    for key, value in (("config", "3.0.0"), ("revision", "main")):
-        with pytest.raises(ValueError, match=f"data.{key} '{value}' applies to a Hugging Face data set; "
-                                             f"data.source .* is a local folder"):
-            data.load_source(DataConfig(source=str(folder), **{key: value}))
+def test_a_hub_revision_on_a_local_folder_names_the_param(folder):
+    with pytest.raises(ValueError, match="data.revision 'main' applies to a Hugging Face data set id; "
+                                         "data.source .* is a local folder"):
+        data.load_source(DataConfig(source=str(folder), revision="main"))
+
+
+def test_a_local_copy_of_a_hub_data_set_is_read_by_its_config_name(tmp_path):
+    """data.config on a local folder: the folder is a copy of a hub data set (abisee/cnn_dailymail's layout: its
+    README's configs name each configuration's parquet files), read offline by datasets.load_dataset."""
+    root = tmp_path / "cnn_dailymail"
+    for config, n in (("3.0.0", 3), ("1.0.0", 2)):
+        for split in ("train", "validation", "test"):
+            (root / config).mkdir(parents=True, exist_ok=True)
+            pd.DataFrame({"article": [f"{config} {split} article {i}" for i in range(n)],
+                          "highlights": [f"summary {i}" for i in range(n)],
+                          "id": [f"{split}{i}" for i in range(n)]}).to_parquet(root / config / f"{split}-0.parquet")
+    configs = "".join(f"- config_name: {c}\n  data_files:\n" + "".join(
+        f"  - split: {s}\n    path: {c}/{s}-*.parquet\n" for s in ("train", "validation", "test"))
+        for c in ("3.0.0", "1.0.0"))
+    (root / "README.md").write_text(f"---\nconfigs:\n{configs}---\n")
+    df = data.load_source(DataConfig(source=str(root), input_field="article", target_field="highlights",
+                                     config="3.0.0", max_input_chars=0))
+    assert len(df) == 9 and df["input"].str.startswith("3.0.0 ").all()
+    assert df["references"].iloc[0] == ["summary 0"]

@@ -257,7 +257,8 @@ def model_fetch() -> None:
 
 
 @model.command("materialize")
-def model_materialize(spec: str = typer.Argument(..., help="smollm2, a .gguf file, a local HF folder or a hub id"),
+def model_materialize(spec: str = typer.Argument(..., help="smollm2-135m-instruct, a .gguf file, a local HF folder "
+                                                "or a hub id"),
                       out: str = typer.Argument(..., help="the folder to write"),
                       revision: str = typer.Option(None, help="a hub id's branch, tag or commit")) -> None:
     """Write a policy LM as a plain HF folder."""

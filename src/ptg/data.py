@@ -4,8 +4,11 @@ Three sources, chosen by ``ptg.config.DataConfig.source``:
 
 * ``"python-docstrings"`` (default, offline): the standard library's documented functions (``ptg.docstrings``),
   split by a stable hash of the qualified name (``split_of``), so the splits never change between runs.
-* a local folder with ``train``, ``validation`` (or ``dev``) and ``test`` files (jsonl, json lines, csv, parquet).
-* a Hugging Face dataset id (``datasets.load_dataset``; needs the network or a warm cache).
+* a local folder with ``train``, ``validation`` (or ``dev``) and ``test`` files (jsonl, json lines, csv, parquet);
+  with ``data.config`` set, a local copy of a hub data set read by ``datasets.load_dataset`` (its README's
+  ``configs`` name the files of each configuration).
+* a Hugging Face dataset id (``datasets.load_dataset`` with ``data.config`` and ``data.revision``; needs the network
+  or a warm cache).
 
 ``build_examples`` turns any of them into one frame per split with the ``ptg.schemas.Examples`` columns: long
 inputs dropped, splits capped by a seeded sample, the prompt formatted, ``references`` a list of strings whose
@@ -221,12 +224,13 @@ def load_source(cfg: DataConfig) -> pd.DataFrame:
         df = docstrings.python_docstrings(cfg.max_input_chars)
         return pd.DataFrame({"id": df["id"], "split": df["id"].map(split_of), "input": df["input"],
                              "references": [[t] for t in df["target"]]})
-    if kind == "local":
-        for key in ("config", "revision"):
-            if getattr(cfg, key) is not None:
-                raise ValueError(f"data.{key} {getattr(cfg, key)!r} applies to a Hugging Face data set; data.source "
-                                 f"{cfg.source!r} is a local folder (set data.{key}: null)")
+    if kind == "local" and cfg.revision is not None:
+        raise ValueError(f"data.revision {cfg.revision!r} applies to a Hugging Face data set id; data.source "
+                         f"{cfg.source!r} is a local folder (set data.revision: null)")
+    if kind == "local" and cfg.config is None:
         df = load_local(cfg.source, cfg.input_field, cfg.target_field)
+    elif kind == "local":  # a local copy of a hub data set (its README's configs name the files): datasets reads it
+        df = load_hf(cfg.source, cfg.input_field, cfg.target_field, cfg.config)
     else:
         log.info("%s is not a local folder: loading it as a Hugging Face dataset", cfg.source)
         df = load_hf(cfg.source, cfg.input_field, cfg.target_field, cfg.config, cfg.revision)

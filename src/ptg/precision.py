@@ -13,7 +13,7 @@ follows a measurement:
   machine, makes the same choice. bf16 wins at ``BF16_MIN_SPEEDUP`` or more. CPUs without bf16 units
   (``avx512_bf16`` / ``amx_bf16``) emulate it slower and are not probed.
 
-Measured (README "Speed"): on a 2-core AMD EPYC with avx512_bf16 (torch 2.13, one thread, SmolLM2-135M) bf16 autocast
+Measured (docs/performance.md): on a 2-core EPYC with avx512_bf16 (torch 2.13, one thread, SmolLM2-135M) bf16 autocast
 trained 1.6x and decoded greedily 1.7x as fast as fp32; an earlier session measured it slower on a 2-core Intel Xeon
 with avx512_bf16, and a later one 1.86x faster there: hence a measurement, not a rule. Tiny models (width 64) stay
 fp32: a bf16 matmul that small is no faster. ``precision: fp32`` or ``bf16`` forces the choice.

@@ -37,7 +37,7 @@ MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "safetensors", "tokeniz
 
 def log_models_mode(start: Path | None = None) -> str:
     """``$PTG_LOG_MODELS`` when set, else params' ``tracking.log_models`` of the DVC project (its default,
-    ``best``, without a params.yaml or a tracking group)."""
+    ``all``, without a params.yaml or a tracking group)."""
     from ptg.config import LOG_MODELS, ParamsError, TrackingParams, load_group, read_params
 
     value = os.environ.get(LOG_MODELS_ENV)
