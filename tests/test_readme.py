@@ -70,3 +70,11 @@ def test_files_the_readme_names_exist():
 def test_the_readme_is_a_guide_not_a_notebook():
     assert len(README.splitlines()) <= 400
     assert not re.search(r"pitfall|spec §|§\d|issue #\d|previous session", README, re.I)
+
+
+def test_docs_cite_no_spec_that_is_not_in_the_repository():
+    for page in sorted((REPO / "docs").glob("*.md")):
+        text = page.read_text()
+        assert not re.search(r"pitfall \d|spec §|§\s?\d|issue #\d|previous session", text, re.I), page.name
+        for link in re.findall(r"\]\(([\w./-]+\.md)(?:#[\w-]+)?\)", text):
+            assert (page.parent / link).is_file(), f"{page.name} links to {link}"
