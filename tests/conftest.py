@@ -182,8 +182,9 @@ def pytest_configure(config) -> None:
 # `--no-loadscope-reorder`, so files are handed out in collection order: the long ones start first and the many short
 # files fill in at the end. xdist's own order (most tests first) started the one-test wheel install and the bench
 # last, with the other process idle for minutes.
-LONGEST_FIRST = ("test_bench.py", "test_install.py", "test_flows.py", "test_deployments.py", "test_pipeline.py",
-                 "test_crash_resume.py", "test_preferences.py", "test_perf_round.py", "test_tracking.py")
+LONGEST_FIRST = ("test_bench.py", "test_flows.py", "test_deployments.py", "test_install.py", "test_recipes.py",
+                 "test_pipeline.py", "test_crash_resume.py", "test_preferences.py", "test_perf_round.py",
+                 "test_tracking.py", "test_sources.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
