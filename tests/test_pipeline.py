@@ -88,13 +88,13 @@ def test_baseline_round_sees_the_same_examples_in_the_same_order_as_ptg(quick):
 
 
 def test_repro_again_has_nothing_to_do(quick_copy):
-    # Only `preferences` (always_changed: its data lives outside the project) runs; its output is unchanged, so
-    # nothing downstream does.
-    assert ran(quick_copy, "--dry") == {"preferences"}
+    # Only `sources` and `preferences` (always_changed: what they read lives outside the project) run; their
+    # outputs are unchanged, so nothing downstream does.
+    assert ran(quick_copy, "--dry") == {"sources", "preferences"}
     status = run(["dvc", "status"], quick_copy).stdout
-    assert "preferences" in status and "always changed" in status
+    assert "preferences" in status and "sources" in status and "always changed" in status
     assert not any(f"{s}:" in status for s in ("prepare", "sample@1", "fit_guidance@1", "evaluate@2", "baseline"))
-    assert ran(quick_copy) == {"preferences"}
+    assert ran(quick_copy) == {"sources", "preferences"}
 
 
 def test_fit_guidance_param_change_reruns_only_downstream(quick_pipeline, tmp_path):
@@ -103,10 +103,11 @@ def test_fit_guidance_param_change_reruns_only_downstream(quick_pipeline, tmp_pa
     # For real: a dry run cannot know which outputs will change, so it lists only fit_guidance@1 and @2.
     # rank@2 re-runs only if LM_1's samples changed (a tiny random LM may draw the same tokens again).
     stages = ran(ws)
-    # `preferences` always runs (its data is outside the project); its unchanged output reruns nothing.
+    # `sources` and `preferences` always run (what they read is outside the project); their unchanged outputs
+    # rerun nothing.
     assert {"fit_guidance@1", "train_lm@1", "evaluate@1", "sample@2", "fit_guidance@2", "train_lm@2",
-            "evaluate@2", "report"} <= stages <= {"preferences", "fit_guidance@1", "train_lm@1", "evaluate@1",
-                                                  "sample@2", "rank@2", "fit_guidance@2", "train_lm@2",
+            "evaluate@2", "report"} <= stages <= {"sources", "preferences", "fit_guidance@1", "train_lm@1",
+                                                  "evaluate@1", "sample@2", "rank@2", "fit_guidance@2", "train_lm@2",
                                                   "evaluate@2", "report"}
     # Back to the first params: DVC's run cache restores every stage's outputs instead of running it again (an
     # arm of a bench that changes only train_lm reuses the seed's guidance so); a stage with a git-tracked table
@@ -116,7 +117,7 @@ def test_fit_guidance_param_change_reruns_only_downstream(quick_pipeline, tmp_pa
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run(["dvc", "repro"], ws).stdout
     executed = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert executed <= {"preferences"}, out
+    assert executed <= {"sources", "preferences"}, out
     restored = {line.split("'")[1] for line in out.splitlines() if "is cached - skipping run" in line}
     assert {"fit_guidance@1", "train_lm@1", "evaluate@1", "fit_guidance@2", "train_lm@2", "evaluate@2"} <= restored
 
@@ -196,7 +197,7 @@ def test_lora_trains_adapters_for_both_arms_and_saves_them_beside_the_merged_lm(
     lora = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": "q_proj,v_proj"}
     # adapters start at B = 0: lr 1e-2 takes a visible step in 4 updates
     ws = copy_workspace(quick_pipeline, tmp_path / "ws", train_lm={"lora": lora, "lr": 1.0e-2})
-    assert ran(ws, "train_lm@1", "baseline") - {"preferences"} == {"train_lm@1", "baseline"}  # upstream: done
+    assert ran(ws, "train_lm@1", "baseline") - {"sources", "preferences"} == {"train_lm@1", "baseline"}  # upstream
 
     lm0, lm1 = ws / "data" / "rounds" / "0" / "lm", ws / "data" / "rounds" / "1" / "lm"
     adapter = json.loads((lm1 / "adapter" / "adapter_config.json").read_text())
