@@ -42,14 +42,16 @@ def fingerprint(spec: str | None) -> dict[str, Any]:
         files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file())
     else:
         return out
-    stats = [(name, p.stat()) for name, p in files]
-    return out | {"files": [[name, s.st_size, s.st_mtime_ns] for name, s in stats]}
+    return out | {"files": [[name, (s := p.stat()).st_size, s.st_mtime_ns] for name, p in files]}
 
 
 def fingerprints(params: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
-    """{fingerprint file: {param: fingerprint}} for every group of ``GROUPS``."""
+    """{fingerprint file: {param: fingerprint}} for every group of ``GROUPS``; each params group is read once."""
+    names = {key.split(".")[0] for covered in GROUPS.values() for key in covered}
+    groups = {name: load_group(name, params) for name in names}
+
     def value(key: str) -> str | None:
         group, name = key.split(".")
-        return getattr(load_group(group, params), name)
+        return getattr(groups[group], name)
 
-    return {file: {key: fingerprint(value(key)) for key in keys} for file, keys in GROUPS.items()}
+    return {file: {key: fingerprint(value(key)) for key in covered} for file, covered in GROUPS.items()}
