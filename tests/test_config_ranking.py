@@ -5,7 +5,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from ptg.config import ParamsError, load_group, rounds
+from ptg.config import ParamsError, PreferencesParams, load_group, rounds
 from ptg.ranking import human_scores, rank_within_groups, unfinished_last
 
 
@@ -184,6 +184,8 @@ def test_preference_prompts_follow_the_data_template_unless_set(tmp_path):
     assert preferences_params(path).prompt_template == "Sum up:\n{input}"
     path = _write(tmp_path, lambda p: p["preferences"].update(prompt_template="Q: {input}"))
     assert preferences_params(path).prompt_template == "Q: {input}"
+    with pytest.raises(ValueError, match="preferences.prompt_template is null.*preferences_params"):
+        PreferencesParams().prompt("def f(): pass")  # read without preferences_params: a clear error, not a crash
     path = _write(tmp_path, lambda p: p["preferences"].update(prompt_template="no placeholder"))
     with pytest.raises(ParamsError, match="prompt_template must contain"):
         preferences_params(path)

@@ -13,7 +13,7 @@ from conftest import EOS, PAD, REPO, tiny_llama
 from test_guidance_train import FIT, guidance_for
 
 from ptg import preferences
-from ptg.config import PreferencesParams
+from ptg.config import PreferencesParams, preferences_params
 from ptg.guidance import RankedGroup, _group_batches, evaluate_guidance, fit_guidance
 from ptg.io import TableError
 
@@ -187,7 +187,7 @@ def test_standalone_fit_reports_heldout_accuracy_writes_heatmaps_and_scores_text
     (tmp_path / "params.yaml").write_text(REPO_QUICK.read_text())
     rows = [{"prompt": f"def f{i}(x): return x + {i}", "chosen": f"Add {i} to x.", "rejected": "Open a socket.",
              "reference": f"Add {i} to x."} for i in range(40)]
-    pp = dataclasses.replace(PP, path=_write(tmp_path, rows, "pairs.jsonl"), heldout_fraction=0.3)
+    pp = dataclasses.replace(preferences_params(), path=_write(tmp_path, rows, "pairs.jsonl"), heldout_fraction=0.3)
     out = fit_file(pp, tmp_path / "out", max_updates=4)
     report = out["report"]
     for scorer in ("guidance", "length", "rouge_vs_reference", "meteor_vs_reference"):
@@ -246,7 +246,8 @@ def test_the_guidance_learns_the_corruption_fixture_well_above_chance_and_length
     # Without wrong-function docstrings (level 3): telling those apart needs a backbone that reads code.
     fixture = preferences.corruption_fixture(examples, seed=0, layout=layout, levels=(0, 1, 2))
     base = _word_level_base(tmp_path / "base", examples["target"].tolist())
-    pp = dataclasses.replace(PP, path=_write(tmp_path, fixture.to_dict("records")), heldout_fraction=0.25)
+    pp = dataclasses.replace(preferences_params(), path=_write(tmp_path, fixture.to_dict("records")),
+                             heldout_fraction=0.25)
     report = fit_file(pp, tmp_path / "out", base=base)["report"]
     acc = report["guidance"]
     assert acc["lo"] > 0.6 and acc["p_vs_chance"] < 0.01, report  # well above chance, CI included

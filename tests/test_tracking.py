@@ -396,6 +396,29 @@ def test_stages_under_a_replaying_parent_leave_mlflow_to_it(project):
     assert not tracking.PENDING_DIR.exists() and not list((project / ".dvc" / "tmp" / "ptg-tracking").glob("*/*.json"))
 
 
+def test_a_deferred_record_waits_for_a_settled_lock_holding_its_stage(project):
+    """The parent replays a stage's record while `dvc repro` goes on, and DVC rewrites dvc.lock in place after each
+    stage: a lock still being written (fresh, or without the stage's entry yet) leaves the record waiting; once the
+    lock has settled the record is logged with the hash of the stage's entry there."""
+    from ptg.tracking.provenance import LOCK_QUIET_S
+    from ptg.tracking.records import write_pending
+
+    assert subprocess.run(["dvc", "repro", "-q"], capture_output=True).returncode == 0
+    full = (project / "dvc.lock").read_text()
+    directory = tracking.deferral_dir("parent")
+    record = tracking.StageRecord(stage="train_lm", round=2, params={}, metrics={"score": 0.2},
+                                  tags={"dvc_hash": "deferred", "dvc_stage": "train_lm@2", "cwd": str(project)})
+    path = write_pending("stage", record.run_name, record, "", directory)
+    os.utime(path, (time.time() - 10, time.time() - 10))
+    (project / "dvc.lock").write_text(full[:full.index("train_lm@2")])  # DVC halfway through its rewrite
+    assert tracking.replay_deferred(directory, final=False) == (0, 1)
+    (project / "dvc.lock").write_text(full)  # whole, but just written
+    assert tracking.replay_deferred(directory, final=False) == (0, 1)
+    time.sleep(LOCK_QUIET_S + 0.1)
+    assert tracking.replay_deferred(directory, final=False) == (1, 0)
+    assert runs_by_name(client())["train_lm@2"].data.tags["dvc_hash"] == tracking.dvc_stage_hash("train_lm@2")
+
+
 def test_track_wraps_dvc_repro(project):
     """`ptg track -- dvc repro` (what the bench runs each experiment under): one parent, a nested run per stage
     execution, the exit code passed on."""

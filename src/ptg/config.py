@@ -389,6 +389,14 @@ class PreferencesParams:
         if self.prompt_template is not None and "{input}" not in self.prompt_template:
             raise ValueError(f"prompt_template must contain {{input}}; got {self.prompt_template!r}")
 
+    def prompt(self, text: str) -> str:
+        """The prompt the guidance reads for input ``text``; a null template (not yet filled in from
+        ``data.prompt_template`` by ``preferences_params``) is a ValueError."""
+        if self.prompt_template is None:
+            raise ValueError("preferences.prompt_template is null: read the params with config.preferences_params, "
+                             "which fills it in from data.prompt_template")
+        return self.prompt_template.format(input=text)
+
 
 def preferences_params(params: str | Path = "params.yaml") -> PreferencesParams:
     """params' ``preferences`` group with its ``prompt_template`` filled in: null reads the preferences with

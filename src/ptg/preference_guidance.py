@@ -186,7 +186,7 @@ def score_file(guidance_dir: Path, path: Path, out: Path, pp: PreferencesParams,
     raw = read_records(path)
     require_columns(raw, str(path), {"input_field": pp.input_field, "text_field": pp.text_field})
     guidance, tok = load_guidance(guidance_dir), _tokenizer(guidance_dir, tokenizer)
-    prompts = encode_prompts(tok, [pp.prompt_template.format(input=as_text(x)) for x in raw[pp.input_field]],
+    prompts = encode_prompts(tok, [pp.prompt(as_text(x)) for x in raw[pp.input_field]],
                              mp.max_prompt_tokens, is_seq2seq(guidance.backbone))
     responses = encode_responses(tok, raw[pp.text_field].map(as_text).tolist(), mp.max_target_tokens,
                                  turn_end_id(guidance.backbone, tok))

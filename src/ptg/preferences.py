@@ -209,7 +209,7 @@ def ranked_groups(long: pd.DataFrame, tokenizer: Any, backbone: Any, pp: Prefere
     from ptg.models import is_seq2seq
 
     groups = list(long.groupby("group", sort=False))
-    prompts = encode_prompts(tokenizer, [pp.prompt_template.format(input=g["input"].iloc[0]) for _, g in groups],
+    prompts = encode_prompts(tokenizer, [pp.prompt(g["input"].iloc[0]) for _, g in groups],
                              mp.max_prompt_tokens, is_seq2seq(backbone))
     texts = [t for _, g in groups for t in g["text"]]
     responses = iter(encode_responses(tokenizer, texts, mp.max_target_tokens, turn_end_id(backbone, tokenizer)))

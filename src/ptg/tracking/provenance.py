@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import subprocess
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -72,13 +73,32 @@ def folder_md5(path: str | Path) -> str:
 DEFERRED_HASH = "deferred"  # the dvc_hash of a record whose parent computes it (``lock_hash``)
 
 
-def lock_hash(workdir: str | Path, name: str) -> str:
-    """``dvc_stage_hash`` of stage ``name`` read from ``workdir``'s dvc.lock once DVC recorded the stage there:
-    the same fields (its command, the md5 of each dependency, the values of its params), without loading DVC;
-    "unknown" when the lock has no such stage."""
+LOCK_QUIET_S = 0.5  # how long dvc.lock must have been left alone before it is read while DVC may still write it
+
+
+def settled_lock(workdir: str | Path, newer_than: float = 0.0, quiet_s: float = LOCK_QUIET_S) -> str | None:
+    """The text of ``workdir``'s dvc.lock if it was written after ``newer_than`` (an mtime) and then left alone for
+    ``quiet_s`` seconds and did not change while it was read; None otherwise. DVC rewrites dvc.lock in place
+    (truncate, then write) after each stage, so a reader that only checked the mtime could see half a file."""
+    lock = Path(workdir) / "dvc.lock"
     try:
-        entry = yaml.load((Path(workdir) / "dvc.lock").read_text(), Loader=getattr(yaml, "CSafeLoader",
-                                                                                     yaml.SafeLoader))["stages"][name]
+        before = lock.stat()
+        if before.st_mtime <= newer_than or time.time() - before.st_mtime < quiet_s:
+            return None
+        text = lock.read_text()
+        after = lock.stat()
+    except OSError:
+        return None
+    return text if (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size) else None
+
+
+def lock_hash(workdir: str | Path, name: str, text: str | None = None) -> str:
+    """``dvc_stage_hash`` of stage ``name`` read from ``workdir``'s dvc.lock (or its ``text``) once DVC recorded the
+    stage there: the same fields (its command, the md5 of each dependency, the values of its params), without
+    loading DVC; "unknown" when the lock has no such stage."""
+    try:
+        text = (Path(workdir) / "dvc.lock").read_text() if text is None else text
+        entry = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))["stages"][name]
         deps = {dep["path"]: dep["md5"] for dep in entry.get("deps", [])} | dict(entry.get("params", {}))
         fingerprint = {"cmd": entry["cmd"], "deps": deps}
     except (OSError, KeyError, TypeError, yaml.YAMLError) as e:

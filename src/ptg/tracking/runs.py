@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from ptg.tracking.provenance import DEFERRED_HASH, folder_md5, git_commit, lock_hash, stage_tags
+from ptg.tracking.provenance import DEFERRED_HASH, folder_md5, git_commit, lock_hash, settled_lock, stage_tags
 from ptg.tracking.records import (
     DEFER_ENV,
     PENDING_DIR,
@@ -139,8 +139,17 @@ def replay_deferred(directory: Path, project: Path | None = None, final: bool = 
     stages = [(p, e) for p, e in entries if e["kind"] == "stage"]
 
     def ready(path: Path, entry: dict[str, Any]) -> bool:
-        lock = Path(entry["record"]["tags"].get("cwd", ".")) / "dvc.lock"
-        return final or lock.is_file() and lock.stat().st_mtime > path.stat().st_mtime
+        """Final, or DVC has recorded the stage: its dvc.lock, settled, holds the stage's entry (whose hash a
+        deferred record takes now, from the text that was checked)."""
+        tags = entry["record"]["tags"]
+        if final or tags.get("dvc_hash") != DEFERRED_HASH:
+            return final
+        workdir, name = tags.get("cwd", "."), tags["dvc_stage"]
+        text = settled_lock(workdir, newer_than=path.stat().st_mtime)
+        if text is None or (digest := lock_hash(workdir, name, text)) == "unknown":
+            return False
+        tags["dvc_hash"] = digest
+        return True
 
     todo = [(p, e) for p, e in stages if ready(p, e)]
     if len(todo) == len(stages):
