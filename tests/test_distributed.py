@@ -1,9 +1,10 @@
-"""Data-parallel train_lm and fit_guidance: two processes on gloo (`accelerate launch --multi_gpu
---num_processes 2`, on the CPU) take the same updates as one process on the same global batch, with a guidance
-weighting the tokens, batches that split unevenly between the ranks and references of different lengths (so a
-per-rank mean, averaged over ranks, would differ), for both normalisations of weighted MLE, for the baseline's
-uniform weights, for LoRA adapters and for the guidance's ListMLE; under REINFORCE (each rank samples its own
-share) the ranks stay in step."""
+"""Data-parallel train_lm and fit_guidance through accelerate's DDP: two processes on gloo (`accelerate launch
+--multi_gpu --num_processes 2`, on the CPU) take the same updates as one process on the same global batch, with a
+guidance weighting the tokens, batches that split unevenly between the ranks and references of different lengths
+(so a per-rank mean, averaged over ranks, would differ), for both normalisations of weighted MLE, for the
+baseline's uniform weights, for LoRA adapters, for the guidance's ListMLE and for the policy-gradient arms (on
+samples that depend on the example alone); under REINFORCE with the sampler (each rank samples its own share) and
+under the placebo credit the ranks stay in step."""
 
 import json
 import os
@@ -35,7 +36,8 @@ SCRIPT = textwrap.dedent('''
     # empty); 5 updates cover the epoch.
     examples = [Example([2, 3 + i % 5, 4 + i % 7], [5 + (i * j) % 9 for j in range(1 + i % 7)] + [EOS])
                 for i in range(13)]
-    histories = {"world": distributed.rank_and_world()[1]}
+    histories = {"world": distributed.rank_and_world()[1],
+                 "replica": type(distributed.replicate(tiny_llama(0))).__name__}  # DDP through accelerate
     for name, normalize, guided in (("batch", "batch", True), ("sequence", "sequence", True),
                                     ("uniform", "batch", False)):
         torch.manual_seed(0)
@@ -72,6 +74,38 @@ SCRIPT = textwrap.dedent('''
         histories[name] = train_lm(model, examples, cfg, PAD, torch.device("cpu"), guidance=guidance,
                                    sampling=SamplingConfig(max_new_tokens=4), eos_ids=[EOS], progress=False,
                                    optimizer=sgd)
+        rank = distributed.rank_and_world()[0]
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/{name}-rank{rank}.safetensors")
+    # The policy-gradient arms. The sampler's draws depend on which examples share its batch, so two processes
+    # cannot draw one process's samples; a stand-in sampler whose samples depend on the example alone (lengths 2
+    # to 5) and a scorer of the tokens make the updates comparable: DDP must then give one process's update for
+    # every credit, for weighted MLE with the term beside it and for REINFORCE whose sequence-level credit is
+    # standardised over the whole micro-batch. The placebo's permutations are each rank's own: in step only.
+    import ptg.train as train_module
+
+    def drawn_for(model, prompts, sampling, *args, **kwargs):
+        return [[[5 + (sum(p) * (j + 2) + t) % 9 for t in range(1 + (sum(p) + j) % 4)] + [EOS]
+                 for j in range(sampling.num_samples)] for p in prompts]
+
+    def score(references, drawn):
+        return [[(sum(s) % 7) / 7 for s in group] for group in drawn]
+
+    train_module.sample = drawn_for
+    for name, objective, credit, coeff in (("pg-sequence", "pg", "sequence", 0.0), ("pg-token", "pg", "token", 0.0),
+                                           ("pg-spread", "pg", "spread", 0.0), ("pg-placebo", "pg", "placebo", 0.0),
+                                           ("wmle-pg", "wmle", "spread", 0.5),
+                                           ("reinforce-sequence", "reinforce", "sequence", 0.0)):
+        torch.manual_seed(0)
+        guidance = guidance_for(tiny_llama(1))
+        for layer in (guidance.head[0], guidance.head[2]):
+            torch.nn.init.normal_(layer.weight, std=0.5)
+        model = tiny_llama(0)
+        cfg = TrainConfig(objective=objective, lr=0.5, batch_size=3, max_updates=5, normalize="sequence", seed=5,
+                          pg_credit=credit, pg_coeff=coeff, pg_samples=3, pg_spread=0.5)
+        sgd = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+        histories[name] = train_lm(model, examples, cfg, PAD, torch.device("cpu"), guidance=guidance,
+                                   sampling=SamplingConfig(max_new_tokens=4), eos_ids=[EOS], score=score,
+                                   progress=False, optimizer=sgd)
         rank = distributed.rank_and_world()[0]
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/{name}-rank{rank}.safetensors")
     # The guidance: ListMLE over groups of K = 4, 5 groups per update (3 and 2 per rank); 41 groups leave a batch
@@ -127,23 +161,32 @@ def runs(tmp_path_factory):
 def test_two_processes_take_the_updates_of_one(runs, name):
     one, two = runs
     assert [json.loads((d / "history.json").read_text())["world"] for d in (one, two)] == [1, 2]
+    assert [json.loads((d / "history.json").read_text())["replica"] for d in (one, two)] == [
+        "Replica", "DistributedDataParallel"]
     from ptg.train import micro_batches
 
     lengths = [3 + 1 + i % 7 + 1 for i in range(13)]  # prompt + reference tokens of the script's examples
     drawn = micro_batches(lengths, 3, torch.Generator().manual_seed(5))
     assert 1 in [len(next(drawn)) for _ in range(5)]  # a micro-batch one rank trains alone
-    a, b = load_file(one / f"{name}.safetensors"), load_file(two / f"{name}.safetensors")
+    assert_updates_of_one(one, two, f"{name}.safetensors", name)
+
+
+def assert_updates_of_one(one: Path, two: Path, weights: str, history: str) -> None:
+    """The weights ``weights`` that two processes trained moved from the start and equal one process's; the rows
+    of their ``history`` agree on the tokens (the whole micro-batch's, summed over ranks) and the metrics."""
+    a, b = load_file(one / weights), load_file(two / weights)
     from conftest import tiny_llama
 
     start = tiny_llama(0).state_dict()
     assert any(not torch.equal(a[k], start[k]) for k in a)  # the updates moved the weights
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5)
-    h1, h2 = (json.loads((d / "history.json").read_text())[name] for d in (one, two))
+    h1, h2 = (json.loads((d / "history.json").read_text())[history] for d in (one, two))
     for r1, r2 in zip(h1, h2, strict=True):
-        assert r2["tokens"] == r1["tokens"]  # the whole micro-batch's tokens, summed over ranks
-        for key in ("loss", "nll", "reward", "grad_norm"):
-            assert r2[key] == pytest.approx(r1[key], rel=1e-5), (name, key)
+        assert r2["tokens"] == r1["tokens"]
+        for key in ("loss", "nll", "reward", "pg_loss", "pg_score", "grad_norm"):
+            if key in r1:
+                assert r2[key] == pytest.approx(r1[key], rel=1e-5, abs=1e-7), (history, key, r1["update"])
 
 
 def test_two_processes_fit_the_guidance_of_one(runs):
@@ -181,6 +224,21 @@ def test_two_processes_train_lora_adapters_as_one(runs):
     for r1, r2 in zip(h1, h2, strict=True):
         assert r2["tokens"] == r1["tokens"] and r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)
     assert h1[-1]["loss"] < h1[0]["loss"]  # the adapters learned
+
+
+@pytest.mark.parametrize("name", ["pg-sequence", "pg-token", "pg-spread", "wmle-pg", "reinforce-sequence"])
+def test_two_processes_take_the_policy_gradient_updates_of_one(runs, name):
+    """The policy-gradient term under DDP: each rank samples and scores its own examples, the normalisers (tokens,
+    the rms of the credit, the standardisation of REINFORCE's scores) are the whole micro-batch's, and the update
+    is one process's on the same samples."""
+    one, two = runs
+    assert_updates_of_one(one, two, f"{name}-rank0.safetensors", name)
+
+
+def test_placebo_ranks_stay_in_step(runs):
+    _, two = runs
+    w0, w1 = (load_file(two / f"pg-placebo-rank{r}.safetensors") for r in (0, 1))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
 
 
 def test_reinforce_ranks_stay_in_step(runs):

@@ -1,19 +1,25 @@
-"""Data parallelism for `train_lm`: several processes, one model replica each, one global batch.
+"""Data parallelism for `train_lm` and `fit_guidance`: several processes, one model replica each, one global batch,
+through accelerate and PyTorch's DistributedDataParallel (DDP).
 
 Launch a stage with ``accelerate launch --multi_gpu --num_processes N stages/train_lm.py --round r`` (or
 ``torchrun --nproc-per-node N``; both set RANK / WORLD_SIZE / LOCAL_RANK). ``init_from_env`` joins the process
-group (NCCL on CUDA, one GPU per process; gloo on the CPU). Every rank draws the same seeded micro-batches and trains
-on its share of each (``shard``); each rank's loss is its part of the global batch's loss (its numerator over
-the numerator's count summed over ranks, ``all_reduce_sum``), and ``sync_gradients`` sums the gradients, so every
-rank takes the update one process would take on the whole batch, to float rounding. Rank 0 writes the outputs.
-In one process every function here is a no-op.
+group through accelerate (NCCL on CUDA, one GPU per process; gloo on the CPU). Every rank draws the same seeded
+micro-batches and trains on its share of each (``shard``). The loss of a micro-batch is built from sums: each rank
+computes its numerators through its ``replicate``-d model (a DDP module: one forward covers every model call the
+loss makes, and DDP all-reduces the gradients bucket by bucket while the backward pass runs), the denominators are
+summed over ranks (``all_reduce_sum``), and each rank back-propagates ``world x`` its numerators over the global
+denominators, so that DDP's mean over ranks is the update one process takes on the whole micro-batch, to float
+rounding. A rank whose share is empty still takes part, with a loss of zero that reaches every trainable weight
+(``zero_loss``). Rank 0 writes the outputs. In one process every function here is a no-op and ``replicate`` wraps
+without DDP.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterable, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -22,14 +28,13 @@ T = TypeVar("T")
 
 
 def init_from_env() -> None:
-    """Join the process group a launcher set up (WORLD_SIZE > 1), once; on CUDA, each process on its LOCAL_RANK."""
+    """Join the process group a launcher set up (WORLD_SIZE > 1), once, through accelerate's ``PartialState``
+    (NCCL on CUDA with each process on its LOCAL_RANK; gloo on the CPU)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available())  # cpu: accelerate's gloo processes (MULTI_CPU)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -57,24 +62,45 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def sync_gradients(params: Iterable[torch.nn.Parameter]) -> None:
-    """Sum the gradients of ``params`` over ranks (one flat all-reduce; a rank without a gradient adds zeros)."""
-    if rank_and_world()[1] == 1:
-        return
-    params = list(params)
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-        offset += n
-
-
 def barrier() -> None:
     """Wait for every rank (no-op in one process)."""
     if rank_and_world()[1] > 1:
         dist.barrier()
+
+
+class Replica(torch.nn.Module):
+    """The module DDP wraps: ``replica(fn, *args)`` returns ``fn(model, *args)``, so that one DDP forward covers
+    every call a loss makes to ``model`` (a shared prompt prefix, then each prompt's rest; the policy-gradient term
+    beside weighted MLE) and DDP's gradient hooks fire once per backward."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable[..., T], *args: Any) -> T:
+        return fn(self.model, *args)
+
+
+@functools.cache
+def _accelerator() -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # ptg sets the precision itself (ptg.precision); the buffers (rotary frequencies) are the same on every rank.
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
+                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+
+
+def replicate(model: torch.nn.Module) -> torch.nn.Module:
+    """``Replica(model)``, prepared by accelerate as a DDP module when there are several processes (the weights
+    broadcast from rank 0 once; gradients averaged over ranks in the backward pass)."""
+    replica = Replica(model)
+    if rank_and_world()[1] == 1:
+        return replica
+    return _accelerator().prepare_model(replica, device_placement=False)
+
+
+def zero_loss(model: torch.nn.Module) -> torch.Tensor:
+    """0 x the sum of ``model``'s trainable weights: the loss of a rank with nothing to train on this step, which
+    gives each of them a zero gradient so that the rank joins DDP's gradient all-reduce."""
+    return sum((p.sum() for p in model.parameters() if p.requires_grad), torch.zeros(())) * 0.0

@@ -12,7 +12,6 @@ Checkpoints are safetensors only.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -27,7 +26,7 @@ from transformers import AutoModel, PreTrainedModel
 
 from ptg import distributed, losses
 from ptg.config import FitConfig
-from ptg.models import Batch, collate, require_safetensors, response_hidden
+from ptg.models import Batch, collate, cpu_state, require_safetensors, response_hidden
 from ptg.precision import WorkingCopy, autocast
 
 log = logging.getLogger(__name__)
@@ -244,22 +243,26 @@ def evaluate_guidance(guidance: Guidance, groups: Sequence[RankedGroup], cfg: Fi
             "pairs": compared}
 
 
-def _shard_loss(guidance: Guidance, batch: Batch, prefs: torch.Tensor, cfg: FitConfig, gen: torch.Generator,
+def _shard_loss(replica: torch.nn.Module, batch: Batch, prefs: torch.Tensor, cfg: FitConfig, gen: torch.Generator,
                 device: torch.device, dtype: torch.dtype) -> float:
-    """Forward and backward of this rank's groups of one batch (all of them in one process), the ListMLE scaled
-    to their share of the batch's mean; returns the whole batch's loss (summed over ranks). Every rank draws the
-    batch's tie-break permutation, so the generator stays in step with one process's."""
+    """Forward (through ``replica``, ``distributed.replicate`` of the guidance) and backward of this rank's groups
+    of one batch (all of them in one process), the ListMLE scaled to their share of the batch's mean and by the
+    world (DDP averages the ranks' gradients); returns the whole batch's loss (summed over ranks). Every rank draws
+    the batch's tie-break permutation, so the generator stays in step with one process's."""
     rows = distributed.shard(range(prefs.shape[0]))
-    share = torch.zeros((), device=device)
-    if rows:
+    world = distributed.rank_and_world()[1]
+
+    def objective(guidance: Guidance) -> torch.Tensor:
+        if not rows:
+            losses.tie_break_permutation(prefs.shape[1], gen)  # the draw list_mle makes on the ranks with rows
+            return distributed.zero_loss(guidance)
         with autocast(device, dtype):
             scores = sequence_scores(guidance, batch.groups(rows).to(device), cfg).float()
-        loss = losses.list_mle(scores, prefs[rows].to(device), generator=gen) * (len(rows) / prefs.shape[0])
-        loss.backward()
-        share = loss.detach()
-    else:
-        losses.tie_break_permutation(prefs.shape[1], gen)  # the draw list_mle makes on the ranks with rows
-    return float(distributed.all_reduce_sum(share.float()))
+        return losses.list_mle(scores, prefs[rows].to(device), generator=gen) * (len(rows) / prefs.shape[0])
+
+    loss = replica(objective)
+    (loss * world).backward()
+    return float(distributed.all_reduce_sum(loss.detach().float()))
 
 
 def fit_guidance(guidance: Guidance, train: Sequence[RankedGroup], val: Sequence[RankedGroup], cfg: FitConfig,
@@ -284,11 +287,12 @@ def fit_guidance(guidance: Guidance, train: Sequence[RankedGroup], val: Sequence
                                                        patience=cfg.lr_patience, min_lr=1e-6)
     work = WorkingCopy(guidance, dtype)  # bf16: forward and backward on a bf16 copy, the update on fp32 weights
     net = work.model
+    replica = distributed.replicate(net)  # DDP through accelerate when several processes fit
     start = evaluate_guidance(net, val, cfg, pad_id, device, dtype)
     history: list[dict[str, float]] = [{"update": 0, "val_loss": start["loss"], "val_accuracy": start["accuracy"]}]
     best, best_state, best_update, stale = start, None, -1, 0
     if guidance.fitted:
-        best_state, best_update = copy.deepcopy(guidance.state_dict()), 0
+        best_state, best_update = cpu_state(guidance), 0
     batches: Iterator[tuple[Batch, torch.Tensor]] = iter(())
     update = 0
     bar = tqdm(total=cfg.max_updates, desc="fit_guidance", disable=not progress, leave=False)
@@ -300,9 +304,8 @@ def fit_guidance(guidance: Guidance, train: Sequence[RankedGroup], val: Sequence
             batches = _group_batches(train, cfg.batch_groups, pad_id, order)
             continue
         opt.zero_grad(set_to_none=True)
-        loss = _shard_loss(net, batch, prefs, cfg, gen, device, dtype)
+        loss = _shard_loss(replica, batch, prefs, cfg, gen, device, dtype)
         work.push()
-        distributed.sync_gradients(guidance.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(guidance.parameters(), cfg.clip_norm)
         opt.step()
         work.pull()
@@ -317,7 +320,7 @@ def fit_guidance(guidance: Guidance, train: Sequence[RankedGroup], val: Sequence
             # Relative threshold as the reference, written so it is also right for a negative best.
             if best_update < 0 or val_metrics["loss"] < best["loss"] - 1e-4 * abs(best["loss"]):
                 best, best_update, stale = val_metrics, update, 0
-                best_state = copy.deepcopy(guidance.state_dict())
+                best_state = cpu_state(guidance)
             else:
                 stale += 1
         history.append(row)

@@ -8,6 +8,7 @@ bfloat16 (they compute in the dtype they are given).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -272,11 +273,17 @@ def spread_advantages(scores: torch.Tensor, rewards: torch.Tensor, mask: torch.T
     return seq * ((1.0 - beta) + beta * shares)
 
 
-def standardized(scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def standardized(scores: torch.Tensor, eps: float = 1e-8,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """(s - mean) / std over all of ``scores`` (population std): RLPrompt's per-step reward normalisation, the
-    sequence-level credit of REINFORCE without references. Constant scores give zeros."""
-    centred = scores - scores.mean()
-    return centred / (centred.pow(2).mean().sqrt() + eps)
+    sequence-level credit of REINFORCE without references. Constant scores give zeros. ``reduce`` sums a tensor
+    over the shards of a batch (``ptg.distributed.all_reduce_sum``): the mean and std are then the whole batch's."""
+    reduce = reduce or (lambda t: t)
+    s = scores.to(torch.float32)
+    n, total = reduce(torch.stack([s.new_tensor(float(s.numel())), s.sum()])).tolist()
+    centred = s - total / n
+    std = (reduce(centred.pow(2).sum().reshape(1)) / n).sqrt()
+    return centred / (std + eps)
 
 
 def policy_gradient_loss(nll: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
@@ -290,16 +297,30 @@ def policy_gradient_loss(nll: torch.Tensor, advantages: torch.Tensor, mask: torc
     (``spread_advantages``) passes the sequence-level advantages as ``scale_by``: it then takes the very step size
     of sequence-level credit and differs from it in where the credit goes alone. All-zero S gives 0. Minimising it
     raises the log-probability of tokens with a positive advantage. Returns a scalar."""
+    return policy_gradient_from_parts(*policy_gradient_parts(nll, advantages, mask, scale_by))
+
+
+def policy_gradient_parts(nll: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                          scale_by: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``policy_gradient_loss`` as sums: (sum of A x nll over valid tokens, valid tokens, sum of S squared over
+    valid tokens). Summed over the shards of a batch and given to ``policy_gradient_from_parts``, they make the
+    whole batch's loss (data parallelism, ``ptg.distributed``)."""
     scale_by = advantages if scale_by is None else scale_by
     _check_same_shape(nll=nll, advantages=advantages, mask=mask, scale_by=scale_by)
     m = mask.to(torch.float32)
-    total = m.sum()
-    if total == 0:
-        raise ValueError("mask has no valid token")
     a = advantages.detach().to(torch.float32) * m
-    rms = ((scale_by.detach().to(torch.float32) * m).pow(2).sum() / total).sqrt()
+    squares = (scale_by.detach().to(torch.float32) * m).pow(2).sum()
+    return (a * nll.masked_fill(~mask.bool(), 0.0).float()).sum(), m.sum(), squares
+
+
+def policy_gradient_from_parts(numerator: torch.Tensor, tokens: torch.Tensor, squares: torch.Tensor
+                               ) -> torch.Tensor:
+    """The policy-gradient loss from ``policy_gradient_parts`` (each summed over shards, or of one batch)."""
+    if tokens == 0:
+        raise ValueError("mask has no valid token")
+    rms = (squares / tokens).sqrt()
     scale = torch.where(rms > 0, 1.0 / rms.clamp(min=1e-12), torch.zeros_like(rms))
-    return (a * scale * nll.masked_fill(~mask.bool(), 0.0).float()).sum() / total
+    return numerator * scale / tokens
 
 
 def weighted_mle(

@@ -192,6 +192,12 @@ def decoder_only_inputs(batch: Batch, n_prompt_repeat: int) -> dict[str, torch.T
 MIN_SHARED_PREFIX = 8  # leading tokens every prompt of a batch must share for a pass of their own to pay
 
 
+def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``module``'s state dict in host memory: a best checkpoint kept beside training, off the training
+    device (a second copy of the weights there would halve the model that fits)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
 def shared_prefix_len(ids: torch.Tensor, mask: torch.Tensor) -> int:
     """How many leading tokens all of a batch's left-padded prompts ``ids`` (B, P) have in common (a chat template's
     system turn, an instruction), leaving each prompt at least one token of its own; 0 for fewer than

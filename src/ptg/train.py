@@ -38,7 +38,7 @@ from transformers import PreTrainedModel
 from ptg import distributed, losses
 from ptg.config import TrainConfig
 from ptg.guidance import Guidance, token_rewards
-from ptg.models import Batch, collate, response_logits
+from ptg.models import Batch, collate, cpu_state, response_logits
 from ptg.precision import WorkingCopy, autocast
 from ptg.sampling import SamplingConfig, filter_logits, sample
 
@@ -132,14 +132,28 @@ def _sampled_nll(model: PreTrainedModel, batch: Batch, sampling: SamplingConfig)
     return losses.token_nll(logits, batch.response_ids, batch.response_mask), logits
 
 
-def _policy_gradient(model: PreTrainedModel, chunk: Sequence[Example], cfg: TrainConfig, guidance: Guidance | None,
-                     sampling: SamplingConfig, score: SampleScorer | None, eos_ids: Sequence[int], pad_id: int,
-                     device: torch.device, dtype: torch.dtype, sample_gen: torch.Generator,
-                     placebo_gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The policy-gradient loss on ``cfg.pg_samples`` on-policy samples per example with a leave-one-out baseline
-    and ``cfg.pg_credit``'s credit (``ptg.losses``): sequence (the sample's ``score``), token (the guidance's
-    rewards), spread (the sample's advantage shared out by the guidance, its sum kept) or placebo (spread with the
-    shares permuted within each sample, from ``placebo_gen``). Returns (loss, sums for the metrics row)."""
+@dataclass
+class _PolicyGradient:
+    """The policy-gradient term's inputs for one micro-batch shard, drawn and scored before the forward pass that
+    learns from them: the samples as a batch and each token's advantage (and ``scale_by``, see
+    ``losses.policy_gradient_loss``)."""
+
+    batch: Batch
+    advantages: torch.Tensor
+    scale_by: torch.Tensor | None
+    sums: dict[str, torch.Tensor]
+
+
+@torch.no_grad()
+def _pg_inputs(model: PreTrainedModel, chunk: Sequence[Example], cfg: TrainConfig, guidance: Guidance | None,
+               sampling: SamplingConfig, score: SampleScorer | None, eos_ids: Sequence[int], pad_id: int,
+               device: torch.device, dtype: torch.dtype, sample_gen: torch.Generator,
+               placebo_gen: torch.Generator) -> _PolicyGradient:
+    """``cfg.pg_samples`` on-policy samples per example with a leave-one-out baseline and ``cfg.pg_credit``'s
+    credit (``ptg.losses``): sequence (the sample's ``score``), token (the guidance's rewards), spread (the sample's
+    advantage shared out by the guidance, its sum kept) or placebo (spread with the shares permuted within each
+    sample, from ``placebo_gen``). Each rank draws the samples of its own examples; every credit is computed
+    within an example's K samples, so it is the same however the examples are shared out."""
     k = cfg.pg_samples
     prompts = [e.prompt for e in chunk]
     drawn = sample(model, prompts, dataclasses.replace(sampling, num_samples=k), eos_ids, pad_id, device, dtype,
@@ -147,9 +161,7 @@ def _policy_gradient(model: PreTrainedModel, chunk: Sequence[Example], cfg: Trai
     model.train()
     batch = collate(prompts, [s for group in drawn for s in group], pad_id).to(device)
     mask = batch.response_mask
-    with autocast(device, dtype):
-        nll, _ = _sampled_nll(model, batch, sampling)
-    sums = {"pg_tokens": mask.sum().float(), "pg_nll": (nll.detach() * mask).sum().float()}
+    sums = {"pg_score": torch.zeros((), device=device)}
     scores = None
     if score is not None:  # the samples' sequence-level score, logged whatever the credit
         scores = torch.tensor(score([e.references for e in chunk], drawn), dtype=torch.float32, device=device)
@@ -157,23 +169,19 @@ def _policy_gradient(model: PreTrainedModel, chunk: Sequence[Example], cfg: Trai
     rewards = None
     if cfg.pg_credit != "sequence":
         assert guidance is not None
-        with torch.no_grad(), autocast(device, dtype):
+        with autocast(device, dtype):
             rewards = guidance(batch).float()
-    scale_by = None
     if cfg.pg_credit == "sequence":
         assert scores is not None
-        adv = losses.sequence_advantages(scores, mask)
-    elif cfg.pg_credit == "token":
+        return _PolicyGradient(batch, losses.sequence_advantages(scores, mask), None, sums)
+    if cfg.pg_credit == "token":
         assert rewards is not None
-        adv = losses.token_advantages(rewards, mask, k)
-    else:  # spread, placebo: the step size of sequence-level credit, the credit placed by the guidance
-        assert scores is not None and rewards is not None
-        adv = losses.spread_advantages(scores, rewards, mask, cfg.pg_spread, cfg.pg_temperature,
-                                       placebo_gen if cfg.pg_credit == "placebo" else None)
-        scale_by = losses.sequence_advantages(scores, mask)
-    term = losses.policy_gradient_loss(nll, adv, mask, scale_by)
-    sums["pg_loss"] = term.detach()
-    return term, sums
+        return _PolicyGradient(batch, losses.token_advantages(rewards, mask, k), None, sums)
+    # spread, placebo: the step size of sequence-level credit, the credit placed by the guidance
+    assert scores is not None and rewards is not None
+    adv = losses.spread_advantages(scores, rewards, mask, cfg.pg_spread, cfg.pg_temperature,
+                                   placebo_gen if cfg.pg_credit == "placebo" else None)
+    return _PolicyGradient(batch, adv, losses.sequence_advantages(scores, mask), sums)
 
 
 def _loss(model: PreTrainedModel, batch: Batch, chunk: Sequence[Example], cfg: TrainConfig,
@@ -204,71 +212,101 @@ def _loss(model: PreTrainedModel, batch: Batch, chunk: Sequence[Example], cfg: T
     return losses.reinforce_loss(nll, rewards, mask, cfg.use_q) + cfg.entropy_coeff * neg_ent, sums["tokens"], sums
 
 
-def _micro_batch(model: PreTrainedModel, chunk: list[Example], cfg: TrainConfig, guidance: Guidance | None,
-                 sampling: SamplingConfig | None, score: SampleScorer | None, eos_ids: Sequence[int], pad_id: int,
-                 device: torch.device, dtype: torch.dtype, sample_gen: torch.Generator,
-                 placebo_gen: torch.Generator) -> dict[str, float]:
-    """Forward and backward of this rank's ``chunk`` of one micro-batch, its loss scaled to its share of the
-    whole micro-batch's loss (the counts are summed over ranks first); returns the micro-batch's metrics (loss,
-    per-token nll / reward / entropy means, tokens), summed over ranks. A rank with no example (a micro-batch
-    smaller than the world) still joins the reductions and adds nothing. Objective pg (one process): the
-    policy-gradient loss alone, its nll and tokens those of the samples, its reward their mean score."""
-    rank_sums = {k: torch.zeros((), device=device) for k in ("count", "loss", "tokens", "nll", "reward", "entropy")}
-    loss = None
-    if chunk and cfg.objective == "pg":
-        assert sampling is not None
-        loss, pg_sums = _policy_gradient(model, chunk, cfg, guidance, sampling, score, eos_ids, pad_id, device, dtype,
-                                         sample_gen, placebo_gen)
-        rank_sums |= {k: v.detach().float() for k, v in pg_sums.items()}
-        rank_sums |= {"count": torch.ones((), device=device), "loss": loss.detach().float(),
-                      "tokens": pg_sums["pg_tokens"], "nll": pg_sums["pg_nll"],
-                      "reward": pg_sums.get("pg_score", torch.zeros((), device=device)) * pg_sums["pg_tokens"]
-                      / len(chunk)}
-    elif chunk:
-        prompts = [e.prompt for e in chunk]
-        credit = None
-        if cfg.objective == "reinforce":
-            assert sampling is not None
-            drawn = sample(model, prompts, sampling, eos_ids, pad_id, device, dtype, batch_size=len(prompts),
-                           generator=sample_gen, progress=False)
-            responses = [s[0] for s in drawn]
-            model.train()
-            # RLPrompt's credit: the sample's score, standardised over the micro-batch's samples (the step's, unless
-            # grad_accum > 1); a micro-batch of one sample gets none.
-            if cfg.pg_credit == "sequence":
-                assert score is not None
-                scores = torch.tensor([s[0] for s in score([e.references for e in chunk], drawn)],
-                                      dtype=torch.float32)
-                credit = losses.standardized(scores)
-                rank_sums["pg_score"] = scores.sum().to(device)
-        else:
-            responses = [e.response for e in chunk]
-        batch = collate(prompts, responses, pad_id).to(device)
-        with autocast(device, dtype):
-            loss, count, sums = _loss(model, batch, chunk, cfg, guidance, sampling, credit)
-        if cfg.pg_coeff > 0:  # one process (train_lm refuses it data-parallel): loss is the whole micro-batch's
-            assert sampling is not None
-            term, pg_sums = _policy_gradient(model, chunk, cfg, guidance, sampling, score, eos_ids, pad_id, device,
-                                             dtype, sample_gen, placebo_gen)
-            loss = loss + cfg.pg_coeff * term
-            rank_sums |= {k: v.detach().float() for k, v in pg_sums.items()}
-        rank_sums |= {k: v.detach().float() for k, v in sums.items()} | {"count": count.detach().float(),
-                                                                          "loss": loss.detach().float() * count}
-    keys = list(rank_sums)
-    total = distributed.all_reduce_sum(torch.stack([rank_sums[k] for k in keys]))
-    every = dict(zip(keys, total.tolist(), strict=True))
-    if loss is not None:
-        # This rank's share: loss * count / total count (exactly the loss in one process: count / count = 1).
-        (loss * (rank_sums["count"] / total[keys.index("count")]) / cfg.grad_accum).backward()
-    tokens = every["tokens"]
-    out = {"loss": every["loss"] / every["count"], "tokens": tokens, "nll": every["nll"] / tokens,
-           "reward": every["reward"] / tokens}
+# What a micro-batch's metrics row sums over ranks (the same keys on every rank, whatever its share).
+_SUMS = ("examples", "count", "main", "pg", "pg_tokens", "pg_squares", "tokens", "nll", "reward", "entropy",
+         "pg_nll", "pg_score")
+
+
+def _micro_batch(model: PreTrainedModel, replica: torch.nn.Module, chunk: list[Example], cfg: TrainConfig,
+                 guidance: Guidance | None, sampling: SamplingConfig | None, score: SampleScorer | None,
+                 eos_ids: Sequence[int], pad_id: int, device: torch.device, dtype: torch.dtype,
+                 sample_gen: torch.Generator, placebo_gen: torch.Generator) -> dict[str, float]:
+    """Forward and backward of this rank's ``chunk`` of one micro-batch; returns the whole micro-batch's metrics
+    (loss, per-token nll / reward / entropy means, tokens), the same on every rank.
+
+    ``model`` samples (no gradient); ``replica`` (``distributed.replicate(model)``) runs every forward that is
+    learnt from, once. The loss is built from sums: this rank's numerators (weighted MLE or REINFORCE: the loss
+    times its count; the policy-gradient term: ``losses.policy_gradient_parts``) over the denominators summed over
+    ranks, so the ranks' losses add up to the whole micro-batch's, as one process would compute it. A rank with no
+    example (a micro-batch smaller than the world) adds zeros. Objective pg: the policy-gradient loss alone, its
+    nll and tokens those of the samples, its reward their mean score."""
+    world = distributed.rank_and_world()[1]
+    prompts = [e.prompt for e in chunk]
+    local = {k: torch.zeros((), device=device) for k in _SUMS} | {"examples": torch.tensor(float(len(chunk)),
+                                                                                             device=device)}
+    credit = None
+    responses = [e.response for e in chunk]
     if cfg.objective == "reinforce":
-        out["entropy"] = every["entropy"] / tokens
-    if "pg_loss" in every:
-        out["pg_loss"] = every["pg_loss"]
-    if "pg_score" in every:  # the samples' mean sequence-level score (per input: a mean over its K samples)
-        out["pg_score"] = every["pg_score"] / len(chunk)
+        assert sampling is not None
+        drawn = sample(model, prompts, sampling, eos_ids, pad_id, device, dtype, batch_size=len(prompts),
+                       generator=sample_gen, progress=False) if chunk else []
+        responses = [s[0] for s in drawn]
+        model.train()
+        # RLPrompt's credit: the sample's score, standardised over the micro-batch's samples (the step's, unless
+        # grad_accum > 1, over every rank's); a micro-batch of one sample gets none.
+        if cfg.pg_credit == "sequence":
+            assert score is not None
+            scores = torch.tensor([s[0] for s in score([e.references for e in chunk], drawn)] if chunk else [],
+                                  dtype=torch.float32, device=device)
+            credit = losses.standardized(scores, reduce=distributed.all_reduce_sum)
+            local["pg_score"] = scores.sum()
+    pg = None
+    if chunk and (cfg.pg_coeff > 0 or cfg.objective == "pg"):
+        assert sampling is not None
+        pg = _pg_inputs(model, chunk, cfg, guidance, sampling, score, eos_ids, pad_id, device, dtype, sample_gen,
+                        placebo_gen)
+        local["pg_score"] = pg.sums["pg_score"]
+    batch = collate(prompts, responses, pad_id).to(device) if chunk and cfg.objective != "pg" else None
+
+    def objective(net: PreTrainedModel) -> dict[str, torch.Tensor]:
+        """This rank's numerators (with gradient) and sums, from every forward of the micro-batch."""
+        out: dict[str, torch.Tensor] = {}
+        if batch is not None:
+            with autocast(device, dtype):
+                loss, count, sums = _loss(net, batch, chunk, cfg, guidance, sampling, credit)
+            out |= {"main": loss * count, "count": count} | sums
+        if pg is not None:
+            with autocast(device, dtype):
+                nll, _ = _sampled_nll(net, pg.batch, sampling)
+            mask = pg.batch.response_mask
+            out["pg"], out["pg_tokens"], out["pg_squares"] = losses.policy_gradient_parts(nll, pg.advantages, mask,
+                                                                                          pg.scale_by)
+            out["pg_nll"] = (nll.detach() * mask).sum()
+        if not out:
+            out["main"] = distributed.zero_loss(net)
+        return out
+
+    parts = replica(objective)
+    local |= {k: v.detach().float() for k, v in parts.items()}
+    every = dict(zip(_SUMS, distributed.all_reduce_sum(torch.stack([local[k] for k in _SUMS])), strict=True))
+    main_loss = every["main"] / every["count"] if cfg.objective != "pg" else None
+    pg_loss = (losses.policy_gradient_from_parts(every["pg"], every["pg_tokens"], every["pg_squares"])
+               if cfg.objective == "pg" or cfg.pg_coeff > 0 else None)
+    # This rank's part of the whole micro-batch's loss, times the world: DDP averages the ranks' gradients.
+    share = parts["main"] / every["count"] if "count" in parts else parts.get("main", 0.0)
+    if "pg" in parts:
+        share = share + (1.0 if cfg.objective == "pg" else cfg.pg_coeff) * losses.policy_gradient_from_parts(
+            parts["pg"], every["pg_tokens"], every["pg_squares"])
+    (share * world / cfg.grad_accum).backward()
+    examples = float(every["examples"])
+    if cfg.objective == "pg":
+        assert pg_loss is not None
+        tokens = float(every["pg_tokens"])
+        out = {"loss": float(pg_loss), "tokens": tokens, "nll": float(every["pg_nll"]) / tokens,
+               "reward": float(every["pg_score"]) / examples}
+    else:
+        assert main_loss is not None
+        tokens = float(every["tokens"])
+        loss = main_loss + cfg.pg_coeff * pg_loss if pg_loss is not None else main_loss
+        out = {"loss": float(loss), "tokens": tokens, "nll": float(every["nll"]) / tokens,
+               "reward": float(every["reward"]) / tokens}
+    if cfg.objective == "reinforce":
+        out["entropy"] = float(every["entropy"]) / tokens
+    if pg_loss is not None:
+        out["pg_loss"] = float(pg_loss)
+    if cfg.pg_coeff > 0 or cfg.objective == "pg" or cfg.objective == "reinforce" and cfg.pg_credit == "sequence":
+        # the samples' mean sequence-level score (per input: a mean over its K samples)
+        out["pg_score"] = float(every["pg_score"]) / examples
     return out
 
 
@@ -331,12 +369,8 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
         raise ValueError("objective 'reinforce' needs a sampling temperature > 0 (greedy decoding has no gradient)")
     if cfg.objective == "wmle" and any(not e.response for e in examples):
         raise ValueError(f"objective {cfg.objective!r} needs a reference response for every example")
-    if cfg.objective == "reinforce" and cfg.pg_credit == "sequence":
-        if score is None:
-            raise ValueError("objective reinforce with pg_credit 'sequence' needs a sample scorer")
-        if distributed.rank_and_world()[1] > 1:
-            raise ValueError("sequence-level credit standardises over the micro-batch's samples, not a shard of "
-                             "them: use launcher: python")
+    if cfg.objective == "reinforce" and cfg.pg_credit == "sequence" and score is None:
+        raise ValueError("objective reinforce with pg_credit 'sequence' needs a sample scorer")
     if cfg.objective == "grpo":
         raise ValueError("objective grpo trains with TRL's GRPOTrainer (ptg.grpo.train_grpo), not this loop")
     if cfg.pg_coeff > 0 or cfg.objective == "pg":
@@ -347,8 +381,6 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
             raise ValueError(f"pg_credit {cfg.pg_credit!r} needs a sample scorer")
         if cfg.pg_credit != "sequence" and guidance is None:
             raise ValueError(f"pg_credit {cfg.pg_credit!r} needs a guidance")
-        if distributed.rank_and_world()[1] > 1:
-            raise ValueError(f"{what} runs in one process (its samples are not sharded); use launcher: python")
     if cfg.eval_every and validate is None:
         raise ValueError("eval_every > 0 needs a validate function")
     rank = distributed.rank_and_world()[0]
@@ -369,6 +401,7 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
     opt = optimizer if optimizer is not None else make_optimizer(model, cfg)
     work = WorkingCopy(model, dtype)  # bf16: forward and backward on a bf16 copy, the update on fp32 weights
     net = work.model.train()
+    replica = distributed.replicate(net)  # DDP through accelerate when several processes train
     batches = iter(plan)
     history: list[dict[str, float]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
@@ -379,7 +412,7 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
         scored = validate(net)
         net.train()
         if best is None or scored["val_score"] > best[0]:
-            best = (scored["val_score"], update, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            best = (scored["val_score"], update, cpu_state(model))
         return scored
 
     if cfg.eval_every:
@@ -391,12 +424,11 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
         sums: dict[str, float] = {}
         for _ in range(cfg.grad_accum):
             chunk = distributed.shard([examples[i] for i in next(batches)])
-            parts = _micro_batch(net, chunk, cfg, guidance, sampling, score, eos_ids, pad_id, device, dtype,
-                                 sample_gen, placebo_gen)
+            parts = _micro_batch(net, replica, chunk, cfg, guidance, sampling, score, eos_ids, pad_id, device,
+                                 dtype, sample_gen, placebo_gen)
             work.push()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + (v if k == "tokens" else v / cfg.grad_accum)
-        distributed.sync_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
         opt.step()
         work.pull()
