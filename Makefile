@@ -32,7 +32,7 @@ $(VENV_STAMP): pyproject.toml constraints.txt scripts/install.sh scripts/install
 # fixtures are built once (`--dist loadgroup` would group finer, but pytest 9.2's node ids break its groups:
 # pytest-xdist#1386); files go out in collection order, the longest first (tests/conftest.py LONGEST_FIRST), not
 # xdist's most-tests-first. `make test-fast`: the inner loop, everything but the integration tests (marker `slow`).
-PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+PYTEST := $(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 test: $(VENV_STAMP)
 	$(PYTEST)

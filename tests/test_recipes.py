@@ -1,4 +1,4 @@
-"""The README's three recipes, run end to end (`dvc repro` of the whole pipeline, one round) on tiny models, offline:
+"""The README's three recipes, run end to end (`dvc repro` of one round up to its evaluation) on tiny models, offline:
 the recipe's own params block, read from README.md (```yaml blocks whose first line is `# recipe: <name>`) or its
 shipped config, with a local folder standing in for each hub id and the quick profile's budgets. What a recipe says is
 what runs: a key renamed in the code or the README fails here."""
@@ -61,9 +61,11 @@ def own_data(folder, input_field="document", target_field="summary", n=(24, 8, 8
 
 
 def run_pipeline(params: dict, tmp_path) -> dict:
+    """``dvc repro`` of ``params`` up to round 1's evaluation (every stage the recipe's data, models and preferences
+    reach; the baseline and the report read only what these write, and test_pipeline runs them)."""
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ws = make_workspace(tmp_path / "params.yaml", tmp_path / "project")
-    run(["dvc", "repro"], ws)
+    run(["dvc", "repro", "evaluate@1"], ws)
     assert (ws / "data" / "rounds" / "1" / "lm" / "config.json").is_file()  # a trained LM
     return json.loads((ws / "metrics" / "rounds" / "1" / "evaluate.json").read_text())
 
