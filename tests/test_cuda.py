@@ -51,7 +51,7 @@ def test_k_responses_per_prompt_repeat_the_prompt_on_the_gpu_and_match_the_share
 
     model = tiny_llama()
     batch = collate(PROMPTS, [[4, 5], [6, EOS], [7], [8, 9, 10], [11, EOS], [12]], PAD)
-    assert batch.group_size == 2 and shares_prompts(batch) and not shares_prompts(batch.to(GPU))
+    assert batch.group_size == 2 and shares_prompts(model, batch) and not shares_prompts(model, batch.to(GPU))
     cpu = response_logits(model, batch), response_hidden(model.model, batch)
     gpu = response_logits(model.to(GPU), batch.to(GPU)), response_hidden(model.model, batch.to(GPU))
     mask = batch.response_mask.bool()

@@ -148,7 +148,7 @@ def test_shared_prompts_and_prefixes_give_the_logits_hidden_states_and_gradients
     model = tiny_llama()
     responses = [[4, 5, 6], [7, EOS], [8, 9, 10, 11], [12, EOS], [13, 14, 15], [5]][:len(prompts) * k]
     batch = collate(prompts, responses, PAD)
-    assert batch.group_size == k and shares_prompts(batch)
+    assert batch.group_size == k and shares_prompts(model, batch)
     t, p = batch.response_ids.shape[1], batch.prompt_ids.shape[1]
     mask = batch.response_mask.bool()
     whole = model(**decoder_only_inputs(batch, k), use_cache=False).logits[:, p - 1:p - 1 + t]

@@ -100,6 +100,10 @@ class TrainConfig:
     grad_accum: AtLeast1 = field(default=1, metadata={"help": "micro-batches per optimizer update"})
     max_updates: AtLeast1 = field(default=100, metadata={"help": "optimizer updates"})
     clip_norm: float = field(default=5.0, metadata={"help": "gradient-norm clipping"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each layer's activations in the backward pass instead of keeping them: less memory for "
+                "about one more forward pass per update (the prompts then run with their responses, not in a "
+                "shared pass of their own)"})
     use_q: bool = field(default=False, metadata={"help": "weight tokens by Q_t = sum_{t'>=t} r_t' instead of r_t"})
     exp_rewards: bool = field(default=False, metadata={"help": "wmle: weight by exp(r_t)"})
     normalize: Normalization = field(default="sequence", metadata={

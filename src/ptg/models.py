@@ -234,14 +234,17 @@ def prefill(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, **kwa
     return out, cached
 
 
-def shares_prompts(batch: Batch) -> bool:
+def shares_prompts(model: PreTrainedModel, batch: Batch) -> bool:
     """Whether a decoder-only forward runs the prompts in a pass of their own whose cache the responses read
     (``_shared_prompt_forward``: each prompt once for its K responses, and the prefix all prompts share once,
     ``prefill``) rather than one pass over the concatenated sequences. Both give the same values
     (tests/test_models_sampling.py); which is faster depends on the device. Measured with the guidance backbone
     (`make perf`'s guidance row, K = 3, SmolLM2-135M's 4 layers): on a 2-core CPU, compute-bound, sharing runs 2.1x
     the rows/s; on an H100 (bf16), bound by kernel launches at these sizes, sharing (two passes, a cache copy) ran
-    0.45-0.58x of repeating at 8, 24 and 64 prompts. So: share on the CPU only."""
+    0.45-0.58x of repeating at 8, 24 and 64 prompts. So: share on the CPU only. Not while training with gradient
+    checkpointing, which keeps no cache to share."""
+    if model.training and getattr(model, "is_gradient_checkpointing", False):
+        return False
     return batch.prompt_ids.device.type == "cpu" and (
         batch.group_size > 1 or shared_prefix_len(batch.prompt_ids, batch.prompt_mask) > 0)
 
@@ -285,7 +288,7 @@ def response_logits(model: PreTrainedModel, batch: Batch) -> torch.Tensor:
         out = model(encoder_outputs=enc, attention_mask=enc_mask, decoder_input_ids=dec_ids,
                     decoder_attention_mask=dec_mask, use_cache=False)
         return out.logits
-    if shares_prompts(batch):
+    if shares_prompts(model, batch):
         prompt, responses = _shared_prompt_forward(model, batch, logits_to_keep=1)
         first = prompt.logits[:, -1:].repeat_interleave(batch.group_size, dim=0)  # predicts response token 0
         return torch.cat([first, responses.logits[:, : t - 1]], dim=1)
@@ -306,7 +309,7 @@ def response_hidden(backbone: PreTrainedModel, batch: Batch) -> torch.Tensor:
         out = backbone(encoder_outputs=enc, attention_mask=enc_mask, decoder_input_ids=dec_ids,
                        decoder_attention_mask=dec_mask, use_cache=False)
         return out.last_hidden_state[:, 1:]
-    if shares_prompts(batch):
+    if shares_prompts(backbone, batch):
         return _shared_prompt_forward(backbone, batch)[1].last_hidden_state
     out = backbone(**decoder_only_inputs(batch, batch.group_size), use_cache=False)
     return out.last_hidden_state[:, p:]

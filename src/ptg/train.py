@@ -401,6 +401,8 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
     opt = optimizer if optimizer is not None else make_optimizer(model, cfg)
     work = WorkingCopy(model, dtype)  # bf16: forward and backward on a bf16 copy, the update on fp32 weights
     net = work.model.train()
+    if cfg.gradient_checkpointing:  # non-reentrant: the form DDP and frozen (LoRA) weights work with
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     replica = distributed.replicate(net)  # DDP through accelerate when several processes train
     batches = iter(plan)
     history: list[dict[str, float]] = []
@@ -441,5 +443,7 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
     if best is not None:
         log.info("train_lm: best validation score %.4f at update %d of %d", best[0], best[1], cfg.max_updates)
         model.load_state_dict(best[2])
+    if cfg.gradient_checkpointing:
+        net.gradient_checkpointing_disable()
     model.eval()
     return history
