@@ -5,7 +5,8 @@
 # gradient alone (learning curves, placebo, TRL's GRPO; build/bench-rl), `make ablations`: round 1 of each ablation
 # variant, scored on the validation split (same repository and run cache), `make perf`: sampling, guidance, training
 # and start-up speed as ratios measured in one run (metrics/perf.json), `make prompt`: the prompt task
-# (configs/prompt.yaml) in build/prompt, `make bench-prompt`: it over 5 few-shot draws.
+# (configs/prompt.yaml) in build/prompt, `make bench-prompt`: it over 5 few-shot draws, `make gpu-check`: the prepared
+# GPU check (scripts/gpu_check.sh).
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed-stamp
 QUICK_DIR := build/quick
@@ -13,7 +14,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup test test-fast quick run bench bench-rl bench-rl-gpu ablations perf prompt bench-prompt lint clean
+.PHONY: setup test test-fast quick run bench bench-rl bench-rl-gpu ablations perf prompt bench-prompt gpu-check lint clean
 
 setup: $(VENV_STAMP)
 
@@ -32,7 +33,7 @@ $(VENV_STAMP): pyproject.toml constraints.txt scripts/install.sh scripts/install
 # fixtures are built once (`--dist loadgroup` would group finer, but pytest 9.2's node ids break its groups:
 # pytest-xdist#1386); files go out in collection order, the longest first (tests/conftest.py LONGEST_FIRST), not
 # xdist's most-tests-first. `make test-fast`: the inner loop, everything but the integration tests (marker `slow`).
-PYTEST := $(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test: $(VENV_STAMP)
 	$(PYTEST)
@@ -54,6 +55,10 @@ prompt: $(VENV_STAMP)
 
 bench-prompt: $(VENV_STAMP)
 	ptg bench --task prompt --jobs 2
+
+# The prepared GPU check (scripts/gpu_check.sh; `bash scripts/gpu_check.sh --dry` on a CPU)
+gpu-check: $(VENV_STAMP)
+	bash scripts/gpu_check.sh
 
 bench-rl: $(VENV_STAMP)
 	ptg bench --task rl --jobs 2 --peer-seeds 3

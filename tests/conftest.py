@@ -183,8 +183,8 @@ def pytest_configure(config) -> None:
 # files fill in at the end. xdist's own order (most tests first) started the one-test wheel install and the bench
 # last, with the other process idle for minutes.
 LONGEST_FIRST = ("test_bench.py", "test_flows.py", "test_deployments.py", "test_install.py", "test_recipes.py",
-                 "test_pipeline.py", "test_crash_resume.py", "test_preferences.py", "test_perf_round.py",
-                 "test_tracking.py", "test_sources.py")
+                 "test_pipeline.py", "test_crash_resume.py", "test_gpu_check.py", "test_preferences.py",
+                 "test_perf_round.py", "test_tracking.py", "test_sources.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,6 +1,7 @@
 """The README's three recipes, run end to end (`dvc repro` of one round up to its evaluation) on tiny models, offline:
 the recipe's own params block, read from README.md (```yaml blocks whose first line is `# recipe: <name>`) or its
-shipped config, with a local folder standing in for each hub id and the quick profile's budgets. What a recipe says is
+shipped config, at the quick profile's sizes (``ptg.workspace.at_quick_sizes``), with a local folder standing in
+for each hub id. What a recipe says is
 what runs: a key renamed in the code or the README fails here."""
 
 import json
@@ -13,26 +14,9 @@ from conftest import QUICK, REPO, run
 
 from ptg import preferences
 from ptg.tiny_models import build_tiny
-from ptg.workspace import make_workspace
+from ptg.workspace import at_quick_sizes, make_workspace
 
 pytestmark = pytest.mark.slow
-
-# The quick profile's budgets (tiny models, a few updates), laid over a recipe's params: (group, key).
-BUDGET = [("data", k) for k in ("max_train", "max_validation", "max_test", "max_input_chars")] + \
-    [("model", k) for k in ("guidance_layers", "max_prompt_tokens", "max_target_tokens")] + \
-    [("sample", k) for k in ("max_new_tokens", "batch_size", "train_inputs", "validation_inputs")] + \
-    [("fit_guidance", k) for k in ("lr", "batch_groups", "max_updates", "eval_every", "head_hidden")] + \
-    [("train_lm", k) for k in ("lr", "batch_size", "grad_accum", "max_updates", "eval_every")] + \
-    [("evaluate", k) for k in ("max_new_tokens", "batch_size", "subset_items")]
-
-
-def recipe(name: str) -> dict:
-    """The README's ```yaml block for recipe ``name``."""
-    blocks = re.findall(r"```yaml\n(# recipe: (\S+).*?)```", (REPO / "README.md").read_text(), re.S)
-    found = [yaml.safe_load(text) for text, label in blocks if label == name]
-    assert len(found) == 1, f"README.md: expected one ```yaml block starting '# recipe: {name}', found {len(found)}"
-    return found[0]
-
 
 def merge(base: dict, over: dict) -> dict:
     out = dict(base)
@@ -41,14 +25,12 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def tiny(params: dict) -> dict:
-    """``params`` at the quick profile's budgets, one round."""
-    quick = yaml.safe_load(QUICK.read_text())
-    budget: dict = {}
-    for group, key in BUDGET:
-        budget.setdefault(group, {})[key] = quick[group][key]
-    out = merge(params, budget)
-    return out | {"rounds": {"1": {"prev": 0}}, "progress": False}
+def recipe(name: str) -> dict:
+    """The README's ```yaml block for recipe ``name``."""
+    blocks = re.findall(r"```yaml\n(# recipe: (\S+).*?)```", (REPO / "README.md").read_text(), re.S)
+    found = [yaml.safe_load(text) for text, label in blocks if label == name]
+    assert len(found) == 1, f"README.md: expected one ```yaml block starting '# recipe: {name}', found {len(found)}"
+    return found[0]
 
 
 def own_data(folder, input_field="document", target_field="summary", n=(24, 8, 8)):
@@ -76,10 +58,10 @@ def test_recipe_own_data_and_a_hub_model(tmp_path):
     params = recipe("own-data")
     assert "/" in params["model"]["policy"] and not params["model"]["policy"].startswith(("/", "."))  # a hub id
     build_tiny("tiny-llama", tmp_path / "hub-model")
-    params = merge(params, {"data": {"source": str(own_data(tmp_path / "my-data"))},
-                            "model": {"policy": str(tmp_path / "hub-model"), "revision": None}})
-    full = merge(yaml.safe_load((REPO / "params.yaml").read_text()), params)
-    assert run_pipeline(tiny(full), tmp_path)["items"] == 8
+    small = at_quick_sizes(merge(yaml.safe_load((REPO / "params.yaml").read_text()), params))
+    small = merge(small, {"data": {"source": str(own_data(tmp_path / "my-data"))},
+                          "model": {"policy": str(tmp_path / "hub-model"), "revision": None}})
+    assert run_pipeline(small, tmp_path)["items"] == 8
 
 
 def test_recipe_preference_file_to_a_trained_lm(tmp_path):
@@ -93,7 +75,7 @@ def test_recipe_preference_file_to_a_trained_lm(tmp_path):
     pairs.to_json(tmp_path / "prefs.jsonl", orient="records", lines=True)
     params = merge(params, {"data": {"source": str(data)}, "preferences": {"path": str(tmp_path / "prefs.jsonl")}})
     params = merge(yaml.safe_load(QUICK.read_text()), params)
-    run_pipeline(tiny(params), tmp_path)
+    run_pipeline(at_quick_sizes(params), tmp_path)
     fit = json.loads((tmp_path / "project" / "metrics" / "rounds" / "1" / "fit_guidance.json").read_text())
     assert fit["prior_updates"] == params["preferences"]["prior_updates"] and fit["preference_train_groups"] > 0
 
@@ -112,6 +94,6 @@ def test_recipe_the_papers_cnn_dailymail_setting(tmp_path):
     files = "".join(f"  - split: {s}\n    path: 3.0.0/{s}-*.parquet\n" for s in ("train", "validation", "test"))
     (copy / "README.md").write_text(f"---\nconfigs:\n- config_name: 3.0.0\n  data_files:\n{files}---\n")
     build_tiny("tiny-t5", tmp_path / "t5-small")
-    params = merge(params, {"data": {"source": str(copy)},
-                            "model": {"policy": str(tmp_path / "t5-small"), "guidance": str(tmp_path / "t5-small")}})
-    assert run_pipeline(tiny(params), tmp_path)["items"] == 16  # the quick profile's test cap
+    params = merge(at_quick_sizes(params), {"data": {"source": str(copy)}, "model": {
+        "policy": str(tmp_path / "t5-small"), "guidance": str(tmp_path / "t5-small")}})
+    assert run_pipeline(params, tmp_path)["items"] == 16  # the quick profile's test cap

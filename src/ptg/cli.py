@@ -88,12 +88,19 @@ def _log(name: str) -> None:
 
 @app.command()
 def quick(directory: str = typer.Option("build/quick", "--dir", help="scratch workspace"),
-          params: str = typer.Option("", help="params file (default: ptg's configs/quick.yaml)")) -> None:
+          params: str = typer.Option("", help="params file (default: ptg's configs/quick.yaml)"),
+          small: bool = typer.Option(False, "--small", help="run --params at the quick profile's sizes: its tiny "
+                                                            "models and budgets, one round (a smoke test of a "
+                                                            "params file)")) -> None:
     """The whole pipeline on tiny random models in a scratch DVC workspace (params.yaml untouched)."""
     from ptg import tracking
-    from ptg.workspace import make_workspace, template_file
+    from ptg.workspace import at_quick_sizes, make_workspace, template_file, write_overrides
 
     root = make_workspace(params or template_file("configs/quick.yaml"), directory)
+    if small:
+        import yaml
+
+        write_overrides(root, at_quick_sizes(yaml.safe_load((root / "params.yaml").read_text())))
     os.chdir(root)
     code = tracking.run_command(["dvc", "repro"], "ptg quick", "params.yaml", defer=True)
     if code:

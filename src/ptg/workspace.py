@@ -170,6 +170,29 @@ def param_overrides(rounds: int | None = None, launcher: str | None = None) -> d
     return overrides
 
 
+# The quick profile's sizes (configs/quick.yaml): its tiny models and its budgets, as (group, key).
+QUICK_SIZES = [("model", k) for k in ("policy", "guidance", "guidance_layers", "max_prompt_tokens",
+                                      "max_target_tokens")] + \
+    [("data", k) for k in ("max_train", "max_validation", "max_test", "max_input_chars")] + \
+    [("sample", k) for k in ("max_new_tokens", "batch_size", "train_inputs", "validation_inputs")] + \
+    [("fit_guidance", k) for k in ("lr", "batch_groups", "max_updates", "eval_every", "head_hidden")] + \
+    [("train_lm", k) for k in ("lr", "batch_size", "grad_accum", "max_updates", "eval_every")] + \
+    [("evaluate", k) for k in ("max_new_tokens", "batch_size", "subset_items")]
+
+
+def at_quick_sizes(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` (a params.yaml's values) at the quick profile's sizes: its tiny models and budgets, one round;
+    everything else (task, data source, objectives, precision, device) as ``params`` says. A smoke test of a
+    params file: what runs is that file's pipeline, small."""
+    import yaml
+
+    quick = yaml.safe_load(template_file("configs/quick.yaml").read_text())
+    out = {group: dict(values) if isinstance(values, dict) else values for group, values in params.items()}
+    for group, key in QUICK_SIZES:
+        out.setdefault(group, {})[key] = quick[group][key]
+    return out | {"rounds": {"1": {"prev": 0}}, "progress": False}
+
+
 def write_overrides(directory: Path, overrides: dict[str, Any]) -> Path:
     """Set the top-level ``overrides`` in ``directory``'s params.yaml, atomically; a bad value raises naming the
     file, key and value and leaves the file as it was. Returns the params file."""
