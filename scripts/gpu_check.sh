@@ -25,7 +25,7 @@ device=cuda
 perf_args=(--prompts 24)
 if [ "$dry" = 1 ]; then
   device=cpu
-  perf_args=(--prompts 2 --batch-size 2)
+  perf_args=(--prompts 2 --batch-size 2 --threads 1)  # one thread: the test suite runs beside it
 fi
 failed=0
 : > "$out/steps.txt"

@@ -396,25 +396,28 @@ def test_stages_under_a_replaying_parent_leave_mlflow_to_it(project):
     assert not tracking.PENDING_DIR.exists() and not list((project / ".dvc" / "tmp" / "ptg-tracking").glob("*/*.json"))
 
 
-def test_a_deferred_record_waits_for_a_settled_lock_holding_its_stage(project):
+def test_a_deferred_record_waits_for_a_settled_lock_holding_its_stage(project, monkeypatch):
     """The parent replays a stage's record while `dvc repro` goes on, and DVC rewrites dvc.lock in place after each
-    stage: a lock still being written (fresh, or without the stage's entry yet) leaves the record waiting; once the
-    lock has settled the record is logged with the hash of the stage's entry there."""
-    from ptg.tracking.provenance import LOCK_QUIET_S
+    stage: a lock without the stage's entry yet (DVC halfway through its rewrite) or one just written leaves the
+    record waiting; once the lock has settled the record is logged with the hash of the stage's entry there."""
+    from ptg.tracking import provenance
     from ptg.tracking.records import write_pending
 
     assert subprocess.run(["dvc", "repro", "-q"], capture_output=True).returncode == 0
-    full = (project / "dvc.lock").read_text()
+    lock, full = project / "dvc.lock", (project / "dvc.lock").read_text()
+    monkeypatch.setattr(provenance, "LOCK_QUIET_S", 60.0)  # "just written": within a minute, however slow the machine
     directory = tracking.deferral_dir("parent")
     record = tracking.StageRecord(stage="train_lm", round=2, params={}, metrics={"score": 0.2},
                                   tags={"dvc_hash": "deferred", "dvc_stage": "train_lm@2", "cwd": str(project)})
     path = write_pending("stage", record.run_name, record, "", directory)
-    os.utime(path, (time.time() - 10, time.time() - 10))
-    (project / "dvc.lock").write_text(full[:full.index("train_lm@2")])  # DVC halfway through its rewrite
+    now = time.time()
+    os.utime(path, (now - 600, now - 600))
+    lock.write_text(full[:full.index("train_lm@2")])  # DVC halfway through its rewrite, the stage not there yet
+    os.utime(lock, (now - 120, now - 120))
     assert tracking.replay_deferred(directory, final=False) == (0, 1)
-    (project / "dvc.lock").write_text(full)  # whole, but just written
+    lock.write_text(full)  # whole, but just written
     assert tracking.replay_deferred(directory, final=False) == (0, 1)
-    time.sleep(LOCK_QUIET_S + 0.1)
+    os.utime(lock, (now - 120, now - 120))  # left alone since
     assert tracking.replay_deferred(directory, final=False) == (1, 0)
     assert runs_by_name(client())["train_lm@2"].data.tags["dvc_hash"] == tracking.dvc_stage_hash("train_lm@2")
 

@@ -304,7 +304,8 @@ def _micro_batch(model: PreTrainedModel, replica: torch.nn.Module, chunk: list[E
         out["entropy"] = float(every["entropy"]) / tokens
     if pg_loss is not None:
         out["pg_loss"] = float(pg_loss)
-    if cfg.pg_coeff > 0 or cfg.objective == "pg" or cfg.objective == "reinforce" and cfg.pg_credit == "sequence":
+    if score is not None and (cfg.pg_coeff > 0 or cfg.objective == "pg" or
+                              cfg.objective == "reinforce" and cfg.pg_credit == "sequence"):
         # the samples' mean sequence-level score (per input: a mean over its K samples)
         out["pg_score"] = float(every["pg_score"]) / examples
     return out

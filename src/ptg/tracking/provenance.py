@@ -76,11 +76,13 @@ DEFERRED_HASH = "deferred"  # the dvc_hash of a record whose parent computes it 
 LOCK_QUIET_S = 0.5  # how long dvc.lock must have been left alone before it is read while DVC may still write it
 
 
-def settled_lock(workdir: str | Path, newer_than: float = 0.0, quiet_s: float = LOCK_QUIET_S) -> str | None:
+def settled_lock(workdir: str | Path, newer_than: float = 0.0, quiet_s: float | None = None) -> str | None:
     """The text of ``workdir``'s dvc.lock if it was written after ``newer_than`` (an mtime) and then left alone for
-    ``quiet_s`` seconds and did not change while it was read; None otherwise. DVC rewrites dvc.lock in place
-    (truncate, then write) after each stage, so a reader that only checked the mtime could see half a file."""
+    ``quiet_s`` seconds (default ``LOCK_QUIET_S``) and did not change while it was read; None otherwise. DVC
+    rewrites dvc.lock in place (truncate, then write) after each stage, so a reader that only checked the mtime
+    could see half a file."""
     lock = Path(workdir) / "dvc.lock"
+    quiet_s = LOCK_QUIET_S if quiet_s is None else quiet_s
     try:
         before = lock.stat()
         if before.st_mtime <= newer_than or time.time() - before.st_mtime < quiet_s:
