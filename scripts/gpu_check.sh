@@ -47,7 +47,7 @@ card() {
   grep -m1 "model name" /proc/cpuinfo || true
 }
 
-round_metrics() {  # every stage's metrics of round 1 (and the baseline's) in one file
+round_metrics() {  # the metrics of every stage of round 1 in one file
   "$py" - "$round_dir" "$out/round.json" <<'PY'
 import json, sys
 from pathlib import Path

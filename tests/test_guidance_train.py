@@ -237,7 +237,7 @@ def test_gradient_checkpointing_takes_the_same_updates(objective):
                           gradient_checkpointing=checkpointing)
         history = train_lm(lm, examples, cfg, PAD, CPU, guidance=guidance, sampling=SamplingConfig(max_new_tokens=4),
                            eos_ids=[EOS], progress=False, optimizer=torch.optim.SGD(lm.parameters(), lr=cfg.lr))
-        assert not lm.is_gradient_checkpointing
+        assert not lm.is_activation_checkpointing
         runs[checkpointing] = (history, lm.state_dict())
     (plain, w1), (recomputed, w2) = runs[False], runs[True]
     for r1, r2 in zip(plain, recomputed, strict=True):

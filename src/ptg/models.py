@@ -243,7 +243,7 @@ def shares_prompts(model: PreTrainedModel, batch: Batch) -> bool:
     the rows/s; on an H100 (bf16), bound by kernel launches at these sizes, sharing (two passes, a cache copy) ran
     0.45-0.58x of repeating at 8, 24 and 64 prompts. So: share on the CPU only. Not while training with gradient
     checkpointing, which keeps no cache to share."""
-    if model.training and getattr(model, "is_gradient_checkpointing", False):
+    if model.training and getattr(model, "is_activation_checkpointing", False):
         return False
     return batch.prompt_ids.device.type == "cpu" and (
         batch.group_size > 1 or shared_prefix_len(batch.prompt_ids, batch.prompt_mask) > 0)

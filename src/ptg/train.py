@@ -135,13 +135,13 @@ def _sampled_nll(model: PreTrainedModel, batch: Batch, sampling: SamplingConfig)
 @dataclass
 class _PolicyGradient:
     """The policy-gradient term's inputs for one micro-batch shard, drawn and scored before the forward pass that
-    learns from them: the samples as a batch and each token's advantage (and ``scale_by``, see
-    ``losses.policy_gradient_loss``)."""
+    learns from them: the samples as a batch, each token's advantage (and ``scale_by``, see
+    ``losses.policy_gradient_loss``) and the sum over examples of the samples' mean score (0 without a scorer)."""
 
     batch: Batch
     advantages: torch.Tensor
     scale_by: torch.Tensor | None
-    sums: dict[str, torch.Tensor]
+    score: torch.Tensor
 
 
 @torch.no_grad()
@@ -161,11 +161,10 @@ def _pg_inputs(model: PreTrainedModel, chunk: Sequence[Example], cfg: TrainConfi
     model.train()
     batch = collate(prompts, [s for group in drawn for s in group], pad_id).to(device)
     mask = batch.response_mask
-    sums = {"pg_score": torch.zeros((), device=device)}
-    scores = None
+    scores, score_sum = None, torch.zeros((), device=device)
     if score is not None:  # the samples' sequence-level score, logged whatever the credit
         scores = torch.tensor(score([e.references for e in chunk], drawn), dtype=torch.float32, device=device)
-        sums["pg_score"] = scores.sum() / k
+        score_sum = scores.sum() / k
     rewards = None
     if cfg.pg_credit != "sequence":
         assert guidance is not None
@@ -173,15 +172,15 @@ def _pg_inputs(model: PreTrainedModel, chunk: Sequence[Example], cfg: TrainConfi
             rewards = guidance(batch).float()
     if cfg.pg_credit == "sequence":
         assert scores is not None
-        return _PolicyGradient(batch, losses.sequence_advantages(scores, mask), None, sums)
+        return _PolicyGradient(batch, losses.sequence_advantages(scores, mask), None, score_sum)
     if cfg.pg_credit == "token":
         assert rewards is not None
-        return _PolicyGradient(batch, losses.token_advantages(rewards, mask, k), None, sums)
+        return _PolicyGradient(batch, losses.token_advantages(rewards, mask, k), None, score_sum)
     # spread, placebo: the step size of sequence-level credit, the credit placed by the guidance
     assert scores is not None and rewards is not None
     adv = losses.spread_advantages(scores, rewards, mask, cfg.pg_spread, cfg.pg_temperature,
                                    placebo_gen if cfg.pg_credit == "placebo" else None)
-    return _PolicyGradient(batch, adv, losses.sequence_advantages(scores, mask), sums)
+    return _PolicyGradient(batch, adv, losses.sequence_advantages(scores, mask), score_sum)
 
 
 def _loss(model: PreTrainedModel, batch: Batch, chunk: Sequence[Example], cfg: TrainConfig,
@@ -255,7 +254,7 @@ def _micro_batch(model: PreTrainedModel, replica: torch.nn.Module, chunk: list[E
         assert sampling is not None
         pg = _pg_inputs(model, chunk, cfg, guidance, sampling, score, eos_ids, pad_id, device, dtype, sample_gen,
                         placebo_gen)
-        local["pg_score"] = pg.sums["pg_score"]
+        local["pg_score"] = pg.score
     batch = collate(prompts, responses, pad_id).to(device) if chunk and cfg.objective != "pg" else None
 
     def objective(net: PreTrainedModel) -> dict[str, torch.Tensor]:
@@ -403,7 +402,7 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
     work = WorkingCopy(model, dtype)  # bf16: forward and backward on a bf16 copy, the update on fp32 weights
     net = work.model.train()
     if cfg.gradient_checkpointing:  # non-reentrant: the form DDP and frozen (LoRA) weights work with
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     replica = distributed.replicate(net)  # DDP through accelerate when several processes train
     batches = iter(plan)
     history: list[dict[str, float]] = []
@@ -445,6 +444,6 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
         log.info("train_lm: best validation score %.4f at update %d of %d", best[0], best[1], cfg.max_updates)
         model.load_state_dict(best[2])
     if cfg.gradient_checkpointing:
-        net.gradient_checkpointing_disable()
+        net.activation_checkpointing_disable()
     model.eval()
     return history

@@ -190,7 +190,7 @@ def at_quick_sizes(params: dict[str, Any]) -> dict[str, Any]:
     out = {group: dict(values) if isinstance(values, dict) else values for group, values in params.items()}
     for group, key in QUICK_SIZES:
         out.setdefault(group, {})[key] = quick[group][key]
-    return out | {"rounds": {"1": {"prev": 0}}, "progress": False}
+    return out | param_overrides(rounds=1) | {"progress": False}
 
 
 def write_overrides(directory: Path, overrides: dict[str, Any]) -> Path:
