@@ -131,23 +131,100 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _train(tmp_path: Path, name: str, processes: int) -> Path:
+FSDP_SCRIPT = textwrap.dedent('''
+    import json, sys
+    from pathlib import Path
+    import torch
+    from conftest import EOS, PAD, tiny_llama
+    from test_guidance_train import guidance_for
+    from ptg import distributed
+    import ptg.train as train_module
+    from ptg.models import save_lm
+    from ptg.sampling import SamplingConfig, sample
+    from ptg.train import Example, TrainConfig, train_lm
+
+    distributed.init_from_env()
+    out = Path(sys.argv[1])
+    # 12 examples in micro-batches of 3: every rank trains on 1 or 2 examples of each, of different lengths. The
+    # prompts share 9 leading tokens, which one process runs in a pass of their own; a rank of 2 examples would too
+    # and a rank of 1 would not, so sharded ranks must not (their forwards are collectives that run in step).
+    examples = [Example([2, 3, 4, 5, 6, 7, 8, 9, 10, 3 + i % 5, 4 + i % 7],
+                        [5 + (i * j) % 9 for j in range(1 + i % 7)] + [EOS]) for i in range(12)]
+    # Plain SGD (see SCRIPT), built by train_lm on the sharded weights.
+    train_module.make_optimizer = lambda model, cfg: torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    report = {"world": distributed.rank_and_world()[1], "sharded": distributed.fsdp_requested()}
+    checkpoints = []
+
+    def validate(model):
+        """Greedy decoding of two prompts (the sharded ranks decode in step), and a score that peaks at the
+        third checkpoint (update 4 of 5): the best checkpoint is not the last weights."""
+        drawn = sample(model, [[2, 3, 4], [2, 5, 6, 7]], SamplingConfig(max_new_tokens=4, temperature=0.0), [EOS],
+                       PAD, torch.device("cpu"), progress=False)
+        checkpoints.append(drawn)
+        return {"val_score": [0.0, 1.0, 3.0, 2.0][len(checkpoints) - 1]}
+
+    # best: validated every 2 updates, the best is update 4 of 5; four: the same run stopped at update 4; last:
+    # uniform weights, gradient checkpointing, the last weights.
+    for name, guided, eval_every, recompute, updates in (("best", True, 2, False, 5), ("four", True, 0, False, 4),
+                                                          ("last", False, 0, True, 5)):
+        torch.manual_seed(0)
+        guidance = guidance_for(tiny_llama(1)) if guided else None
+        if guidance is not None:
+            for layer in (guidance.head[0], guidance.head[2]):
+                torch.nn.init.normal_(layer.weight, std=0.5)
+        model = tiny_llama(0)
+        cfg = TrainConfig(lr=0.5, batch_size=3, max_updates=updates, normalize="batch", seed=5,
+                          eval_every=eval_every, gradient_checkpointing=recompute)
+        report[name] = train_lm(model, examples, cfg, PAD, torch.device("cpu"), guidance=guidance, progress=False,
+                                validate=validate if eval_every else None)
+        report["sharded_model"] = distributed.is_sharded(model)
+        state = distributed.full_state(model)  # every rank: the gather is a collective
+        if distributed.is_main():
+            save_lm(model, out / name, state if report["sharded_model"] else None)
+    report["decoded"] = checkpoints
+    for name, cfg in (("objective", TrainConfig(objective="pg", pg_credit="sequence", batch_size=3, max_updates=1)),
+                      ("batch_size", TrainConfig(batch_size=1, max_updates=1))):
+        try:
+            train_lm(tiny_llama(0), examples, cfg, PAD, torch.device("cpu"), progress=False,
+                     sampling=SamplingConfig(max_new_tokens=4), eos_ids=[EOS],
+                     score=lambda references, drawn: [[0.0] * len(group) for group in drawn])
+            report[f"refused_{name}"] = None
+        except ValueError as e:
+            report[f"refused_{name}"] = str(e)
+    if distributed.is_main():
+        json.dump(report, open(out / "history.json", "w"))
+''')
+
+
+def _train(tmp_path: Path, name: str, processes: int, script_text: str = SCRIPT,
+           launch: tuple[str, ...] = ("--multi_gpu",), timeout: float = 600) -> Path:
     out = tmp_path / name
     out.mkdir()
-    script = tmp_path / "train.py"
-    script.write_text(SCRIPT)
+    script = tmp_path / f"{name}.py"
+    script.write_text(script_text)
     if processes == 1:
         cmd = [sys.executable, str(script), str(out)]
     else:
         # --main_process_port 0: accelerate takes a free port itself, as it starts the processes
-        cmd = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes),
+        cmd = [str(VENV_BIN / "accelerate"), "launch", *launch, "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_ip", "127.0.0.1", "--main_process_port", "0", str(script), str(out)]
     src = str(TESTS.parent / "src")
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(TESTS), src]), "OMP_NUM_THREADS": "1",
                         "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        import psutil
+
+        for child in psutil.Process(proc.pid).children(recursive=True):  # the ranks run in sessions of their own
+            child.kill()
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{cmd} did not finish in {timeout} s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    assert proc.returncode == 0, f"{cmd} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
     return out
 
 
@@ -254,3 +331,45 @@ def test_reinforce_ranks_stay_in_step(runs):
         assert torch.equal(w0[k], w1[k]), k
     history = json.loads((two / "history.json").read_text())["reinforce"]
     assert len(history) == 5 and all(row["entropy"] > 0 for row in history)
+
+
+def test_fsdp_trains_saves_and_reloads_as_one_process(tmp_path):
+    """The shipped FSDP config (configs/accelerate/fsdp.yaml) on two gloo processes: train_lm shards the policy
+    (FSDP2), takes one process's updates on the same global batch, validates in step (greedy decoding through the
+    sharded weights), keeps the best checkpoint's shards and puts them back, and rank 0 saves the weights gathered
+    from both ranks, which load as an ordinary LM equal to one process's; with gradient checkpointing too. Sampling
+    objectives and micro-batches that leave a rank empty are refused, naming the setting."""
+    from conftest import tiny_llama
+
+    from ptg.models import load_lm
+
+    config = TESTS.parent / "configs" / "accelerate" / "fsdp.yaml"
+    one = _train(tmp_path, "one", 1, FSDP_SCRIPT)
+    # Ranks out of step wait on each other's collectives for ever: 3 minutes (15 s here) say so.
+    two = _train(tmp_path, "two", 2, FSDP_SCRIPT, ("--config_file", str(config)), timeout=180)
+    r1, r2 = (json.loads((d / "history.json").read_text()) for d in (one, two))
+    assert (r1["world"], r1["sharded"], r1["sharded_model"]) == (1, False, False)
+    assert (r2["world"], r2["sharded"], r2["sharded_model"]) == (2, True, True)
+    assert r2["decoded"] == r1["decoded"] and len(r1["decoded"]) == 4
+    start = tiny_llama(0).state_dict()
+    weights = {}
+    for name in ("best", "four", "last"):
+        for a, b in zip(r1[name], r2[name], strict=True):
+            assert b.get("tokens") == a.get("tokens")
+            for key in ("loss", "nll", "reward", "grad_norm", "val_score"):
+                if key in a:  # one process runs the shared prompt prefix in a pass of its own: other rounding
+                    assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (name, key, a["update"])
+        w1, w2 = weights[name] = [load_lm(d / name, torch.device("cpu")).state_dict() for d in (one, two)]
+        assert w2.keys() == w1.keys() == start.keys()
+        assert any(not torch.equal(w1[k], start[k]) for k in w1)  # the updates moved the weights
+        for k in w1:
+            torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-5)
+    # What was saved is the best checkpoint (update 4 of 5), put back into the shards: the weights of the run
+    # that stopped at update 4.
+    assert [row["update"] for row in r1["best"] if "val_score" in row] == [0.0, 2.0, 4.0, 5.0]
+    for w_best, w_four in zip(weights["best"], weights["four"], strict=True):
+        for k in w_best:
+            torch.testing.assert_close(w_best[k], w_four[k], atol=1e-6, rtol=1e-6)
+    assert r1["refused_objective"] is r1["refused_batch_size"] is None
+    assert r2["refused_objective"].startswith("FSDP: train_lm.objective 'pg'")
+    assert "raise train_lm.batch_size (1)" in r2["refused_batch_size"]

@@ -222,19 +222,26 @@ def test_lora_trains_adapters_for_both_arms_and_saves_them_beside_the_merged_lm(
     assert (ws / "data" / "baseline" / "1" / "lm" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_train_lm_under_accelerate_launch_trains_data_parallel_and_writes_once(quick_pipeline, tmp_path):
-    """`launcher: accelerate launch --multi_gpu --num_processes 2 ...` in params.yaml (gloo on the CPU): DVC sees
-    the training stages' interpolated cmd change and `dvc repro` runs train_lm@1 that way; the two ranks train one LM
-    on the global batch (the same losses as the stage in one process) and rank 0 alone writes it."""
+# --main_process_port 0: accelerate takes a free port itself, as it starts the processes
+ACCELERATE = ("--num_machines 1 --mixed_precision no --dynamo_backend no --main_process_ip 127.0.0.1 "
+              "--main_process_port 0")
+
+
+@pytest.mark.parametrize("launch", ["--multi_gpu --num_processes 2", "--config_file configs/accelerate/fsdp.yaml"],
+                         ids=["ddp", "fsdp"])
+def test_train_lm_under_accelerate_launch_trains_data_parallel_and_writes_once(quick_pipeline, tmp_path, launch):
+    """`launcher: accelerate launch --multi_gpu --num_processes 2 ...` in params.yaml (gloo on the CPU), or the
+    shipped FSDP config (two processes, each holding half the policy): DVC sees the training stages' interpolated
+    cmd change and `dvc repro` runs train_lm@1 that way; the two ranks train one LM on the global batch (the same
+    losses as the stage in one process) and rank 0 alone writes it (under FSDP, the weights gathered from both
+    ranks' shards), which the next stage loads."""
     from safetensors.torch import load_file
 
     ws = copy_workspace(quick_pipeline, tmp_path / "ws")  # train_lm@1 trained there in one process
     lm, metrics = ws / "data" / "rounds" / "1" / "lm", ws / "metrics" / "rounds" / "1"
     one = load_file(lm / "model.safetensors")
     history_one = pd.read_csv(metrics / "train_lm_history.csv")
-    # --main_process_port 0: accelerate takes a free port itself, as it starts the processes
-    launcher = ("accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no "
-                "--dynamo_backend no --main_process_ip 127.0.0.1 --main_process_port 0")
+    launcher = f"accelerate launch {launch} {ACCELERATE}"
     params = yaml.safe_load((ws / "params.yaml").read_text())
     assert params["launcher"] == "python"
     (ws / "params.yaml").write_text(yaml.safe_dump(params | {"launcher": launcher}, sort_keys=False))
@@ -247,14 +254,17 @@ def test_train_lm_under_accelerate_launch_trains_data_parallel_and_writes_once(q
     assert lock["sample@1"]["cmd"] == "python stages/sample.py --round 1"
     summary = json.loads((metrics / "train_lm.json").read_text())
     assert summary["processes"] == 2
+    assert summary["fsdp"] == ("fsdp" in launch)
     history_two = pd.read_csv(metrics / "train_lm_history.csv")
     assert history_two["tokens"].tolist() == history_one["tokens"].tolist()  # the global batch, summed over ranks
     for key in ("loss", "nll", "reward"):
         assert history_two[key].to_numpy() == pytest.approx(history_one[key].to_numpy(), rel=1e-4), key
     two = load_file(lm / "model.safetensors")
     # AdamW at lr 1e-4 for 4 updates: rounding noise can flip near-zero gradients' steps (<= 4e-4), no more.
+    assert two.keys() == one.keys()
     assert max((two[k] - one[k]).abs().max().item() for k in one) <= 4e-4
     assert not [p for p in ws.rglob("*") if ".tmp-" in p.name]
+    assert ran(ws, "--single-item", "evaluate@1") == {"evaluate@1"}  # the saved LM loads and generates
 
 
 def test_checkpoint_selection_scores_validation_as_the_evaluation_does(quick, monkeypatch):

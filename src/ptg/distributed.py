@@ -12,6 +12,18 @@ denominators, so that DDP's mean over ranks is the update one process takes on t
 rounding. A rank whose share is empty still takes part, with a loss of zero that reaches every trainable weight
 (``zero_loss``). Rank 0 writes the outputs. In one process every function here is a no-op and ``replicate`` wraps
 without DDP.
+
+FSDP (fully sharded data parallelism: each rank holds 1/N of the weights, gradients and optimizer state, and
+gathers a block's weights only while it runs) trains a policy that does not fit one device. Launch with accelerate's
+FSDP config, ``launcher: "accelerate launch --config_file configs/accelerate/fsdp.yaml"``: accelerate starts the
+processes and sets ``ACCELERATE_USE_FSDP`` (``fsdp_requested``), and ptg shards ``train_lm``'s policy with PyTorch's
+``fully_shard`` (FSDP2) itself, each decoder block and then the rest (``replicate(model, shard=True)``), on GPUs and
+on CPUs alike (accelerate 1.15 applies its own FSDP plugin only to GPU processes). Every FSDP forward is a
+collective, so the ranks must run the same forwards: the prompts are not run in a pass of their own
+(``models.shares_prompts``), every rank needs an example in every micro-batch, and objectives that sample on each
+rank's own share (pg, reinforce, a pg term) are refused; validation runs the same inputs on every rank, through the
+sharded root (``replica(validate)``). ``snapshot`` / ``restore`` keep each rank's shards of the best checkpoint in
+host memory; ``full_state`` gathers the whole state dict to rank 0, which saves it.
 """
 
 from __future__ import annotations
@@ -62,6 +74,26 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+FSDP_CONFIG = "configs/accelerate/fsdp.yaml"
+
+
+def fsdp_requested() -> bool:
+    """Whether the processes were launched for FSDP (accelerate's FSDP config sets ACCELERATE_USE_FSDP), with
+    several processes. Settings ptg does not implement are refused, naming the accelerate field."""
+    if rank_and_world()[1] == 1 or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return False
+    unsupported = {"FSDP_VERSION": ("fsdp_version", "2", "ptg shards with FSDP2 (torch's fully_shard)"),
+                   "FSDP_OFFLOAD_PARAMS": ("fsdp_offload_params", "false", "CPU offload is not supported"),
+                   "FSDP_ACTIVATION_CHECKPOINTING": ("fsdp_activation_checkpointing", "false",
+                                                     "set train_lm.gradient_checkpointing instead")}
+    for env, (field, expected, why) in unsupported.items():
+        value = os.environ.get(env, expected).lower()
+        if value != expected:
+            raise ValueError(f"accelerate config fsdp_config.{field}: {value!r} is not supported ({why}); "
+                             f"use {expected!r} (as {FSDP_CONFIG})")
+    return True
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in one process)."""
     if rank_and_world()[1] > 1:
@@ -91,13 +123,74 @@ def _accelerator() -> Any:
                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
 
 
-def replicate(model: torch.nn.Module) -> torch.nn.Module:
-    """``Replica(model)``, prepared by accelerate as a DDP module when there are several processes (the weights
-    broadcast from rank 0 once; gradients averaged over ranks in the backward pass)."""
+def replicate(model: torch.nn.Module, shard: bool = False, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """``Replica(model)``: with several processes, prepared by accelerate as a DDP module (the weights broadcast
+    from rank 0 once; gradients averaged over ranks in the backward pass), or with ``shard``, sharded in place by
+    FSDP2 (``fully_shard`` on each of ``model``'s decoder blocks, its ``_no_split_modules``, then on the replica;
+    with a bf16 ``dtype``, weights gathered and run in bf16, gradients reduced in fp32)."""
     replica = Replica(model)
     if rank_and_world()[1] == 1:
         return replica
-    return _accelerator().prepare_model(replica, device_placement=False)
+    if not shard:
+        return _accelerator().prepare_model(replica, device_placement=False)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    if not blocks:
+        raise ValueError(f"FSDP: {type(model).__name__} names no decoder blocks to shard (_no_split_modules)")
+    mixed = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    after = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true"
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mp_policy=mixed, reshard_after_forward=after)
+    fully_shard(replica, mp_policy=mixed, reshard_after_forward=after)
+    # The weights are one seeded initialisation or one checkpoint on every rank, so the shards need no broadcast.
+    return replica
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (or a block of it) is sharded by FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP weight (a DTensor), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s state dict in host memory, this rank's shards of a sharded model: a best checkpoint
+    kept beside training, off the training device (a second copy there would halve the model that fits)."""
+    return {k: _local(v).detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def restore(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a ``snapshot`` back into ``model``'s weights and buffers, in place."""
+    current = model.state_dict()
+    if current.keys() != state.keys():
+        raise ValueError(f"restore: the snapshot's keys differ from the model's: "
+                         f"{sorted(current.keys() ^ state.keys())[:5]}")
+    for k, v in current.items():
+        _local(v).copy_(state[k])
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s whole state dict in host memory, gathered from every rank's shards (a collective: every rank
+    calls it; rank 0 gets the tensors, the others an empty dict), without the second name of a tied weight (the
+    output embedding that is the input one); ``model``'s own state dict when not sharded."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    first: dict[int, str] = {}
+    tied = {k for k, v in model.state_dict(keep_vars=True).items() if first.setdefault(id(v), k) != k}
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v for k, v in state.items() if k not in tied}
 
 
 def zero_loss(model: torch.nn.Module) -> torch.Tensor:

@@ -26,7 +26,7 @@ from transformers import AutoModel, PreTrainedModel
 
 from ptg import distributed, losses
 from ptg.config import FitConfig
-from ptg.models import Batch, collate, cpu_state, require_safetensors, response_hidden
+from ptg.models import Batch, collate, require_safetensors, response_hidden
 from ptg.precision import WorkingCopy, autocast
 
 log = logging.getLogger(__name__)
@@ -292,7 +292,7 @@ def fit_guidance(guidance: Guidance, train: Sequence[RankedGroup], val: Sequence
     history: list[dict[str, float]] = [{"update": 0, "val_loss": start["loss"], "val_accuracy": start["accuracy"]}]
     best, best_state, best_update, stale = start, None, -1, 0
     if guidance.fitted:
-        best_state, best_update = cpu_state(guidance), 0
+        best_state, best_update = distributed.snapshot(guidance), 0
     batches: Iterator[tuple[Batch, torch.Tensor]] = iter(())
     update = 0
     bar = tqdm(total=cfg.max_updates, desc="fit_guidance", disable=not progress, leave=False)
@@ -320,7 +320,7 @@ def fit_guidance(guidance: Guidance, train: Sequence[RankedGroup], val: Sequence
             # Relative threshold as the reference, written so it is also right for a negative best.
             if best_update < 0 or val_metrics["loss"] < best["loss"] - 1e-4 * abs(best["loss"]):
                 best, best_update, stale = val_metrics, update, 0
-                best_state = cpu_state(guidance)
+                best_state = distributed.snapshot(guidance)
             else:
                 stale += 1
         history.append(row)
@@ -329,7 +329,7 @@ def fit_guidance(guidance: Guidance, train: Sequence[RankedGroup], val: Sequence
             break
     bar.close()
     assert best_state is not None  # the last update always validates
-    guidance.load_state_dict(best_state)
+    distributed.restore(guidance, best_state)
     guidance.fitted = True
     guidance.eval()
     if best_update == 0:

@@ -29,6 +29,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ptg import distributed
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -146,14 +148,17 @@ def prompt_head(model: PreTrainedModel) -> PromptHead | None:
     return head if isinstance(head, PromptHead) else None
 
 
-def save_lm(model: PreTrainedModel, folder: Path) -> None:
-    """``model.save_pretrained`` (safetensors); a prompt policy's LM is saved without its head, and the head's MLP
-    beside it (``PROMPT_HEAD_FILE``), which ``load_lm`` puts back."""
+def save_lm(model: PreTrainedModel, folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """``model.save_pretrained`` (safetensors), of ``state_dict`` when given (the weights FSDP gathered from its
+    shards, ``distributed.full_state``); a prompt policy's LM is saved without its head, and the head's MLP beside
+    it (``PROMPT_HEAD_FILE``), which ``load_lm`` puts back."""
 
     head = prompt_head(model)
     if head is None:
-        model.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
         return
+    if state_dict is not None:
+        raise ValueError("save_lm: a prompt policy is saved from its own weights, not a gathered state dict")
     model.set_output_embeddings(head.lm_head)
     try:
         model.save_pretrained(folder, safe_serialization=True)
@@ -190,12 +195,6 @@ def decoder_only_inputs(batch: Batch, n_prompt_repeat: int) -> dict[str, torch.T
 
 
 MIN_SHARED_PREFIX = 8  # leading tokens every prompt of a batch must share for a pass of their own to pay
-
-
-def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of ``module``'s state dict in host memory: a best checkpoint kept beside training, off the training
-    device (a second copy of the weights there would halve the model that fits)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
 def shared_prefix_len(ids: torch.Tensor, mask: torch.Tensor) -> int:
@@ -242,8 +241,9 @@ def shares_prompts(model: PreTrainedModel, batch: Batch) -> bool:
     (`make perf`'s guidance row, K = 3, SmolLM2-135M's 4 layers): on a 2-core CPU, compute-bound, sharing runs 2.1x
     the rows/s; on an H100 (bf16), bound by kernel launches at these sizes, sharing (two passes, a cache copy) ran
     0.45-0.58x of repeating at 8, 24 and 64 prompts. So: share on the CPU only. Not while training with gradient
-    checkpointing, which keeps no cache to share."""
-    if model.training and getattr(model, "is_activation_checkpointing", False):
+    checkpointing, which keeps no cache to share, nor on sharded (FSDP) weights, whose forwards are collectives that
+    every rank must run alike."""
+    if model.training and getattr(model, "is_activation_checkpointing", False) or distributed.is_sharded(model):
         return False
     return batch.prompt_ids.device.type == "cpu" and (
         batch.group_size > 1 or shared_prefix_len(batch.prompt_ids, batch.prompt_mask) > 0)

@@ -38,7 +38,7 @@ from transformers import PreTrainedModel
 from ptg import distributed, losses
 from ptg.config import TrainConfig
 from ptg.guidance import Guidance, token_rewards
-from ptg.models import Batch, collate, cpu_state, response_logits
+from ptg.models import Batch, collate, response_logits
 from ptg.precision import WorkingCopy, autocast
 from ptg.sampling import SamplingConfig, filter_logits, sample
 
@@ -310,6 +310,24 @@ def _micro_batch(model: PreTrainedModel, replica: torch.nn.Module, chunk: list[E
     return out
 
 
+def _check_shardable(plan: list[list[int]], cfg: TrainConfig, optimizer: torch.optim.Optimizer | None) -> None:
+    """Refuse what FSDP cannot run here, naming the setting: every FSDP forward is a collective, so the ranks must
+    run the same forwards (no sampling on each rank's own share; an example on every rank in every micro-batch),
+    and the optimizer must be built on the sharded weights."""
+    world = distributed.rank_and_world()[1]
+    if cfg.objective != "wmle" or cfg.pg_coeff > 0:
+        raise ValueError(f"FSDP: train_lm.objective {cfg.objective!r} with pg_coeff {cfg.pg_coeff} samples on "
+                         "each rank's own share, which sharded ranks cannot run in step; use objective wmle with "
+                         "pg_coeff 0, or data parallelism (launcher \"accelerate launch --multi_gpu\")")
+    if min(len(chunk) for chunk in plan) < world:
+        raise ValueError(f"FSDP: a micro-batch of {min(len(c) for c in plan)} examples leaves a rank of {world} "
+                         f"without one; raise train_lm.batch_size ({cfg.batch_size}) so that every micro-batch "
+                         "holds one per process")
+    if optimizer is not None:
+        raise ValueError("FSDP: train_lm builds its optimizer on the sharded weights; pass none (and "
+                         "train_lm.carry_optimizer: false)")
+
+
 def make_optimizer(model: PreTrainedModel, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, weight decay on matrices only (as the reference). The fused kernel
     (CPU and CUDA): one pass over each parameter instead of a dozen, 5x faster than the default on a CPU."""
@@ -397,13 +415,18 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
             examples = list(examples)
             for i, w in zip(todo, weights, strict=True):
                 examples[i] = dataclasses.replace(examples[i], weights=tuple(w))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = optimizer if optimizer is not None else make_optimizer(model, cfg)
-    work = WorkingCopy(model, dtype)  # bf16: forward and backward on a bf16 copy, the update on fp32 weights
+    sharded = distributed.fsdp_requested()
+    if sharded:
+        _check_shardable(plan, cfg, optimizer)
+    # bf16: forward and backward on a bf16 copy, the update on fp32 weights (FSDP casts its gathered weights)
+    work = WorkingCopy(model, torch.float32 if sharded else dtype)
     net = work.model.train()
-    if cfg.gradient_checkpointing:  # non-reentrant: the form DDP and frozen (LoRA) weights work with
+    if cfg.gradient_checkpointing:  # non-reentrant: the form DDP, FSDP and frozen (LoRA) weights work with
         net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    replica = distributed.replicate(net)  # DDP through accelerate when several processes train
+    # DDP through accelerate when several processes train; FSDP2 (in place) when launched for it
+    replica = distributed.replicate(net, shard=sharded, dtype=dtype)
+    params = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP's own weights
+    opt = optimizer if optimizer is not None else make_optimizer(model, cfg)
     batches = iter(plan)
     history: list[dict[str, float]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
@@ -411,10 +434,11 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
     def checkpoint(update: int) -> dict[str, float]:
         nonlocal best
         assert validate is not None
-        scored = validate(net)
+        with torch.no_grad():  # sharded: every rank validates the same inputs through the root (a collective)
+            scored = replica(validate) if sharded else validate(net)
         net.train()
         if best is None or scored["val_score"] > best[0]:
-            best = (scored["val_score"], update, cpu_state(model))
+            best = (scored["val_score"], update, distributed.snapshot(model))
         return scored
 
     if cfg.eval_every:
@@ -442,7 +466,7 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
         bar.set_postfix(loss=f"{row['loss']:.4f}")
     if best is not None:
         log.info("train_lm: best validation score %.4f at update %d of %d", best[0], best[1], cfg.max_updates)
-        model.load_state_dict(best[2])
+        distributed.restore(model, best[2])
     if cfg.gradient_checkpointing:
         net.activation_checkpointing_disable()
     model.eval()

@@ -80,6 +80,11 @@ def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance 
     summary JSON (``metrics_path``) and the per-update history CSV (``history_path``), which the stage then logs."""
     model, tok = load_lm(src, ctx.device), load_tokenizer(src)
     lora = cfg.lora
+    sharded = distributed.fsdp_requested()  # FSDP: train_lm builds the optimizer; rank 0 saves the gathered state
+    for field, value in (("lora.rank", lora.rank), ("carry_optimizer", cfg.carry_optimizer)):
+        if sharded and value:
+            raise ValueError(f"FSDP: train_lm.{field} {value!r} is not supported with sharded weights; set it "
+                             "off, or train with data parallelism (launcher \"accelerate launch --multi_gpu\")")
     if lora.enabled:
         model = add_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules, cfg.seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -106,9 +111,10 @@ def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance 
     if needs_scorer(cfg, load_group("rank", ctx.params).metric):
         score = scoring.sample_scorer(tok, ctx)
     validate = scoring.validation_scorer(tok, cfg, ctx) if cfg.eval_every else None
-    opt = make_optimizer(model, cfg)
+    opt = None if sharded else make_optimizer(model, cfg)
     carried = cfg.carry_optimizer and (src / OPTIMIZER_FILE).exists()
     if carried:
+        assert opt is not None
         load_optimizer(opt, src / OPTIMIZER_FILE, cfg.lr)
     t0 = time.perf_counter()
     if cfg.objective == "grpo":
@@ -129,7 +135,7 @@ def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance 
                "lora_rank": lora.rank, "trainable_parameters": trainable,
                "updates": len(updates), "final_loss": last["loss"], "seconds": seconds,
                "seconds_per_update": sum(h["seconds"] for h in updates) / len(updates),
-               "tokens_per_second": tokens / seconds, "processes": distributed.rank_and_world()[1],
+               "tokens_per_second": tokens / seconds, "processes": distributed.rank_and_world()[1], "fsdp": sharded,
                "precision": ctx.precision, **summary}
     if "nll" in last:  # TRL's GRPO logs no NLL
         summary["final_nll"] = last["nll"]
@@ -145,14 +151,15 @@ def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance 
         checkpoints = [int(h["update"]) for h in history if "val_score" in h]
         curve = pd.concat([items.assign(update=u) for u, items in zip(checkpoints, validate.items, strict=True)],
                           ignore_index=True)[list(curve.columns)]
-    if distributed.is_main():  # every rank holds the same weights: one writes
+    state = distributed.full_state(model) if sharded else None  # every rank sends its shards to rank 0
+    if distributed.is_main():  # every rank holds the same weights (or rank 0 the gathered ones): one writes
         with atomic_path(dst) as tmp:
             if lora.enabled:  # the adapters, and the merged LM that the next stages load
                 model.save_pretrained(tmp / ADAPTER_DIR)
                 model = model.merge_and_unload()
-            save_lm(model, tmp)
+            save_lm(model, tmp, state)
             tok.save_pretrained(tmp)
-            if cfg.carry_optimizer:
+            if opt is not None and cfg.carry_optimizer:
                 save_optimizer(opt, tmp / OPTIMIZER_FILE)
         write_json(metrics_path, summary)
         with atomic_path(history_path) as tmp:
