@@ -399,9 +399,9 @@ def test_an_input_longer_than_every_limit_is_dropped_by_max_input_chars_or_else_
     model's context, 1024 positions for tiny-llama, is never reached); the reference is cut to max_target_tokens,
     ending with the turn-end token."""
     from ptg import pipeline
+    from ptg.base_models import build_tiny
     from ptg.config import load_group
     from ptg.models import load_lm, load_tokenizer
-    from ptg.tiny_models import build_tiny
 
     long_input = "def huge(x):\n" + "".join(f"    x = x + {i}  # step {i}\n" for i in range(3000))  # ~80k chars
     long_target = "Add " + " and ".join(str(i) for i in range(500)) + " to x."

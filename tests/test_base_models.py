@@ -12,6 +12,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
 
 from ptg import base_models as bm
 from ptg import tiny_models as tm
+from ptg.base_models import build_tiny
 
 LM_CLASS = {"tiny-llama": AutoModelForCausalLM, "tiny-t5": AutoModelForSeq2SeqLM}
 TEXT = "Héllo  wörld!\n\tThe café's price is $5 — 日本語, ok?"
@@ -21,7 +22,7 @@ TEXT = "Héllo  wörld!\n\tThe café's price is $5 — 日本語, ok?"
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
     for kind in tm.TINY_KINDS:
-        tm.build_tiny(kind, root / kind)
+        build_tiny(kind, root / kind)
     return {kind: root / kind for kind in tm.TINY_KINDS}
 
 
@@ -62,11 +63,11 @@ def test_build_tiny_loads_back_and_tokenizer_round_trips(tiny_dirs, kind):
 
 
 def test_build_tiny_is_deterministic_given_seed(tmp_path):
-    tm.build_tiny("tiny-llama", tmp_path / "a", seed=1)
+    build_tiny("tiny-llama", tmp_path / "a", seed=1)
     state = torch.random.get_rng_state()
-    tm.build_tiny("tiny-llama", tmp_path / "b", seed=1)
+    build_tiny("tiny-llama", tmp_path / "b", seed=1)
     assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is left alone
-    tm.build_tiny("tiny-llama", tmp_path / "c", seed=2)
+    build_tiny("tiny-llama", tmp_path / "c", seed=2)
     a, b, c = (AutoModelForCausalLM.from_pretrained(tmp_path / n).state_dict() for n in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["model.embed_tokens.weight"], c["model.embed_tokens.weight"])
@@ -75,7 +76,7 @@ def test_build_tiny_is_deterministic_given_seed(tmp_path):
 
 def test_build_tiny_rejects_unknown_kind(tmp_path):
     with pytest.raises(ValueError, match="tiny-llama"):
-        tm.build_tiny("tiny-gpt", tmp_path / "x")
+        build_tiny("tiny-gpt", tmp_path / "x")
 
 
 def test_truncate_backbone_llama_keeps_the_policys_first_layers(tiny_dirs, tmp_path):
@@ -156,7 +157,7 @@ def test_materialize_policy_from_a_local_folder_is_plain_and_replaces_the_old(ti
 
 def test_materialize_policy_seq2seq_and_missing_pad(tiny_dirs, tmp_path):
     src = tmp_path / "nopad"
-    tm.build_tiny("tiny-t5", src)
+    build_tiny("tiny-t5", src)
     tok = AutoTokenizer.from_pretrained(src)
     tok.pad_token = None
     tok.save_pretrained(src)
@@ -176,12 +177,12 @@ def test_materialize_policy_missing_local_folder_fails_clearly(tmp_path):
 
 def test_copy_backbone_needs_the_policys_vocabulary(tiny_dirs, tmp_path):
     policy_dir = tiny_dirs["tiny-llama"]
-    tm.build_tiny("tiny-llama", tmp_path / "same", tokenizer_dir=policy_dir, seed=5)
+    build_tiny("tiny-llama", tmp_path / "same", tokenizer_dir=policy_dir, seed=5)
     bm.copy_backbone(str(tmp_path / "same"), tmp_path / "bb", policy_dir)
     backbone = AutoModel.from_pretrained(tmp_path / "bb")
     assert type(backbone).__name__ == "LlamaModel"
     tm.build_tiny_tokenizer("tiny-llama", vocab_size=600).save_pretrained(tmp_path / "small_tok")
-    tm.build_tiny("tiny-llama", tmp_path / "other", tokenizer_dir=tmp_path / "small_tok")
+    build_tiny("tiny-llama", tmp_path / "other", tokenizer_dir=tmp_path / "small_tok")
     with pytest.raises(ValueError, match="different vocabulary"):
         bm.copy_backbone(str(tmp_path / "other"), tmp_path / "bb2", policy_dir)
     assert not (tmp_path / "bb2").exists()

@@ -116,3 +116,32 @@ def test_stages_that_read_a_tokenizer_depend_on_its_folder():
     for name, spec in _stages().items():
         if 'load_tokenizer(pipeline.round_dir(0) / "lm")' in (ROOT / f"stages/{name}.py").read_text():
             assert "data/rounds/0/lm" in spec["deps"], name
+
+
+def _module_path(module: str) -> Path:
+    return ROOT / "src" / (module.replace(".", "/") + ".py")
+
+
+def test_no_module_imports_itself_through_others():
+    """No import circle among ptg's modules (function-level imports included, TYPE_CHECKING ones not): a circle
+    makes each module's DVC deps the other's, and an import order that works by accident."""
+    circles = []
+    for path in sorted((ROOT / "src" / "ptg").rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT / "src").with_suffix("").parts).removesuffix(".__init__")
+        seen, todo = set(), [m for m in _ptg_imports(path) if m != module]
+        while todo:
+            mod = todo.pop()
+            if mod in seen or not _module_path(mod).exists():
+                continue
+            seen.add(mod)
+            todo += _ptg_imports(_module_path(mod))
+        if module in seen:
+            circles.append(module)
+    assert not circles, f"modules that import themselves through others: {circles}"
+
+
+@pytest.mark.parametrize("name", ["sample", "rank", "fit_guidance", "train_lm", "evaluate", "baseline"])
+def test_editing_the_bootstrap_reruns_no_training_stage(name):
+    """The bench's statistics (ptg.stats: bootstraps, CIs) are not a dependency of the stages that sample, rank,
+    train or evaluate: editing them reruns none of those (dvc.yaml lists exactly the imported modules)."""
+    assert "src/ptg/stats.py" not in _stages()[name]["deps"]

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from ptg import metrics
+from ptg.base_models import build_tiny
 from ptg.config import SamplingConfig
 from ptg.encoding import eos_ids
 from ptg.grpo import prompt_texts, reward_function, train_grpo
 from ptg.models import load_lm, load_tokenizer
-from ptg.tiny_models import build_tiny
 from ptg.train import Example, TrainConfig, schedule
 
 REFERENCES = ["the quick brown fox", "a short summary", "the capital of France", "prices rise quickly",

@@ -214,8 +214,7 @@ def _word_level_base(root, texts, vocab_size=400):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from ptg.base_models import truncate_backbone
-    from ptg.tiny_models import build_tiny
+    from ptg.base_models import build_tiny, truncate_backbone
 
     specials = ["<pad>", "</s>", "<s>", "<|im_start|>", "<|im_end|>", "[UNK]"]
     words = [w for w, _ in Counter(w for t in texts for w in t.split()).most_common(vocab_size)]

@@ -13,7 +13,7 @@ import yaml
 from conftest import QUICK, REPO, run
 
 from ptg import preferences
-from ptg.tiny_models import build_tiny
+from ptg.base_models import build_tiny
 from ptg.workspace import at_quick_sizes, make_workspace
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import yaml
 from conftest import QUICK, run
 
 from ptg import sources
-from ptg.tiny_models import build_tiny
+from ptg.base_models import build_tiny
 from ptg.workspace import make_workspace
 
 ROWS = {"train": 6, "validation": 3, "test": 3}

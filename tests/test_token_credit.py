@@ -10,7 +10,8 @@ from conftest import EOS, PAD, tiny_llama
 from test_guidance_train import X, guidance_for, synthetic_groups
 from test_ptg_signal import PROMPTS, TokenReward, _p_first
 
-from ptg import losses, stats
+from ptg import losses
+from ptg.guidance import spread
 from ptg.models import collate
 from ptg.sampling import SamplingConfig
 from ptg.train import Example, TrainConfig, example_weights, train_lm
@@ -47,23 +48,23 @@ def test_contrast_gives_the_spread_it_promises_on_a_synthetic_guidance():
     gen = torch.Generator().manual_seed(0)
     rewards = 0.55 + 0.01 * torch.randn(64, 20, generator=gen)
     mask = torch.ones_like(rewards)
-    raw = stats.spread(rewards.tolist())
+    raw = spread(rewards.tolist())
     assert raw["cv"] < 0.03
     for strength in (0.1, 0.2):  # |z| <= sqrt(19) over 20 tokens: 1 + 0.2 z never reaches 0
         w = losses.contrast_weights(rewards, mask, strength, 0.0, 10.0)
-        spread = stats.spread(w.tolist(), (0.0, 10.0))
-        assert spread["cv"] == pytest.approx(strength, rel=0.02)  # std of 1 + s z is s; its mean is 1
-        assert spread["mean"] == pytest.approx(1.0, abs=1e-6) and spread["clipped"] == 0
-        assert spread["p90_p10"] > 1 + 2 * strength
+        weights = spread(w.tolist(), (0.0, 10.0))
+        assert weights["cv"] == pytest.approx(strength, rel=0.02)  # std of 1 + s z is s; its mean is 1
+        assert weights["mean"] == pytest.approx(1.0, abs=1e-6) and weights["clipped"] == 0
+        assert weights["p90_p10"] > 1 + 2 * strength
 
 
 def test_spread_reports_cv_percentile_ratio_and_clipped_share():
-    s = stats.spread([[1.0, 1.0, 1.0], [1.0, 3.0]], clip=(0.1, 3.0))
+    s = spread([[1.0, 1.0, 1.0], [1.0, 3.0]], clip=(0.1, 3.0))
     assert s["cv"] == pytest.approx(np.median([0.0, 0.5]))
     assert s["p90_p10"] == pytest.approx(np.median([1.0, 2.8 / 1.2]))
     assert s["clipped"] == pytest.approx(1 / 5) and s["mean"] == pytest.approx(7 / 5)
     with pytest.raises(ValueError, match="empty"):
-        stats.spread([[1.0], []])
+        spread([[1.0], []])
 
 
 @pytest.mark.parametrize("normalize", ["sequence", "batch"])

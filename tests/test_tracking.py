@@ -26,8 +26,8 @@ from conftest import start_server, stop_process_group
 from mlflow import MlflowClient
 
 from ptg import tracking
+from ptg.base_models import build_tiny
 from ptg.config import ParamsError
-from ptg.tiny_models import build_tiny
 
 VENV_BIN = str(Path(sys.executable).parent)
 TOY_DVC = """\

@@ -10,7 +10,8 @@ atomically: into a temporary folder next to the target, renamed into place when 
   original bf16 weights. Other specs are a local HF folder or a hub id (online only).
 - ``truncate_backbone``: the guidance backbone, the policy's base model (no LM head) cut to its first layers.
 - ``copy_backbone``: a different guidance backbone, which must share the policy's vocabulary.
-- ``materialize_base``: both for a params file's ``model`` group (tiny ones from ``ptg.tiny_models``).
+- ``build_tiny``: a tiny random model of ``ptg.tiny_models`` with its offline tokenizer.
+- ``materialize_base``: both for a params file's ``model`` group (``build_tiny`` for ``tiny-*``).
 
 The GGUF is read with transformers' own ``from_pretrained(..., gguf_file=...)`` (it needs ``accelerate``, a
 dependency since LoRA): the tensors are de-quantized to fp32 as they load, and the GGUF "quantizer" transformers
@@ -48,6 +49,7 @@ from transformers import (
 )
 
 from ptg.io import atomic_path
+from ptg.tiny_models import TINY_KINDS, build_tiny_tokenizer, tiny_model
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +156,19 @@ def save_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_
             raise RuntimeError(f"save_pretrained wrote no safetensors file into {tmp}")
     log.info("saved %s (%s, %.1fM parameters) to %s", type(model).__name__, model.config.model_type,
              model.num_parameters() / 1e6, out_dir)
+
+
+def build_tiny(kind: str, out_dir: Path, tokenizer_dir: Path | None = None, seed: int = 0) -> None:
+    """Write a randomly initialised tiny model (``tiny-llama`` or ``tiny-t5``, ``ptg.tiny_models``) with a
+    tokenizer to ``out_dir``. The tokenizer is ``build_tiny_tokenizer(kind)`` or, with ``tokenizer_dir``, the one
+    saved there (e.g. to make a guidance backbone share a policy's vocabulary). Deterministic given ``seed``."""
+    if kind not in TINY_KINDS:
+        raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {TINY_KINDS}")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else build_tiny_tokenizer(kind)
+    ensure_pad(tokenizer)
+    model = tiny_model(kind, tokenizer, seed)
+    finish_generation_config(model, tokenizer)
+    save_folder(model, tokenizer, Path(out_dir))
 
 
 def _require_folder(spec: str | Path, what: str) -> None:
@@ -383,8 +398,6 @@ def materialize_base(mp: Any, root: Path, seed: int = 0) -> None:
     """The policy (root/lm) and the guidance backbone (root/guidance/backbone) of ``mp`` (params' ``model``
     group): a tiny random model for ``tiny-*``, else the materialised policy; the backbone its first
     ``guidance_layers`` layers, or ``mp.guidance``."""
-    from ptg.tiny_models import TINY_KINDS, build_tiny  # which imports this module's save_folder
-
     with atomic_path(root) as tmp:  # both or neither: a backbone that fails leaves no policy behind
         lm_dir, guidance_dir = tmp / "lm", tmp / "guidance" / "backbone"
         with _param("model.policy"):

@@ -279,7 +279,7 @@ def model_materialize(spec: str = typer.Argument(..., help="smollm2-135m-instruc
 def model_tiny(kind: str = typer.Argument(..., help="tiny-llama or tiny-t5"),
                out: str = typer.Argument(..., help="the folder to write")) -> None:
     """Write a tiny random model with its own offline tokenizer."""
-    from ptg.tiny_models import build_tiny
+    from ptg.base_models import build_tiny
 
     _log("model")
     build_tiny(kind, Path(out))

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -215,13 +216,35 @@ def token_rewards(guidance: Guidance, prompts: Sequence[list[int]], responses: S
     return out
 
 
+def spread(per_sequence: list[list[float]], clip: tuple[float, float] | None = None) -> dict[str, float]:
+    """Spread of token values (guidance rewards or training weights) within each sequence, summarised over sequences.
+
+    ``cv``: the median within-sequence coefficient of variation (std / mean; 0 = uniform); ``p90_p10``: the median
+    ratio of a sequence's 90th to its 10th percentile value; ``std``: the std of all values pooled; ``mean``: their
+    mean; with ``clip = (lo, hi)``, ``clipped``: the share of values at either bound. Sequences of one value count
+    as uniform (cv 0, ratio 1). Raises on an empty input."""
+    if not per_sequence or any(len(s) == 0 for s in per_sequence):
+        raise ValueError("spread needs at least one sequence and no empty sequence")
+    cvs, ratios = [], []
+    for seq in per_sequence:
+        v = np.asarray(seq, dtype=np.float64)
+        mean = v.mean()
+        cvs.append(v.std() / mean if mean > 0 else 0.0)
+        lo, hi = np.percentile(v, [10, 90])
+        ratios.append(hi / lo if lo > 0 else float("inf"))
+    pooled = np.concatenate([np.asarray(s, dtype=np.float64) for s in per_sequence])
+    out = {"cv": float(np.median(cvs)), "p90_p10": float(np.median(ratios)), "std": float(pooled.std()),
+           "mean": float(pooled.mean())}
+    if clip is not None:
+        out["clipped"] = float(np.mean(np.isclose(pooled, clip[0]) | np.isclose(pooled, clip[1])))
+    return out
+
+
 def reward_spread(guidance: Guidance, groups: Sequence[RankedGroup], pad_id: int, device: torch.device,
                   dtype: torch.dtype) -> dict[str, float]:
     """How far from uniform the guidance's token rewards are on ``groups``' responses: the median
     within-sequence coefficient of variation, the median p90 / p10 ratio and the spread (std) of all token rewards
-    (``ptg.stats.spread``)."""
-    from ptg.stats import spread
-
+    (``spread``)."""
     prompts = [g.prompt for g in groups for _ in g.responses]
     rewards = token_rewards(guidance, prompts, [r for g in groups for r in g.responses], pad_id, device, dtype)
     return spread(rewards)

@@ -270,32 +270,3 @@ def guidance_vs_length(held: pd.DataFrame, fit: pd.DataFrame | None = None, scor
     by_length = pairwise_agreement(held.assign(length=length_score), "length")
     return {"guidance": accuracy_ci(guided), "length": accuracy_ci(by_length) | {"direction": direction},
             "guidance_minus_length": paired_accuracy_diff(guided, by_length)}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# How far from uniform a set of token weights is
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def spread(per_sequence: list[list[float]], clip: tuple[float, float] | None = None) -> dict[str, float]:
-    """Spread of token values (guidance rewards or training weights) within each sequence, summarised over sequences.
-
-    ``cv``: the median within-sequence coefficient of variation (std / mean; 0 = uniform); ``p90_p10``: the median
-    ratio of a sequence's 90th to its 10th percentile value; ``std``: the std of all values pooled; ``mean``: their
-    mean; with ``clip = (lo, hi)``, ``clipped``: the share of values at either bound. Sequences of one value count
-    as uniform (cv 0, ratio 1). Raises on an empty input."""
-    if not per_sequence or any(len(s) == 0 for s in per_sequence):
-        raise ValueError("spread needs at least one sequence and no empty sequence")
-    cvs, ratios = [], []
-    for seq in per_sequence:
-        v = np.asarray(seq, dtype=np.float64)
-        mean = v.mean()
-        cvs.append(v.std() / mean if mean > 0 else 0.0)
-        lo, hi = np.percentile(v, [10, 90])
-        ratios.append(hi / lo if lo > 0 else float("inf"))
-    pooled = np.concatenate([np.asarray(s, dtype=np.float64) for s in per_sequence])
-    out = {"cv": float(np.median(cvs)), "p90_p10": float(np.median(ratios)), "std": float(pooled.std()),
-           "mean": float(pooled.mean())}
-    if clip is not None:
-        out["clipped"] = float(np.mean(np.isclose(pooled, clip[0]) | np.isclose(pooled, clip[1])))
-    return out

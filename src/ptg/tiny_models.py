@@ -1,25 +1,21 @@
 """Tiny stand-ins for the default models, for tests and `make quick`: randomly initialised Llama / T5 models of a
 few hundred thousand parameters with a byte-level BPE tokenizer trained offline on a fixed built-in text, written as
-plain HF folders (``ptg.base_models.save_folder``). ``model.policy: tiny-llama`` (or ``tiny-t5``) selects them.
+plain HF folders by ``ptg.base_models.build_tiny``. ``model.policy: tiny-llama`` (or ``tiny-t5``) selects them.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from transformers import (
-    AutoTokenizer,
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     T5Config,
     T5ForConditionalGeneration,
 )
-
-from ptg.base_models import ensure_pad, finish_generation_config, save_folder
 
 TINY_KINDS = ("tiny-llama", "tiny-t5")
 TINY_MAX_LENGTH = 1024
@@ -89,16 +85,11 @@ def build_tiny_tokenizer(kind: str = "tiny-llama", vocab_size: int = 2048) -> Pr
     return fast
 
 
-def build_tiny(kind: str, out_dir: Path, tokenizer_dir: Path | None = None, seed: int = 0) -> None:
-    """Write a randomly initialised tiny model (``tiny-llama`` or ``tiny-t5``) with a tokenizer to ``out_dir``.
-
-    The tokenizer is ``build_tiny_tokenizer(kind)`` or, with ``tokenizer_dir``, the one saved there (e.g. to make a
-    guidance backbone share a policy's vocabulary). Deterministic given ``seed``; the global RNG is left as it was.
-    """
+def tiny_model(kind: str, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
+    """A randomly initialised tiny model (``tiny-llama`` or ``tiny-t5``) over ``tokenizer``'s vocabulary and special
+    tokens (it must have a pad token). Deterministic given ``seed``; the global RNG is left as it was."""
     if kind not in TINY_KINDS:
         raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {TINY_KINDS}")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else build_tiny_tokenizer(kind)
-    ensure_pad(tokenizer)
     vocab = len(tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -116,5 +107,4 @@ def build_tiny(kind: str, out_dir: Path, tokenizer_dir: Path | None = None, seed
                               eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
             model = T5ForConditionalGeneration(config)
     model.generation_config = GenerationConfig.from_model_config(model.config)
-    finish_generation_config(model, tokenizer)
-    save_folder(model.eval(), tokenizer, Path(out_dir))
+    return model.eval()

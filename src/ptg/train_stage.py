@@ -4,7 +4,7 @@
 save atomically, and write the summary JSON and the per-update history CSV the stage logs.
 
 The summary says how far from uniform the round trained: the spread of the guidance's raw rewards and of the
-token weights made of them on the training references the run draws (``ptg.stats.spread``: median
+token weights made of them on the training references the run draws (``ptg.guidance.spread``: median
 within-reference CV, median p90 / p10 ratio, the share of clipped weights).
 """
 
@@ -18,9 +18,9 @@ from pathlib import Path
 import pandas as pd
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ptg import distributed, metrics, pipeline, prompt_data, scoring, stats, tasks
+from ptg import distributed, metrics, pipeline, prompt_data, scoring, tasks
 from ptg.config import SamplingConfig, TrainLMParams, load_group
-from ptg.guidance import Guidance
+from ptg.guidance import Guidance, spread
 from ptg.io import atomic_path, write_json
 from ptg.models import ADAPTER_DIR, add_lora, load_lm, load_tokenizer, save_lm
 from ptg.pipeline import Context
@@ -100,8 +100,8 @@ def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance 
         for i, w in zip(used, weights, strict=True):
             examples[i] = dataclasses.replace(examples[i], weights=tuple(w))
         bounds = None if cfg.contrast is None else (cfg.weight_min, cfg.weight_max)
-        summary |= {f"reward_{k}": v for k, v in stats.spread(rewards).items()}
-        summary |= {f"weight_{k}": v for k, v in stats.spread(weights, bounds).items()}
+        summary |= {f"reward_{k}": v for k, v in spread(rewards).items()}
+        summary |= {f"weight_{k}": v for k, v in spread(weights, bounds).items()}
     sampling = None
     policy_gradient = cfg.objective != "wmle" or cfg.pg_coeff > 0
     if policy_gradient:
