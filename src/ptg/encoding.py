@@ -5,6 +5,7 @@ of the text when too long), reference responses ended as the model ends its own 
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -27,6 +28,27 @@ def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[
     return sorted(ids)
 
 
+TURN_PROBE = "Probe reply 7 to find the turn end"
+
+
+def template_turn_end(tokenizer: PreTrainedTokenizerBase, candidates: Collection[int]) -> int | None:
+    """The first of ``candidates`` that the tokenizer's chat template puts after an assistant turn's content (e.g.
+    ChatML's ``<|im_end|>``, Llama 3's ``<|eot_id|>``, Gemma's ``<end_of_turn>``); None without a chat template, or
+    when it puts none of them there or cannot render an assistant turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        ids = list(tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                                  {"role": "assistant", "content": TURN_PROBE}],
+                                                 tokenize=True, return_dict=False))
+    except Exception as e:  # a template that refuses these roles (jinja raises its own errors)
+        log.warning("the chat template cannot render a user and an assistant turn (%s): no turn end found", e)
+        return None
+    # The assistant content ends with the first token whose prefix decodes to text holding the whole probe.
+    end = next((i for i in range(1, len(ids) + 1) if TURN_PROBE in tokenizer.decode(ids[:i])), len(ids))
+    return next((int(t) for t in ids[end:] if t in candidates), None)
+
+
 def turn_end_id(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
     """The token the model ends its own response with, to end reference responses the same way.
 
@@ -41,15 +63,9 @@ def turn_end_id(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> i
         return int(tokenizer.eos_token_id)
     stops = eos_ids(model, tokenizer)
     if getattr(tokenizer, "chat_template", None):
-        probe = "Probe reply 7 to find the turn end"
-        ids = list(tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
-                                                  {"role": "assistant", "content": probe}],
-                                                 tokenize=True, return_dict=False))
-        # The assistant content ends with the first token whose prefix decodes to text holding the whole probe.
-        end = next((i for i in range(1, len(ids) + 1) if probe in tokenizer.decode(ids[:i])), len(ids))
-        found = next((t for t in ids[end:] if t in stops), None)
+        found = template_turn_end(tokenizer, stops)
         if found is not None:
-            return int(found)
+            return found
         log.warning("the chat template puts none of the EOS ids %s after an assistant turn: references end with "
                     "the tokenizer's (or generation config's) EOS", stops)
     if tokenizer.eos_token_id in stops:
