@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
+import string
 from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
@@ -20,7 +21,20 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from ptg.data import DOCSTRINGS_SOURCE, template_fields
+DOCSTRINGS_SOURCE = "python-docstrings"  # data.source of the offline default corpus (ptg.docstrings)
+
+
+def template_fields(template: str) -> set[str]:
+    """The placeholders of a prompt template; ``ValueError`` unless it is exactly ``{input}``."""
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as err:
+        raise ValueError(f"prompt_template is not a valid format string ({err}): {template!r}") from None
+    if names != {"input"}:
+        raise ValueError(f"prompt_template must contain the '{{input}}' placeholder and no other (literal braces "
+                         f"are written '{{{{' and '}}}}'); found {sorted(names) or 'none'} in {template!r}")
+    return names
+
 
 T = TypeVar("T")
 # pydantic checks every field's type (strictly: "3" is no integer, true no number; an integer is a number), range

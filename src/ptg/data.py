@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import string
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from ptg import docstrings
+from ptg.config import DOCSTRINGS_SOURCE, template_fields
 from ptg.io import import_extra, read_records
 from ptg.schemas import SPLITS, check_disjoint_splits
 
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DOCSTRINGS_SOURCE = "python-docstrings"
 EXAMPLE_COLUMNS: tuple[str, ...] = ("id", "split", "input", "prompt", "target", "references")
 LOCAL_EXTENSIONS: tuple[str, ...] = (".jsonl", ".json", ".csv", ".parquet")
 SPLIT_ALIASES: dict[str, tuple[str, ...]] = {"train": ("train",), "validation": ("validation", "dev"),
@@ -54,18 +53,6 @@ def split_of(example_id: str) -> str:
     """Stable split of an id: 80 % train, 10 % validation, 10 % test, from the SHA-1 of the id (not ``hash``)."""
     bucket = int.from_bytes(hashlib.sha1(example_id.encode("utf-8")).digest()[:8], "big") % 100
     return "train" if bucket < 80 else "validation" if bucket < 90 else "test"
-
-
-def template_fields(template: str) -> set[str]:
-    """The placeholders of a prompt template; ``ValueError`` unless it is exactly ``{input}``."""
-    try:
-        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    except ValueError as err:
-        raise ValueError(f"prompt_template is not a valid format string ({err}): {template!r}") from None
-    if names != {"input"}:
-        raise ValueError(f"prompt_template must contain the '{{input}}' placeholder and no other (literal braces "
-                         f"are written '{{{{' and '}}}}'); found {sorted(names) or 'none'} in {template!r}")
-    return names
 
 
 def format_prompt(template: str, text: str) -> str:
