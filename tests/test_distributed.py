@@ -153,7 +153,9 @@ FSDP_SCRIPT = textwrap.dedent('''
     # Plain SGD (see SCRIPT), built by train_lm on the sharded weights.
     train_module.make_optimizer = lambda model, cfg: torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    report = {"world": distributed.rank_and_world()[1], "sharded": distributed.fsdp_requested()}
+    # Only train_lm's policy is sharded: the guidance (replicate without shard) is DDP under an FSDP launch too.
+    report = {"world": distributed.rank_and_world()[1], "sharded": distributed.fsdp_requested(),
+              "unsharded_replica": type(distributed.replicate(tiny_llama(0))).__name__}
     checkpoints = []
 
     def validate(model):
@@ -350,6 +352,7 @@ def test_fsdp_trains_saves_and_reloads_as_one_process(tmp_path):
     r1, r2 = (json.loads((d / "history.json").read_text()) for d in (one, two))
     assert (r1["world"], r1["sharded"], r1["sharded_model"]) == (1, False, False)
     assert (r2["world"], r2["sharded"], r2["sharded_model"]) == (2, True, True)
+    assert (r1["unsharded_replica"], r2["unsharded_replica"]) == ("Replica", "DistributedDataParallel")
     assert r2["decoded"] == r1["decoded"] and len(r1["decoded"]) == 4
     start = tiny_llama(0).state_dict()
     weights = {}

@@ -28,9 +28,10 @@ host memory; ``full_state`` gathers the whole state dict to rank 0, which saves 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -46,7 +47,24 @@ def init_from_env() -> None:
         return
     from accelerate import PartialState
 
-    PartialState(cpu=not torch.cuda.is_available())  # cpu: accelerate's gloo processes (MULTI_CPU)
+    with _accelerate_without_fsdp():
+        PartialState(cpu=not torch.cuda.is_available())  # cpu: accelerate's gloo processes (MULTI_CPU)
+
+
+@contextlib.contextmanager
+def _accelerate_without_fsdp() -> Iterator[None]:
+    """Hide an FSDP launch from accelerate while its state is made: ptg shards train_lm's policy itself
+    (``replicate(shard=True)``) and wants plain DDP from accelerate for the rest (the guidance), which accelerate
+    would otherwise wrap with its own FSDP plugin on GPUs."""
+    saved = os.environ.get("ACCELERATE_USE_FSDP")
+    os.environ["ACCELERATE_USE_FSDP"] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["ACCELERATE_USE_FSDP"]
+        else:
+            os.environ["ACCELERATE_USE_FSDP"] = saved
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -119,8 +137,9 @@ def _accelerator() -> Any:
     from accelerate.utils import DistributedDataParallelKwargs
 
     # ptg sets the precision itself (ptg.precision); the buffers (rotary frequencies) are the same on every rank.
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
-                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    with _accelerate_without_fsdp():
+        return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
+                           kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
 
 
 def replicate(model: torch.nn.Module, shard: bool = False, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
