@@ -174,7 +174,7 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of an FSDP weight (a DTensor), or the tensor itself."""
     from torch.distributed.tensor import DTensor
 
@@ -184,7 +184,7 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A copy of ``model``'s state dict in host memory, this rank's shards of a sharded model: a best checkpoint
     kept beside training, off the training device (a second copy there would halve the model that fits)."""
-    return {k: _local(v).detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    return {k: local_shard(v).detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 @torch.no_grad()
@@ -195,7 +195,7 @@ def restore(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"restore: the snapshot's keys differ from the model's: "
                          f"{sorted(current.keys() ^ state.keys())[:5]}")
     for k, v in current.items():
-        _local(v).copy_(state[k])
+        local_shard(v).copy_(state[k])
 
 
 def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
