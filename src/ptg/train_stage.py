@@ -81,7 +81,8 @@ def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance 
     model, tok = load_lm(src, ctx.device), load_tokenizer(src)
     lora = cfg.lora
     sharded = distributed.fsdp_requested()  # FSDP: train_lm builds the optimizer; rank 0 saves the gathered state
-    for field, value in (("lora.rank", lora.rank), ("carry_optimizer", cfg.carry_optimizer)):
+    for field, value in (("lora.rank", lora.rank), ("carry_optimizer", cfg.carry_optimizer),
+                         ("objective", cfg.objective if cfg.objective == "grpo" else None)):  # TRL's own loop
         if sharded and value:
             raise ValueError(f"FSDP: train_lm.{field} {value!r} is not supported with sharded weights; set it "
                              "off, or train with data parallelism (launcher \"accelerate launch --multi_gpu\")")
