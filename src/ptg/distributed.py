@@ -168,7 +168,10 @@ def replicate(model: torch.nn.Module, shard: bool = False, dtype: torch.dtype = 
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether ``model`` (or a block of it) is sharded by FSDP2."""
+    """Whether ``model`` (or a block of it) is sharded by FSDP2: never in one process (``replicate`` shards only
+    with several), so the common case costs no walk over the modules."""
+    if rank_and_world()[1] == 1:
+        return False
     from torch.distributed.fsdp import FSDPModule
 
     return any(isinstance(m, FSDPModule) for m in model.modules())

@@ -319,8 +319,9 @@ def _check_shardable(plan: list[list[int]], cfg: TrainConfig, optimizer: torch.o
         raise ValueError(f"FSDP: train_lm.objective {cfg.objective!r} with pg_coeff {cfg.pg_coeff} samples on "
                          "each rank's own share, which sharded ranks cannot run in step; use objective wmle with "
                          "pg_coeff 0, or data parallelism (launcher \"accelerate launch --multi_gpu\")")
-    if min(len(chunk) for chunk in plan) < world:
-        raise ValueError(f"FSDP: a micro-batch of {min(len(c) for c in plan)} examples leaves a rank of {world} "
+    smallest = min(len(chunk) for chunk in plan)
+    if smallest < world:
+        raise ValueError(f"FSDP: a micro-batch of {smallest} examples leaves a rank of {world} "
                          f"without one; raise train_lm.batch_size ({cfg.batch_size}) so that every micro-batch "
                          "holds one per process")
     if optimizer is not None:
