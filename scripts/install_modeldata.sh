@@ -2,7 +2,7 @@
 # Puts the datasets of the R package modeldata (MIT; small_fine_foods among them: Amazon fine-food reviews labelled
 # great/other, the prompt task's `data.source: fine-foods`) under <venv>/share/modeldata, from Debian's
 # r-cran-modeldata package: R's lazy-load database (Rdata.rdb + its index Rdata.rdx, read with the rdata package by
-# ptg.fewshot), the package's DESCRIPTION and Debian's copyright file (the MIT text: DESCRIPTION only names it).
+# ptg.tasks.prompt.data), the package's DESCRIPTION and Debian's copyright file (the MIT text: DESCRIPTION only names it).
 # Without them the fine-foods source raises an error that names this script. Never fails the set-up.
 set -u
 dest="${1:?usage: install_modeldata.sh VENV}/share/modeldata"

@@ -17,7 +17,7 @@ def main(params: str = "params.yaml") -> None:
     ctx = pipeline.start("base_model", params)
     mp = load_group("model", params)
     materialize_base(mp, pipeline.round_dir(0), ctx.run.seed)
-    tasks.init_policy(params, pipeline.round_dir(0) / "lm", ctx.seed("base_model"))
+    tasks.data(params).init_policy(params, pipeline.round_dir(0) / "lm", ctx.seed("base_model"))
     tracking.log_stage("base_model", None, dataclasses.asdict(mp), {})
 
 

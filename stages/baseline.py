@@ -7,7 +7,7 @@ the guidance's, and no policy-gradient term (`contrast` and `pg_*` do not apply:
 other arm is compared with; checkpoint selection on validation, `eval_every`, does). It is evaluated exactly as
 `evaluate@r`. The prompt task's baseline is REINFORCE with sequence-level credit instead (each prompt's
 classifier reward, standardised over the step's prompts, on every token: RLPrompt's), the same loss, entropy bonus
-and sampling as PTG's (`ptg.tasks.baseline_config`). Writes data/baseline/<r>/{lm,predictions.parquet},
+and sampling as PTG's (the task's `baseline_config`, `ptg.tasks`). Writes data/baseline/<r>/{lm,predictions.parquet},
 metrics/baseline/<r>/{train_lm,evaluate}.json (+ evaluate_items.csv) and
 metrics/baseline_history/<r>/train_lm_history.csv.
 Run: python stages/baseline.py [--params params.yaml]
@@ -15,7 +15,7 @@ Run: python stages/baseline.py [--params params.yaml]
 
 import dataclasses
 
-from ptg import distributed, evaluation, pipeline, tasks, tracking, train_stage
+from ptg import distributed, pipeline, tasks, tracking, train_stage
 from ptg.config import round_budget, rounds
 
 
@@ -26,7 +26,7 @@ def main(params: str = "params.yaml") -> None:
         src = pipeline.round_dir(0) / "lm" if r == 1 else pipeline.baseline_dir(r - 1) / "lm"
         out, met = pipeline.baseline_dir(r), pipeline.METRICS / "baseline" / str(r)
         # Uniform MLE: no guidance weights, no policy-gradient term (so the keys that set those do not rerun it).
-        cfg = tasks.baseline_config(dataclasses.replace(round_budget("train_lm", r, params),
+        cfg = tasks.info(params).baseline_config(dataclasses.replace(round_budget("train_lm", r, params),
                                                         seed=ctx.seed("train_lm", r)), params)
         history_file = pipeline.METRICS / "baseline_history" / str(r) / "train_lm_history.csv"
         train_stage.train_and_save(src, out / "lm", cfg, None, ctx, met / "train_lm.json", history_file)
@@ -35,12 +35,12 @@ def main(params: str = "params.yaml") -> None:
         tracking.log_stage("baseline_train_lm", r, dataclasses.asdict(cfg), met / "train_lm.json",
                            history=history_file, model_dir=out / "lm", registered_name=tracking.BASELINE_MODEL,
                            dvc_stage="baseline")
-        scores, files = evaluation.evaluate_and_save(out / "lm", None, out / "predictions.parquet",
-                                                     met / "evaluate.json", ctx,
-                                                     last_round=r == rounds(params)[-1]["round"],
-                                                     seed=ctx.seed("evaluate", r))
+        scores, files = tasks.evaluation(params).evaluate(out / "lm", None, out / "predictions.parquet",
+                                                          met / "evaluate.json", ctx,
+                                                          last_round=r == rounds(params)[-1]["round"],
+                                                          seed=ctx.seed("evaluate", r))
         tracking.log_stage("baseline_evaluate", r, {}, met / "evaluate.json", artifacts=files, dvc_stage="baseline")
-        metric = tasks.main_metric(params)
+        metric = tasks.info(params).MAIN_METRIC
         tracking.set_best_alias(tracking.BASELINE_MODEL, out / "lm", metric, scores[metric], weights=False)
 
 

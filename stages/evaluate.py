@@ -5,13 +5,13 @@ test split. Writes data/rounds/r/predictions.parquet (schema Predictions), metri
 (per-item scores) and metrics/rounds/r/evaluate.json: ROUGE-1/2/L/Lsum and METEOR (x100), mean length, and round
 r's guidance mean token reward on the predictions, on EOS and on the other tokens. The prompt task writes its
 candidate prompts (schema PromptCandidates) and the test accuracy of the one chosen on validation instead
-(`ptg.evaluation.evaluate_and_save`).
+(the task's `evaluate`, `ptg.tasks`).
 Run: python stages/evaluate.py --round r [--params params.yaml]
 """
 
 import dataclasses
 
-from ptg import evaluation, pipeline, tasks, tracking
+from ptg import pipeline, tasks, tracking
 from ptg.config import load_group, rounds
 from ptg.guidance import load_guidance
 
@@ -20,12 +20,13 @@ def main(r: int, params: str = "params.yaml") -> None:
     ctx = pipeline.start(f"evaluate@{r}", params)
     guidance = load_guidance(pipeline.round_dir(r) / "guidance")
     lm_dir = pipeline.round_dir(r) / "lm"
-    scores, files = evaluation.evaluate_and_save(lm_dir, guidance, pipeline.round_dir(r) / "predictions.parquet",
-                                            pipeline.round_metrics(r, "evaluate"), ctx,
-                                            last_round=r == rounds(params)[-1]["round"], seed=ctx.seed("evaluate", r))
+    evaluate = tasks.evaluation(params).evaluate
+    scores, files = evaluate(lm_dir, guidance, pipeline.round_dir(r) / "predictions.parquet",
+                             pipeline.round_metrics(r, "evaluate"), ctx, last_round=r == rounds(params)[-1]["round"],
+                             seed=ctx.seed("evaluate", r))
     tracking.log_stage("evaluate", r, dataclasses.asdict(load_group("evaluate", params)),
                        pipeline.round_metrics(r, "evaluate"), artifacts=files)
-    metric = tasks.main_metric(params)
+    metric = tasks.info(params).MAIN_METRIC
     tracking.set_best_alias(tracking.LM_MODEL, lm_dir, metric, scores[metric])
     # The guidance that trained the best LM.
     tracking.set_best_alias(tracking.GUIDANCE_MODEL, pipeline.round_dir(r) / "guidance", metric, scores[metric])

@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from ptg import diagnostics, distributed, pipeline, preferences, schemas, scoring, tasks, tracking
+from ptg import diagnostics, distributed, pipeline, preferences, schemas, tasks, tracking
 from ptg.config import FitConfig, load_group, preferences_params, round_budget
 from ptg.guidance import (
     Guidance,
@@ -75,7 +75,7 @@ def _diagnostics(guidance: Guidance, val: list[RankedGroup], val_ids: list[str],
     clear = diagnostics.clear_pair_accuracy(scores, [g.scores for g in val])
     out = {"val_accuracy_clear": clear["accuracy"], "val_pairs_clear": clear["pairs"], "clear_margin": clear["margin"]}
     try:
-        score = scoring.sample_scorer(tok, ctx)
+        score = tasks.scoring(ctx.params).sample_scorer(tok, ctx)
     except ValueError as e:
         log.info("no occlusion credit: %s", e)
         return out
@@ -101,10 +101,11 @@ def main(r: int, params: str = "params.yaml") -> None:
     samples = read_table(pipeline.round_dir(r) / "samples.parquet", schemas.Samples)
     rankings = read_table(pipeline.round_dir(r) / "rankings.parquet", schemas.Rankings)
     _check_ranked(samples, rankings, r)
-    examples = tasks.inputs_of(samples["id"].unique(), params)
+    task = tasks.data(params)
+    examples = task.inputs_of(samples["id"].unique(), params)
     guidance = load_guidance(pipeline.round_dir(r - 1) / "guidance", fp.head_hidden, fp.squash, fp.head_init_gain)
     tok = load_tokenizer(pipeline.round_dir(0) / "lm")
-    prompts = dict(zip(examples["id"], tasks.encode_inputs(tok, guidance.backbone, examples, params), strict=True))
+    prompts = dict(zip(examples["id"], task.encode_inputs(tok, guidance.backbone, examples, params), strict=True))
     merged = samples.merge(rankings, on=["id", "sample_idx"], validate="one_to_one").sort_values(["id", "sample_idx"])
     merged["split"] = merged["id"].map(dict(zip(examples["id"], examples["split"], strict=True)))
     by_split = {s: merged[merged["split"] == s] for s in ("train", "validation")}

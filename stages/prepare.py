@@ -15,7 +15,7 @@ from ptg.io import validate_table, write_json, write_table
 def main(params: str = "params.yaml") -> None:
     pipeline.start("prepare", params, with_torch=False)
     cfg = load_group("data", params)
-    frames, schema, info = tasks.build_examples(params)
+    frames, schema, info = tasks.data(params).build_examples(params)
     # Every split passes its schema before any is written: a bad test split leaves no train table behind.
     frames = {split: validate_table(frame, schema, str(pipeline.PREPARED / f"{split}.parquet"))
               for split, frame in frames.items()}

@@ -5,7 +5,7 @@ scores from `rank.scores_file` (columns id, text, score), or `reward_model`: the
 model at `rank.reward_model` for each sample after its prompt (`rank.reward_*`). With `rank.unfinished: last`, samples
 that hit the token limit rank below every finished sample of their input (their score lowered). Writes
 data/rounds/r/rankings.parquet (schema Rankings; rank 1 = best) and metrics/rounds/r/rank.json. The prompt task
-scores each prompt by the frozen classifier's mean gap reward instead (`task`; `ptg.scoring.score_samples`).
+scores each prompt by the frozen classifier's mean gap reward instead (`task`; the task's `score_samples`).
 Run: python stages/rank.py --round r [--params params.yaml]
 """
 
@@ -13,7 +13,7 @@ import dataclasses
 
 import pandas as pd
 
-from ptg import pipeline, schemas, scoring, tracking
+from ptg import pipeline, schemas, tasks, tracking
 from ptg.config import load_group
 from ptg.io import read_table, write_json, write_table
 from ptg.ranking import rank_within_groups, unfinished_last
@@ -21,6 +21,7 @@ from ptg.ranking import rank_within_groups, unfinished_last
 
 def main(r: int, params: str = "params.yaml") -> None:
     rp = load_group("rank", params)
+    scoring = tasks.scoring(params)
     ctx = pipeline.start(f"rank@{r}", params, with_torch=scoring.needs_torch_to_rank(params))
     samples = read_table(pipeline.round_dir(r) / "samples.parquet", schemas.Samples)
     scores, extra = scoring.score_samples(samples, ctx)

@@ -16,7 +16,7 @@ from ptg.report import build_report, format_report
 def main(params: str = "params.yaml") -> None:
     pipeline.start("report", params, with_torch=False)
     evals, guidance = build_report([item["round"] for item in rounds(params)], pipeline.METRICS,
-                                   tasks.task_of(params).name)
+                                   tasks.info(params))
     out = pipeline.METRICS / "report"
     with atomic_path(out / "metrics_by_round.png") as tmp:
         viz.metrics_by_round_png(out / "eval_by_round.csv", tmp.with_suffix(".png")).rename(tmp)

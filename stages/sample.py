@@ -2,7 +2,7 @@
 
 Samples `sample.train_inputs` training inputs (a fresh seeded draw each round) and the first
 `sample.validation_inputs` validation inputs (a fixed subset, so guidance validation is comparable across
-rounds); the prompt task's inputs are that many groups of K prompts (`ptg.tasks.round_inputs`).
+rounds); the prompt task's inputs are that many groups of K prompts (the task's `round_inputs`).
 Writes data/rounds/r/samples.parquet (schema Samples) and metrics/rounds/r/sample.json.
 Run: python stages/sample.py --round r [--params params.yaml]
 """
@@ -19,11 +19,12 @@ from ptg.sampling import SamplingConfig
 def main(r: int, params: str = "params.yaml") -> None:
     ctx = pipeline.start(f"sample@{r}", params)
     mp, sp = load_group("model", params), load_group("sample", params)
-    frame = tasks.round_inputs(ctx, r)
+    task = tasks.data(params)
+    frame = task.round_inputs(ctx, r)
     lm_dir = pipeline.round_dir(r - 1) / "lm"
     model, tok = load_lm(lm_dir, ctx.device, ctx.dtype), load_tokenizer(lm_dir)  # inference only
     cfg = SamplingConfig(**{f.name: getattr(sp, f.name) for f in dataclasses.fields(SamplingConfig)})
-    inputs, stops = tasks.encode_inputs(tok, model, frame, params), tasks.stops(model, tok, params)
+    inputs, stops = task.encode_inputs(tok, model, frame, params), task.stops(model, tok, params)
     table, speed = pipeline.sample_table(model, tok, frame, mp, cfg, sp.batch_size, ctx, ctx.generator("sample", r),
                                          inputs, stops)
     out = pipeline.round_dir(r) / "samples.parquet"

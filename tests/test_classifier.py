@@ -1,11 +1,11 @@
-"""The frozen few-shot classifier (ptg.classifier): gap reward (§8.7), cached vs uncached scoring, calibration,
-budget counters and the masked-LM kind, on tiny random models with offline tokenizers."""
+"""The frozen few-shot classifier (ptg.tasks.prompt.scoring): gap reward (§8.7), cached vs uncached scoring,
+calibration, budget counters and the masked-LM kind, on tiny random models with offline tokenizers."""
 
 import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, BertTokenizer, LlamaConfig, LlamaForCausalLM
 
-from ptg.classifier import Classifier, check_template, gap_rewards, load_classifier, verbalizer_ids
+from ptg.tasks.prompt.scoring import Classifier, check_template, gap_rewards, load_classifier, verbalizer_ids
 from ptg.tiny_models import build_tiny_tokenizer
 
 VERBALIZERS = [" no", " yes", " maybe"]  # one token each in the tiny-llama tokenizer

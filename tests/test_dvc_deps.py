@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ptg.config import task_names
+from ptg.tasks import CONCERNS
+
 ROOT = Path(__file__).resolve().parents[1]
 # Only records runs to MLflow: outputs never depend on it, so editing it must not re-run the pipeline.
 NOT_A_DEP = {"ptg.tracking"}
@@ -35,14 +38,25 @@ def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
     return out
 
 
-def _ptg_imports(path: Path) -> set[str]:
+def module_path(module: str) -> Path | None:
+    """The file of ptg module ``module`` (a module or a package's ``__init__.py``), None if it is no ptg module."""
+    base = ROOT / "src" / module.replace(".", "/")
+    return next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+
+
+def _ptg_imports(path: Path, parents: bool = True) -> set[str]:
+    """The ptg modules ``path`` runs on import: each imported module (``from ptg.x import y`` imports ``ptg.x.y``
+    when that is a module) and, with ``parents``, the packages above it (their ``__init__`` runs first; ``ptg``
+    itself left out)."""
     out: set[str] = set()
     for node in _runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "ptg":
-            out |= {f"ptg.{a.name}" for a in node.names} if node.module == "ptg" else {node.module}
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names
+                                   if module_path(f"{node.module}.{a.name}")}
         elif isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.split(".")[0] == "ptg"}
-    return out
+    above = {".".join(m.split(".")[:i]) for m in out for i in range(2, m.count(".") + 1)} if parents else set()
+    return {m for m in out | above if m != "ptg"}
 
 
 def import_closure(script: Path) -> set[str]:
@@ -51,13 +65,39 @@ def import_closure(script: Path) -> set[str]:
     todo = list(_ptg_imports(script))
     while todo:
         mod = todo.pop()
-        if mod in seen or mod in NOT_A_DEP:
+        if mod in seen or any(mod == m or mod.startswith(f"{m}.") for m in NOT_A_DEP):
             continue
         seen.add(mod)
-        path = ROOT / "src" / (mod.replace(".", "/") + ".py")
-        if path.exists():
+        path = module_path(mod)
+        if path:
             todo += _ptg_imports(path)
-    return {m for m in seen if (ROOT / "src" / (m.replace(".", "/") + ".py")).exists()}
+    return {m for m in seen if module_path(m)}
+
+
+def task_concerns(path: Path) -> set[str]:
+    """The task modules ``path`` asks ``ptg.tasks`` for: ``tasks.data(params)`` -> "data"."""
+    calls = {node.func.attr for node in _runtime_nodes(ast.parse(path.read_text()))
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+             and isinstance(node.func.value, ast.Name) and node.func.value.id == "tasks"}
+    return calls & set(CONCERNS)
+
+
+def stage_modules(script: Path, task: str) -> set[str]:
+    """The ptg modules a stage runs with ``task.name: task``: its import closure, and the closure of each module of
+    the task's folder it asks ``ptg.tasks`` for."""
+    closure = import_closure(script)
+    concerns = set().union(*(task_concerns(module_path(m) or script) for m in closure), task_concerns(script))
+    for concern in concerns:
+        module = f"ptg.tasks.{task}.{concern}"  # its package runs first (and ``tasks._module`` calls its check)
+        closure |= {module, f"ptg.tasks.{task}"} | import_closure(module_path(module))
+        closure |= import_closure(module_path(f"ptg.tasks.{task}"))
+    return closure
+
+
+def dep_path(module: str, task: str) -> str:
+    """A module as dvc.yaml names it: its file, a module of the task's folder templated by ``${task.name}``."""
+    path = module_path(module).relative_to(ROOT).as_posix()
+    return path.replace(f"src/ptg/tasks/{task}/", "src/ptg/tasks/${task.name}/")
 
 
 def _stages() -> dict[str, dict]:
@@ -67,17 +107,39 @@ def _stages() -> dict[str, dict]:
 
 @pytest.mark.parametrize("name", sorted(_stages()))
 def test_stage_deps_are_exactly_the_imported_modules(name):
-    """No module missing (an edit would not rerun the stage) and none extra (an edit would rerun it for nothing)."""
+    """No module missing (an edit would not rerun the stage) and none extra (an edit would rerun it for nothing),
+    for every task: the task's own modules are named by ``${task.name}``, so a task's folder is a dependency only
+    of its own pipeline (the generic modules a task imports are listed for every task)."""
     spec = _stages()[name]
     script = re.match(r"(?:python|\$\{launcher\}) (stages/\S+\.py)", spec["cmd"]).group(1)
     deps = set(spec["deps"])
     assert script in deps and script == f"stages/{name}.py"
-    needed = {"src/" + m.replace(".", "/") + ".py" for m in import_closure(ROOT / script)}
-    assert needed, f"{script} imports no ptg module?"
-    missing = sorted(needed - deps)
-    assert not missing, f"dvc.yaml stage {name}: deps lack {missing} (imported by {script})"
-    extra = sorted(d for d in deps - needed - {script} if d.endswith(".py"))
+    needed = {task: {dep_path(m, task) for m in stage_modules(ROOT / script, task)} for task in task_names()}
+    assert all(needed.values()), f"{script} imports no ptg module?"
+    for task, modules in needed.items():
+        missing = sorted(modules - deps)
+        assert not missing, f"dvc.yaml stage {name}: deps lack {missing} (imported by {script}, task {task})"
+    extra = sorted(d for d in deps - set().union(*needed.values()) - {script} if d.endswith(".py"))
     assert not extra, f"dvc.yaml stage {name}: deps list {extra}, which {script} never imports"
+
+
+def test_a_task_imports_no_other_task():
+    """A task's modules import ptg's generic modules and their own folder's: editing one task's code can rerun
+    nothing of another's pipeline."""
+    for task in task_names():
+        for path in sorted((ROOT / "src" / "ptg" / "tasks" / task).glob("*.py")):
+            others = {m for m in import_closure(path) if m.startswith("ptg.tasks.")
+                      and not m.startswith(f"ptg.tasks.{task}")}
+            assert not others, f"{path.relative_to(ROOT)} imports {sorted(others)}"
+
+
+def test_every_task_has_every_concern():
+    """dvc.yaml names ``src/ptg/tasks/${task.name}/<concern>.py``: a task folder lacking one would fail `dvc repro`
+    with a missing dependency."""
+    assert {"summarisation", "prompt"} <= set(task_names())
+    for task in task_names():
+        folder = ROOT / "src" / "ptg" / "tasks" / task
+        assert {f"{c}.py" for c in CONCERNS} | {"__init__.py"} <= {p.name for p in folder.glob("*.py")}, task
 
 
 def test_training_stages_start_with_the_launcher_and_the_others_with_python():
@@ -89,20 +151,26 @@ def test_training_stages_start_with_the_launcher_and_the_others_with_python():
         assert "launcher" not in spec["params"], f"{name}: DVC reruns a stage whose cmd changed already"
 
 
-def test_closure_follows_imports_through_the_library():
-    # evaluate.py imports ptg.evaluation, which imports ptg.sampling: the decoder is a dependency of evaluate.
-    closure = import_closure(ROOT / "stages" / "evaluate.py")
-    assert {"ptg.evaluation", "ptg.sampling", "ptg.models", "ptg.precision"} <= closure
+def test_closure_follows_imports_through_the_library_and_the_task():
+    # evaluate.py asks for the task's evaluation, which imports ptg.evaluation, which imports ptg.sampling: the
+    # decoder is a dependency of evaluate.
+    closure = stage_modules(ROOT / "stages" / "evaluate.py", "summarisation")
+    assert {"ptg.tasks.summarisation.evaluation", "ptg.evaluation", "ptg.sampling", "ptg.models",
+            "ptg.precision"} <= closure
     assert "ptg.tracking" not in closure
+    assert "ptg.tasks.prompt.scoring" in stage_modules(ROOT / "stages" / "evaluate.py", "prompt")
 
 
 def test_a_stage_depends_on_no_code_it_does_not_run():
     """Editing the training loop, the classifier or the metrics re-runs no data preparation, sampling or report;
     imports for annotations only (``if TYPE_CHECKING:``) are no dependency."""
-    for stage in ("prepare", "sample", "report"):
-        closure = import_closure(ROOT / "stages" / f"{stage}.py")
-        assert not {"ptg.train", "ptg.guidance", "ptg.classifier", "ptg.metrics", "ptg.evaluation"} & closure, stage
-    assert "ptg.train" not in import_closure(ROOT / "src" / "ptg" / "scoring.py")  # its Example: annotations only
+    heavy = {"ptg.train", "ptg.guidance", "ptg.tasks.prompt.scoring", "ptg.metrics", "ptg.evaluation"}
+    for task in task_names():
+        for stage in ("prepare", "sample", "report"):
+            closure = stage_modules(ROOT / "stages" / f"{stage}.py", task)
+            assert not heavy & closure, (task, stage, heavy & closure)
+        # its SampleScorer and Validator: annotations only
+        assert "ptg.train" not in import_closure(ROOT / "src" / "ptg" / "tasks" / task / "scoring.py")
 
 
 def test_stages_with_per_round_budgets_track_their_round_entry():
@@ -118,23 +186,21 @@ def test_stages_that_read_a_tokenizer_depend_on_its_folder():
             assert "data/rounds/0/lm" in spec["deps"], name
 
 
-def _module_path(module: str) -> Path:
-    return ROOT / "src" / (module.replace(".", "/") + ".py")
-
-
 def test_no_module_imports_itself_through_others():
     """No import circle among ptg's modules (function-level imports included, TYPE_CHECKING ones not): a circle
     makes each module's DVC deps the other's, and an import order that works by accident."""
     circles = []
     for path in sorted((ROOT / "src" / "ptg").rglob("*.py")):
         module = ".".join(path.relative_to(ROOT / "src").with_suffix("").parts).removesuffix(".__init__")
-        seen, todo = set(), [m for m in _ptg_imports(path) if m != module]
+        # A package running its submodules is no circle: only the imports themselves are edges, not the packages
+        # above each imported module.
+        seen, todo = set(), [m for m in _ptg_imports(path, parents=False) if m != module]
         while todo:
             mod = todo.pop()
-            if mod in seen or not _module_path(mod).exists():
+            if mod in seen or not module_path(mod):
                 continue
             seen.add(mod)
-            todo += _ptg_imports(_module_path(mod))
+            todo += _ptg_imports(module_path(mod), parents=False)
         if module in seen:
             circles.append(module)
     assert not circles, f"modules that import themselves through others: {circles}"

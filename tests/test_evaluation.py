@@ -6,7 +6,7 @@ import pytest
 from conftest import REPO
 from test_bad_inputs import data_folder, good_rows, set_params, stage
 
-from ptg import evaluation, pipeline
+from ptg import pipeline, tasks
 from ptg.guidance import Guidance
 
 
@@ -29,8 +29,8 @@ def _items(project, arm: str, r: int, last_round: bool) -> list[str]:
     guidance = Guidance.from_backbone(pipeline.round_dir(0) / "guidance" / "backbone") if arm == "ptg" else None
     metrics = (pipeline.round_metrics if arm == "ptg" else pipeline.baseline_metrics)(r, "evaluate")
     out = project / "data" / arm / str(r)
-    evaluation.evaluate_and_save(pipeline.round_dir(0) / "lm", guidance, out / "predictions.parquet", metrics, ctx,
-                                 last_round=last_round, seed=0)
+    tasks.evaluation("params.yaml").evaluate(pipeline.round_dir(0) / "lm", guidance, out / "predictions.parquet",
+                                             metrics, ctx, last_round=last_round, seed=0)
     return pd.read_csv(metrics.with_name("evaluate_items.csv"))["id"].tolist()
 
 

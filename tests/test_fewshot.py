@@ -1,4 +1,5 @@
-"""Tests of ptg.fewshot: WordNet topics (real and a tiny fake database), local folders, few-shot splits, checks."""
+"""Tests of the prompt task's data (ptg.tasks.prompt.data): WordNet topics (real and a tiny fake database), local
+folders, few-shot splits, checks."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ptg.fewshot import (
+from ptg.io import validate_table
+from ptg.schemas import ClassificationExamples
+from ptg.tasks.prompt.data import (
     FINE_FOODS_CLASSES,
     check_classification,
     default_modeldata_root,
@@ -23,8 +26,6 @@ from ptg.fewshot import (
     review_text,
     wordnet_topics,
 )
-from ptg.io import validate_table
-from ptg.schemas import ClassificationExamples
 
 LEXNAMES = "03\tnoun.Tops\t1\n05\tnoun.animal\t1\n13\tnoun.food\t1\n20\tnoun.plant\t1\n"
 DATA_NOUN = (

@@ -270,7 +270,7 @@ def test_train_lm_under_accelerate_launch_trains_data_parallel_and_writes_once(q
 def test_checkpoint_selection_scores_validation_as_the_evaluation_does(quick, monkeypatch):
     """train_lm.eval_every's score is the evaluation's ROUGE-L (greedy, evaluate.max_new_tokens) on the first
     eval_items inputs of the validation split, never of test."""
-    from ptg import evaluation, pipeline, scoring
+    from ptg import evaluation, pipeline, tasks
     from ptg.config import load_group
     from ptg.models import load_lm, load_tokenizer
 
@@ -287,8 +287,8 @@ def test_checkpoint_selection_scores_validation_as_the_evaluation_does(quick, mo
         scores[split] = summary["rougeL"]
     n = len(pipeline.read_examples("validation"))
     cfg = dataclasses.replace(load_group("train_lm", "params.yaml"), eval_items=n)
-    assert scoring.validation_scorer(tok, cfg, ctx)(model)["val_score"] == pytest.approx(scores["validation"],
-                                                                                          abs=1e-9)
+    validate = tasks.scoring("params.yaml").validation_scorer(tok, cfg, ctx)
+    assert validate(model)["val_score"] == pytest.approx(scores["validation"], abs=1e-9)
     assert scores["validation"] != pytest.approx(scores["test"])  # the two splits score apart: it read validation
 
 

@@ -19,9 +19,10 @@ from conftest import PAD, REPO, VOCAB, tiny_llama
 from safetensors import safe_open
 from transformers import LlamaForCausalLM
 
-from ptg import losses, models, prompt_data, train
+from ptg import losses, models, train
 from ptg.config import DataConfig, SamplingConfig, TaskParams, TrainConfig
-from ptg.fewshot import default_wordnet_root
+from ptg.tasks import prompt as prompt_data
+from ptg.tasks.prompt.data import WORDNET_SOURCE, default_wordnet_root, labelled_splits
 
 CPU = torch.device("cpu")
 START = [3]  # the policy's one input token
@@ -266,7 +267,7 @@ def test_wordnet_examples_are_exact_shots_per_class_and_seeded_by_data_seed():
                       shots=4)
 
     def build(seed: int) -> dict[str, pd.DataFrame]:
-        return prompt_data.build_examples(DataConfig(source=prompt_data.WORDNET_SOURCE, max_test=40, seed=seed), task)
+        return labelled_splits(DataConfig(source=WORDNET_SOURCE, max_test=40, seed=seed), task)
 
     first = build(0)
     for split in ("train", "validation"):

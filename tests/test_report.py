@@ -1,10 +1,15 @@
 """ptg.report: every column of the PTG-vs-baseline tables comes from the arm and round it names."""
 
+import importlib
 import json
 
 import pandas as pd
 
-from ptg.report import EVAL_KEYS, GUIDANCE_KEYS, PROMPT_EVAL_KEYS, WEIGHT_KEYS, build_report, format_report
+from ptg.report import GUIDANCE_KEYS, WEIGHT_KEYS, build_report, format_report
+
+SUMMARISATION = importlib.import_module("ptg.tasks.summarisation.info")
+PROMPT = importlib.import_module("ptg.tasks.prompt.info")
+EVAL_KEYS, PROMPT_EVAL_KEYS = SUMMARISATION.EVAL_KEYS, PROMPT.EVAL_KEYS
 
 
 def _write(path, values):
@@ -28,7 +33,7 @@ def _metrics(root, task):
 
 def test_columns_come_from_their_arm_and_round(tmp_path):
     _metrics(tmp_path, "summarisation")
-    evals, guidance = build_report([1, 2], tmp_path)
+    evals, guidance = build_report([1, 2], tmp_path, SUMMARISATION)
     for r, row in zip((1, 2), evals.to_dict("records"), strict=True):
         assert row["round"] == r
         for i, k in enumerate(EVAL_KEYS):
@@ -47,7 +52,7 @@ def test_columns_come_from_their_arm_and_round(tmp_path):
 
 def test_prompt_task_columns_come_from_their_arm(tmp_path):
     _metrics(tmp_path, "prompt")
-    evals, _ = build_report([1, 2], tmp_path, task="prompt")
+    evals, _ = build_report([1, 2], tmp_path, PROMPT)
     row = evals.to_dict("records")[1]
     for i, k in enumerate(PROMPT_EVAL_KEYS):
         assert (row[f"ptg_{k}"], row[f"mle_{k}"]) == (20 + i, 120 + i), k

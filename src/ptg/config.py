@@ -315,17 +315,33 @@ class TrainLMParams(TrainConfig):
                              "are new parameters, so there is no optimizer state to carry")
 
 
-Task = Literal["summarisation", "prompt"]
+def reference_baseline(cfg: TrainLMParams, params: str | Path) -> TrainLMParams:
+    """The baseline of a task with references (summarisation, copy): the same preference without the guidance.
+    Policy-gradient objectives (pg, grpo): ``pg`` with sequence-level credit (RLOO), everything else as PTG's;
+    otherwise uniform MLE (no guidance weights, no policy-gradient term)."""
+    if cfg.objective in ("pg", "grpo"):
+        return dataclasses.replace(cfg, objective="pg", pg_credit="sequence")
+    return dataclasses.replace(cfg, contrast=None, pg_coeff=0.0)
+
+
 ClassifierKind = Literal["causal", "masked"]
-TASKS, CLASSIFIER_KINDS = get_args(Task), get_args(ClassifierKind)
+CLASSIFIER_KINDS = get_args(ClassifierKind)
+TASKS_FOLDER = Path(__file__).parent / "tasks"  # one folder per task (``ptg.tasks``)
+
+
+def task_names() -> tuple[str, ...]:
+    """The tasks ptg has: the folders of ``ptg/tasks`` with an ``__init__.py``."""
+    return tuple(sorted(p.parent.name for p in TASKS_FOLDER.glob("*/__init__.py")))
 
 
 @params_dataclass
 class TaskParams:
-    """What the pipeline learns: ``summarisation`` (weighted MLE on references, the stages' default) or ``prompt``
-    (discrete prompts for a frozen few-shot classifier, REINFORCE on the guidance; the other keys apply)."""
+    """What the pipeline learns (``ptg.tasks``): ``summarisation`` (weighted MLE on references, the stages'
+    default) or ``prompt`` (discrete prompts for a frozen few-shot classifier, REINFORCE on the guidance; the other
+    keys apply); any folder of ``ptg/tasks``."""
 
-    name: Task = field(default="summarisation", metadata={"help": "summarisation or prompt"})
+    name: str = field(default="summarisation", metadata={
+        "help": "a folder of ptg/tasks: summarisation or prompt"})
     classifier: str | None = field(default=None, metadata={
         "help": "prompt: the frozen classifier, null = model.policy (the offline default), or a local causal-LM "
                 "or masked-LM folder"})
@@ -355,12 +371,14 @@ class TaskParams:
                 "classifier at every one) or as many as the classifier calls PTG's ranking spent allow (calls)"})
 
     def __post_init__(self) -> None:
-        if self.name == "prompt":
-            if len(self.labels) < 2 or len(self.labels) != len(self.verbalizers):
-                raise ValueError(f"labels and verbalizers must be lists of the same length >= 2 (one verbalizer "
-                                 f"per label); got labels {list(self.labels)}, verbalizers {list(self.verbalizers)}")
-            if len(set(self.labels)) != len(self.labels):
-                raise ValueError(f"labels must be distinct; got {list(self.labels)}")
+        if self.name not in task_names():
+            raise ValueError(f"name {self.name!r}: ptg has no such task (a folder of {TASKS_FOLDER}); the tasks are "
+                             f"{', '.join(task_names())}")
+        if (self.labels or self.verbalizers) and (len(self.labels) < 2 or len(self.labels) != len(self.verbalizers)):
+            raise ValueError(f"labels and verbalizers must be lists of the same length >= 2 (one verbalizer "
+                             f"per label); got labels {list(self.labels)}, verbalizers {list(self.verbalizers)}")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must be distinct; got {list(self.labels)}")
 
 
 @params_dataclass

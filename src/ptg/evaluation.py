@@ -1,25 +1,22 @@
-"""Evaluating an LM as `evaluate@r` and `baseline` do: greedy predictions on the test split, scored against all
-references (ROUGE, METEOR), plus the guidance's mean token reward on them. Kept apart from ``ptg.pipeline`` so
-stages that score nothing do not pay for importing the metrics (nltk)."""
+"""Evaluating an LM on a task with references, as `evaluate@r` and `baseline` do for summarisation: greedy
+predictions on the test split, scored against all references (ROUGE, METEOR), plus the guidance's mean token
+reward on them; and the token-reward heatmaps every task draws. Kept apart from ``ptg.pipeline`` so stages that
+score nothing do not pay for importing the metrics (nltk)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ptg import metrics, prompt_task, schemas, viz
+from ptg import metrics, schemas, viz
 from ptg.config import ModelParams, load_group
 from ptg.guidance import Guidance, token_rewards
 from ptg.io import atomic_path, write_json, write_table
 from ptg.models import load_lm, load_tokenizer
-from ptg.pipeline import Context, encode_prompts_of, read_examples, round_dir, sample_table
-from ptg.prompt_data import start_ids
+from ptg.pipeline import Context, encode_prompts_of, read_examples, sample_table
 from ptg.sampling import SamplingConfig
-from ptg.tasks import is_prompt, task_of
 
 HEATMAP_EXAMPLES = 6  # test responses shown in the token-level reward heatmap
 
@@ -78,12 +75,13 @@ def eos_reward(token_ids: list[list[int]], rewards: list[list[float]], finished:
             "reward_other": sum(other) / len(other) if other else float("nan")}
 
 
-def evaluate_summaries(lm_dir: Path, guidance: Guidance | None, predictions_path: Path, metrics_path: Path,
-                       ctx: Context, last_round: bool = True) -> tuple[dict[str, float], list[Path]]:
-    """Evaluate the LM at ``lm_dir`` on the ``evaluate.split`` split (its first ``evaluate.subset_items`` items unless
-    ``last_round``); write the Predictions table, the per-item scores (evaluate_items.csv beside the metrics JSON),
-    the metrics JSON and, with a guidance, the reward heatmaps beside the predictions. Returns the metrics and the
-    files written."""
+def evaluate_references(lm_dir: Path, guidance: Guidance | None, predictions_path: Path, metrics_path: Path,
+                        ctx: Context, last_round: bool = True, seed: int = 0) -> tuple[dict[str, float], list[Path]]:
+    """The evaluation of a task with references (its ``evaluation.evaluate``): evaluate the LM at ``lm_dir`` on the
+    ``evaluate.split`` split (its first ``evaluate.subset_items`` items unless ``last_round``) by greedy decoding
+    (``seed`` draws nothing); write the Predictions table, the per-item scores (evaluate_items.csv beside the
+    metrics JSON), the metrics JSON and, with a guidance, the reward heatmaps beside the predictions. Returns the
+    metrics and the files written."""
     mp: ModelParams = load_group("model", ctx.params)
     ep = load_group("evaluate", ctx.params)
     model, tok = load_lm(lm_dir, ctx.device, ctx.dtype), load_tokenizer(lm_dir)
@@ -100,53 +98,4 @@ def evaluate_summaries(lm_dir: Path, guidance: Guidance | None, predictions_path
     files = [predictions_path]
     if guidance is not None:
         files += save_heatmaps(tok, table, token_ids, rewards, predictions_path.with_name("heatmap"))
-    return summary, files
-
-
-def evaluate_and_save(lm_dir: Path, guidance: Guidance | None, predictions_path: Path, metrics_path: Path,
-                      ctx: Context, last_round: bool, seed: int) -> tuple[dict[str, Any], list[Path]]:
-    """Evaluate the LM at ``lm_dir`` as evaluate@r and the baseline do, for the params' task; write the predictions
-    table, the per-item results (evaluate_items.csv beside the metrics JSON), the metrics JSON and, with a
-    guidance, the token-reward heatmaps. Returns the metrics and the files written. ``seed``: the prompt task's
-    candidate draw."""
-    if not is_prompt(ctx.params):
-        return evaluate_summaries(lm_dir, guidance, predictions_path, metrics_path, ctx, last_round)
-    return evaluate_prompt_policy(lm_dir, guidance, predictions_path, metrics_path, ctx, last_round, seed)
-
-
-def evaluate_prompt_policy(lm_dir: Path, guidance: Guidance | None, predictions_path: Path, metrics_path: Path,
-                           ctx: Context, last_round: bool, seed: int) -> tuple[dict[str, Any], list[Path]]:
-    """The prompt task's evaluation (``prompt_task.evaluate_prompts``): the policy's candidates chosen on validation,
-    the best's accuracy on ``evaluate.split`` (its first ``evaluate.subset_items`` texts unless ``last_round``); the
-    last evaluation with a guidance (PTG's) also scores the untrained baselines; the candidates table (schema
-    PromptCandidates) with the guidance's token rewards and their heatmap."""
-    task, sp, ep = task_of(ctx.params), load_group("sample", ctx.params), load_group("evaluate", ctx.params)
-    model, tok = load_lm(lm_dir, ctx.device, ctx.dtype), load_tokenizer(lm_dir)
-    clf = prompt_task.load_task_classifier(task, ctx)
-    settings = (task, ep.split, sp.max_new_tokens, sp.top_k, ctx)
-    table, items, summary = prompt_task.evaluate_prompts(model, tok, clf, *settings,
-                                                         torch.Generator().manual_seed(seed),
-                                                         subset_items=0 if last_round else ep.subset_items)
-    if last_round and guidance is not None:  # PTG's last evaluation also scores the untrained baselines, once
-        untrained = load_lm(round_dir(0) / "lm", ctx.device, ctx.dtype)
-        accuracy, correct = prompt_task.untrained_baselines(untrained, tok, clf, *settings,
-                                                            torch.Generator().manual_seed(seed))
-        summary |= accuracy
-        items = items.assign(**correct)
-    files = [predictions_path]
-    if guidance is not None:
-        start = start_ids(tok)
-        ids = [list(map(int, t)) for t in table["token_ids"]]
-        rewards = token_rewards(guidance, [start] * len(ids), ids, tok.pad_token_id, ctx.device, ctx.dtype)
-        table["guidance_score"] = [sum(r) for r in rewards]
-        shown = table.assign(id=[f"rank {k}" for k in table["rank"]], prediction=table["prompt"]).sort_values("rank")
-        order = shown.index.tolist()
-        files += save_heatmaps(tok, shown, [ids[i] for i in order], [rewards[i] for i in order],
-                                          predictions_path.with_name("heatmap"))
-    else:
-        table["guidance_score"] = float("nan")
-    write_table(table, predictions_path, schemas.PromptCandidates)
-    with atomic_path(metrics_path.with_name("evaluate_items.csv")) as tmp:
-        items.to_csv(tmp, index=False)
-    write_json(metrics_path, summary | {"precision": ctx.precision})
     return summary, files

@@ -5,7 +5,7 @@ ptg's sample scorer (``rank.metric`` against the references: the very scores ptg
 the training split's, drawn in ``ptg.train.schedule``'s order (TRL's sampler with ``shuffle_dataset`` off), and K
 (``num_generations``), the learning rate (constant), inputs per update, updates, gradient clipping, weight decay
 and the sampling settings are train_lm's. The rest is TRL's GRPO as it ships (group-normalised advantages, the
-``dapo`` token-level loss, no KL term). The learning curve is ptg's own (``ptg.scoring.validation_scorer`` every
+``dapo`` token-level loss, no KL term). The learning curve is ptg's own (the task's ``validation_scorer`` every
 ``eval_every`` updates, from a callback) and the best checkpoint is kept as ptg's arms keep theirs, so the arm is
 evaluated by the evaluate stage like any other. Summarisation only; needs the ``bench`` extra (``pip install
 'ptg[bench]'``).

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -182,3 +182,47 @@ def sample_table(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fra
     n_tokens = int(table["n_tokens"].sum())
     return table, {"seconds": seconds, "tokens": n_tokens, "tokens_per_second": n_tokens / max(seconds, 1e-9),
                    "mean_tokens": float(table["n_tokens"].mean()), "finished_fraction": float(table["finished"].mean())}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The data concern of a task whose examples have references (schema Examples: summarisation's, copy's), which its
+# ``data`` module re-exports (``ptg.tasks.TaskData``)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def round_inputs(ctx: Context, r: int) -> pd.DataFrame:
+    """The inputs sample@r samples K continuations of: ``sample.train_inputs`` training inputs (a fresh seeded draw
+    each round) and the first ``sample.validation_inputs`` validation ones."""
+    sp = load_group("sample", ctx.params)
+    train, val = read_examples("train"), read_examples("validation")
+    train = train.sample(n=min(sp.train_inputs, len(train)), random_state=ctx.seed("sample", r))
+    return pd.concat([train, val.head(sp.validation_inputs)], ignore_index=True)
+
+
+def inputs_of(ids: Sequence[str], params: str | Path) -> pd.DataFrame:
+    """The examples with these ids, for fit_guidance."""
+    examples = read_examples("train", "validation")
+    return examples[examples["id"].isin(set(ids))]
+
+
+def encode_inputs(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, frame: pd.DataFrame,
+                  params: str | Path) -> list[list[int]]:
+    """The encoded prompts."""
+    return encode_prompts_of(tokenizer, model, frame, load_group("model", params))
+
+
+def stops(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, params: str | Path) -> list[int]:
+    """The EOS ids (``ptg.encoding.eos_ids``: the tokenizer's, the generation config's, the chat turn's end)."""
+    from ptg.encoding import eos_ids
+
+    return eos_ids(model, tokenizer)
+
+
+def training_inputs(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, cfg: object,
+                    params: str | Path) -> list[tuple[list[int], list[int], tuple[str, ...]]]:
+    """What train_lm trains on: the training split's (prompt, reference response, references)."""
+    mp = load_group("model", params)
+    train = read_examples("train")
+    prompts = encode_prompts_of(tokenizer, model, train, mp)
+    targets = encode_targets_of(tokenizer, model, train, mp)
+    return [(p, t, tuple(refs)) for p, t, refs in zip(prompts, targets, train["references"], strict=True)]

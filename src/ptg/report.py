@@ -7,37 +7,42 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from ptg.io import atomic_path, read_json
 
-EVAL_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "meteor", "gen_len")
-# The prompt task's (ptg.prompt_task.evaluate_prompts): test accuracy of the prompt chosen on validation, ...
-PROMPT_EVAL_KEYS = ("accuracy", "accuracy_top3", "validation_reward", "validation_accuracy")
+if TYPE_CHECKING:
+    from ptg.tasks import TaskInfo
+
+# A task with references (summarisation, copy; ptg.evaluation.evaluate_references): ROUGE / METEOR and length.
+REFERENCE_EVAL_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "meteor", "gen_len")
 GUIDANCE_KEYS = ("val_loss", "val_accuracy", "val_pairs", "kept_start", "best_update", "val_loss_start",
                  "val_accuracy_start")
 # How far from uniform the round trained (train_lm.json; absent for objectives without reference weights).
 WEIGHT_KEYS = ("reward_cv", "weight_cv", "weight_p90_p10", "weight_clipped")
 
 
-def build_report(round_ids: list[int], metrics_dir: Path, task: str = "summarisation"
-                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Collect every round's evaluation (PTG and its baseline) and guidance fit; write and return both tables."""
+def reference_row(ptg: dict[str, Any], mle: dict[str, Any]) -> dict[str, Any]:
+    """What the report shows beside a task with references' EVAL_KEYS: the guidance's mean token reward on PTG's
+    predictions, on their EOS and on the other tokens."""
+    return {"ptg_guidance_score": ptg["guidance_score"], "reward_eos": ptg["reward_eos"],
+            "reward_other": ptg["reward_other"]}
+
+
+def build_report(round_ids: list[int], metrics_dir: Path, task: TaskInfo) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Collect every round's evaluation (PTG and its baseline: the task's ``EVAL_KEYS`` and ``report_row``) and
+    guidance fit; write and return both tables."""
     eval_rows, guidance_rows = [], []
-    keys = PROMPT_EVAL_KEYS if task == "prompt" else EVAL_KEYS
+    keys = task.EVAL_KEYS
     for r in round_ids:
         ptg = read_json(metrics_dir / "rounds" / str(r) / "evaluate.json")
         mle = read_json(metrics_dir / "baseline" / str(r) / "evaluate.json")
         fit = read_json(metrics_dir / "rounds" / str(r) / "fit_guidance.json")
         train = read_json(metrics_dir / "rounds" / str(r) / "train_lm.json")
         row = {"round": r, "split": ptg.get("split", "test"), **{f"ptg_{k}": ptg[k] for k in keys},
-               **{f"mle_{k}": mle[k] for k in keys}}
-        if task == "prompt":
-            row |= {"ptg_prompt": ptg["prompt"], "mle_prompt": mle["prompt"]}
-        else:
-            row |= {"ptg_guidance_score": ptg["guidance_score"], "reward_eos": ptg["reward_eos"],
-                    "reward_other": ptg["reward_other"]}
+               **{f"mle_{k}": mle[k] for k in keys}, **task.report_row(ptg, mle)}
         eval_rows.append(row)
         guidance_rows.append({"round": r, **{k: fit[k] for k in GUIDANCE_KEYS},
                               **{k: train.get(k, float("nan")) for k in WEIGHT_KEYS}})

@@ -319,7 +319,7 @@ def check_disjoint_splits(frames: Mapping[str, pd.DataFrame], max_shown: int = 1
 
 
 class ClassificationExamples(pa.DataFrameModel):
-    """One labelled text of a few-shot classification split (``ptg.fewshot``): ``label`` is a class name."""
+    """One labelled text of a few-shot classification split (``ptg.tasks.prompt.data``): ``label`` is a class name."""
 
     id: Series[str] = pa.Field(unique=True, str_length={"min_value": 1}, coerce=True)
     text: Series[str]
@@ -335,9 +335,10 @@ class ClassificationExamples(pa.DataFrameModel):
 
 
 class PromptCandidates(pa.DataFrameModel):
-    """The prompt task's candidates of one evaluated policy (``ptg.prompt_task.evaluate_prompts``): each prompt with
-    its validation gap reward and accuracy, its rank there (1 = chosen), the accuracy on the evaluated split of the
-    top 3 (NaN for the rest) and the guidance's summed token reward (NaN without a guidance)."""
+    """The prompt task's candidates of one evaluated policy (``ptg.tasks.prompt.evaluation.evaluate_prompts``):
+    each prompt with its validation gap reward and accuracy, its rank there (1 = chosen), the accuracy on the
+    evaluated split of the top 3 (NaN for the rest) and the guidance's summed token reward (NaN without a
+    guidance)."""
 
     prompt: Series[str]
     token_ids: Series[object]

@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 SampleScorer = Callable[[Sequence[Sequence[str]], list[list[list[int]]]], list[list[float]]]
 # validate(model) -> the validation row of a checkpoint: "val_score" (higher = better: what the best checkpoint
 # maximises) and whatever else the learning curve records (e.g. the held-out reward of greedy and sampled outputs).
+# A validator that is an object may keep per-input rows in ``items`` (one frame per call: id, reward_greedy,
+# reward_sampled), which train_lm writes as its learning curve per validation input (train_lm_curve.csv).
 Validator = Callable[[PreTrainedModel], dict[str, float]]
 
 

@@ -16,15 +16,13 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ptg import distributed, metrics, pipeline, prompt_data, scoring, tasks
+from ptg import distributed, metrics, tasks
 from ptg.config import SamplingConfig, TrainLMParams, load_group
 from ptg.guidance import Guidance, spread
 from ptg.io import atomic_path, write_json
 from ptg.models import ADAPTER_DIR, add_lora, load_lm, load_tokenizer, save_lm
 from ptg.pipeline import Context
-from ptg.prompt_task import PromptScorer
 from ptg.train import (
     Example,
     example_weights,
@@ -38,19 +36,6 @@ from ptg.train import (
 log = logging.getLogger(__name__)
 
 OPTIMIZER_FILE = "optimizer.safetensors"
-
-
-def lm_examples(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, cfg: TrainLMParams,
-                params: str | Path) -> list[Example]:
-    """What train_lm trains on: the training split's prompts and references, or (prompt task) ``batch_size``
-    start tokens, each sampled into one prompt per micro-batch."""
-    if tasks.is_prompt(params):
-        return [Example(prompt_data.start_ids(tokenizer))] * cfg.batch_size
-    mp = load_group("model", params)
-    train = pipeline.read_examples("train")
-    prompts = pipeline.encode_prompts_of(tokenizer, model, train, mp)
-    targets = pipeline.encode_targets_of(tokenizer, model, train, mp)
-    return [Example(p, t, tuple(refs)) for p, t, refs in zip(prompts, targets, train["references"], strict=True)]
 
 
 def curve_path(metrics_path: Path) -> Path:
@@ -89,7 +74,8 @@ def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance 
     if lora.enabled:
         model = add_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules, cfg.seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    examples = lm_examples(tok, model, cfg, ctx.params)
+    data, scoring = tasks.data(ctx.params), tasks.scoring(ctx.params)
+    examples = [Example(*x) for x in data.training_inputs(tok, model, cfg, ctx.params)]
     summary: dict[str, float | int | str | bool] = {}
     if guidance is not None and cfg.objective == "wmle":
         # The references this run trains on, scored once (the guidance is frozen): no guidance forward in training.
@@ -122,11 +108,11 @@ def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance 
         from ptg.grpo import train_grpo  # TRL: the bench extra
 
         assert sampling is not None and score is not None
-        history = train_grpo(model, tok, examples, cfg, sampling, score, tasks.stops(model, tok, ctx.params),
+        history = train_grpo(model, tok, examples, cfg, sampling, score, data.stops(model, tok, ctx.params),
                              ctx.device, validate, ctx.progress, bf16=ctx.precision == "bf16")
     else:
         history = train_lm(model, examples, cfg, tok.pad_token_id, ctx.device, ctx.dtype, guidance, sampling,
-                           tasks.stops(model, tok, ctx.params), ctx.progress, optimizer=opt, score=score,
+                           data.stops(model, tok, ctx.params), ctx.progress, optimizer=opt, score=score,
                            validate=validate)
     seconds = time.perf_counter() - t0
     updates = [h for h in history if h["update"] > 0]
@@ -140,17 +126,17 @@ def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance 
                "precision": ctx.precision, **summary}
     if "nll" in last:  # TRL's GRPO logs no NLL
         summary["final_nll"] = last["nll"]
-    if isinstance(score, PromptScorer):  # the prompt task's budget: the classifier's calls in training
-        summary["classifier_pairs"] = score.classifier.scored
+    summary |= scoring.scorer_summary(score)  # e.g. the prompt task's budget: the classifier's calls in training
     if validate is not None:
         scored = [(h["val_score"], int(h["update"])) for h in history if "val_score" in h]
         best_score, best_update = max(scored, key=lambda x: (x[0], -x[1]))
         summary |= {"val_score_start": scored[0][0], "val_score_best": best_score, "best_update": best_update}
     frame = pd.DataFrame(history)
     curve = pd.DataFrame(columns=["update", "id", "reward_greedy", "reward_sampled"])
-    if isinstance(validate, scoring.HeldOutReward):  # per validation input, at every checkpoint (in call order)
+    per_input = getattr(validate, "items", None)  # a learning curve per validation input (train.Validator)
+    if per_input:  # at every checkpoint (in call order)
         checkpoints = [int(h["update"]) for h in history if "val_score" in h]
-        curve = pd.concat([items.assign(update=u) for u, items in zip(checkpoints, validate.items, strict=True)],
+        curve = pd.concat([items.assign(update=u) for u, items in zip(checkpoints, per_input, strict=True)],
                           ignore_index=True)[list(curve.columns)]
     state = distributed.full_state(model) if sharded else None  # every rank sends its shards to rank 0
     if distributed.is_main():  # every rank holds the same weights (or rank 0 the gathered ones): one writes

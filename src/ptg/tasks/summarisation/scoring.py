@@ -1,9 +1,7 @@
-"""How a sample is scored, for both tasks (``ptg.tasks`` says which): rank@r's sequence-level preference, the
-sequence-level credit of the policy-gradient terms (``train_lm.pg_credit: sequence``), and what checkpoint selection
-maximises on the validation split.
-
-- summarisation: ``rank.metric`` against the references (or human scores, or a reward model); greedy ROUGE-L;
-- prompt: the frozen classifier's mean gap reward on the training or validation texts (``ptg.prompt_task``).
+"""How the summarisation task scores a sample: rank@r's sequence-level preference (``rank.metric`` against the
+references, or human scores, or a reward model), the sequence-level credit of the policy-gradient terms
+(``train_lm.pg_credit: sequence``: the same preference), and what checkpoint selection maximises on the validation
+split (greedy ROUGE-L; the held-out reward's learning curve for objectives pg and grpo).
 """
 
 from __future__ import annotations
@@ -14,10 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from ptg import pipeline, prompt_data, prompt_task, schemas
+from ptg import pipeline, schemas
 from ptg.config import ParamsError, RankParams, SamplingConfig, load_group
 from ptg.io import read_table
-from ptg.tasks import is_prompt, task_of
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -27,23 +24,9 @@ if TYPE_CHECKING:
 
 
 def score_samples(samples: pd.DataFrame, ctx: pipeline.Context) -> tuple[list[float], dict[str, Any]]:
-    """Every sample's sequence-level preference (rank@r) and what the summary adds: the prompt task's mean gap
-    reward on its group's texts (train texts for training groups, validation texts for held-out ones) with the
-    classifier calls spent; else ``rank.metric`` against the references, human scores or a reward model."""
+    """Every sample's sequence-level preference (rank@r) and what the summary adds (nothing): ``rank.metric``
+    against the references, human scores or a reward model."""
     rp: RankParams = load_group("rank", ctx.params)
-    if is_prompt(ctx.params):
-        task = task_of(ctx.params)
-        clf = prompt_task.load_task_classifier(task, ctx)
-        scores = pd.Series(0.0, index=samples.index)
-        split = samples["id"].map(prompt_data.split_of_group)
-        extra: dict[str, Any] = {"metric": "classifier gap reward"}
-        for name in ("train", "validation"):
-            rows, before = samples[split == name], clf.scored
-            if not rows.empty:
-                scores[rows.index] = prompt_task.score_prompts(clf, rows["text"].tolist(),
-                                                               prompt_data.read_labelled(name), task).reward
-            extra[f"classifier_pairs_{name}"] = clf.scored - before
-        return scores.tolist(), extra | {"classifier_pairs": clf.scored}
     if rp.metric == "file":
         from ptg.ranking import human_scores
 
@@ -74,19 +57,14 @@ def _reward_model_scores(rp: RankParams, samples: pd.DataFrame, ctx: pipeline.Co
 
 
 def needs_torch_to_rank(params: str | Path) -> bool:
-    return is_prompt(params) or load_group("rank", params).metric == "reward_model"
+    return load_group("rank", params).metric == "reward_model"
 
 
 def sample_scorer(tokenizer: PreTrainedTokenizerBase, ctx: pipeline.Context) -> SampleScorer:
     """Sequence-level scores of sampled token ids (the credit of ``pg_credit: sequence``): the rank stage's
-    preference, so it is the same preference the guidance was fitted to. Prompt task: the mean gap reward on the
-    training texts, the calls counted in ``scorer.calls``."""
+    preference, so it is the same preference the guidance was fitted to."""
     from ptg import metrics
 
-    if is_prompt(ctx.params):
-        task = task_of(ctx.params)
-        return prompt_task.PromptScorer(prompt_task.load_task_classifier(task, ctx), tokenizer,
-                                        prompt_data.read_labelled("train"), task)
     metric = load_group("rank", ctx.params).metric
     if metric not in metrics.METRICS:  # the reference metrics: not human scores or a reward model
         raise ValueError(f"train_lm.pg_credit: sequence scores samples with rank.metric against the references; "
@@ -106,46 +84,19 @@ def validation_scorer(tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, ctx:
     """What checkpoint selection maximises and the learning curve records, never on the test split, on the first
     ``cfg.eval_items`` validation inputs:
 
-    - objectives wmle and reinforce (``val_score``): summarisation, ROUGE-L (x100) of greedy predictions decoded as
-      the evaluate stage decodes (``evaluate.max_new_tokens``, batches of ``evaluate.batch_size``: in bf16 the
-      batch's shape moves the last bits of the logits, and greedy decoding of 64 validation inputs in batches of 16
-      and 64 gave different text for 24 of them); prompt task, the greedy prompt's gap reward on the validation
-      texts;
-    - objectives pg and grpo, the held-out reward (the training reward: ``rank.metric``, or the gap reward on the
-      validation texts) of the greedy outputs (``val_reward_greedy``, also ``val_score``) and of
-      ``cfg.eval_samples`` sampled outputs per input with the sampling settings (``val_reward_sampled``, from a
-      generator seeded the same at every checkpoint of every arm), and, summarisation, the greedy ROUGE-L
-      (``val_rougeL``)."""
+    - objectives wmle and reinforce (``val_score``): ROUGE-L (x100) of greedy predictions decoded as the evaluate
+      stage decodes (``evaluate.max_new_tokens``, batches of ``evaluate.batch_size``: in bf16 the batch's shape
+      moves the last bits of the logits, and greedy decoding of 64 validation inputs in batches of 16 and 64 gave
+      different text for 24 of them);
+    - objectives pg and grpo, the held-out reward (the training reward: ``rank.metric``) of the greedy outputs
+      (``val_reward_greedy``, also ``val_score``) and of ``cfg.eval_samples`` sampled outputs per input with the
+      sampling settings (``val_reward_sampled``, from a generator seeded the same at every checkpoint of every
+      arm), and the greedy ROUGE-L (``val_rougeL``)."""
     from ptg import metrics
 
     sp = load_group("sample", ctx.params)
     curve = cfg.objective in ("pg", "grpo")
     sampled = SamplingConfig(cfg.eval_samples, sp.max_new_tokens, sp.temperature, sp.top_k, sp.top_p)
-    if is_prompt(ctx.params):
-        task = task_of(ctx.params)
-        clf = prompt_task.load_task_classifier(task, ctx)
-        dev = prompt_data.read_labelled("validation")
-        start = [prompt_data.start_ids(tokenizer)]
-
-        def prompt_reward(model: PreTrainedModel, how: SamplingConfig, generator: Any) -> float:
-            from ptg.sampling import sample
-
-            ids = sample(model, start, how, (), tokenizer.pad_token_id, ctx.device, ctx.dtype, generator=generator,
-                         progress=False)[0]
-            rewards = prompt_task.score_prompts(clf, prompt_task.prompt_texts(tokenizer, ids), dev, task).reward
-            return sum(rewards) / len(rewards)
-
-        def validate_prompt(model: PreTrainedModel) -> dict[str, float]:
-            import torch
-
-            greedy = prompt_reward(model, SamplingConfig(1, sp.max_new_tokens, 0.0), None)
-            if not curve:
-                return {"val_score": greedy}
-            gen = torch.Generator().manual_seed(cfg.seed + 7)
-            return {"val_score": greedy, "val_reward_greedy": greedy,
-                    "val_reward_sampled": prompt_reward(model, sampled, gen)}
-
-        return validate_prompt
     mp, ep = load_group("model", ctx.params), load_group("evaluate", ctx.params)
     metric = load_group("rank", ctx.params).metric
     if curve and metric not in metrics.METRICS:
@@ -204,3 +155,8 @@ class HeldOutReward:
                                         "reward_sampled": sampled.loc[self.val["id"]].to_numpy()}))
         return {"val_score": float(greedy.mean()), "val_reward_greedy": float(greedy.mean()),
                 "val_reward_sampled": float(sampled.mean()), "val_rougeL": rouge_l}
+
+
+def scorer_summary(score: SampleScorer | None) -> dict[str, Any]:
+    """Nothing: a metric costs no budget worth counting."""
+    return {}

@@ -1,17 +1,18 @@
-"""Few-shot text classification data for the prompt-generation task: labelled pools, splits and their checks.
+"""The prompt task's data: few-shot text classification splits (what ``prepare`` writes), and the policy's inputs
+(``sample@r``, ``fit_guidance@r``, ``train_lm@r``): groups of one start token each.
 
 Three sources give frames with columns ``id``, ``text`` and ``label`` (a string):
 
-* ``wordnet_topics``: offline, from the WordNet 3.0 database that ``make setup`` installs
+* ``wordnet-topics`` (``wordnet_topics``): offline, from the WordNet 3.0 database that ``make setup`` installs
   (``scripts/install_wordnet.sh``): every noun synset of a chosen lexicographer file (``noun.animal``, ...) is
   one example, ``"<first lemma>: <definition>"`` labelled with the file's class.
-* ``fine_foods``: offline, Amazon fine-food reviews labelled great/other from R's modeldata package (MIT), whose
-  lazy-load database ``make setup`` installs (``scripts/install_modeldata.sh``) and ``rdata`` reads.
+* ``fine-foods`` (``fine_foods``): offline, Amazon fine-food reviews labelled great/other from R's modeldata package
+  (MIT), whose lazy-load database ``make setup`` installs (``scripts/install_modeldata.sh``) and ``rdata`` reads.
 * ``load_classification_folder``: a local folder with train/dev/test files (the LM-BFF 16-shot layout among them).
 
 ``few_shot_splits`` draws K shots per class for train and for validation from one pool, the rest is test;
 ``check_classification`` fails fast, naming the source, the split and the values, on a blank text, a label without
-a verbalizer or a split that lacks a label. Pure library code (pandas, numpy and rdata), called by the stages.
+a verbalizer or a split that lacks a label. No model code: ``prepare`` and ``sample`` import nothing heavier.
 """
 
 from __future__ import annotations
@@ -27,16 +28,27 @@ import sys
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from ptg.data import SPLIT_ALIASES
+from ptg import schemas
+from ptg.config import DataConfig, TaskParams, TrainLMParams, load_group
+from ptg.data import SPLIT_ALIASES, source_kind
 from ptg.io import read_records
 from ptg.schemas import SPLITS
+from ptg.tasks.prompt import groups, split_of_group, start_ids
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from ptg.pipeline import Context
 
 log = logging.getLogger(__name__)
 
+WORDNET_SOURCE = "wordnet-topics"
+FINE_FOODS_SOURCE = "fine-foods"
 CLASSIFICATION_COLUMNS: tuple[str, ...] = ("id", "text", "label")
 CLASSIFICATION_EXTENSIONS: tuple[str, ...] = (".jsonl", ".csv", ".tsv")
 WORDNET_CLASSES: tuple[str, ...] = ("animal", "plant", "food", "artifact")
@@ -371,3 +383,90 @@ def fine_foods(root: str | os.PathLike[str] | None = None, max_chars: int = 0) -
         df = df[~long].reset_index(drop=True)
     log.info("fine foods from %s: %s", root, df["label"].value_counts().to_dict())
     return df
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The task's data concern (ptg.tasks.TaskData)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def labelled_splits(cfg: DataConfig, task: TaskParams) -> dict[str, pd.DataFrame]:
+    """Train / validation / test frames (id, text, label, split) from ``data.source``: ``wordnet-topics`` (WordNet
+    noun glosses by lexicographer file) or ``fine-foods`` (Amazon fine-food reviews, great/other, at most
+    ``data.max_input_chars`` characters when that is > 0), ``task.shots`` per class for train and validation drawn
+    by ``data.seed``, ``data.max_test`` test texts; or a local folder of train/dev/test files (``data.input_field``
+    = text column, ``data.target_field`` = label column), used as given (test capped at ``data.max_test``). Checked
+    against ``task.labels``: a label with no verbalizer, an empty text or a split without every label is an
+    error."""
+    if cfg.source == WORDNET_SOURCE:
+        frames = few_shot_splits(wordnet_topics(classes=task.labels), task.shots, cfg.seed, cfg.max_test)
+    elif cfg.source == FINE_FOODS_SOURCE:
+        frames = few_shot_splits(fine_foods(max_chars=cfg.max_input_chars), task.shots, cfg.seed, cfg.max_test)
+    elif source_kind(cfg.source) == "local":
+        frames = load_classification_folder(cfg.source, cfg.input_field, cfg.target_field)
+        frames = {s: f.assign(split=s) for s, f in frames.items()}
+        if cfg.max_test and len(frames["test"]) > cfg.max_test:
+            frames["test"] = frames["test"].sample(n=cfg.max_test, random_state=cfg.seed).sort_index()
+    else:
+        raise ValueError(f"data.source {cfg.source!r}: the prompt task reads {WORDNET_SOURCE!r}, "
+                         f"{FINE_FOODS_SOURCE!r} or a local folder of train/dev/test files with {cfg.input_field!r} "
+                         f"and {cfg.target_field!r} columns")
+    # Rows in a seeded random order: a source sorted by class (WordNet by lexicographer file) must not make the
+    # first `evaluate.subset_items` test texts one class.
+    frames = {s: f.sample(frac=1.0, random_state=cfg.seed).reset_index(drop=True)[
+        [*CLASSIFICATION_COLUMNS, "split"]] for s, f in frames.items()}
+    check_classification(frames, task.labels, where=f"data.source {cfg.source}")
+    return frames
+
+
+def build_examples(params: str | Path) -> tuple[dict[str, pd.DataFrame], Any, dict[str, Any]]:
+    """(frames per split, their schema, the source info for prepare.json)."""
+    cfg = load_group("data", params)
+    frames = labelled_splits(cfg, load_group("task", params))
+    info = {"source": cfg.source, "rows": {s: len(f) for s, f in frames.items()},
+            "labels": {s: f["label"].value_counts().sort_index().to_dict() for s, f in frames.items()}}
+    return frames, schemas.ClassificationExamples, info
+
+
+def init_policy(params: str | Path, lm_dir: Path, seed: int) -> None:
+    """The round-0 policy with ``task.head_hidden`` > 0: a fresh MLP head beside the frozen LM
+    (``models.PROMPT_HEAD_FILE``); nothing otherwise."""
+    task = load_group("task", params)
+    if not task.head_hidden:
+        return
+    from ptg.models import add_prompt_head, load_lm, prompt_head, save_prompt_head
+
+    model = add_prompt_head(load_lm(lm_dir), task.head_hidden, seed)
+    head = prompt_head(model)
+    assert head is not None
+    save_prompt_head(head, lm_dir)
+
+
+def round_inputs(ctx: Context, r: int) -> pd.DataFrame:
+    """The groups sample@r draws K prompts for: ``sample.train_inputs`` training and ``sample.validation_inputs``
+    held-out ones (the same every round: the policy is input-free)."""
+    sp = load_group("sample", ctx.params)
+    return groups(sp.train_inputs, sp.validation_inputs)
+
+
+def inputs_of(ids: Sequence[str], params: str | Path) -> pd.DataFrame:
+    """The groups with these ids (id, split), for fit_guidance."""
+    return pd.DataFrame({"id": sorted(set(ids))}).assign(split=lambda f: f["id"].map(split_of_group))
+
+
+def encode_inputs(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, frame: pd.DataFrame,
+                  params: str | Path) -> list[list[int]]:
+    """Every group's input: the start token."""
+    return [start_ids(tokenizer)] * len(frame)
+
+
+def stops(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, params: str | Path) -> list[int]:
+    """None: every prompt has the same length (``sample.max_new_tokens``)."""
+    return []
+
+
+def training_inputs(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, cfg: TrainLMParams,
+                    params: str | Path) -> list[tuple[list[int], list[int], tuple[str, ...]]]:
+    """What train_lm trains on: ``batch_size`` start tokens, each sampled into one prompt per micro-batch (no
+    response, no references)."""
+    return [(start_ids(tokenizer), [], ())] * cfg.batch_size

@@ -1,126 +1,35 @@
-"""The paper's second task: a policy LM writes a short discrete prompt, a frozen classifier classifies few-shot
-texts with it, and the classifier's gap reward (spec §3c) is the sequence-level preference. This module scores and
-evaluates prompts; ``ptg.prompt_data`` holds the task's data and inputs.
-
-The pipeline's stages run it unchanged (``ptg.tasks``, ``ptg.scoring`` and ``ptg.evaluation`` dispatch on
-``task.name``). What differs from summarisation:
-
-- the examples are labelled texts (schema ``ClassificationExamples``): ``shots`` per class for train and
-  validation, a large test split (``ptg.fewshot``, ``ptg.prompt_data``);
-- the policy's inputs are *groups*, one start token each: ``sample@r`` draws K prompts per group, ``rank@r``
-  scores each by its mean gap reward on the train texts (training groups) or the validation texts (held-out
-  groups), and ``fit_guidance@r`` fits the guidance to those lists as in summarisation;
-- ``train_lm@r`` is REINFORCE on fresh prompts (``train_lm.objective: reinforce``) with the guidance's token
-  rewards (``pg_credit: token``, PTG) or each prompt's gap reward standardised across the step's prompts on every
-  token (``pg_credit: sequence``: RLPrompt's credit, what the ``baseline`` stage trains);
-- ``evaluate@r`` samples ``task.candidates`` prompts and the greedy one from LM_r, chooses on validation (gap
-  reward) and reports the test accuracy of the best (and the mean of the top 3, the reference's figure), with the
-  classifier calls every stage spent.
-"""
+"""How the prompt task evaluates a policy (evaluate@r, the baseline): its candidate prompts chosen on validation by
+gap reward, the best's test accuracy and the top 3's mean (the reference's figure), and, once, the baselines that
+need no training (best-of-N of the untrained policy, the empty and the manual prompt)."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+import torch
 
-from ptg.prompt_data import read_labelled, start_ids
+from ptg import schemas
+from ptg.config import SamplingConfig, TaskParams, load_group
+from ptg.evaluation import save_heatmaps
+from ptg.guidance import Guidance, token_rewards
+from ptg.io import atomic_path, write_json, write_table
+from ptg.models import load_lm, load_tokenizer
+from ptg.pipeline import Context, round_dir
+from ptg.sampling import sample
+from ptg.tasks.prompt import read_labelled, start_ids
+from ptg.tasks.prompt.scoring import Classifier, load_task_classifier, prompt_texts, score_prompts
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from ptg.classifier import Classifier
-    from ptg.config import TaskParams
-    from ptg.pipeline import Context
-
-log = logging.getLogger(__name__)
-
 TOP = 3  # the reference reports the mean test accuracy of the top-3 prompts (chosen on validation)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The classifier's reward
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def load_task_classifier(task: TaskParams, ctx: Context) -> Classifier:
-    """The frozen classifier: ``task.classifier``, or the materialised policy (data/rounds/0/lm) when null. It is
-    the task's measure (its rewards rank prompts, its accuracy is the result), so it computes in fp32 whatever
-    ``precision`` the learner uses: in bf16 SmolLM2's verbalizer probabilities moved by up to 0.12."""
-    import torch
-
-    from ptg.classifier import load_classifier
-
-    path = task.classifier or str(Path("data") / "rounds" / "0" / "lm")
-    return load_classifier(path, None, template=task.template, verbalizers=task.verbalizers, device=ctx.device,
-                           dtype=torch.float32, kind=task.classifier_kind)
-
-
-def label_ids(frame: pd.DataFrame, task: TaskParams) -> torch.Tensor:
-    import torch
-
-    index = {name: i for i, name in enumerate(task.labels)}
-    return torch.tensor([index[label] for label in frame["label"]])
-
-
-@dataclass(frozen=True)
-class PromptScores:
-    reward: list[float]  # mean gap reward per prompt
-    accuracy: list[float]  # share of texts classified right per prompt
-    correct: Any  # (P, N) bool tensor
-
-
-def score_prompts(clf: Classifier, prompts: Sequence[str], frame: pd.DataFrame, task: TaskParams,
-                  calibrate: bool | None = None) -> PromptScores:
-    """Each prompt's gap reward and accuracy on the texts of ``frame`` (spec §3c)."""
-    from ptg.classifier import gap_rewards
-
-    probs = clf.probs(frame["text"].tolist(), list(prompts), batch_size=task.batch_size,
-                      calibrate=task.calibrate if calibrate is None else calibrate)
-    labels = label_ids(frame, task)
-    reward, accuracy = gap_rewards(probs, labels, task.correct_coeff, task.incorrect_coeff)
-    correct = probs.argmax(-1) == labels[None, :]
-    return PromptScores(reward.tolist(), accuracy.tolist(), correct)
-
-
-def prompt_texts(tokenizer: PreTrainedTokenizerBase, token_ids: Sequence[Sequence[int]]) -> list[str]:
-    """Prompts as the classifier reads them: decoded without special tokens, stripped."""
-    return [tokenizer.decode(list(ids), skip_special_tokens=True).strip() for ids in token_ids]
-
-
-@dataclass(frozen=True)
-class PromptScorer:
-    """A ``train.SampleScorer``: each sampled prompt's mean gap reward on ``frame``'s texts; ``classifier.scored``
-    counts the (prompt, text) pairs it spent."""
-
-    classifier: Classifier
-    tokenizer: PreTrainedTokenizerBase
-    frame: pd.DataFrame
-    task: TaskParams
-
-    def __call__(self, references: Sequence[Sequence[str]], samples: list[list[list[int]]]) -> list[list[float]]:
-        texts = prompt_texts(self.tokenizer, [s for group in samples for s in group])
-        flat = score_prompts(self.classifier, texts, self.frame, self.task).reward
-        k = len(samples[0])
-        return [flat[i:i + k] for i in range(0, len(flat), k)]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def candidate_prompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n: int, length: int,
                       top_k: int, ctx: Context, generator: torch.Generator) -> list[list[int]]:
     """The greedy prompt of ``model`` and ``n`` sampled ones (top-k, temperature 1), distinct, greedy first."""
-    from ptg.config import SamplingConfig
-    from ptg.sampling import sample
-
     start = [start_ids(tokenizer)]
     greedy = sample(model, start, SamplingConfig(1, length, 0.0), (), tokenizer.pad_token_id, ctx.device,
                     ctx.dtype, progress=False)[0]
@@ -193,3 +102,40 @@ def fixed_prompts(clf: Classifier, task: TaskParams, test: pd.DataFrame) -> tupl
             accuracy[f"{name}_accuracy{tag}"] = scores.accuracy[i]
             correct[f"{name}{tag}_correct"] = scores.correct[i].numpy()
     return accuracy, correct
+
+
+def evaluate(lm_dir: Path, guidance: Guidance | None, predictions_path: Path, metrics_path: Path, ctx: Context,
+             last_round: bool, seed: int) -> tuple[dict[str, Any], list[Path]]:
+    """The policy's candidates chosen on validation, the best's accuracy on ``evaluate.split`` (its first
+    ``evaluate.subset_items`` texts unless ``last_round``; ``seed``: the candidates' draw); the last evaluation with
+    a guidance (PTG's) also scores the untrained baselines; writes the candidates table (schema PromptCandidates)
+    with the guidance's token rewards and their heatmap, the per-text results (evaluate_items.csv beside the
+    metrics JSON) and the metrics JSON. Returns the metrics and the files written."""
+    task, sp, ep = load_group("task", ctx.params), load_group("sample", ctx.params), load_group("evaluate", ctx.params)
+    model, tok = load_lm(lm_dir, ctx.device, ctx.dtype), load_tokenizer(lm_dir)
+    clf = load_task_classifier(task, ctx)
+    settings = (task, ep.split, sp.max_new_tokens, sp.top_k, ctx)
+    table, items, summary = evaluate_prompts(model, tok, clf, *settings, torch.Generator().manual_seed(seed),
+                                             subset_items=0 if last_round else ep.subset_items)
+    if last_round and guidance is not None:  # PTG's last evaluation also scores the untrained baselines, once
+        untrained = load_lm(round_dir(0) / "lm", ctx.device, ctx.dtype)
+        accuracy, correct = untrained_baselines(untrained, tok, clf, *settings, torch.Generator().manual_seed(seed))
+        summary |= accuracy
+        items = items.assign(**correct)
+    files = [predictions_path]
+    if guidance is not None:
+        start = start_ids(tok)
+        ids = [list(map(int, t)) for t in table["token_ids"]]
+        rewards = token_rewards(guidance, [start] * len(ids), ids, tok.pad_token_id, ctx.device, ctx.dtype)
+        table["guidance_score"] = [sum(r) for r in rewards]
+        shown = table.assign(id=[f"rank {k}" for k in table["rank"]], prediction=table["prompt"]).sort_values("rank")
+        order = shown.index.tolist()
+        files += save_heatmaps(tok, shown, [ids[i] for i in order], [rewards[i] for i in order],
+                               predictions_path.with_name("heatmap"))
+    else:
+        table["guidance_score"] = float("nan")
+    write_table(table, predictions_path, schemas.PromptCandidates)
+    with atomic_path(metrics_path.with_name("evaluate_items.csv")) as tmp:
+        items.to_csv(tmp, index=False)
+    write_json(metrics_path, summary | {"precision": ctx.precision})
+    return summary, files

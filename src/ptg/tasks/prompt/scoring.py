@@ -1,4 +1,5 @@
-"""The frozen few-shot classifier of the prompt task, whose gap reward is the task's sequence-level preference.
+"""How the prompt task scores a prompt (rank@r, train_lm@r's credit and checkpoint selection): the frozen few-shot
+classifier, whose gap reward is the task's sequence-level preference.
 
 A small policy LM writes a discrete prompt; the classifier (a frozen LM) reads "{text} {prompt}" and its next-token
 distribution restricted to one verbalizer token per class gives the class probabilities (spec §3c). Two kinds:
@@ -17,7 +18,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import pandas as pd
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -27,7 +30,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ptg.config import SamplingConfig, TaskParams, load_group
 from ptg.models import load_tokenizer, require_model_folder, require_safetensors
+from ptg.tasks.prompt import read_labelled, split_of_group, start_ids
+
+if TYPE_CHECKING:
+    from ptg.config import TrainConfig
+    from ptg.pipeline import Context
+    from ptg.train import SampleScorer, Validator
 
 KINDS = ("causal", "masked")
 DEFAULT_TEMPLATES = {"causal": "{text} {prompt}", "masked": "{text} {prompt} {mask} ."}
@@ -288,3 +298,130 @@ def load_classifier(path_or_model: str | Path | PreTrainedModel, tokenizer: PreT
         model = cls.from_pretrained(path_or_model, dtype=dtype, use_safetensors=True).to(device)
         tokenizer = load_tokenizer(path_or_model) if tokenizer is None else tokenizer
     return Classifier(model, tokenizer, verbalizers, template, kind)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The classifier's reward
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_task_classifier(task: TaskParams, ctx: Context) -> Classifier:
+    """The frozen classifier: ``task.classifier``, or the materialised policy (data/rounds/0/lm) when null. It is
+    the task's measure (its rewards rank prompts, its accuracy is the result), so it computes in fp32 whatever
+    ``precision`` the learner uses: in bf16 SmolLM2's verbalizer probabilities moved by up to 0.12."""
+    path = task.classifier or str(Path("data") / "rounds" / "0" / "lm")
+    return load_classifier(path, None, template=task.template, verbalizers=task.verbalizers, device=ctx.device,
+                           dtype=torch.float32, kind=task.classifier_kind)
+
+
+def label_ids(frame: pd.DataFrame, task: TaskParams) -> torch.Tensor:
+    index = {name: i for i, name in enumerate(task.labels)}
+    return torch.tensor([index[label] for label in frame["label"]])
+
+
+@dataclass(frozen=True)
+class PromptScores:
+    reward: list[float]  # mean gap reward per prompt
+    accuracy: list[float]  # share of texts classified right per prompt
+    correct: Any  # (P, N) bool tensor
+
+
+def score_prompts(clf: Classifier, prompts: Sequence[str], frame: pd.DataFrame, task: TaskParams,
+                  calibrate: bool | None = None) -> PromptScores:
+    """Each prompt's gap reward and accuracy on the texts of ``frame`` (spec §3c)."""
+    probs = clf.probs(frame["text"].tolist(), list(prompts), batch_size=task.batch_size,
+                      calibrate=task.calibrate if calibrate is None else calibrate)
+    labels = label_ids(frame, task)
+    reward, accuracy = gap_rewards(probs, labels, task.correct_coeff, task.incorrect_coeff)
+    correct = probs.argmax(-1) == labels[None, :]
+    return PromptScores(reward.tolist(), accuracy.tolist(), correct)
+
+
+def prompt_texts(tokenizer: PreTrainedTokenizerBase, token_ids: Sequence[Sequence[int]]) -> list[str]:
+    """Prompts as the classifier reads them: decoded without special tokens, stripped."""
+    return [tokenizer.decode(list(ids), skip_special_tokens=True).strip() for ids in token_ids]
+
+
+@dataclass(frozen=True)
+class PromptScorer:
+    """A ``train.SampleScorer``: each sampled prompt's mean gap reward on ``frame``'s texts; ``classifier.scored``
+    counts the (prompt, text) pairs it spent."""
+
+    classifier: Classifier
+    tokenizer: PreTrainedTokenizerBase
+    frame: pd.DataFrame
+    task: TaskParams
+
+    def __call__(self, references: Sequence[Sequence[str]], samples: list[list[list[int]]]) -> list[list[float]]:
+        texts = prompt_texts(self.tokenizer, [s for group in samples for s in group])
+        flat = score_prompts(self.classifier, texts, self.frame, self.task).reward
+        k = len(samples[0])
+        return [flat[i:i + k] for i in range(0, len(flat), k)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The task's scoring concern (ptg.tasks.TaskScoring)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def needs_torch_to_rank(params: str | Path) -> bool:
+    return True
+
+
+def score_samples(samples: pd.DataFrame, ctx: Context) -> tuple[list[float], dict[str, Any]]:
+    """Every prompt's mean gap reward on its group's texts (train texts for training groups, validation texts for
+    held-out ones), with the classifier calls spent."""
+    task = load_group("task", ctx.params)
+    clf = load_task_classifier(task, ctx)
+    scores = pd.Series(0.0, index=samples.index)
+    split = samples["id"].map(split_of_group)
+    extra: dict[str, Any] = {"metric": "classifier gap reward"}
+    for name in ("train", "validation"):
+        rows, before = samples[split == name], clf.scored
+        if not rows.empty:
+            scores[rows.index] = score_prompts(clf, rows["text"].tolist(), read_labelled(name), task).reward
+        extra[f"classifier_pairs_{name}"] = clf.scored - before
+    return scores.tolist(), extra | {"classifier_pairs": clf.scored}
+
+
+def sample_scorer(tokenizer: PreTrainedTokenizerBase, ctx: Context) -> SampleScorer:
+    """The sequence-level credit of ``pg_credit: sequence``: the mean gap reward on the training texts, the calls
+    counted in the scorer's ``classifier.scored``."""
+    task = load_group("task", ctx.params)
+    return PromptScorer(load_task_classifier(task, ctx), tokenizer, read_labelled("train"), task)
+
+
+def scorer_summary(score: SampleScorer | None) -> dict[str, Any]:
+    """The task's budget: the classifier's calls in training."""
+    return {"classifier_pairs": score.classifier.scored} if isinstance(score, PromptScorer) else {}
+
+
+def validation_scorer(tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, ctx: Context) -> Validator:
+    """What checkpoint selection maximises and the learning curve records: the greedy prompt's gap reward on the
+    validation texts (``val_score``); objectives pg and grpo add it as ``val_reward_greedy`` and the mean reward of
+    ``cfg.eval_samples`` sampled prompts (``val_reward_sampled``, from a generator seeded the same at every
+    checkpoint of every arm)."""
+    sp, task = load_group("sample", ctx.params), load_group("task", ctx.params)
+    curve = cfg.objective in ("pg", "grpo")
+    sampled = SamplingConfig(cfg.eval_samples, sp.max_new_tokens, sp.temperature, sp.top_k, sp.top_p)
+    clf = load_task_classifier(task, ctx)
+    dev = read_labelled("validation")
+    start = [start_ids(tokenizer)]
+
+    def prompt_reward(model: PreTrainedModel, how: SamplingConfig, generator: Any) -> float:
+        from ptg.sampling import sample
+
+        ids = sample(model, start, how, (), tokenizer.pad_token_id, ctx.device, ctx.dtype, generator=generator,
+                     progress=False)[0]
+        rewards = score_prompts(clf, prompt_texts(tokenizer, ids), dev, task).reward
+        return sum(rewards) / len(rewards)
+
+    def validate_prompt(model: PreTrainedModel) -> dict[str, float]:
+        greedy = prompt_reward(model, SamplingConfig(1, sp.max_new_tokens, 0.0), None)
+        if not curve:
+            return {"val_score": greedy}
+        gen = torch.Generator().manual_seed(cfg.seed + 7)
+        return {"val_score": greedy, "val_reward_greedy": greedy,
+                "val_reward_sampled": prompt_reward(model, sampled, gen)}
+
+    return validate_prompt
