@@ -248,8 +248,10 @@ def test_gradient_checkpointing_takes_the_same_updates(objective):
     assert any(not torch.equal(w1[k], tiny_llama(seed=3).state_dict()[k]) for k in w1)
 
 
+# The peak is the process's own high-water mark (VmHWM, KiB), not getrusage's ru_maxrss: that one survives fork and
+# exec, so a child of a large test process (an xdist worker at 2.1 GB) reported its parent's peak, the same both ways.
 PEAK_SCRIPT = """
-import resource, sys, torch
+import sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from ptg.train import Example, TrainConfig, train_lm
 torch.manual_seed(0)
@@ -260,7 +262,8 @@ lm = LlamaForCausalLM(cfg)
 examples = [Example([5 + i] + [7] * 15, [(11 * i + 3 * t) % 1000 + 2 for t in range(495)] + [1]) for i in range(8)]
 history = train_lm(lm, examples, TrainConfig(batch_size=8, max_updates=1, gradient_checkpointing=sys.argv[1] == "1"),
                    0, torch.device("cpu"), progress=False)
-print(history[0]["seconds"], history[0]["loss"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(history[0]["seconds"], history[0]["loss"], hwm)
 """
 
 
