@@ -18,9 +18,10 @@ The protocols below state each module's functions and types. A stage asks ``info
 nothing of another task's pipeline (``tests/test_dvc_deps.py`` derives every stage's deps from its imports and these
 calls). A task module imports ptg's generic modules, its own folder's, and never another task's.
 
-Tasks: ``summarisation`` (the default: references, weighted MLE, ROUGE / METEOR) and ``prompt`` (discrete prompts
-for a frozen few-shot classifier, REINFORCE, test accuracy). A new task is a new folder with these five modules
-(``task.name`` accepts any folder of ``ptg/tasks`` that has an ``__init__.py``).
+Tasks: ``summarisation`` (the default: references, weighted MLE, ROUGE / METEOR), ``prompt`` (discrete prompts for
+a frozen few-shot classifier, REINFORCE, test accuracy) and ``copy`` (a toy: learn to copy generated word sequences;
+the example to start a new task from). A new task is a new folder with these five modules (``task.name`` accepts any
+folder of ``ptg/tasks`` that has an ``__init__.py``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
     from ptg.pipeline import Context
     from ptg.train import SampleScorer, Validator
 
-FOLDER = Path(__file__).parent
 CONCERNS = ("info", "data", "scoring", "evaluation")  # the modules of a task folder beside its __init__
 
 
@@ -89,10 +89,6 @@ class TaskEvaluation(Protocol):
                  ctx: Context, last_round: bool, seed: int) -> tuple[dict[str, Any], list[Path]]: ...
 
 
-def name_of(params: str | Path) -> str:
-    return cast(TaskParams, load_group("task", params)).name
-
-
 def _module(params: str | Path, concern: str) -> Any:
     """``ptg.tasks.<task.name>.<concern>``; the task's own params checks (its package's ``check``) run first."""
     task: TaskParams = load_group("task", params)
@@ -117,5 +113,5 @@ def evaluation(params: str | Path) -> TaskEvaluation:
     return cast(TaskEvaluation, _module(params, "evaluation"))
 
 
-__all__ = ["CONCERNS", "FOLDER", "TaskData", "TaskEvaluation", "TaskInfo", "TaskScoring", "data", "evaluation",
-           "info", "name_of", "scoring", "task_names"]
+__all__ = ["CONCERNS", "TaskData", "TaskEvaluation", "TaskInfo", "TaskScoring", "data", "evaluation", "info",
+           "scoring", "task_names"]
