@@ -86,11 +86,13 @@ def stage_modules(script: Path, task: str) -> set[str]:
     """The ptg modules a stage runs with ``task.name: task``: its import closure, and the closure of each module of
     the task's folder it asks ``ptg.tasks`` for."""
     closure = import_closure(script)
-    concerns = set().union(*(task_concerns(module_path(m) or script) for m in closure), task_concerns(script))
+    concerns = set().union(*(task_concerns(module_path(m)) for m in closure), task_concerns(script))
+    if concerns:  # the task's package runs first (and ``tasks._module`` calls its check)
+        package = f"ptg.tasks.{task}"
+        closure |= {package} | import_closure(module_path(package))
     for concern in concerns:
-        module = f"ptg.tasks.{task}.{concern}"  # its package runs first (and ``tasks._module`` calls its check)
-        closure |= {module, f"ptg.tasks.{task}"} | import_closure(module_path(module))
-        closure |= import_closure(module_path(f"ptg.tasks.{task}"))
+        module = f"ptg.tasks.{task}.{concern}"
+        closure |= {module} | import_closure(module_path(module))
     return closure
 
 
