@@ -371,9 +371,10 @@ class TaskParams:
                 "classifier at every one) or as many as the classifier calls PTG's ranking spent allow (calls)"})
 
     def __post_init__(self) -> None:
-        if self.name not in task_names():
+        names = task_names()
+        if self.name not in names:
             raise ValueError(f"name {self.name!r}: ptg has no such task (a folder of {TASKS_FOLDER}); the tasks are "
-                             f"{', '.join(task_names())}")
+                             f"{', '.join(names)}")
         if (self.labels or self.verbalizers) and (len(self.labels) < 2 or len(self.labels) != len(self.verbalizers)):
             raise ValueError(f"labels and verbalizers must be lists of the same length >= 2 (one verbalizer "
                              f"per label); got labels {list(self.labels)}, verbalizers {list(self.verbalizers)}")
