@@ -19,7 +19,6 @@ This module holds what the concerns share: the groups, the start token, the prep
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -27,12 +26,10 @@ import pandas as pd
 from ptg import schemas
 from ptg.config import TaskParams
 from ptg.io import read_table
+from ptg.pipeline import PREPARED
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-PREPARED = Path("data") / "prepared"
-
 
 def check(task: TaskParams) -> None:
     if not task.labels:
