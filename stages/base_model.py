@@ -8,15 +8,15 @@ Run: python stages/base_model.py [--params params.yaml]
 
 import dataclasses
 
-from ptg import pipeline, tasks, tracking
+from ptg import config, pipeline, tasks, tracking
 from ptg.base_models import materialize_base
-from ptg.config import load_group
 
 
-def main(params: str = "params.yaml") -> None:
-    ctx = pipeline.start("base_model", params)
-    mp = load_group("model", params)
-    materialize_base(mp, pipeline.round_dir(0), ctx.run.seed)
+def main(path: str = "params.yaml") -> None:
+    ctx = pipeline.start("base_model", config.load(path))
+    params = ctx.params
+    mp = params.model
+    materialize_base(mp, pipeline.round_dir(0), params.run.seed)
     tasks.data(params).init_policy(params, pipeline.round_dir(0) / "lm", ctx.seed("base_model"))
     tracking.log_stage("base_model", None, dataclasses.asdict(mp), {})
 

@@ -15,19 +15,19 @@ Run: python stages/baseline.py [--params params.yaml]
 
 import dataclasses
 
-from ptg import distributed, pipeline, tasks, tracking, train_stage
-from ptg.config import round_budget, rounds
+from ptg import config, distributed, pipeline, tasks, tracking, train_stage
 
 
-def main(params: str = "params.yaml") -> None:
-    ctx = pipeline.start("baseline", params)
+def main(path: str = "params.yaml") -> None:
+    ctx = pipeline.start("baseline", config.load(path))
+    params = ctx.params
     task, evaluate = tasks.info(params), tasks.evaluation(params).evaluate
-    for item in rounds(params):
+    for item in params.rounds:
         r = item["round"]
         src = pipeline.round_dir(0) / "lm" if r == 1 else pipeline.baseline_dir(r - 1) / "lm"
         out, met = pipeline.baseline_dir(r), pipeline.METRICS / "baseline" / str(r)
         # Uniform MLE: no guidance weights, no policy-gradient term (so the keys that set those do not rerun it).
-        cfg = task.baseline_config(dataclasses.replace(round_budget("train_lm", r, params),
+        cfg = task.baseline_config(dataclasses.replace(params.budget("train_lm", r),
                                                        seed=ctx.seed("train_lm", r)), params)
         history_file = pipeline.METRICS / "baseline_history" / str(r) / "train_lm_history.csv"
         train_stage.train_and_save(src, out / "lm", cfg, None, ctx, met / "train_lm.json", history_file)
@@ -37,7 +37,7 @@ def main(params: str = "params.yaml") -> None:
                            history=history_file, model_dir=out / "lm", registered_name=tracking.BASELINE_MODEL,
                            dvc_stage="baseline")
         scores, files = evaluate(out / "lm", None, out / "predictions.parquet", met / "evaluate.json", ctx,
-                                 last_round=r == rounds(params)[-1]["round"], seed=ctx.seed("evaluate", r))
+                                 last_round=r == params.last_round, seed=ctx.seed("evaluate", r))
         tracking.log_stage("baseline_evaluate", r, {}, met / "evaluate.json", artifacts=files, dvc_stage="baseline")
         metric = task.MAIN_METRIC
         tracking.set_best_alias(tracking.BASELINE_MODEL, out / "lm", metric, scores[metric], weights=False)

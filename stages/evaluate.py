@@ -11,20 +11,20 @@ Run: python stages/evaluate.py --round r [--params params.yaml]
 
 import dataclasses
 
-from ptg import pipeline, tasks, tracking
-from ptg.config import load_group, rounds
+from ptg import config, pipeline, tasks, tracking
 from ptg.guidance import load_guidance
 
 
-def main(r: int, params: str = "params.yaml") -> None:
-    ctx = pipeline.start(f"evaluate@{r}", params)
+def main(r: int, path: str = "params.yaml") -> None:
+    ctx = pipeline.start(f"evaluate@{r}", config.load(path))
+    params = ctx.params
     guidance = load_guidance(pipeline.round_dir(r) / "guidance")
     lm_dir = pipeline.round_dir(r) / "lm"
     evaluate = tasks.evaluation(params).evaluate
     scores, files = evaluate(lm_dir, guidance, pipeline.round_dir(r) / "predictions.parquet",
-                             pipeline.round_metrics(r, "evaluate"), ctx, last_round=r == rounds(params)[-1]["round"],
+                             pipeline.round_metrics(r, "evaluate"), ctx, last_round=r == params.last_round,
                              seed=ctx.seed("evaluate", r))
-    tracking.log_stage("evaluate", r, dataclasses.asdict(load_group("evaluate", params)),
+    tracking.log_stage("evaluate", r, dataclasses.asdict(params.evaluate),
                        pipeline.round_metrics(r, "evaluate"), artifacts=files)
     metric = tasks.info(params).MAIN_METRIC
     tracking.set_best_alias(tracking.LM_MODEL, lm_dir, metric, scores[metric])

@@ -19,8 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from ptg import diagnostics, distributed, pipeline, preferences, schemas, tasks, tracking
-from ptg.config import FitConfig, load_group, preferences_params, round_budget
+from ptg import config, diagnostics, distributed, pipeline, preferences, schemas, tasks, tracking
 from ptg.guidance import (
     Guidance,
     RankedGroup,
@@ -64,7 +63,7 @@ OCCLUSION_SAMPLES = 64  # held-out samples whose tokens are dropped one by one (
 
 
 def _diagnostics(guidance: Guidance, val: list[RankedGroup], val_ids: list[str], inputs: pd.DataFrame,
-                 cfg: FitConfig, tok: Any, ctx: pipeline.Context) -> dict[str, float]:
+                 cfg: config.FitConfig, tok: Any, ctx: pipeline.Context) -> dict[str, float]:
     """Whether the fitted guidance knows which samples and which tokens were better, on held-out samples
     (``ptg.diagnostics``; ``val_ids``: the id of each of ``val``'s groups): accuracy on clear pairs (the
     within-sample CV of its token rewards is reward_cv), and the mean Spearman correlation of its token rewards
@@ -95,9 +94,10 @@ def _diagnostics(guidance: Guidance, val: list[RankedGroup], val_ids: list[str],
                   "occlusion_undefined": agreement["undefined"]}
 
 
-def main(r: int, params: str = "params.yaml") -> None:
-    ctx = pipeline.start(f"fit_guidance@{r}", params)
-    mp, fp = load_group("model", params), round_budget("fit_guidance", r, params)
+def main(r: int, path: str = "params.yaml") -> None:
+    ctx = pipeline.start(f"fit_guidance@{r}", config.load(path))
+    params = ctx.params
+    mp, fp = params.model, params.budget("fit_guidance", r)
     samples = read_table(pipeline.round_dir(r) / "samples.parquet", schemas.Samples)
     rankings = read_table(pipeline.round_dir(r) / "rankings.parquet", schemas.Rankings)
     _check_ranked(samples, rankings, r)
@@ -112,7 +112,7 @@ def main(r: int, params: str = "params.yaml") -> None:
     train, val = (_groups(by_split[s], prompts) for s in ("train", "validation"))
     cfg = fp.fit_config()
     cfg = dataclasses.replace(cfg, seed=ctx.seed("fit_guidance", r))
-    pp = preferences_params(params)
+    pp = params.preferences
     prefs = read_table(pipeline.PREFERENCES, schemas.Preferences)
     pref_train, pref_val = ([] if prefs.empty or not (prefs["split"] == s).any() else preferences.ranked_groups(
         prefs[prefs["split"] == s], tok, guidance.backbone, pp, mp) for s in ("train", "validation"))

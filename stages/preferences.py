@@ -13,14 +13,14 @@ import dataclasses
 
 import pandas as pd
 
-from ptg import pipeline, preferences, schemas, tracking
-from ptg.config import load_group
+from ptg import config, pipeline, preferences, schemas, tracking
 from ptg.io import write_json, write_table
 
 
-def main(params: str = "params.yaml") -> None:
-    pipeline.start("preferences", params, with_torch=False)
-    pp = load_group("preferences", params)
+def main(path: str = "params.yaml") -> None:
+    ctx = pipeline.start("preferences", config.load(path), with_torch=False)
+    params = ctx.params
+    pp = params.preferences
     if pp.path:
         table, counts = preferences.load(pp)
     else:

@@ -7,14 +7,14 @@ Run: python stages/prepare.py [--params params.yaml]
 
 import dataclasses
 
-from ptg import pipeline, tasks, tracking
-from ptg.config import load_group
+from ptg import config, pipeline, tasks, tracking
 from ptg.io import validate_table, write_json, write_table
 
 
-def main(params: str = "params.yaml") -> None:
-    pipeline.start("prepare", params, with_torch=False)
-    cfg = load_group("data", params)
+def main(path: str = "params.yaml") -> None:
+    ctx = pipeline.start("prepare", config.load(path), with_torch=False)
+    params = ctx.params
+    cfg = params.data
     frames, schema, info = tasks.data(params).build_examples(params)
     # Every split passes its schema before any is written: a bad test split leaves no train table behind.
     frames = {split: validate_table(frame, schema, str(pipeline.PREPARED / f"{split}.parquet"))

@@ -13,15 +13,14 @@ import dataclasses
 
 import pandas as pd
 
-from ptg import pipeline, schemas, tasks, tracking
-from ptg.config import load_group
+from ptg import config, pipeline, schemas, tasks, tracking
 from ptg.io import read_table, write_json, write_table
 from ptg.ranking import rank_within_groups, unfinished_last
 
 
-def main(r: int, params: str = "params.yaml") -> None:
-    rp = load_group("rank", params)
-    scoring = tasks.scoring(params)
+def main(r: int, path: str = "params.yaml") -> None:
+    params = config.load(path)
+    rp, scoring = params.rank, tasks.scoring(params)
     ctx = pipeline.start(f"rank@{r}", params, with_torch=scoring.needs_torch_to_rank(params))
     samples = read_table(pipeline.round_dir(r) / "samples.parquet", schemas.Samples)
     scores, extra = scoring.score_samples(samples, ctx)

@@ -7,15 +7,15 @@ Run: python stages/report.py [--params params.yaml]
 """
 
 
-from ptg import pipeline, tasks, tracking, viz
-from ptg.config import rounds
+from ptg import config, pipeline, tasks, tracking, viz
 from ptg.io import atomic_path
 from ptg.report import build_report, format_report
 
 
-def main(params: str = "params.yaml") -> None:
-    pipeline.start("report", params, with_torch=False)
-    evals, guidance = build_report([item["round"] for item in rounds(params)], pipeline.METRICS,
+def main(path: str = "params.yaml") -> None:
+    ctx = pipeline.start("report", config.load(path), with_torch=False)
+    params = ctx.params
+    evals, guidance = build_report([item["round"] for item in params.rounds], pipeline.METRICS,
                                    tasks.info(params))
     out = pipeline.METRICS / "report"
     with atomic_path(out / "metrics_by_round.png") as tmp:

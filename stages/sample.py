@@ -9,16 +9,16 @@ Run: python stages/sample.py --round r [--params params.yaml]
 
 import dataclasses
 
-from ptg import pipeline, schemas, tasks, tracking
-from ptg.config import load_group
+from ptg import config, pipeline, schemas, tasks, tracking
 from ptg.io import write_json, write_table
 from ptg.models import load_lm, load_tokenizer
 from ptg.sampling import SamplingConfig
 
 
-def main(r: int, params: str = "params.yaml") -> None:
-    ctx = pipeline.start(f"sample@{r}", params)
-    mp, sp = load_group("model", params), load_group("sample", params)
+def main(r: int, path: str = "params.yaml") -> None:
+    ctx = pipeline.start(f"sample@{r}", config.load(path))
+    params = ctx.params
+    mp, sp = params.model, params.sample
     task = tasks.data(params)
     frame = task.round_inputs(ctx, r)
     lm_dir = pipeline.round_dir(r - 1) / "lm"

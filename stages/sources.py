@@ -6,12 +6,13 @@ Writes data/sources/{data,model,scorer}.json.
 Run: python stages/sources.py [--params params.yaml]
 """
 
-from ptg import pipeline, sources
+from ptg import config, pipeline, sources
 from ptg.io import write_json
 
 
-def main(params: str = "params.yaml") -> None:
-    pipeline.start("sources", params, with_torch=False)
+def main(path: str = "params.yaml") -> None:
+    ctx = pipeline.start("sources", config.load(path), with_torch=False)
+    params = ctx.params
     for name, prints in sources.fingerprints(params).items():
         write_json(pipeline.DATA / "sources" / f"{name}.json", prints)
 

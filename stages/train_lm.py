@@ -12,14 +12,14 @@ Run: python stages/train_lm.py --round r [--params params.yaml]
 
 import dataclasses
 
-from ptg import pipeline, tracking, train_stage
-from ptg.config import round_budget
+from ptg import config, pipeline, tracking, train_stage
 from ptg.guidance import load_guidance
 
 
-def main(r: int, params: str = "params.yaml") -> None:
-    ctx = pipeline.start(f"train_lm@{r}", params)
-    cfg = dataclasses.replace(round_budget("train_lm", r, params), seed=ctx.seed("train_lm", r))
+def main(r: int, path: str = "params.yaml") -> None:
+    ctx = pipeline.start(f"train_lm@{r}", config.load(path))
+    params = ctx.params
+    cfg = dataclasses.replace(params.budget("train_lm", r), seed=ctx.seed("train_lm", r))
     guidance = load_guidance(pipeline.round_dir(r) / "guidance")
     out = pipeline.round_dir(r) / "lm"
     metrics_file = pipeline.round_metrics(r, "train_lm")

@@ -401,7 +401,7 @@ def test_an_input_longer_than_every_limit_is_dropped_by_max_input_chars_or_else_
     ending with the turn-end token."""
     from ptg import pipeline
     from ptg.base_models import build_tiny
-    from ptg.config import load_group
+    from ptg.config import load as load_params
     from ptg.models import load_lm, load_tokenizer
 
     long_input = "def huge(x):\n" + "".join(f"    x = x + {i}  # step {i}\n" for i in range(3000))  # ~80k chars
@@ -418,7 +418,7 @@ def test_an_input_longer_than_every_limit_is_dropped_by_max_input_chars_or_else_
     train = read_table("data/prepared/train.parquet", schemas.Examples).set_index("id")
     assert train.loc["tr-long", "input"] == long_input
     build_tiny("tiny-llama", ws / "lm")
-    tok, model, mp = load_tokenizer(ws / "lm"), load_lm(ws / "lm"), load_group("model", "params.yaml")
+    tok, model, mp = load_tokenizer(ws / "lm"), load_lm(ws / "lm"), load_params("params.yaml").model
     frame = train.loc[["tr-long"]].reset_index()
     prompt = pipeline.encode_prompts_of(tok, model, frame, mp)[0]
     assert len(prompt) <= 64 < len(tok(long_input)["input_ids"])

@@ -5,17 +5,15 @@ import pytest
 import yaml
 from conftest import REPO
 
-from ptg.config import ParamsError, PreferencesParams, load_group, rounds
+from ptg.config import ParamsError, PreferencesParams
+from ptg.config import load as load_params
 from ptg.ranking import human_scores, rank_within_groups, unfinished_last
 
 
 @pytest.mark.parametrize("params", ["params.yaml", "configs/quick.yaml", "configs/bench.yaml", "configs/gpu.yaml",
                                     "configs/prompt.yaml", "configs/bench-rl.yaml", "configs/paper-cnndm.yaml"])
 def test_shipped_params_files_load_completely(params):
-    path = REPO / params
-    for group in ("run", "data", "model", "sample", "rank", "fit_guidance", "train_lm", "evaluate"):
-        load_group(group, path)
-    numbers = [r["round"] for r in rounds(path)]
+    numbers = [r["round"] for r in load_params(REPO / params).rounds]  # every group checked
     assert numbers == list(range(1, len(numbers) + 1))
 
 
@@ -30,16 +28,16 @@ def _write(tmp_path, mutate):
 def test_unknown_missing_and_bad_keys_name_the_key(tmp_path):
     path = _write(tmp_path, lambda p: p["fit_guidance"].update(learning_rate=1.0))
     with pytest.raises(ParamsError, match="fit_guidance: unknown key.*learning_rate"):
-        load_group("fit_guidance", path)
+        load_params(path)
     path = _write(tmp_path, lambda p: p["train_lm"].pop("lr"))
     with pytest.raises(ParamsError, match="train_lm: missing key.*lr"):
-        load_group("train_lm", path)
+        load_params(path)
     path = _write(tmp_path, lambda p: p["train_lm"].update(objective="ppo"))
     with pytest.raises(ParamsError, match="objective"):
-        load_group("train_lm", path)
+        load_params(path)
     path = _write(tmp_path, lambda p: p["evaluate"].update(split="dev"))
     with pytest.raises(ParamsError, match="evaluate: split must be one of test, validation; got 'dev'"):
-        load_group("evaluate", path)
+        load_params(path)
 
 
 @pytest.mark.parametrize(("mutate", "message"), [
@@ -52,15 +50,15 @@ def test_unknown_missing_and_bad_keys_name_the_key(tmp_path):
 def test_lora_params_are_checked_like_a_group(tmp_path, mutate, message):
     path = _write(tmp_path, lambda p: mutate(p["train_lm"]["lora"]))
     with pytest.raises(ParamsError, match=message):
-        load_group("train_lm", path)
+        load_params(path)
 
 
 def test_lora_with_a_carried_optimizer_is_refused(tmp_path):
     path = _write(tmp_path, lambda p: p["train_lm"].update(carry_optimizer=True, lora={**p["train_lm"]["lora"],
                                                                                       "rank": 4}))
     with pytest.raises(ParamsError, match="train_lm: carry_optimizer needs full fine-tuning"):
-        load_group("train_lm", path)
-    assert load_group("train_lm", _write(tmp_path, lambda p: p["train_lm"]["lora"].update(rank=4))).lora.enabled
+        load_params(path)
+    assert load_params(_write(tmp_path, lambda p: p["train_lm"]["lora"].update(rank=4))).train_lm.lora.enabled
 
 
 def test_add_lora_trains_only_seeded_adapters_and_names_a_bad_target():
@@ -82,10 +80,10 @@ def test_add_lora_trains_only_seeded_adapters_and_names_a_bad_target():
 def test_rounds_must_be_a_quoted_chain(tmp_path):
     path = _write(tmp_path, lambda p: p.update(rounds={1: {"prev": 0}}))
     with pytest.raises(ParamsError, match="quoted key"):
-        rounds(path)
+        load_params(path)
     path = _write(tmp_path, lambda p: p.update(rounds={"1": {"prev": 0}, "3": {"prev": 2}}))
     with pytest.raises(ParamsError, match="entry 2"):
-        rounds(path)
+        load_params(path)
 
 
 @pytest.mark.parametrize(("value", "message"), [
@@ -97,12 +95,12 @@ def test_rounds_must_be_a_quoted_chain(tmp_path):
 def test_the_launcher_must_be_a_command(tmp_path, value, message):
     path = _write(tmp_path, lambda p: p.update(launcher=value))
     with pytest.raises(ParamsError, match=message):
-        load_group("run", path)
+        load_params(path)
     path = _write(tmp_path, lambda p: p.pop("launcher"))
     with pytest.raises(ParamsError, match=r"params.yaml: missing key\(s\) launcher"):
-        load_group("run", path)
+        load_params(path)
     launcher = "accelerate launch --multi_gpu --num_processes 2"
-    assert load_group("run", _write(tmp_path, lambda p: p.update(launcher=launcher))).launcher == launcher
+    assert load_params(_write(tmp_path, lambda p: p.update(launcher=launcher))).run.launcher == launcher
 
 
 def test_rank_within_groups_orders_by_score_with_stable_ties():
@@ -128,7 +126,7 @@ def test_an_unknown_unfinished_ranking_names_the_param(tmp_path):
     params["rank"]["unfinished"] = "drop"
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(ParamsError, match="p.yaml: rank: unfinished must be one of keep, last; got 'drop'"):
-        load_group("rank", tmp_path / "p.yaml")
+        load_params(tmp_path / "p.yaml")
 
 
 def test_human_scores_lookup_names_missing_samples():
@@ -141,22 +139,22 @@ def test_human_scores_lookup_names_missing_samples():
 
 
 def test_rounds_carry_per_round_budgets_and_reject_bad_ones(tmp_path):
-    from ptg.config import round_budget
+    from ptg.config import load as load_params
 
     spec = {"1": {"prev": 0, "fit_guidance_updates": 30}, "2": {"prev": 1, "train_lm_updates": 70}}
     path = _write(tmp_path, lambda p: p.update(rounds=spec))
-    assert rounds(path)[1] == {"round": 2, "prev": 1, "fit_guidance_updates": None, "train_lm_updates": 70}
-    base_lm, base_fit = load_group("train_lm", path).max_updates, load_group("fit_guidance", path).max_updates
-    assert round_budget("train_lm", 1, path).max_updates == base_lm
-    assert round_budget("train_lm", 2, path).max_updates == 70
-    assert round_budget("fit_guidance", 1, path).max_updates == 30
-    assert round_budget("fit_guidance", 2, path).max_updates == base_fit
+    assert load_params(path).rounds[1] == {"round": 2, "prev": 1, "fit_guidance_updates": None, "train_lm_updates": 70}
+    base_lm, base_fit = load_params(path).train_lm.max_updates, load_params(path).fit_guidance.max_updates
+    assert load_params(path).budget("train_lm", 1).max_updates == base_lm
+    assert load_params(path).budget("train_lm", 2).max_updates == 70
+    assert load_params(path).budget("fit_guidance", 1).max_updates == 30
+    assert load_params(path).budget("fit_guidance", 2).max_updates == base_fit
     for bad, match in (({"prev": 0, "train_lm_updates": 0}, "train_lm_updates must be an integer >= 1"),
                        ({"prev": 0, "train_lm_updates": "5"}, "train_lm_updates"),
                        ({"prev": 0, "lm_updates": 5}, "unknown key.*lm_updates")):
         path = _write(tmp_path, lambda p, b=bad: p.update(rounds={"1": b}))
         with pytest.raises(ParamsError, match=match):
-            rounds(path)
+            load_params(path)
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -166,26 +164,27 @@ def test_rounds_carry_per_round_budgets_and_reject_bad_ones(tmp_path):
 def test_an_unknown_guidance_name_fails_when_params_are_read(tmp_path, key, value, message):
     from conftest import REPO
 
-    from ptg.config import ParamsError, load_group
+    from ptg.config import ParamsError
+    from ptg.config import load as load_params
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["fit_guidance"][key] = value
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(ParamsError, match=rf"p.yaml: fit_guidance: {message}"):
-        load_group("fit_guidance", tmp_path / "p.yaml")
+        load_params(tmp_path / "p.yaml")
 
 
 def test_preference_prompts_follow_the_data_template_unless_set(tmp_path):
     """preferences.prompt_template null reads preference inputs with data.prompt_template, the prompts the pipeline
     writes (editing one cannot leave the other behind); a template of its own is kept."""
-    from ptg.config import preferences_params
+    from ptg.config import load as load_params
 
     path = _write(tmp_path, lambda p: p["data"].update(prompt_template="Sum up:\n{input}"))
-    assert preferences_params(path).prompt_template == "Sum up:\n{input}"
+    assert load_params(path).preferences.prompt_template == "Sum up:\n{input}"
     path = _write(tmp_path, lambda p: p["preferences"].update(prompt_template="Q: {input}"))
-    assert preferences_params(path).prompt_template == "Q: {input}"
-    with pytest.raises(ValueError, match="preferences.prompt_template is null.*preferences_params"):
-        PreferencesParams().prompt("def f(): pass")  # read without preferences_params: a clear error, not a crash
+    assert load_params(path).preferences.prompt_template == "Q: {input}"
+    with pytest.raises(ValueError, match="preferences.prompt_template is null.*config.load"):
+        PreferencesParams().prompt("def f(): pass")  # read without config.load: a clear error, not a crash
     path = _write(tmp_path, lambda p: p["preferences"].update(prompt_template="no placeholder"))
     with pytest.raises(ParamsError, match="prompt_template must contain"):
-        preferences_params(path)
+        load_params(path)

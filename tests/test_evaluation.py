@@ -7,6 +7,7 @@ from conftest import REPO
 from test_bad_inputs import data_folder, good_rows, set_params, stage
 
 from ptg import pipeline, tasks
+from ptg.config import load as load_params
 from ptg.guidance import Guidance
 
 
@@ -25,11 +26,11 @@ def project(tmp_path, monkeypatch):
 
 
 def _items(project, arm: str, r: int, last_round: bool) -> list[str]:
-    ctx = pipeline.start(f"evaluate@{r}", "params.yaml")
+    ctx = pipeline.start(f"evaluate@{r}", load_params("params.yaml"))
     guidance = Guidance.from_backbone(pipeline.round_dir(0) / "guidance" / "backbone") if arm == "ptg" else None
     metrics = (pipeline.round_metrics if arm == "ptg" else pipeline.baseline_metrics)(r, "evaluate")
     out = project / "data" / arm / str(r)
-    tasks.evaluation("params.yaml").evaluate(pipeline.round_dir(0) / "lm", guidance, out / "predictions.parquet",
+    tasks.evaluation(ctx.params).evaluate(pipeline.round_dir(0) / "lm", guidance, out / "predictions.parquet",
                                              metrics, ctx, last_round=last_round, seed=0)
     return pd.read_csv(metrics.with_name("evaluate_items.csv"))["id"].tolist()
 

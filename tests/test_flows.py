@@ -252,7 +252,7 @@ def test_every_deployment_runs_a_shipped_params_file_on_as_many_gpus_as_processe
     loads with their overrides, and a GPU deployment's launcher starts one process per GPU it requests."""
     import inspect
 
-    from ptg.config import GROUPS, load_group
+    from ptg.config import load as load_params
 
     flow_parameters = set(inspect.signature(flows.ptg_pipeline.fn).parameters)
     deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
@@ -263,11 +263,10 @@ def test_every_deployment_runs_a_shipped_params_file_on_as_many_gpus_as_processe
         assert (REPO / parameters["params_file"]).is_file(), name
         overrides = workspace.param_overrides(parameters.get("rounds"), parameters.get("launcher"))
         root = Path(flows.prepare_workdir.fn(parameters["params_file"], tmp_path / name, overrides))
-        for group in ("run", *GROUPS):
-            load_group(group, root / "params.yaml")
+        load_params(root / "params.yaml")
         kwargs = deployment["work_pool"]["job_variables"].get("container_create_kwargs") or {}
         gpus = sum(request["count"] for request in kwargs.get("device_requests", []))
-        launcher = load_group("run", root / "params.yaml").launcher
+        launcher = load_params(root / "params.yaml").run.launcher
         processes = re.search(r"--num_processes[ =](\d+)", launcher)
         assert (int(processes.group(1)) if processes else 1) == max(gpus, 1), (name, launcher, gpus)
 

@@ -271,23 +271,23 @@ def test_checkpoint_selection_scores_validation_as_the_evaluation_does(quick, mo
     """train_lm.eval_every's score is the evaluation's ROUGE-L (greedy, evaluate.max_new_tokens) on the first
     eval_items inputs of the validation split, never of test."""
     from ptg import evaluation, pipeline, tasks
-    from ptg.config import load_group
+    from ptg.config import load as load_params
     from ptg.models import load_lm, load_tokenizer
 
     monkeypatch.chdir(quick)
-    ctx = pipeline.start("test", "params.yaml")
+    ctx = pipeline.start("test", load_params("params.yaml"))
     lm_dir = pipeline.round_dir(1) / "lm"
     model, tok = load_lm(lm_dir, ctx.device), load_tokenizer(lm_dir)
-    ep = load_group("evaluate", "params.yaml")
+    ep = ctx.params.evaluate
     scores = {}
     for split in ("validation", "test"):
         frame = pipeline.read_examples(split)
-        _, summary, _, _ = evaluation.evaluate_lm(model, tok, frame, load_group("model", "params.yaml"),
+        _, summary, _, _ = evaluation.evaluate_lm(model, tok, frame, ctx.params.model,
                                                   ep.max_new_tokens, ep.batch_size, ctx, None)
         scores[split] = summary["rougeL"]
     n = len(pipeline.read_examples("validation"))
-    cfg = dataclasses.replace(load_group("train_lm", "params.yaml"), eval_items=n)
-    validate = tasks.scoring("params.yaml").validation_scorer(tok, cfg, ctx)
+    cfg = dataclasses.replace(ctx.params.train_lm, eval_items=n)
+    validate = tasks.scoring(ctx.params).validation_scorer(tok, cfg, ctx)
     assert validate(model)["val_score"] == pytest.approx(scores["validation"], abs=1e-9)
     assert scores["validation"] != pytest.approx(scores["test"])  # the two splits score apart: it read validation
 

@@ -13,7 +13,8 @@ from conftest import EOS, PAD, REPO, tiny_llama
 from test_guidance_train import FIT, guidance_for
 
 from ptg import preferences
-from ptg.config import PreferencesParams, preferences_params
+from ptg.config import PreferencesParams
+from ptg.config import load as load_params
 from ptg.guidance import RankedGroup, _group_batches, evaluate_guidance, fit_guidance
 from ptg.io import TableError
 
@@ -160,10 +161,9 @@ def test_corruption_fixture_scores_by_corruption_level_in_both_layouts():
 def test_a_pipeline_round_fits_a_prior_then_mixes_preferences_with_its_own_samples(quick_pipeline, tmp_path):
     from conftest import copy_workspace, run
 
-    from ptg.config import load_group
     from ptg.data import build_examples
 
-    examples = build_examples(load_group("data", REPO_QUICK))["train"]
+    examples = build_examples(load_params(REPO_QUICK).data)["train"]
     path = _write(tmp_path, preferences.corruption_fixture(examples, seed=0).to_dict("records"), "fixture.jsonl")
     ws = copy_workspace(quick_pipeline, tmp_path / "ws", preferences={
         "path": path, "weight": 0.5, "prior_updates": 4, "heldout_fraction": 0.25})
@@ -187,8 +187,9 @@ def test_standalone_fit_reports_heldout_accuracy_writes_heatmaps_and_scores_text
     (tmp_path / "params.yaml").write_text(REPO_QUICK.read_text())
     rows = [{"prompt": f"def f{i}(x): return x + {i}", "chosen": f"Add {i} to x.", "rejected": "Open a socket.",
              "reference": f"Add {i} to x."} for i in range(40)]
-    pp = dataclasses.replace(preferences_params(), path=_write(tmp_path, rows, "pairs.jsonl"), heldout_fraction=0.3)
-    out = fit_file(pp, tmp_path / "out", max_updates=4)
+    params = load_params("params.yaml")
+    pp = dataclasses.replace(params.preferences, path=_write(tmp_path, rows, "pairs.jsonl"), heldout_fraction=0.3)
+    out = fit_file(pp, tmp_path / "out", params, max_updates=4)
     report = out["report"]
     for scorer in ("guidance", "length", "rouge_vs_reference", "meteor_vs_reference"):
         assert {"accuracy", "lo", "hi", "p_vs_chance", "pairs"} <= set(report[scorer])
@@ -197,10 +198,10 @@ def test_standalone_fit_reports_heldout_accuracy_writes_heatmaps_and_scores_text
                  "guidance/head.safetensors"):
         assert (tmp_path / "out" / name).is_file(), name
     # Any guidance evaluates on the same held-out lists: the fitted one gives the fit's own table again.
-    again = evaluate_file(tmp_path / "out" / "guidance", pp, tmp_path / "eval")
+    again = evaluate_file(tmp_path / "out" / "guidance", pp, tmp_path / "eval", params)
     assert again["guidance"] == report["guidance"] and (tmp_path / "eval" / "heldout.md").is_file()
     texts = _write(tmp_path, [{"input": "def g(): pass", "text": "Do nothing."}], "texts.jsonl")
-    table = score_file(tmp_path / "out" / "guidance", tmp_path / texts, tmp_path / "scored.jsonl", pp)
+    table = score_file(tmp_path / "out" / "guidance", tmp_path / texts, tmp_path / "scored.jsonl", pp, params)
     assert len(table["token_rewards"][0]) == len(table["tokens"][0]) > 0
     assert table["score"][0] == pytest.approx(sum(table["token_rewards"][0]) / len(table["token_rewards"][0]))
     assert (tmp_path / "scored.jsonl").is_file()
@@ -231,7 +232,6 @@ def _word_level_base(root, texts, vocab_size=400):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["listwise", "pairwise"])
 def test_the_guidance_learns_the_corruption_fixture_well_above_chance_and_length(tmp_path, monkeypatch, layout):
-    from ptg.config import load_group
     from ptg.data import build_examples
     from ptg.preference_guidance import fit_file
 
@@ -241,13 +241,14 @@ def test_the_guidance_learns_the_corruption_fixture_well_above_chance_and_length
     params["data"]["max_train"] = 400
     params["fit_guidance"] |= {"lr": 1e-3, "max_updates": 150, "eval_every": 25, "head_hidden": 128}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    examples = build_examples(load_group("data", "params.yaml"))["train"]
+    loaded = load_params("params.yaml")
+    examples = build_examples(loaded.data)["train"]
     # Without wrong-function docstrings (level 3): telling those apart needs a backbone that reads code.
     fixture = preferences.corruption_fixture(examples, seed=0, layout=layout, levels=(0, 1, 2))
     base = _word_level_base(tmp_path / "base", examples["target"].tolist())
-    pp = dataclasses.replace(preferences_params(), path=_write(tmp_path, fixture.to_dict("records")),
+    pp = dataclasses.replace(loaded.preferences, path=_write(tmp_path, fixture.to_dict("records")),
                              heldout_fraction=0.25)
-    report = fit_file(pp, tmp_path / "out", base=base)["report"]
+    report = fit_file(pp, tmp_path / "out", loaded, base=base)["report"]
     acc = report["guidance"]
     assert acc["lo"] > 0.6 and acc["p_vs_chance"] < 0.01, report  # well above chance, CI included
     assert report["guidance_minus_length"]["lo"] > 0, report       # and above ranking by length

@@ -13,6 +13,12 @@ from ptg import stats
 from ptg.bench import prompt as prompt_bench
 
 ROUNDS = {"1": {"prev": 0}, "2": {"prev": 1}}
+
+
+def _params(directory: Path) -> None:
+    """The bench's params file: the prompt profile with two rounds."""
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "prompt.yaml").read_text())
+    (directory / "params.yaml").write_text(yaml.safe_dump(params | {"rounds": ROUNDS}, sort_keys=False))
 FIXED_COLUMNS = [f"{name}_correct" for name in prompt_bench.FIXED]
 
 
@@ -38,7 +44,7 @@ def write_run(run, ptg_correct, base_correct, seed):
 
 
 def test_collect_pairs_by_text_and_counts_training_calls(tmp_path):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"rounds": ROUNDS}))
+    _params(tmp_path)
     n = 40
     ptg = [i < 30 for i in range(n)]  # 75 % right
     base = [i < 10 for i in range(n)]  # 25 % right, the same texts right where both are
@@ -65,7 +71,7 @@ def test_collect_pairs_by_text_and_counts_training_calls(tmp_path):
 
 
 def test_collect_without_a_finished_seed_says_so(tmp_path):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"rounds": ROUNDS}))
+    _params(tmp_path)
     with pytest.raises(FileNotFoundError, match="no finished prompt-task seed among \\[0\\]"):
         prompt_bench.collect(tmp_path, tmp_path / "out", [0], arms=())
 
@@ -82,20 +88,19 @@ def test_every_arm_is_a_valid_variant_of_the_prompt_params(tmp_path):
     """Each arm's overrides give params the stages accept (an arm with a misspelt value fails here, not after the
     seeds' hour of CPU)."""
     from ptg.bench import with_overrides
-    from ptg.config import GROUPS, load_group
+    from ptg.config import load as load_params
 
     base = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "prompt.yaml").read_text())
     for name, *overrides in prompt_bench.ARMS:
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(with_overrides(base, overrides)))
-        for group in GROUPS:
-            load_group(group, path)
+        load_params(path)
 
 
 def test_the_policy_gradient_arms_are_compared_with_each_other_and_count_their_own_calls(tmp_path):
     """pg-spread against pg-sequence and the placebo, paired by text; calls: the ranking only for the arms that
     train on the guidance (pg-sequence does not), plus what each arm's training scored."""
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"rounds": ROUNDS}))
+    _params(tmp_path)
     n = 20
     right = {"pg-sequence": 10, "pg-spread": 15, "pg-placebo": 5}
     for seed in (0, 1):

@@ -14,7 +14,8 @@ from conftest import REPO
 from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
 from ptg import metrics
-from ptg.config import RANK_METRICS, ParamsError, load_group
+from ptg.config import RANK_METRICS, ParamsError
+from ptg.config import load as load_params
 from ptg.io import read_table
 from ptg.ranking import rank_within_groups
 from ptg.reward_model import encode_reward_inputs, load_reward_model, reward_scores
@@ -171,7 +172,7 @@ def _params(tmp_path: Path, **rank) -> Path:
 
 
 def test_rank_params_validate_the_reward_keys(tmp_path):
-    rp = load_group("rank", _params(tmp_path, metric="reward_model", reward_model="some/folder"))
+    rp = load_params(_params(tmp_path, metric="reward_model", reward_model="some/folder")).rank
     assert (rp.reward_batch_size, rp.reward_label, rp.reward_direction, rp.reward_input) == (
         32, 0, "higher", "prompt+response")
     for bad, match in (({"metric": "reward_model"}, "metric reward_model needs reward_model, a model folder; got None"),
@@ -181,12 +182,12 @@ def test_rank_params_validate_the_reward_keys(tmp_path):
                        ({"reward_direction": "up"}, "reward_direction must be one of higher, lower; got 'up'"),
                        ({"reward_input": "prompt"}, r"reward_input must be one of prompt\+response, response; got")):
         with pytest.raises(ParamsError, match="rank: " + match):
-            load_group("rank", _params(tmp_path, **bad))
+            load_params(_params(tmp_path, **bad))
     params = yaml.safe_load(_params(tmp_path).read_text())
     del params["rank"]["reward_label"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(ParamsError, match="rank: missing key.*reward_label"):
-        load_group("rank", tmp_path / "params.yaml")
+        load_params(tmp_path / "params.yaml")
 
 
 def test_rank_metrics_are_the_reference_metrics_plus_file_and_reward_model():

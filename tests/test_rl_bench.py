@@ -11,7 +11,7 @@ import yaml
 from conftest import REPO
 
 from ptg.bench import rl
-from ptg.config import GROUPS, load_group
+from ptg.config import load as load_params
 from ptg.workspace import template_file
 
 UPDATES = (0, 5, 10, 15)
@@ -107,16 +107,15 @@ def test_the_profile_and_every_arm_are_valid_params(tmp_path, profile):
     for name, *overrides in (("spread",), *rl.ARMS):
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(with_overrides(base, overrides)))
-        for group in GROUPS:
-            load_group(group, path)
-        cfg = load_group("train_lm", path)
+        load_params(path)
+        cfg = load_params(path).train_lm
         assert cfg.objective in ("pg", "grpo") and cfg.pg_coeff == 0 and cfg.eval_every > 0
 
 
 def test_the_gpu_profile_has_ten_times_the_samples_and_the_same_settings():
     """The GPU profile: >= 10x the CPU profile's on-policy samples per arm, the settings chosen on validation
     (beta, tau, lr, K, the credit) unchanged."""
-    cpu, gpu = (load_group("train_lm", template_file(f"configs/{p}.yaml")) for p in ("bench-rl", "bench-rl-gpu"))
+    cpu, gpu = (load_params(template_file(f"configs/{p}.yaml")).train_lm for p in ("bench-rl", "bench-rl-gpu"))
     samples = [c.max_updates * c.batch_size * c.pg_samples for c in (cpu, gpu)]
     assert samples[1] >= 10 * samples[0]
     for key in ("objective", "pg_credit", "pg_spread", "pg_temperature", "lr", "pg_samples", "entropy_coeff"):

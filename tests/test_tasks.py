@@ -48,14 +48,15 @@ def test_the_branch_finder_finds_a_branch(tmp_path):
 def test_an_unknown_task_is_named_with_the_tasks_there_are(tmp_path):
     import yaml
 
-    from ptg.config import ParamsError, load_group
+    from ptg.config import ParamsError
+    from ptg.config import load as load_params
 
     params = yaml.safe_load((SRC.parents[1] / "configs" / "quick.yaml").read_text())
     params["task"]["name"] = "summarise"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(ParamsError, match=r"params.yaml: task: name 'summarise': ptg has no such task .* the tasks "
                                           r"are copy, prompt, summarisation"):
-        load_group("task", tmp_path / "params.yaml")
+        load_params(tmp_path / "params.yaml")
 
 
 @pytest.mark.slow

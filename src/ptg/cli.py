@@ -11,11 +11,14 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from ptg.prefect_setup import CRASH_AFTER_S, HEARTBEAT_S, PROCESS_POOL  # constants only: no prefect import
+
+if TYPE_CHECKING:
+    from ptg.config import Params, PreferencesParams
 
 app = typer.Typer(help="PTG: fine-tune language models from sequence-level preferences with token-level guidance.",
                   no_args_is_help=True, add_completion=False)
@@ -203,12 +206,10 @@ TOKENIZER = typer.Option(None, help="tokenizer folder (default: the guidance's b
 PARAMS = typer.Option("params.yaml", help="params file (its preferences, model and fit_guidance groups)")
 
 
-def _preferences(path: str, params: str):  # noqa: ANN202 - a PreferencesParams
+def _preferences(path: str, params: Params) -> PreferencesParams:
     import dataclasses
 
-    from ptg.config import preferences_params
-
-    return dataclasses.replace(preferences_params(params), path=path)
+    return dataclasses.replace(params.preferences, path=path)
 
 
 @guidance.command("fit")
@@ -220,8 +221,10 @@ def guidance_fit(path: str = typer.Argument(..., help="listwise or pairwise pref
     """Fit a guidance on a preference file; report held-out pairwise accuracy against chance, length, ROUGE-L and
     METEOR; heatmaps; tracked in MLflow like a stage (`fit_preferences`)."""
     from ptg import preference_guidance as pg
+    from ptg.config import load
 
-    result = pg.fit_file(_preferences(path, params), Path(out), params, Path(base) if base else None, updates)
+    p = load(params)
+    result = pg.fit_file(_preferences(path, p), Path(out), p, Path(base) if base else None, updates)
     typer.echo(pg.format_report(result["report"]))
 
 
@@ -231,8 +234,10 @@ def guidance_eval(guidance_dir: str = GUIDANCE_DIR, path: str = typer.Argument(.
                   params: str = PARAMS) -> None:
     """The held-out table of any guidance on a preference file's validation split."""
     from ptg import preference_guidance as pg
+    from ptg.config import load
 
-    report = pg.evaluate_file(Path(guidance_dir), _preferences(path, params), Path(out), params,
+    p = load(params)
+    report = pg.evaluate_file(Path(guidance_dir), _preferences(path, p), Path(out), p,
                               Path(tokenizer) if tokenizer else None)
     typer.echo(pg.format_report(report))
 
@@ -243,8 +248,10 @@ def guidance_score(guidance_dir: str = GUIDANCE_DIR, path: str = typer.Argument(
                    tokenizer: str = TOKENIZER, params: str = PARAMS) -> None:
     """Every token's reward and each text's score (their mean) for a file of (input, text) rows."""
     from ptg import preference_guidance as pg
+    from ptg.config import load
 
-    table = pg.score_file(Path(guidance_dir), Path(path), Path(out), _preferences(path, params), params,
+    p = load(params)
+    table = pg.score_file(Path(guidance_dir), Path(path), Path(out), _preferences(path, p), p,
                           Path(tokenizer) if tokenizer else None)
     typer.echo(f"wrote {len(table)} scored texts to {out}")
 

@@ -1,4 +1,5 @@
-"""Typed, frozen views of ``params.yaml`` groups: each stage loads its group at the top of ``main()``.
+"""Typed, frozen views of ``params.yaml``: ``load`` reads and checks a params file once into ``Params``, one
+frozen dataclass per group, which a stage carries on its context and passes down.
 
 Unknown or missing keys fail fast with the file and the key's name, so a typo in params.yaml never silently falls
 back to a default; so does a value of the wrong type (``lr: 5e-4``, which YAML reads as a string; ``"3"`` for an
@@ -315,7 +316,7 @@ class TrainLMParams(TrainConfig):
                              "are new parameters, so there is no optimizer state to carry")
 
 
-def reference_baseline(cfg: TrainLMParams, params: str | Path) -> TrainLMParams:
+def reference_baseline(cfg: TrainLMParams, params: Params) -> TrainLMParams:
     """The baseline of a task with references (summarisation, copy): the same preference without the guidance.
     Policy-gradient objectives (pg, grpo): ``pg`` with sequence-level credit (RLOO), everything else as PTG's;
     otherwise uniform MLE (no guidance weights, no policy-gradient term)."""
@@ -412,7 +413,7 @@ class PreferencesParams:
     rejected_field: str = field(default="rejected", metadata={"help": "pairwise: the other response column"})
     prompt_template: str | None = field(default=None, metadata={
         "help": "how an input becomes the prompt the guidance reads; null = data.prompt_template, the prompts the "
-                "pipeline itself writes (``preferences_params`` fills it in)"})
+                "pipeline itself writes (``load`` fills it in)"})
     heldout_fraction: Annotated[float, Field(ge=0, lt=1)] = field(default=0.2, metadata={
         "help": "share of inputs held out for evaluation when the data has no split column"})
     weight: Annotated[float, Field(ge=0, le=1)] = field(default=0.0, metadata={
@@ -428,20 +429,11 @@ class PreferencesParams:
 
     def prompt(self, text: str) -> str:
         """The prompt the guidance reads for input ``text``; a null template (not yet filled in from
-        ``data.prompt_template`` by ``preferences_params``) is a ValueError."""
+        ``data.prompt_template`` by ``load``) is a ValueError."""
         if self.prompt_template is None:
-            raise ValueError("preferences.prompt_template is null: read the params with config.preferences_params, "
+            raise ValueError("preferences.prompt_template is null: read the params with config.load, "
                              "which fills it in from data.prompt_template")
         return self.prompt_template.format(input=text)
-
-
-def preferences_params(params: str | Path = "params.yaml") -> PreferencesParams:
-    """params' ``preferences`` group with its ``prompt_template`` filled in: null reads the preferences with
-    ``data.prompt_template``, the prompts the pipeline writes, so the two cannot drift apart."""
-    pp: PreferencesParams = load_group("preferences", params)
-    if pp.prompt_template is None:
-        pp = dataclasses.replace(pp, prompt_template=load_group("data", params).prompt_template)
-    return pp
 
 
 _TYPES = {"int_type": "an integer", "float_type": "a number", "bool_type": "true or false",
@@ -535,10 +527,9 @@ def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     return params
 
 
-def load_group(name: str, path: str | Path = "params.yaml", params: dict[str, Any] | None = None) -> Any:
-    """The params group ``name`` of ``path`` as its frozen dataclass (``run`` collects the top-level keys);
-    ``params``: check these values instead of the file's, named as ``path`` in errors (before writing them)."""
-    params = read_params(path) if params is None else params
+def load_group(name: str, path: str | Path, params: dict[str, Any]) -> Any:
+    """The group ``name`` of the values ``params`` (read from ``path``, which errors name) as its frozen dataclass;
+    ``run`` collects the top-level keys."""
     if name == "run":
         return _build(RunParams, {k: params[k] for k in RUN_KEYS if k in params}, str(path))
     if name not in params:
@@ -549,13 +540,12 @@ def load_group(name: str, path: str | Path = "params.yaml", params: dict[str, An
 ROUND_OVERRIDES = ("fit_guidance_updates", "train_lm_updates")
 
 
-def rounds(path: str | Path = "params.yaml") -> list[dict[str, int | None]]:
-    """The rounds as [{round: 1, prev: 0, fit_guidance_updates: None, train_lm_updates: None}, ...] from params'
+def _rounds(items: Any, path: str | Path) -> tuple[dict[str, int | None], ...]:
+    """The rounds as ({round: 1, prev: 0, fit_guidance_updates: None, train_lm_updates: None}, ...) from params'
     ``rounds`` mapping ("1": {prev: 0}, ...), checked to be a chain 1..N with string keys (DVC skips integer keys
     silently). An entry may override its round's budgets: ``fit_guidance_updates`` (else
     ``fit_guidance.max_updates``) and ``train_lm_updates`` (else ``train_lm.max_updates``), e.g. a larger LM budget
     in the last round for the spec's LM-only tail after the last guidance round."""
-    items = read_params(path).get("rounds")
     if not isinstance(items, dict) or not items:
         raise ParamsError(f"{path}: rounds must be a non-empty mapping \"<round>\": {{prev: <round - 1>}}")
     out: list[dict[str, int | None]] = []
@@ -572,11 +562,49 @@ def rounds(path: str | Path = "params.yaml") -> list[dict[str, int | None]]:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ParamsError(f"{path}: rounds.{key}.{name} must be an integer >= 1; got {v!r}")
         out.append({"round": i, "prev": i - 1, **{name: value.get(name) for name in ROUND_OVERRIDES}})
-    return out
+    return tuple(out)
 
 
-def round_budget(stage: str, r: int, path: str | Path = "params.yaml") -> Any:
-    """The params group of ``stage`` (fit_guidance or train_lm) with round r's ``max_updates`` override."""
-    cfg = load_group(stage, path)
-    override = rounds(path)[r - 1][f"{stage}_updates"]
-    return cfg if override is None else dataclasses.replace(cfg, max_updates=override)  # type: ignore[type-var]
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """A params file, read and checked once (``load``): every group as its frozen dataclass. A stage loads it at
+    its start and carries it on its context (``ptg.pipeline.Context.params``); library functions take it, or the
+    groups they use, never a path."""
+
+    path: Path
+    run: RunParams
+    task: TaskParams
+    data: DataConfig
+    model: ModelParams
+    sample: SampleParams
+    rank: RankParams
+    fit_guidance: FitGuidanceParams
+    train_lm: TrainLMParams
+    evaluate: EvaluateParams
+    preferences: PreferencesParams  # prompt_template filled in: null reads as data.prompt_template
+    tracking: TrackingParams
+    rounds: tuple[dict[str, int | None], ...]
+
+    @property
+    def last_round(self) -> int:
+        return len(self.rounds)
+
+    def budget(self, stage: Literal["fit_guidance", "train_lm"], r: int) -> Any:
+        """The params group of ``stage`` (fit_guidance or train_lm) with round r's ``max_updates`` override."""
+        cfg = getattr(self, stage)
+        override = self.rounds[r - 1][f"{stage}_updates"]
+        return cfg if override is None else dataclasses.replace(cfg, max_updates=override)
+
+
+def load(path: str | Path = "params.yaml", values: dict[str, Any] | None = None) -> Params:
+    """The params file ``path``, every group checked (``values``: check these instead of the file's, named as
+    ``path`` in errors, before writing them). A missing ``tracking`` group is its defaults (it is no DVC param);
+    ``preferences.prompt_template`` null is ``data.prompt_template``, the prompts the pipeline writes, so the two
+    cannot drift apart."""
+    values = read_params(path) if values is None else values
+    groups = {name: load_group(name, path, values) for name in ("run", *GROUPS) if name != "tracking"}
+    groups["tracking"] = load_group("tracking", path, values) if "tracking" in values else TrackingParams()
+    if groups["preferences"].prompt_template is None:
+        groups["preferences"] = dataclasses.replace(groups["preferences"],
+                                                    prompt_template=groups["data"].prompt_template)
+    return Params(path=Path(path), rounds=_rounds(values.get("rounds"), path), **groups)

@@ -11,7 +11,7 @@ import pandas as pd
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ptg import metrics, schemas, viz
-from ptg.config import ModelParams, load_group
+from ptg.config import ModelParams
 from ptg.guidance import Guidance, token_rewards
 from ptg.io import atomic_path, write_json, write_table
 from ptg.models import load_lm, load_tokenizer
@@ -82,8 +82,8 @@ def evaluate_references(lm_dir: Path, guidance: Guidance | None, predictions_pat
     (``seed`` draws nothing); write the Predictions table, the per-item scores (evaluate_items.csv beside the
     metrics JSON), the metrics JSON and, with a guidance, the reward heatmaps beside the predictions. Returns the
     metrics and the files written."""
-    mp: ModelParams = load_group("model", ctx.params)
-    ep = load_group("evaluate", ctx.params)
+    mp: ModelParams = ctx.params.model
+    ep = ctx.params.evaluate
     model, tok = load_lm(lm_dir, ctx.device, ctx.dtype), load_tokenizer(lm_dir)
     examples = read_examples(ep.split)
     if ep.subset_items and not last_round:

@@ -292,13 +292,13 @@ def default_examples(model: torch.nn.Module, tokenizer: Any, n: int | None = Non
                      ) -> tuple[list[list[int]], list[list[int]]]:
     """Token ids of the default params' first ``n`` training prompts and their references (all with None), cut at
     the params' ``model.max_prompt_tokens`` / ``max_target_tokens``: what perf and the scripts time on."""
-    from ptg.config import load_group
+    from ptg.config import load
     from ptg.data import build_examples
     from ptg.encoding import encode_prompts, encode_responses, turn_end_id
 
-    params = TEMPLATE / "params.yaml"
-    mp = load_group("model", params)
-    frame = build_examples(load_group("data", params))["train"].head(n)
+    params = load(TEMPLATE / "params.yaml")  # the default params ptg ships, not a project's
+    mp = params.model
+    frame = build_examples(params.data)["train"].head(n)
     prompts = encode_prompts(tokenizer, frame["prompt"].tolist(), mp.max_prompt_tokens, False)
     targets = encode_responses(tokenizer, frame["target"].tolist(), mp.max_target_tokens,
                                turn_end_id(model, tokenizer))

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from ptg import schemas
-from ptg.config import ModelParams, RunParams, SamplingConfig, load_group
+from ptg.config import ModelParams, Params, SamplingConfig
 from ptg.io import read_table
 
 if TYPE_CHECKING:
@@ -59,16 +59,15 @@ def baseline_metrics(r: int, stage: str) -> Path:
 
 @dataclass(frozen=True)
 class Context:
-    """What every stage needs: the params file, run settings, device and autocast dtype."""
+    """What every stage needs: its params (read once, at its start), device and autocast dtype."""
 
-    params: Path
-    run: RunParams
+    params: Params
     device: torch.device | None  # None for a stage started without torch
     dtype: torch.dtype | None
 
     def seed(self, stage: str, r: int = 0) -> int:
         """A seed per (base seed, stage, round), stable across Python processes."""
-        digest = hashlib.sha256(f"{self.run.seed}/{stage}/{r}".encode()).digest()
+        digest = hashlib.sha256(f"{self.params.run.seed}/{stage}/{r}".encode()).digest()
         return int.from_bytes(digest[:4], "little")
 
     def generator(self, stage: str, r: int = 0) -> torch.Generator:
@@ -83,7 +82,7 @@ class Context:
 
     @property
     def progress(self) -> bool:
-        return self.run.progress and not os.environ.get("CI") and os.environ.get("RANK", "0") == "0"
+        return self.params.run.progress and not os.environ.get("CI") and os.environ.get("RANK", "0") == "0"
 
 
 def cli(main: Callable[..., None], doc: str | None, per_round: bool = True) -> None:
@@ -103,13 +102,13 @@ def cli(main: Callable[..., None], doc: str | None, per_round: bool = True) -> N
     app()
 
 
-def start(stage: str, params: str | Path = "params.yaml", with_torch: bool = True) -> Context:
+def start(stage: str, params: Params, with_torch: bool = True) -> Context:
     """Configure logging for ``stage``; with ``with_torch`` (a stage that runs a model) also resolve the device and
     precision and seed torch. Without it, torch is never imported."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {stage} %(levelname)s %(message)s")
-    run: RunParams = load_group("run", params)
+    run = params.run
     if not with_torch:
-        return Context(Path(params), run, None, None)
+        return Context(params, None, None)
     import torch
 
     from ptg import distributed
@@ -120,7 +119,7 @@ def start(stage: str, params: str | Path = "params.yaml", with_torch: bool = Tru
     dtype = resolve_precision(run.precision, device, *policy_shape())
     torch.manual_seed(run.seed)
     log.info("device %s, compute dtype %s", device, dtype)
-    return Context(Path(params), run, device, dtype)
+    return Context(params, device, dtype)
 
 
 def policy_shape() -> tuple[int, int]:
@@ -193,25 +192,25 @@ def sample_table(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fra
 def round_inputs(ctx: Context, r: int) -> pd.DataFrame:
     """The inputs sample@r samples K continuations of: ``sample.train_inputs`` training inputs (a fresh seeded draw
     each round) and the first ``sample.validation_inputs`` validation ones."""
-    sp = load_group("sample", ctx.params)
+    sp = ctx.params.sample
     train, val = read_examples("train"), read_examples("validation")
     train = train.sample(n=min(sp.train_inputs, len(train)), random_state=ctx.seed("sample", r))
     return pd.concat([train, val.head(sp.validation_inputs)], ignore_index=True)
 
 
-def inputs_of(ids: Sequence[str], params: str | Path) -> pd.DataFrame:
+def inputs_of(ids: Sequence[str], params: Params) -> pd.DataFrame:
     """The examples with these ids, for fit_guidance."""
     examples = read_examples("train", "validation")
     return examples[examples["id"].isin(set(ids))]
 
 
 def encode_inputs(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, frame: pd.DataFrame,
-                  params: str | Path) -> list[list[int]]:
+                  params: Params) -> list[list[int]]:
     """The encoded prompts."""
-    return encode_prompts_of(tokenizer, model, frame, load_group("model", params))
+    return encode_prompts_of(tokenizer, model, frame, params.model)
 
 
-def stops(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, params: str | Path) -> list[int]:
+def stops(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, params: Params) -> list[int]:
     """The EOS ids (``ptg.encoding.eos_ids``: the tokenizer's, the generation config's, the chat turn's end)."""
     from ptg.encoding import eos_ids
 
@@ -219,9 +218,9 @@ def stops(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, params: st
 
 
 def training_inputs(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, cfg: object,
-                    params: str | Path) -> list[tuple[list[int], list[int], tuple[str, ...]]]:
+                    params: Params) -> list[tuple[list[int], list[int], tuple[str, ...]]]:
     """What train_lm trains on: the training split's (prompt, reference response, references)."""
-    mp = load_group("model", params)
+    mp = params.model
     train = read_examples("train")
     prompts = encode_prompts_of(tokenizer, model, train, mp)
     targets = encode_targets_of(tokenizer, model, train, mp)

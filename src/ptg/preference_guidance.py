@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ptg import stats
-from ptg.config import PreferencesParams
+from ptg.config import Params, PreferencesParams
 from ptg.io import read_records
 from ptg.preferences import as_text, load, ranked_groups, require_columns
 
@@ -61,7 +61,7 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def fit_file(pp: PreferencesParams, out: Path, params: str | Path = "params.yaml", base: Path | None = None,
+def fit_file(pp: PreferencesParams, out: Path, params: Params, base: Path | None = None,
              max_updates: int | None = None) -> dict[str, Any]:
     """Fit a guidance on the preference data of ``pp`` alone; write out/guidance, out/heldout.{json,md},
     out/heldout_candidates.csv and out/heatmap.{html,png}; track it in MLflow like a stage (``fit_preferences``).
@@ -69,14 +69,13 @@ def fit_file(pp: PreferencesParams, out: Path, params: str | Path = "params.yaml
     pipeline), else are materialised from params' ``model`` group into out/base."""
     from ptg import tracking
     from ptg.base_models import materialize_base
-    from ptg.config import load_group
     from ptg.guidance import fit_guidance, load_guidance, save_guidance
     from ptg.io import atomic_path
     from ptg.models import load_tokenizer
     from ptg.pipeline import start
 
     ctx = start("fit_preferences", params)
-    mp, fp = load_group("model", params), load_group("fit_guidance", params)
+    mp, fp = params.model, params.fit_guidance
     if base is None:
         base = out / "base"
         if not (base / "lm" / "config.json").is_file():
@@ -132,18 +131,17 @@ def write_heldout(guidance: Any, tok: Any, fit: tuple[pd.DataFrame, list[Any]], 
     return report, [out / "heldout.json", out / "heldout.md", out / "heldout_candidates.csv", *files]
 
 
-def evaluate_file(guidance_dir: Path, pp: PreferencesParams, out: Path, params: str | Path = "params.yaml",
+def evaluate_file(guidance_dir: Path, pp: PreferencesParams, out: Path, params: Params,
                   tokenizer: Path | None = None) -> dict[str, Any]:
     """The held-out table of any guidance (a pipeline round's, or one ``fit`` made) on the held-out groups of the
     preference data of ``pp`` (its validation split; the train split chooses the length direction), written like
     ``fit``'s and tracked in MLflow as ``evaluate_preferences``."""
     from ptg import tracking
-    from ptg.config import load_group
     from ptg.guidance import load_guidance
     from ptg.pipeline import start
 
     ctx = start("evaluate_preferences", params)
-    mp, fp = load_group("model", params), load_group("fit_guidance", params)
+    mp, fp = params.model, params.fit_guidance
     guidance, tok = load_guidance(guidance_dir), _tokenizer(guidance_dir, tokenizer)
     long, counts = load(pp)
     fit_rows, val_rows = (long[long["split"] == s].reset_index(drop=True) for s in ("train", "validation"))
@@ -169,12 +167,11 @@ def _tokenizer(guidance_dir: Path, tokenizer: Path | None) -> Any:
 
 
 def score_file(guidance_dir: Path, path: Path, out: Path, pp: PreferencesParams,
-               params: str | Path = "params.yaml", tokenizer: Path | None = None) -> pd.DataFrame:
+               params: Params, tokenizer: Path | None = None) -> pd.DataFrame:
     """Per-token and per-sequence guidance scores of the texts in ``path`` (columns input and text, named as in
     ``pp``): writes ``out`` (parquet or jsonl by suffix) with tokens, token_rewards and score (their mean). The
     tokenizer is ``tokenizer`` or the one saved beside the backbone (``fit`` saves it; a pipeline round's guidance
     needs ``--tokenizer data/rounds/0/lm``)."""
-    from ptg.config import load_group
     from ptg.encoding import encode_prompts, encode_responses, turn_end_id
     from ptg.guidance import load_guidance, token_rewards
     from ptg.io import atomic_path
@@ -182,7 +179,7 @@ def score_file(guidance_dir: Path, path: Path, out: Path, pp: PreferencesParams,
     from ptg.pipeline import start
 
     ctx = start("score_preferences", params)
-    mp = load_group("model", params)
+    mp = params.model
     raw = read_records(path)
     require_columns(raw, str(path), {"input_field": pp.input_field, "text_field": pp.text_field})
     guidance, tok = load_guidance(guidance_dir), _tokenizer(guidance_dir, tokenizer)

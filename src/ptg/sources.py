@@ -14,11 +14,10 @@ folder, reruns its reader once, whose unchanged output then stops the chain. A s
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-from ptg.config import load_group
+from ptg.config import Params
 
 # fingerprint file -> the params it covers, as "group.key"; prepare reads data, base_model model, and rank, train_lm,
 # evaluate and baseline score with the scorer (human scores, a reward model, the prompt task's classifier).
@@ -45,13 +44,10 @@ def fingerprint(spec: str | None) -> dict[str, Any]:
     return out | {"files": [[name, (s := p.stat()).st_size, s.st_mtime_ns] for name, p in files]}
 
 
-def fingerprints(params: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
-    """{fingerprint file: {param: fingerprint}} for every group of ``GROUPS``; each params group is read once."""
-    names = {key.split(".")[0] for covered in GROUPS.values() for key in covered}
-    groups = {name: load_group(name, params) for name in names}
-
+def fingerprints(params: Params) -> dict[str, dict[str, Any]]:
+    """{fingerprint file: {param: fingerprint}} for every group of ``GROUPS``."""
     def value(key: str) -> str | None:
         group, name = key.split(".")
-        return getattr(groups[group], name)
+        return getattr(getattr(params, group), name)
 
     return {file: {key: fingerprint(value(key)) for key in covered} for file, covered in GROUPS.items()}

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from ptg import distributed, metrics, tasks
-from ptg.config import SamplingConfig, TrainLMParams, load_group
+from ptg.config import SamplingConfig, TrainLMParams
 from ptg.guidance import Guidance, spread
 from ptg.io import atomic_path, write_json
 from ptg.models import ADAPTER_DIR, add_lora, load_lm, load_tokenizer, save_lm
@@ -92,10 +92,10 @@ def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance 
     sampling = None
     policy_gradient = cfg.objective != "wmle" or cfg.pg_coeff > 0
     if policy_gradient:
-        sp = load_group("sample", ctx.params)
+        sp = ctx.params.sample
         sampling = SamplingConfig(1, sp.max_new_tokens, sp.temperature, sp.top_k, sp.top_p)
     score = None
-    if needs_scorer(cfg, load_group("rank", ctx.params).metric):
+    if needs_scorer(cfg, ctx.params.rank.metric):
         score = scoring.sample_scorer(tok, ctx)
     validate = scoring.validation_scorer(tok, cfg, ctx) if cfg.eval_every else None
     opt = None if sharded else make_optimizer(model, cfg)

@@ -198,13 +198,13 @@ def write_overrides(directory: Path, overrides: dict[str, Any]) -> Path:
     file, key and value and leaves the file as it was. Returns the params file."""
     import yaml
 
-    from ptg.config import load_group
+    from ptg.config import load
     from ptg.io import atomic_path
 
     path = Path(directory) / "params.yaml"
     values = yaml.safe_load(path.read_text())
     values.update(overrides)
-    load_group("run", path, values)  # the launcher, with the other top-level keys
+    load(path, values)  # the launcher and rounds, with every group
     with atomic_path(path) as tmp:
         tmp.write_text(yaml.safe_dump(values, sort_keys=False))
     return path

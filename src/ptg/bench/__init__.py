@@ -53,7 +53,7 @@ from ptg.bench.statistics import (
     round_differences,
     validation_curves,
 )
-from ptg.config import rounds as config_rounds
+from ptg.config import load as load_params
 
 __all__ = ["ABLATION_REFERENCE", "ARMS", "VALIDATION", "ablation_experiments", "ablation_name", "aligned",
            "arm_differences", "arm_experiments", "arm_name", "collect", "collect_ablations", "format_ablations",
@@ -71,7 +71,7 @@ def run(params: Path, directory: Path, out: Path, seeds: Sequence[int], arms: Se
         setup_repo(params, directory)
         experiments = [] if ablations_only else [seed_experiment(seed) for seed in seeds]
         if not ablations_only:
-            experiments += arm_experiments(seeds, arms, len(config_rounds(directory / "params.yaml")))
+            experiments += arm_experiments(seeds, arms, load_params(directory / "params.yaml").last_round)
         if ablations:
             experiments += ablation_experiments(ablation_seeds or seeds[:1], ablations)
         # References first (the seeds' PTG and baseline, the ablations' reference), then what differs from them

@@ -24,7 +24,7 @@ from ptg import pipeline, stats
 from ptg.bench.experiments import evaluate_items, finished, machine, run_all, setup_repo
 from ptg.bench.report import ci
 from ptg.bench.statistics import aligned
-from ptg.config import rounds as config_rounds
+from ptg.config import load as load_params
 from ptg.io import atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def collect(directory: Path, out: Path, seeds: Sequence[int], arms: Sequence[Seq
     runs = {s: results / seed_name(s) for s in seeds if finished(results, seed_name(s))}
     if not runs:
         raise FileNotFoundError(f"{results}: no finished prompt-task seed among {list(seeds)}; run the bench first")
-    last = len(config_rounds(directory / "params.yaml"))
+    last = load_params(directory / "params.yaml").last_round
     methods: dict[str, dict[int, Path]] = {"ptg": dict(runs)}
     methods |= {name: {s: results / arm_name(name, s) for s in runs if finished(results, arm_name(name, s))}
                 for name, *_ in arms}
@@ -175,6 +175,6 @@ def run(params: Path, directory: Path, out: Path, seeds: Sequence[int], arms: Se
     """Set up (or reuse) the bench repository with ``params``, run what is missing, collect."""
     if not collect_only:
         setup_repo(params, directory)
-        planned = experiments(seeds, arms, len(config_rounds(directory / "params.yaml")))
+        planned = experiments(seeds, arms, load_params(directory / "params.yaml").last_round)
         run_all(directory, planned, jobs)
     return collect(directory, out, seeds, arms)

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from ptg.config import TaskParams, TrainLMParams, load_group, task_names
+from ptg.config import Params, TaskParams, TrainLMParams, task_names
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -49,31 +49,31 @@ class TaskInfo(Protocol):
     MAIN_METRIC: str
     EVAL_KEYS: tuple[str, ...]
 
-    def baseline_config(self, cfg: TrainLMParams, params: str | Path) -> TrainLMParams: ...
+    def baseline_config(self, cfg: TrainLMParams, params: Params) -> TrainLMParams: ...
 
     def report_row(self, ptg: dict[str, Any], mle: dict[str, Any]) -> dict[str, Any]: ...
 
 
 class TaskData(Protocol):
-    def build_examples(self, params: str | Path) -> tuple[dict[str, pd.DataFrame], Any, dict[str, Any]]: ...
+    def build_examples(self, params: Params) -> tuple[dict[str, pd.DataFrame], Any, dict[str, Any]]: ...
 
-    def init_policy(self, params: str | Path, lm_dir: Path, seed: int) -> None: ...
+    def init_policy(self, params: Params, lm_dir: Path, seed: int) -> None: ...
 
     def round_inputs(self, ctx: Context, r: int) -> pd.DataFrame: ...
 
-    def inputs_of(self, ids: Sequence[str], params: str | Path) -> pd.DataFrame: ...
+    def inputs_of(self, ids: Sequence[str], params: Params) -> pd.DataFrame: ...
 
     def encode_inputs(self, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, frame: pd.DataFrame,
-                      params: str | Path) -> list[list[int]]: ...
+                      params: Params) -> list[list[int]]: ...
 
-    def stops(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, params: str | Path) -> list[int]: ...
+    def stops(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, params: Params) -> list[int]: ...
 
     def training_inputs(self, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, cfg: TrainLMParams,
-                        params: str | Path) -> list[tuple[list[int], list[int], tuple[str, ...]]]: ...
+                        params: Params) -> list[tuple[list[int], list[int], tuple[str, ...]]]: ...
 
 
 class TaskScoring(Protocol):
-    def needs_torch_to_rank(self, params: str | Path) -> bool: ...
+    def needs_torch_to_rank(self, params: Params) -> bool: ...
 
     def score_samples(self, samples: pd.DataFrame, ctx: Context) -> tuple[list[float], dict[str, Any]]: ...
 
@@ -89,27 +89,27 @@ class TaskEvaluation(Protocol):
                  ctx: Context, last_round: bool, seed: int) -> tuple[dict[str, Any], list[Path]]: ...
 
 
-def _module(params: str | Path, concern: str) -> Any:
+def _module(params: Params, concern: str) -> Any:
     """``ptg.tasks.<task.name>.<concern>``; the task's own params checks (its package's ``check``) run first."""
-    task: TaskParams = load_group("task", params)
+    task: TaskParams = params.task
     package = importlib.import_module(f"{__name__}.{task.name}")
     package.check(task)
     return importlib.import_module(f"{package.__name__}.{concern}")
 
 
-def info(params: str | Path) -> TaskInfo:
+def info(params: Params) -> TaskInfo:
     return cast(TaskInfo, _module(params, "info"))
 
 
-def data(params: str | Path) -> TaskData:
+def data(params: Params) -> TaskData:
     return cast(TaskData, _module(params, "data"))
 
 
-def scoring(params: str | Path) -> TaskScoring:
+def scoring(params: Params) -> TaskScoring:
     return cast(TaskScoring, _module(params, "scoring"))
 
 
-def evaluation(params: str | Path) -> TaskEvaluation:
+def evaluation(params: Params) -> TaskEvaluation:
     return cast(TaskEvaluation, _module(params, "evaluation"))
 
 

@@ -45,10 +45,10 @@ def log_models_mode(start: Path | None = None) -> str:
         if value not in LOG_MODELS:
             raise ParamsError(f"{LOG_MODELS_ENV} must be one of {', '.join(LOG_MODELS)}; got {value!r}")
         return value
-    params = project_root(start) / "params.yaml"
-    if not params.is_file() or "tracking" not in read_params(params):
-        return TrackingParams().log_models
-    return load_group("tracking", params).log_models
+    path = project_root(start) / "params.yaml"
+    values = read_params(path) if path.is_file() else {}
+    # only the tracking group: ``ptg track`` tracks any DVC project, whose params need not be a ptg pipeline's
+    return load_group("tracking", path, values).log_models if "tracking" in values else TrackingParams().log_models
 
 
 def register(mlflow_client: MlflowClient, run_id: str, model_dir: Path, registered_name: str | None,

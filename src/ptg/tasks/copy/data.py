@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ptg import schemas
-from ptg.config import DataConfig, load_group
+from ptg.config import DataConfig, Params
 from ptg.data import EXAMPLE_COLUMNS, format_prompt
 from ptg.pipeline import SPLITS, encode_inputs, inputs_of, round_inputs, stops, training_inputs
 
@@ -47,11 +47,11 @@ def examples(cfg: DataConfig) -> dict[str, pd.DataFrame]:
     return frames
 
 
-def build_examples(params: str | Path) -> tuple[dict[str, pd.DataFrame], Any, dict[str, Any]]:
+def build_examples(params: Params) -> tuple[dict[str, pd.DataFrame], Any, dict[str, Any]]:
     """(frames per split, their schema, what prepare.json records)."""
-    frames = examples(load_group("data", params))
+    frames = examples(params.data)
     return frames, schemas.Examples, {"source": "copy: generated", "rows": {s: len(f) for s, f in frames.items()}}
 
 
-def init_policy(params: str | Path, lm_dir: Path, seed: int) -> None:
+def init_policy(params: Params, lm_dir: Path, seed: int) -> None:
     """Nothing: the policy is the base LM."""

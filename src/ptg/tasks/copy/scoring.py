@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from ptg import pipeline
-from ptg.config import SamplingConfig, load_group
+from ptg.config import Params, SamplingConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -24,7 +23,7 @@ def similarity(text: str, target: str) -> float:
     return difflib.SequenceMatcher(None, text, target).ratio()
 
 
-def needs_torch_to_rank(params: str | Path) -> bool:
+def needs_torch_to_rank(params: Params) -> bool:
     return False
 
 
@@ -46,7 +45,7 @@ def sample_scorer(tokenizer: PreTrainedTokenizerBase, ctx: pipeline.Context) -> 
 
 def validation_scorer(tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, ctx: pipeline.Context) -> Validator:
     """The mean similarity of greedy outputs on the first ``cfg.eval_items`` validation inputs (``val_score``)."""
-    mp, ep = load_group("model", ctx.params), load_group("evaluate", ctx.params)
+    mp, ep = ctx.params.model, ctx.params.evaluate
     val = pipeline.read_examples("validation").head(cfg.eval_items)
     greedy = SamplingConfig(num_samples=1, max_new_tokens=ep.max_new_tokens, temperature=0.0)
 

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from ptg import schemas
-from ptg.config import DataConfig, TaskParams, TrainLMParams, load_group
+from ptg.config import DataConfig, Params, TaskParams, TrainLMParams
 from ptg.data import SPLIT_ALIASES, source_kind
 from ptg.io import read_records
 from ptg.schemas import SPLITS
@@ -419,19 +419,19 @@ def labelled_splits(cfg: DataConfig, task: TaskParams) -> dict[str, pd.DataFrame
     return frames
 
 
-def build_examples(params: str | Path) -> tuple[dict[str, pd.DataFrame], Any, dict[str, Any]]:
+def build_examples(params: Params) -> tuple[dict[str, pd.DataFrame], Any, dict[str, Any]]:
     """(frames per split, their schema, the source info for prepare.json)."""
-    cfg = load_group("data", params)
-    frames = labelled_splits(cfg, load_group("task", params))
+    cfg = params.data
+    frames = labelled_splits(cfg, params.task)
     info = {"source": cfg.source, "rows": {s: len(f) for s, f in frames.items()},
             "labels": {s: f["label"].value_counts().sort_index().to_dict() for s, f in frames.items()}}
     return frames, schemas.ClassificationExamples, info
 
 
-def init_policy(params: str | Path, lm_dir: Path, seed: int) -> None:
+def init_policy(params: Params, lm_dir: Path, seed: int) -> None:
     """The round-0 policy with ``task.head_hidden`` > 0: a fresh MLP head beside the frozen LM
     (``models.PROMPT_HEAD_FILE``); nothing otherwise."""
-    task = load_group("task", params)
+    task = params.task
     if not task.head_hidden:
         return
     from ptg.models import add_prompt_head, load_lm, prompt_head, save_prompt_head
@@ -445,28 +445,28 @@ def init_policy(params: str | Path, lm_dir: Path, seed: int) -> None:
 def round_inputs(ctx: Context, r: int) -> pd.DataFrame:
     """The groups sample@r draws K prompts for: ``sample.train_inputs`` training and ``sample.validation_inputs``
     held-out ones (the same every round: the policy is input-free)."""
-    sp = load_group("sample", ctx.params)
+    sp = ctx.params.sample
     return groups(sp.train_inputs, sp.validation_inputs)
 
 
-def inputs_of(ids: Sequence[str], params: str | Path) -> pd.DataFrame:
+def inputs_of(ids: Sequence[str], params: Params) -> pd.DataFrame:
     """The groups with these ids (id, split), for fit_guidance."""
     return pd.DataFrame({"id": sorted(set(ids))}).assign(split=lambda f: f["id"].map(split_of_group))
 
 
 def encode_inputs(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, frame: pd.DataFrame,
-                  params: str | Path) -> list[list[int]]:
+                  params: Params) -> list[list[int]]:
     """Every group's input: the start token."""
     return [start_ids(tokenizer)] * len(frame)
 
 
-def stops(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, params: str | Path) -> list[int]:
+def stops(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, params: Params) -> list[int]:
     """None: every prompt has the same length (``sample.max_new_tokens``)."""
     return []
 
 
 def training_inputs(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, cfg: TrainLMParams,
-                    params: str | Path) -> list[tuple[list[int], list[int], tuple[str, ...]]]:
+                    params: Params) -> list[tuple[list[int], list[int], tuple[str, ...]]]:
     """What train_lm trains on: ``batch_size`` start tokens, each sampled into one prompt per micro-batch (no
     response, no references)."""
     return [(start_ids(tokenizer), [], ())] * cfg.batch_size

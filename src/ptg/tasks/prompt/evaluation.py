@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from ptg import schemas
-from ptg.config import SamplingConfig, TaskParams, load_group
+from ptg.config import SamplingConfig, TaskParams
 from ptg.evaluation import save_heatmaps
 from ptg.guidance import Guidance, token_rewards
 from ptg.io import atomic_path, write_json, write_table
@@ -111,7 +111,7 @@ def evaluate(lm_dir: Path, guidance: Guidance | None, predictions_path: Path, me
     a guidance (PTG's) also scores the untrained baselines; writes the candidates table (schema PromptCandidates)
     with the guidance's token rewards and their heatmap, the per-text results (evaluate_items.csv beside the
     metrics JSON) and the metrics JSON. Returns the metrics and the files written."""
-    task, sp, ep = load_group("task", ctx.params), load_group("sample", ctx.params), load_group("evaluate", ctx.params)
+    task, sp, ep = ctx.params.task, ctx.params.sample, ctx.params.evaluate
     model, tok = load_lm(lm_dir, ctx.device, ctx.dtype), load_tokenizer(lm_dir)
     clf = load_task_classifier(task, ctx)
     settings = (task, ep.split, sp.max_new_tokens, sp.top_k, ctx)

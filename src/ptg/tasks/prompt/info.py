@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
-from ptg.config import TrainLMParams, load_group, reference_baseline
+from ptg.config import Params, TrainLMParams, reference_baseline
 
 MAIN_METRIC = "accuracy"  # what the registry's "best" alias maximises
 # The report's columns (evaluation.evaluate_prompts): test accuracy of the prompt chosen on validation, ...
@@ -19,7 +18,7 @@ def report_row(ptg: dict[str, Any], mle: dict[str, Any]) -> dict[str, Any]:
     return {"ptg_prompt": ptg["prompt"], "mle_prompt": mle["prompt"]}
 
 
-def baseline_config(cfg: TrainLMParams, params: str | Path) -> TrainLMParams:
+def baseline_config(cfg: TrainLMParams, params: Params) -> TrainLMParams:
     """The baseline's training: the same preference without the guidance. Policy-gradient objectives (pg, grpo):
     ``pg`` with sequence-level credit (RLOO), everything else as PTG's; otherwise REINFORCE with sequence-level
     credit (RLPrompt's), everything else as PTG's; with ``task.baseline_budget: calls``, only as many updates as the
@@ -28,7 +27,7 @@ def baseline_config(cfg: TrainLMParams, params: str | Path) -> TrainLMParams:
     if cfg.objective in ("pg", "grpo"):
         return reference_baseline(cfg, params)
     cfg = dataclasses.replace(cfg, pg_credit="sequence")
-    if load_group("task", params).baseline_budget == "calls":
-        sp = load_group("sample", params)
+    if params.task.baseline_budget == "calls":
+        sp = params.sample
         cfg = dataclasses.replace(cfg, max_updates=max(1, sp.train_inputs * sp.num_samples // cfg.batch_size))
     return cfg

@@ -30,7 +30,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ptg.config import SamplingConfig, TaskParams, load_group
+from ptg.config import Params, SamplingConfig, TaskParams
 from ptg.models import load_tokenizer, require_model_folder, require_safetensors
 from ptg.tasks.prompt import read_labelled, split_of_group, start_ids
 
@@ -364,14 +364,14 @@ class PromptScorer:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def needs_torch_to_rank(params: str | Path) -> bool:
+def needs_torch_to_rank(params: Params) -> bool:
     return True
 
 
 def score_samples(samples: pd.DataFrame, ctx: Context) -> tuple[list[float], dict[str, Any]]:
     """Every prompt's mean gap reward on its group's texts (train texts for training groups, validation texts for
     held-out ones), with the classifier calls spent."""
-    task = load_group("task", ctx.params)
+    task = ctx.params.task
     clf = load_task_classifier(task, ctx)
     scores = pd.Series(0.0, index=samples.index)
     split = samples["id"].map(split_of_group)
@@ -387,7 +387,7 @@ def score_samples(samples: pd.DataFrame, ctx: Context) -> tuple[list[float], dic
 def sample_scorer(tokenizer: PreTrainedTokenizerBase, ctx: Context) -> SampleScorer:
     """The sequence-level credit of ``pg_credit: sequence``: the mean gap reward on the training texts, the calls
     counted in the scorer's ``classifier.scored``."""
-    task = load_group("task", ctx.params)
+    task = ctx.params.task
     return PromptScorer(load_task_classifier(task, ctx), tokenizer, read_labelled("train"), task)
 
 
@@ -401,7 +401,7 @@ def validation_scorer(tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, ctx:
     validation texts (``val_score``); objectives pg and grpo add it as ``val_reward_greedy`` and the mean reward of
     ``cfg.eval_samples`` sampled prompts (``val_reward_sampled``, from a generator seeded the same at every
     checkpoint of every arm)."""
-    sp, task = load_group("sample", ctx.params), load_group("task", ctx.params)
+    sp, task = ctx.params.sample, ctx.params.task
     curve = cfg.objective in ("pg", "grpo")
     sampled = SamplingConfig(cfg.eval_samples, sp.max_new_tokens, sp.temperature, sp.top_k, sp.top_p)
     clf = load_task_classifier(task, ctx)

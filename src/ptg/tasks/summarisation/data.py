@@ -11,19 +11,19 @@ from typing import Any
 import pandas as pd
 
 from ptg import data, schemas
-from ptg.config import load_group
+from ptg.config import Params
 from ptg.pipeline import encode_inputs, inputs_of, round_inputs, stops, training_inputs
 
 __all__ = ["build_examples", "encode_inputs", "init_policy", "inputs_of", "round_inputs", "stops",
            "training_inputs"]
 
 
-def build_examples(params: str | Path) -> tuple[dict[str, pd.DataFrame], Any, dict[str, Any]]:
+def build_examples(params: Params) -> tuple[dict[str, pd.DataFrame], Any, dict[str, Any]]:
     """(frames per split, their schema, the source info for prepare.json)."""
-    cfg = load_group("data", params)
+    cfg = params.data
     frames = data.build_examples(cfg)
     return frames, schemas.Examples, data.source_info(cfg, frames)
 
 
-def init_policy(params: str | Path, lm_dir: Path, seed: int) -> None:
+def init_policy(params: Params, lm_dir: Path, seed: int) -> None:
     """Nothing: the policy is the base LM."""

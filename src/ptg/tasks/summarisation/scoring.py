@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from ptg import pipeline, schemas
-from ptg.config import ParamsError, RankParams, SamplingConfig, load_group
+from ptg.config import Params, ParamsError, RankParams, SamplingConfig
 from ptg.io import read_table
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 def score_samples(samples: pd.DataFrame, ctx: pipeline.Context) -> tuple[list[float], dict[str, Any]]:
     """Every sample's sequence-level preference (rank@r) and what the summary adds (nothing): ``rank.metric``
     against the references, human scores or a reward model."""
-    rp: RankParams = load_group("rank", ctx.params)
+    rp: RankParams = ctx.params.rank
     if rp.metric == "file":
         from ptg.ranking import human_scores
 
@@ -56,8 +56,8 @@ def _reward_model_scores(rp: RankParams, samples: pd.DataFrame, ctx: pipeline.Co
                          rp.reward_direction, ctx.device, ctx.dtype, ctx.progress)
 
 
-def needs_torch_to_rank(params: str | Path) -> bool:
-    return load_group("rank", params).metric == "reward_model"
+def needs_torch_to_rank(params: Params) -> bool:
+    return params.rank.metric == "reward_model"
 
 
 def sample_scorer(tokenizer: PreTrainedTokenizerBase, ctx: pipeline.Context) -> SampleScorer:
@@ -65,7 +65,7 @@ def sample_scorer(tokenizer: PreTrainedTokenizerBase, ctx: pipeline.Context) -> 
     preference, so it is the same preference the guidance was fitted to."""
     from ptg import metrics
 
-    metric = load_group("rank", ctx.params).metric
+    metric = ctx.params.rank.metric
     if metric not in metrics.METRICS:  # the reference metrics: not human scores or a reward model
         raise ValueError(f"train_lm.pg_credit: sequence scores samples with rank.metric against the references; "
                          f"rank.metric {metric!r} is not one of {', '.join(metrics.METRICS)}")
@@ -94,11 +94,11 @@ def validation_scorer(tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, ctx:
       arm), and the greedy ROUGE-L (``val_rougeL``)."""
     from ptg import metrics
 
-    sp = load_group("sample", ctx.params)
+    sp = ctx.params.sample
     curve = cfg.objective in ("pg", "grpo")
     sampled = SamplingConfig(cfg.eval_samples, sp.max_new_tokens, sp.temperature, sp.top_k, sp.top_p)
-    mp, ep = load_group("model", ctx.params), load_group("evaluate", ctx.params)
-    metric = load_group("rank", ctx.params).metric
+    mp, ep = ctx.params.model, ctx.params.evaluate
+    metric = ctx.params.rank.metric
     if curve and metric not in metrics.METRICS:
         raise ValueError(f"objective {cfg.objective}'s held-out reward is rank.metric against the references; "
                          f"rank.metric {metric!r} is not one of {', '.join(metrics.METRICS)}")
