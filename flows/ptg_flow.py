@@ -9,8 +9,8 @@ params file (``device: auto``), never from here.
 
 With the repository's params.yaml the pipeline runs in the repository itself; with another params file, a given
 ``workdir``, or a ``rounds`` or ``launcher`` override it runs in a scratch DVC workspace
-(``ptg.workspace.make_workspace``; default build/<params file stem>, the folder ``make quick`` uses for
-configs/quick.yaml). The overrides are written into the workspace's params.yaml (``ptg.workspace.param_overrides``):
+(``ptg.ops.workspace.make_workspace``; default build/<params file stem>, the folder ``make quick`` uses for
+configs/quick.yaml). The overrides are written into the workspace's params.yaml (``ptg.ops.workspace.param_overrides``):
 ``rounds=N`` runs rounds 1..N (that chain), ``launcher`` is the command fit_guidance, train_lm and baseline start
 with (e.g. "accelerate launch --multi_gpu --num_processes 4": data parallel on 4 GPUs; docs/reference.md).
 
@@ -33,8 +33,8 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
 from ptg import tracking
-from ptg.prefect_setup import FLOW
-from ptg.workspace import dvc_env, make_workspace, param_overrides, workspace_lock, workspace_slot, write_overrides
+from ptg.ops.prefect_setup import FLOW
+from ptg.ops.workspace import dvc_env, make_workspace, param_overrides, workspace_lock, workspace_slot, write_overrides
 
 REPO = Path(__file__).resolve().parents[1]  # the project this flow file belongs to (a checkout or `ptg init`'s)
 # Stages that download (base_model), run the model on the accelerator or write large folders: worth a retry.
@@ -61,7 +61,7 @@ def workdir_of(params_file: str, workdir: str | None, overrides: dict[str, Any])
 @task(cache_policy=NO_CACHE)
 def prepare_workdir(params_file: str, root: Path, overrides: dict[str, Any] | None = None) -> str:
     """Make or refresh the scratch workspace ``root`` (nothing to do for the repository itself) and write
-    ``overrides`` (``ptg.workspace.param_overrides``) into its params.yaml; a bad value fails here, naming the key
+    ``overrides`` (``ptg.ops.workspace.param_overrides``) into its params.yaml; a bad value fails here, naming the key
     and value, before any stage runs, and leaves the params file as it was."""
     params = _resolve(params_file)
     if root == REPO:
@@ -135,7 +135,7 @@ def ptg_pipeline(rounds: int | None = None, params_file: str = "params.yaml", wo
     """Run the pipeline; returns, per stage task, whether DVC ran it (False: up to date, skipped). ``rounds`` and
     ``launcher`` override the params file's (see the module docstring). A deployment run waits while another
     deployment run holds the same workspace (``workspace_slot``); any other second run in a busy workspace fails at
-    once (``ptg.workspace.WorkspaceBusy``) and leaves the first one alone."""
+    once (``ptg.ops.workspace.WorkspaceBusy``) and leaves the first one alone."""
     overrides = param_overrides(rounds, launcher)
     root = workdir_of(params_file, workdir, overrides)
     with workspace_slot(root), workspace_lock(root) as locked:

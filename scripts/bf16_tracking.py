@@ -1,6 +1,6 @@
 """bf16 mixed precision against fp32 on the default model (SmolLM2-135M-Instruct, build/perf/lm, materialised by
 `make perf`): the same N weighted-MLE updates (lr 1e-4, batch 8, the default params' docstring references, one
-thread) in fp32 and in bf16 (ptg.precision.WorkingCopy), each from the same weights; prints seconds per update, both
+thread) in fp32 and in bf16 (ptg.lm.precision.WorkingCopy), each from the same weights; prints seconds per update, both
 loss trajectories and their per-update relative difference (README "Speed"; tests/test_precision.py checks the
 contract on a tiny model). Run: python scripts/bf16_tracking.py [UPDATES=50]"""
 import sys
@@ -8,9 +8,9 @@ import time
 
 import torch
 
-from ptg import perf
 from ptg.config import TrainConfig
-from ptg.train import Example, train_lm
+from ptg.lm.train import Example, train_lm
+from ptg.ops import perf
 
 torch.set_num_threads(1)
 updates = int(sys.argv[1]) if len(sys.argv) > 1 else 50

@@ -14,8 +14,8 @@ import psutil
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ptg import distributed
-from ptg.train import Example, TrainConfig, train_lm
+from ptg.lm import distributed
+from ptg.lm.train import Example, TrainConfig, train_lm
 
 torch.set_num_threads(1)
 distributed.init_from_env()

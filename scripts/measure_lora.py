@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from ptg import perf
+from ptg.ops import perf
 
 torch.set_num_threads(1)
 rank = int(sys.argv[1])

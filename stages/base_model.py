@@ -9,7 +9,7 @@ Run: python stages/base_model.py [--params params.yaml]
 import dataclasses
 
 from ptg import config, pipeline, tasks, tracking
-from ptg.base_models import materialize_base
+from ptg.lm.base_models import materialize_base
 
 
 def main(path: str = "params.yaml") -> None:

@@ -15,7 +15,9 @@ Run: python stages/baseline.py [--params params.yaml]
 
 import dataclasses
 
-from ptg import config, distributed, pipeline, tasks, tracking, train_stage
+from ptg import config, pipeline, tasks, tracking
+from ptg.lm import distributed
+from ptg.pipeline import training
 
 
 def main(path: str = "params.yaml") -> None:
@@ -30,7 +32,7 @@ def main(path: str = "params.yaml") -> None:
         cfg = task.baseline_config(dataclasses.replace(params.budget("train_lm", r),
                                                        seed=ctx.seed("train_lm", r)), params)
         history_file = pipeline.METRICS / "baseline_history" / str(r) / "train_lm_history.csv"
-        train_stage.train_and_save(src, out / "lm", cfg, None, ctx, met / "train_lm.json", history_file)
+        training.train_and_save(src, out / "lm", cfg, None, ctx, met / "train_lm.json", history_file)
         if not distributed.is_main():  # data-parallel training (accelerate launch): rank 0 evaluates and tracks
             continue
         tracking.log_stage("baseline_train_lm", r, dataclasses.asdict(cfg), met / "train_lm.json",

@@ -12,7 +12,7 @@ Run: python stages/evaluate.py --round r [--params params.yaml]
 import dataclasses
 
 from ptg import config, pipeline, tasks, tracking
-from ptg.guidance import load_guidance
+from ptg.guidance.model import load_guidance
 
 
 def main(r: int, path: str = "params.yaml") -> None:

@@ -19,8 +19,9 @@ from typing import Any
 
 import pandas as pd
 
-from ptg import config, diagnostics, distributed, pipeline, preferences, schemas, tasks, tracking
-from ptg.guidance import (
+from ptg import config, pipeline, schemas, tasks, tracking
+from ptg.guidance import diagnostics, preferences
+from ptg.guidance.model import (
     Guidance,
     RankedGroup,
     evaluate_guidance,
@@ -32,7 +33,8 @@ from ptg.guidance import (
     token_rewards,
 )
 from ptg.io import atomic_path, read_table, write_json
-from ptg.models import load_tokenizer
+from ptg.lm import distributed
+from ptg.lm.models import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ OCCLUSION_SAMPLES = 64  # held-out samples whose tokens are dropped one by one (
 def _diagnostics(guidance: Guidance, val: list[RankedGroup], val_ids: list[str], inputs: pd.DataFrame,
                  cfg: config.FitConfig, tok: Any, ctx: pipeline.Context) -> dict[str, float]:
     """Whether the fitted guidance knows which samples and which tokens were better, on held-out samples
-    (``ptg.diagnostics``; ``val_ids``: the id of each of ``val``'s groups): accuracy on clear pairs (the
+    (``ptg.guidance.diagnostics``; ``val_ids``: the id of each of ``val``'s groups): accuracy on clear pairs (the
     within-sample CV of its token rewards is reward_cv), and the mean Spearman correlation of its token rewards
     with occlusion credit on up to ``OCCLUSION_SAMPLES`` samples, scored by the sequence-level preference that
     trains the LM (a metric against the references, or the prompt task's gap reward on the training texts; none

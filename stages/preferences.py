@@ -13,7 +13,8 @@ import dataclasses
 
 import pandas as pd
 
-from ptg import config, pipeline, preferences, schemas, tracking
+from ptg import config, pipeline, schemas, tracking
+from ptg.guidance import preferences
 from ptg.io import write_json, write_table
 
 

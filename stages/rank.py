@@ -14,8 +14,8 @@ import dataclasses
 import pandas as pd
 
 from ptg import config, pipeline, schemas, tasks, tracking
+from ptg.guidance.ranking import rank_within_groups, unfinished_last
 from ptg.io import read_table, write_json, write_table
-from ptg.ranking import rank_within_groups, unfinished_last
 
 
 def main(r: int, path: str = "params.yaml") -> None:

@@ -7,9 +7,10 @@ Run: python stages/report.py [--params params.yaml]
 """
 
 
-from ptg import config, pipeline, tasks, tracking, viz
+from ptg import config, pipeline, tasks, tracking
 from ptg.io import atomic_path
-from ptg.report import build_report, format_report
+from ptg.pipeline import viz
+from ptg.pipeline.round_report import build_report, format_report
 
 
 def main(path: str = "params.yaml") -> None:

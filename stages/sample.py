@@ -11,8 +11,8 @@ import dataclasses
 
 from ptg import config, pipeline, schemas, tasks, tracking
 from ptg.io import write_json, write_table
-from ptg.models import load_lm, load_tokenizer
-from ptg.sampling import SamplingConfig
+from ptg.lm.models import load_lm, load_tokenizer
+from ptg.lm.sampling import SamplingConfig
 
 
 def main(r: int, path: str = "params.yaml") -> None:

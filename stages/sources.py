@@ -1,13 +1,14 @@
 """DVC stage `sources`: a fingerprint of every local file or folder the params point at (`data.source`,
 `model.policy`, `model.guidance`, `rank.scores_file`, `rank.reward_model`, `task.classifier`), so that editing one
-in place reruns the stage that reads it (``ptg.sources``). It always runs (`always_changed`: DVC cannot see paths
-that come from params) and reads no file, only their sizes and times; an unchanged fingerprint reruns nothing.
+in place reruns the stage that reads it (``ptg.pipeline.sources``). It always runs (`always_changed`: DVC cannot see
+paths that come from params) and reads no file, only their sizes and times; an unchanged fingerprint reruns nothing.
 Writes data/sources/{data,model,scorer}.json.
 Run: python stages/sources.py [--params params.yaml]
 """
 
-from ptg import config, pipeline, sources
+from ptg import config, pipeline
 from ptg.io import write_json
+from ptg.pipeline import sources
 
 
 def main(path: str = "params.yaml") -> None:

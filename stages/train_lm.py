@@ -12,8 +12,9 @@ Run: python stages/train_lm.py --round r [--params params.yaml]
 
 import dataclasses
 
-from ptg import config, pipeline, tracking, train_stage
-from ptg.guidance import load_guidance
+from ptg import config, pipeline, tracking
+from ptg.guidance.model import load_guidance
+from ptg.pipeline import training
 
 
 def main(r: int, path: str = "params.yaml") -> None:
@@ -24,7 +25,7 @@ def main(r: int, path: str = "params.yaml") -> None:
     out = pipeline.round_dir(r) / "lm"
     metrics_file = pipeline.round_metrics(r, "train_lm")
     history_file = pipeline.round_metrics(r, "train_lm_history").with_suffix(".csv")
-    train_stage.train_and_save(pipeline.round_dir(r - 1) / "lm", out, cfg, guidance, ctx, metrics_file, history_file)
+    training.train_and_save(pipeline.round_dir(r - 1) / "lm", out, cfg, guidance, ctx, metrics_file, history_file)
     tracking.log_stage("train_lm", r, dataclasses.asdict(cfg), metrics_file, history=history_file, model_dir=out,
                        registered_name=tracking.LM_MODEL)
 

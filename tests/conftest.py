@@ -49,10 +49,10 @@ def read_line(proc: subprocess.Popen, seconds: float) -> str:
 
 
 def hold_workspace(directory) -> subprocess.Popen:
-    """Another process holding ``ptg.workspace.workspace_lock(directory)`` (for two minutes, or until killed)."""
+    """Another process holding ``ptg.ops.workspace.workspace_lock(directory)`` (for two minutes, or until killed)."""
     import sys
 
-    code = ("import sys, time; from ptg.workspace import workspace_lock\nwith workspace_lock(sys.argv[1]):\n"
+    code = ("import sys, time; from ptg.ops.workspace import workspace_lock\nwith workspace_lock(sys.argv[1]):\n"
             "    print('held', flush=True); time.sleep(120)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(directory)], stdout=subprocess.PIPE, text=True)
     assert read_line(proc, 60).strip() == "held"
@@ -211,7 +211,7 @@ def quick_pipeline(tmp_path_factory, worker_id) -> Path:
     (``copy_workspace``) before changing anything."""
     from filelock import FileLock
 
-    from ptg.workspace import make_workspace
+    from ptg.ops.workspace import make_workspace
 
     shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
     ws = shared / "quick-pipeline"

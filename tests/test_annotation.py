@@ -1,4 +1,4 @@
-"""ptg.annotation and `ptg annotate`: a round's samples out as a sheet people score, the scores back in as the
+"""ptg.pipeline.annotation and `ptg annotate`: a round's samples out as a sheet people score, the scores back in as the
 HumanScores table that `rank.metric: file` ranks with; a bad sheet stops the import with the file, the column and
 the rows, and writes nothing."""
 
@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from ptg import annotation, schemas
+from ptg import schemas
 from ptg.cli import app
+from ptg.guidance.ranking import human_scores, rank_within_groups
 from ptg.io import TableError, read_records, read_table, write_table
-from ptg.ranking import human_scores, rank_within_groups
+from ptg.pipeline import annotation
 
 # Texts chosen to break a careless CSV/JSON round trip: a comma, quotes, a newline, leading space, empty, unicode.
 TEXTS = {

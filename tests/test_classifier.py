@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, BertTokenizer, LlamaConfig, LlamaForCausalLM
 
+from ptg.lm.tiny_models import build_tiny_tokenizer
 from ptg.tasks.prompt.scoring import Classifier, check_template, gap_rewards, load_classifier, verbalizer_ids
-from ptg.tiny_models import build_tiny_tokenizer
 
 VERBALIZERS = [" no", " yes", " maybe"]  # one token each in the tiny-llama tokenizer
 TEXTS = ["yes", "the heating in my flat has not worked for a week", "Dear Sir or Madam"]

@@ -86,7 +86,7 @@ def test_guidance_passes_its_options_through(tmp_path):
 def test_model_tiny_writes_a_loadable_model(tmp_path):
     out = runner.invoke(app, ["model", "tiny", "tiny-llama", str(tmp_path / "lm")])
     assert out.exit_code == 0, out.output
-    from ptg.models import load_lm
+    from ptg.lm.models import load_lm
 
     assert load_lm(tmp_path / "lm").config.num_hidden_layers == 2
 

@@ -7,7 +7,7 @@ from conftest import REPO
 
 from ptg.config import ParamsError, PreferencesParams
 from ptg.config import load as load_params
-from ptg.ranking import human_scores, rank_within_groups, unfinished_last
+from ptg.guidance.ranking import human_scores, rank_within_groups, unfinished_last
 
 
 @pytest.mark.parametrize("params", ["params.yaml", "configs/quick.yaml", "configs/bench.yaml", "configs/gpu.yaml",
@@ -65,7 +65,7 @@ def test_add_lora_trains_only_seeded_adapters_and_names_a_bad_target():
     import torch
     from conftest import tiny_llama
 
-    from ptg.models import add_lora
+    from ptg.lm.models import add_lora
 
     a, b = (add_lora(tiny_llama(), 4, 8.0, 0.0, None, seed=3) for _ in range(2))
     trainable = {n for n, p in a.named_parameters() if p.requires_grad}

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from conftest import BIN, QUICK, REPO, run
 
-from ptg.workspace import make_workspace
+from ptg.ops.workspace import make_workspace
 
 pytestmark = pytest.mark.slow
 HOOK = REPO / "tests" / "pause_hook"
@@ -22,8 +22,8 @@ HOOK = REPO / "tests" / "pause_hook"
 # temporary path and not yet moved into place).
 KILLED = (("sample.py --round 1", "ptg.io:atomic_path:exit"),
           ("fit_guidance.py --round 1", "ptg.io:atomic_path:exit"),
-          ("train_lm.py --round 2", "ptg.train:_micro_batch"),
-          ("evaluate.py --round 1", "ptg.evaluation:evaluate_lm"),
+          ("train_lm.py --round 2", "ptg.lm.train:_micro_batch"),
+          ("evaluate.py --round 1", "ptg.pipeline.evaluation:evaluate_lm"),
           ("baseline.py", "ptg.io:atomic_path:exit"))
 ENV = {"PTG_TRACKING": "off", "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 

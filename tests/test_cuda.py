@@ -8,11 +8,11 @@ import torch
 from conftest import EOS, PAD, tiny_llama
 from test_guidance_train import FIT, X, guidance_for, synthetic_groups
 
-from ptg.guidance import fit_guidance
-from ptg.models import collate, response_logits
-from ptg.precision import resolve_precision
-from ptg.sampling import SamplingConfig, sample
-from ptg.train import Example, TrainConfig, train_lm
+from ptg.guidance.model import fit_guidance
+from ptg.lm.models import collate, response_logits
+from ptg.lm.precision import resolve_precision
+from ptg.lm.sampling import SamplingConfig, sample
+from ptg.lm.train import Example, TrainConfig, train_lm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 GPU = torch.device("cuda")
@@ -47,7 +47,7 @@ def test_bf16_logits_match_fp32_within_tolerance():
 
 
 def test_k_responses_per_prompt_repeat_the_prompt_on_the_gpu_and_match_the_shared_cpu_forward():
-    from ptg.models import response_hidden, shares_prompts
+    from ptg.lm.models import response_hidden, shares_prompts
 
     model = tiny_llama()
     batch = collate(PROMPTS, [[4, 5], [6, EOS], [7], [8, 9, 10], [11, EOS], [12]], PAD)
@@ -77,7 +77,7 @@ def test_guidance_fits_and_the_lm_trains_in_bf16_on_the_gpu():
 
 
 def test_perf_rows_run_on_the_gpu():
-    from ptg import perf
+    from ptg.ops import perf
 
     model = tiny_llama().to(GPU)
     rows = perf.decoding_rows(model, PROMPTS, [EOS], PAD, k=2, max_new=4, batch_size=2, device=GPU,
@@ -94,7 +94,7 @@ def test_perf_rows_run_on_the_gpu():
 def test_group_scores_run_on_the_gpu_whatever_device_the_guidance_was_left_on():
     # fit_guidance@r saves the guidance from the CPU, then scores every group on ctx.device: on CUDA that raised
     # "Expected all tensors to be on the same device" (found on an H200; the CPU suite cannot see it).
-    from ptg.guidance import group_scores
+    from ptg.guidance.model import group_scores
 
     g = guidance_for(tiny_llama()).cpu()
     groups = synthetic_groups(8, 4, seed=3)

@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ptg import data, docstrings
+from ptg import data
 from ptg.config import DataConfig
-from ptg.data import build_examples, load_local, normalize_fields, source_info, split_of
-from ptg.docstrings import python_docstrings
+from ptg.data import build_examples, docstrings, load_local, normalize_fields, source_info, split_of
+from ptg.data.docstrings import python_docstrings
 from ptg.io import read_table, write_table
 from ptg.schemas import Examples
 

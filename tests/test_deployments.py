@@ -19,7 +19,7 @@ import pytest
 import yaml
 from conftest import REPO, kill_tree, prefect_env, start_server, stop_process_group
 
-from ptg import prefect_setup, workspace
+from ptg.ops import prefect_setup, workspace
 
 VENV_BIN = Path(sys.executable).parent
 

@@ -26,8 +26,8 @@ SCRIPT = textwrap.dedent('''
     from safetensors.torch import save_file
     from conftest import EOS, PAD, tiny_llama
     from test_guidance_train import guidance_for
-    from ptg import distributed
-    from ptg.train import Example, TrainConfig, train_lm
+    from ptg.lm import distributed
+    from ptg.lm.train import Example, TrainConfig, train_lm
 
     distributed.init_from_env()
     out = sys.argv[1]
@@ -57,8 +57,8 @@ SCRIPT = textwrap.dedent('''
     # LoRA adapters (only they train and are synced) on the guided weighted MLE; and REINFORCE on the guidance's
     # token rewards, whose samples each rank draws for its own share (so two processes cannot repeat one's
     # updates; every rank saves its weights, which the synced gradients keep equal).
-    from ptg.models import add_lora
-    from ptg.sampling import SamplingConfig
+    from ptg.lm.models import add_lora
+    from ptg.lm.sampling import SamplingConfig
 
     for name, objective in (("lora", "wmle"), ("reinforce", "reinforce")):
         torch.manual_seed(0)
@@ -81,7 +81,7 @@ SCRIPT = textwrap.dedent('''
     # to 5) and a scorer of the tokens make the updates comparable: DDP must then give one process's update for
     # every credit, for weighted MLE with the term beside it and for REINFORCE whose sequence-level credit is
     # standardised over the whole micro-batch. The placebo's permutations are each rank's own: in step only.
-    import ptg.train as train_module
+    import ptg.lm.train as train_module
 
     def drawn_for(model, prompts, sampling, *args, **kwargs):
         return [[[5 + (sum(p) * (j + 2) + t) % 9 for t in range(1 + (sum(p) + j) % 4)] + [EOS]
@@ -112,8 +112,8 @@ SCRIPT = textwrap.dedent('''
     # of one group per epoch (an empty shard on one rank).
     from test_guidance_train import synthetic_groups
     from ptg.config import FitConfig
-    from ptg import guidance as guidance_module
-    from ptg.guidance import fit_guidance
+    from ptg.guidance import model as guidance_module
+    from ptg.guidance.model import fit_guidance
     # Plain SGD instead of fit_guidance's Adam, for the reason above, from a head that is not near zero (SGD
     # barely moves the reference's 1e-4-gain init).
     guidance_module.torch.optim.Adam = lambda params, **kw: torch.optim.SGD(params, lr=kw.get("lr", 1e-3))
@@ -137,11 +137,11 @@ FSDP_SCRIPT = textwrap.dedent('''
     import torch
     from conftest import EOS, PAD, tiny_llama
     from test_guidance_train import guidance_for
-    from ptg import distributed
-    import ptg.train as train_module
-    from ptg.models import save_lm
-    from ptg.sampling import SamplingConfig, sample
-    from ptg.train import Example, TrainConfig, train_lm
+    from ptg.lm import distributed
+    import ptg.lm.train as train_module
+    from ptg.lm.models import save_lm
+    from ptg.lm.sampling import SamplingConfig, sample
+    from ptg.lm.train import Example, TrainConfig, train_lm
 
     distributed.init_from_env()
     out = Path(sys.argv[1])
@@ -242,7 +242,7 @@ def test_two_processes_take_the_updates_of_one(runs, name):
     assert [json.loads((d / "history.json").read_text())["world"] for d in (one, two)] == [1, 2]
     assert [json.loads((d / "history.json").read_text())["replica"] for d in (one, two)] == [
         "Replica", "DistributedDataParallel"]
-    from ptg.train import micro_batches
+    from ptg.lm.train import micro_batches
 
     lengths = [3 + 1 + i % 7 + 1 for i in range(13)]  # prompt + reference tokens of the script's examples
     drawn = micro_batches(lengths, 3, torch.Generator().manual_seed(5))
@@ -343,7 +343,7 @@ def test_fsdp_trains_saves_and_reloads_as_one_process(tmp_path):
     objectives and micro-batches that leave a rank empty are refused, naming the setting."""
     from conftest import tiny_llama
 
-    from ptg.models import load_lm
+    from ptg.lm.models import load_lm
 
     config = TESTS.parent / "configs" / "accelerate" / "fsdp.yaml"
     one = _train(tmp_path, "one", 1, FSDP_SCRIPT)

@@ -145,7 +145,7 @@ def test_every_task_has_every_concern():
 
 
 def test_training_stages_start_with_the_launcher_and_the_others_with_python():
-    """`launcher` (params.yaml) starts the stages ptg.distributed trains data-parallel; sampling, ranking and
+    """`launcher` (params.yaml) starts the stages ptg.lm.distributed trains data-parallel; sampling, ranking and
     evaluation are not data-parallel and always run as one process."""
     for name, spec in _stages().items():
         launcher = "${launcher}" if name in LAUNCHED else "python"
@@ -154,11 +154,11 @@ def test_training_stages_start_with_the_launcher_and_the_others_with_python():
 
 
 def test_closure_follows_imports_through_the_library_and_the_task():
-    # evaluate.py asks for the task's evaluation, which imports ptg.evaluation, which imports ptg.sampling: the
-    # decoder is a dependency of evaluate.
+    # evaluate.py asks for the task's evaluation, which imports ptg.pipeline.evaluation, which imports
+    # ptg.lm.sampling: the decoder is a dependency of evaluate.
     closure = stage_modules(ROOT / "stages" / "evaluate.py", "summarisation")
-    assert {"ptg.tasks.summarisation.evaluation", "ptg.evaluation", "ptg.sampling", "ptg.models",
-            "ptg.precision"} <= closure
+    assert {"ptg.tasks.summarisation.evaluation", "ptg.pipeline.evaluation", "ptg.lm.sampling", "ptg.lm.models",
+            "ptg.lm.precision"} <= closure
     assert "ptg.tracking" not in closure
     assert "ptg.tasks.prompt.scoring" in stage_modules(ROOT / "stages" / "evaluate.py", "prompt")
 
@@ -166,13 +166,13 @@ def test_closure_follows_imports_through_the_library_and_the_task():
 def test_a_stage_depends_on_no_code_it_does_not_run():
     """Editing the training loop, the classifier or the metrics re-runs no data preparation, sampling or report;
     imports for annotations only (``if TYPE_CHECKING:``) are no dependency."""
-    heavy = {"ptg.train", "ptg.guidance", "ptg.tasks.prompt.scoring", "ptg.metrics", "ptg.evaluation"}
+    heavy = {"ptg.lm.train", "ptg.guidance.model", "ptg.tasks.prompt.scoring", "ptg.metrics", "ptg.pipeline.evaluation"}
     for task in task_names():
         for stage in ("prepare", "sample", "report"):
             closure = stage_modules(ROOT / "stages" / f"{stage}.py", task)
             assert not heavy & closure, (task, stage, heavy & closure)
         # its SampleScorer and Validator: annotations only
-        assert "ptg.train" not in import_closure(ROOT / "src" / "ptg" / "tasks" / task / "scoring.py")
+        assert "ptg.lm.train" not in import_closure(ROOT / "src" / "ptg" / "tasks" / task / "scoring.py")
 
 
 def test_stages_with_per_round_budgets_track_their_round_entry():

@@ -1,5 +1,5 @@
-"""ptg.evaluation: which items each arm is scored on (``evaluate.subset_items``), in a scratch project with the quick
-profile's tiny models."""
+"""ptg.pipeline.evaluation: which items each arm is scored on (``evaluate.subset_items``), in a scratch project with
+the quick profile's tiny models."""
 
 import pandas as pd
 import pytest
@@ -8,7 +8,7 @@ from test_bad_inputs import data_folder, good_rows, set_params, stage
 
 from ptg import pipeline, tasks
 from ptg.config import load as load_params
-from ptg.guidance import Guidance
+from ptg.guidance.model import Guidance
 
 
 @pytest.fixture

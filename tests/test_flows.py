@@ -24,7 +24,8 @@ import yaml
 from conftest import REPO, hold_workspace, prefect_env, write_prompt_quick
 from mlflow import MlflowClient
 
-from ptg import prefect_setup, tracking, workspace
+from ptg import tracking
+from ptg.ops import prefect_setup, workspace
 
 VENV_BIN = Path(sys.executable).parent
 QUICK = REPO / "configs" / "quick.yaml"
@@ -185,7 +186,7 @@ def test_failed_run_resumes_at_the_failed_stage(quick_run, harness, flows, env, 
 def test_the_plan_is_read_from_dvc_yaml_and_follows_an_added_stage(flows, env, tmp_path):
     """The flow has no stage list of its own: its plan is the workspace's dvc.yaml, round by round; a stage (and a
     round) added to a copy of dvc.yaml is in the plan, in its place."""
-    from ptg.workspace import make_workspace
+    from ptg.ops.workspace import make_workspace
 
     params = yaml.safe_load(QUICK.read_text()) | {"rounds": {"1": {"prev": 0}, "2": {"prev": 1}, "3": {"prev": 2}}}
     (tmp_path / "three.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -322,7 +323,7 @@ def test_prefect_setup_is_idempotent_and_matches_prefect_yaml(env, harness):
 
 
 def test_a_second_flow_in_a_busy_workspace_fails_before_touching_it(env, harness, flows):
-    from ptg.workspace import workspace_lock
+    from ptg.ops.workspace import workspace_lock
 
     workdir = env / "busy"
     holder = hold_workspace(workdir)

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from ptg import metrics
-from ptg.base_models import build_tiny
 from ptg.config import SamplingConfig
-from ptg.encoding import eos_ids
-from ptg.grpo import prompt_texts, reward_function, train_grpo
-from ptg.models import load_lm, load_tokenizer
-from ptg.train import Example, TrainConfig, schedule
+from ptg.lm.base_models import build_tiny
+from ptg.lm.encoding import eos_ids
+from ptg.lm.grpo import prompt_texts, reward_function, train_grpo
+from ptg.lm.models import load_lm, load_tokenizer
+from ptg.lm.train import Example, TrainConfig, schedule
 
 REFERENCES = ["the quick brown fox", "a short summary", "the capital of France", "prices rise quickly",
               "the committee met", "a new park opened", "family friendly food", "the weather is nice"]

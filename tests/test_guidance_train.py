@@ -1,4 +1,4 @@
-"""ptg.guidance and ptg.train on tiny models: alignment, causality, fitting a synthetic preference, the
+"""ptg.guidance.model and ptg.lm.train on tiny models: alignment, causality, fitting a synthetic preference, the
 guided LM objectives and bit-for-bit reproducibility."""
 
 import random
@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import EOS, PAD, tiny_llama, tiny_t5
 
-from ptg.guidance import FitConfig, Guidance, RankedGroup, fit_guidance, load_guidance, save_guidance
-from ptg.models import collate, response_logits
-from ptg.train import Example, TrainConfig, train_lm
+from ptg.guidance.model import FitConfig, Guidance, RankedGroup, fit_guidance, load_guidance, save_guidance
+from ptg.lm.models import collate, response_logits
+from ptg.lm.train import Example, TrainConfig, train_lm
 
 CPU = torch.device("cpu")
 X = 5  # the preferred token of the synthetic preference
@@ -145,7 +145,7 @@ def test_reinforce_reports_the_reward_nll_and_entropy_of_its_samples(make):
     entropy exactly log V, and the loss mean(r_t nll_t) - 0.125 H."""
     import math
 
-    from ptg.sampling import SamplingConfig
+    from ptg.lm.sampling import SamplingConfig
 
     lm = make()
     with torch.no_grad():
@@ -178,14 +178,14 @@ def test_train_lm_rejects_bad_arguments():
     with pytest.raises(ValueError, match="reference"):
         train_lm(lm, [Example([2])], TrainConfig(objective="wmle"), PAD, CPU, progress=False)
     with pytest.raises(ValueError, match="temperature"):
-        from ptg.sampling import SamplingConfig
+        from ptg.lm.sampling import SamplingConfig
 
         train_lm(lm, [Example([2])], TrainConfig(objective="reinforce"), PAD, CPU,
                  sampling=SamplingConfig(temperature=0.0), eos_ids=[EOS], progress=False)
 
 
 def test_pairwise_accuracy_counts_ties_as_half_and_skips_equal_preferences():
-    from ptg.guidance import pairwise_accuracy
+    from ptg.guidance.model import pairwise_accuracy
 
     prefs = torch.tensor([[0.9, 0.5, 0.1, 0.1]])
     assert pairwise_accuracy(torch.tensor([[3.0, 2.0, 1.0, 0.0]]), prefs) == (5.0, 5)
@@ -224,7 +224,7 @@ def test_gradient_checkpointing_takes_the_same_updates(objective):
     """train_lm.gradient_checkpointing recomputes activations in the backward pass (and runs the prompts with their
     responses, not in a shared pass): the same losses, gradient norms and weights as keeping them, to fp32
     rounding, and the model is left without checkpointing."""
-    from ptg.sampling import SamplingConfig
+    from ptg.lm.sampling import SamplingConfig
 
     prefix = [2, 3, 4, 5, 6, 7, 8, 9]  # a prompt prefix the shared pass would run once
     examples = [Example(prefix + [10 + i], [4 + i % 5, 6, 7 + i % 3, EOS][: 2 + i % 3]) for i in range(6)]
@@ -253,7 +253,7 @@ def test_gradient_checkpointing_takes_the_same_updates(objective):
 PEAK_SCRIPT = """
 import sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from ptg.train import Example, TrainConfig, train_lm
+from ptg.lm.train import Example, TrainConfig, train_lm
 torch.manual_seed(0)
 torch.set_num_threads(1)
 cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=12, num_attention_heads=4,

@@ -7,21 +7,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted([*(ROOT / "src" / "ptg").rglob("*.py"), *(ROOT / "stages").glob("*.py"),
                   *(ROOT / "flows").glob("*.py")])
-PTG_MODULES = {p.stem for p in (ROOT / "src" / "ptg").glob("*.py")} | {
-    p.parent.name for p in (ROOT / "src" / "ptg").glob("*/__init__.py")}  # modules and packages
+PTG_MODULES = {p.stem for p in (ROOT / "src" / "ptg").rglob("*.py") if p.name != "__init__.py"} | {
+    p.parent.name for p in (ROOT / "src" / "ptg").rglob("__init__.py")}  # modules and packages, at any depth
 
 
 def private_uses(source: str) -> list[str]:
-    """``from ptg.x import _name`` and ``x._name`` for a ptg module ``x`` imported by name."""
+    """``from ptg.x import _name`` and ``x._name`` for a ptg module ``x`` imported by name (``from ptg.lm import
+    models``)."""
     tree = ast.parse(source)
-    imported = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "ptg"
-                for a in n.names}
+    imported = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                and n.module.split(".")[0] == "ptg" for a in n.names if a.name in PTG_MODULES}
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "ptg":
             out += [f"from {node.module} import {a.name}" for a in node.names if a.name.startswith("_")]
         elif (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
-              and isinstance(node.value, ast.Name) and node.value.id in imported & PTG_MODULES):
+              and isinstance(node.value, ast.Name) and node.value.id in imported):
             out.append(f"{node.value.id}.{node.attr}")
     return out
 
@@ -32,8 +33,9 @@ def test_no_module_uses_another_modules_private_names():
 
 
 def test_the_check_finds_both_forms():
-    assert private_uses("from ptg.models import _pad, collate\nfrom ptg import io\nio._short(1)\n") == [
-        "from ptg.models import _pad", "io._short"]
+    assert private_uses("from ptg.lm.models import _pad, collate\nfrom ptg import io\nio._short(1)\n"
+                        "from ptg.lm import models\nmodels._pad(2)\n") == [
+        "from ptg.lm.models import _pad", "io._short", "models._pad"]
 
 
 def command_line_uses(source: str) -> list[str]:

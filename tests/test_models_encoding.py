@@ -1,4 +1,4 @@
-"""Prompt and reference encoding (ptg.encoding: encode_prompts, encode_responses, eos_ids, turn_end_id) on the
+"""Prompt and reference encoding (ptg.lm.encoding: encode_prompts, encode_responses, eos_ids, turn_end_id) on the
 offline tiny tokenizers: ChatML (tiny-llama), plain with a BOS, and T5-like (trailing ``</s>``)."""
 
 import copy
@@ -15,10 +15,10 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from ptg import encoding
 from ptg.config import ModelParams
+from ptg.lm import encoding
+from ptg.lm.tiny_models import build_tiny_tokenizer
 from ptg.pipeline import encode_targets_of
-from ptg.tiny_models import build_tiny_tokenizer
 
 INSTRUCTION = "Summarize what this Python function does in one sentence.\n\n"
 DEF_LINE = "def add_numbers(first, second):\n"
@@ -279,8 +279,8 @@ def test_pickle_checkpoints_are_refused_with_the_folder_and_file_named(tmp_path)
     import torch
     from conftest import tiny_llama
 
-    from ptg.guidance import Guidance
-    from ptg.models import load_lm
+    from ptg.guidance.model import Guidance
+    from ptg.lm.models import load_lm
 
     model = tiny_llama()
     model.config.save_pretrained(tmp_path)
@@ -295,25 +295,28 @@ def test_pickle_checkpoints_are_refused_with_the_folder_and_file_named(tmp_path)
 
 def test_no_code_path_runs_untrusted_code():
     """What ptg's own code never does, checked on its source: trust_remote_code, torch.load / pickle loading of
-    weights, eval / exec of configuration strings, yaml.load without the safe loader."""
+    weights, eval / exec of configuration strings, yaml.load without the safe loader; every module, subpackages
+    included."""
     import re
 
     from conftest import REPO
 
     forbidden = re.compile(r"trust_remote_code\s*=\s*True|torch\.load\(|pickle\.loads?\(|(?<![\w.])eval\(|"
-                           r"(?<![\w.])exec\(|yaml\.load\(|yaml\.unsafe_load|weights_only\s*=\s*False")
-    sources = [*REPO.glob("src/ptg/*.py"), *REPO.glob("stages/*.py"), *REPO.glob("flows/*.py")]
+                           r"(?<![\w.])exec\(|yaml\.load\((?![^)]*SafeLoader)|yaml\.unsafe_load|weights_only\s*=\s*False")
+    sources = [*REPO.glob("src/ptg/**/*.py"), *REPO.glob("stages/*.py"), *REPO.glob("flows/*.py")]
     assert len(sources) > 20
     hits = [f"{p.relative_to(REPO)}:{i}: {line.strip()}" for p in sources
             for i, line in enumerate(p.read_text().splitlines(), 1) if forbidden.search(line)]
     assert hits == []
+    assert not forbidden.search('yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))')
+    assert forbidden.search("yaml.load(text)") and forbidden.search("yaml.load(text, Loader=yaml.Loader)")
 
 
 def test_a_truncated_safetensors_file_is_named_before_any_loader_reads_it(tmp_path):
     from conftest import tiny_llama
 
-    from ptg.guidance import Guidance
-    from ptg.models import load_lm
+    from ptg.guidance.model import Guidance
+    from ptg.lm.models import load_lm
 
     tiny_llama().save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
@@ -335,7 +338,7 @@ def test_a_base_model_stops_at_its_templates_turn_end_whatever_the_family(chat_t
     """The generation config a base model is saved with (``base_models.finish_generation_config``) stops at the
     token its chat template ends an assistant turn with, found by rendering one (``encoding.template_turn_end``),
     not by a list of known names; and references end with that same token (``turn_end_id``)."""
-    from ptg.base_models import finish_generation_config
+    from ptg.lm.base_models import finish_generation_config
 
     tok = variant(chat_tok, chat_template=OTHER_FAMILY_TEMPLATE)
     assert tok.eos_token_id == IM_END

@@ -1,11 +1,11 @@
-"""Token alignment (ptg.models) and sampling (ptg.sampling) on tiny Llama and T5 models."""
+"""Token alignment (ptg.lm.models) and sampling (ptg.lm.sampling) on tiny Llama and T5 models."""
 
 import pytest
 import torch
 from conftest import EOS, PAD, tiny_llama
 
-from ptg.models import collate, response_logits
-from ptg.sampling import SamplingConfig, filter_logits, sample
+from ptg.lm.models import collate, response_logits
+from ptg.lm.sampling import SamplingConfig, filter_logits, sample
 
 CPU = torch.device("cpu")
 PROMPTS = [[2, 5, 6, 7], [2, 9], [3, 4, 11, 12, 13]]
@@ -84,7 +84,7 @@ def test_collate_rejects_empty_and_mismatched():
 
 
 def test_inverse_cdf_draws_follow_the_distribution_and_never_a_removed_token():
-    from ptg.sampling import _next_tokens
+    from ptg.lm.sampling import _next_tokens
 
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
     logits = probs.log().expand(20000, -1)
@@ -124,7 +124,7 @@ PREFIX = [2, 5, 6, 7, 8, 9, 10, 11, 12, 13]  # a chat template and instruction e
 
 
 def test_shared_prefix_len_counts_the_leading_tokens_every_prompt_has():
-    from ptg.models import MIN_SHARED_PREFIX, pad, shared_prefix_len
+    from ptg.lm.models import MIN_SHARED_PREFIX, pad, shared_prefix_len
 
     def n(prompts):
         return shared_prefix_len(*pad(prompts, PAD, left=True))
@@ -143,7 +143,7 @@ def test_shared_prompts_and_prefixes_give_the_logits_hidden_states_and_gradients
     """The prompts in a pass of their own whose cache the responses read (each prompt once for its K responses; the
     prefix every prompt starts with once for all, ``prefill``): the logits, hidden states and gradients of one pass
     over the concatenated prompt + response sequences (decoder-only), to fp32 tolerance."""
-    from ptg.models import decoder_only_inputs, response_hidden, shares_prompts
+    from ptg.lm.models import decoder_only_inputs, response_hidden, shares_prompts
 
     model = tiny_llama()
     responses = [[4, 5, 6], [7, EOS], [8, 9, 10, 11], [12, EOS], [13, 14, 15], [5]][:len(prompts) * k]
@@ -184,7 +184,7 @@ def test_decode_attention_matches_sdpa(dtype):
     gives SDPA's output (fp32 to 1e-6, bf16 to its resolution), and a greedy decode with it gives the same tokens."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from ptg.models import DECODE_ATTENTION, decode_attention, register_decode_attention
+    from ptg.lm.models import DECODE_ATTENTION, decode_attention, register_decode_attention
 
     model = tiny_llama().to(dtype)
     module = model.model.layers[0].self_attn

@@ -18,11 +18,10 @@ READERS = {"load", "read_params", "load_group"}  # ptg.config's readers of a par
 ENTRY_POINTS = {
     "config.py": "the reader itself",
     "cli.py": "the ptg command: reads the params file a user names",
-    "pipeline.py:cli": "a stage's command line (--params)",
-    "workspace.py": "makes a project and checks the overrides it writes into its params file",
+    "pipeline/__init__.py:cli": "a stage's command line (--params)",
+    "ops": "makes projects and checks the overrides it writes into their params files; ptg perf times on the "
+           "params ptg ships and writes those of the round it times",
     "bench": "runs DVC experiments: writes and reads each experiment's params file",
-    "perf.py": "ptg perf times on the params ptg ships",
-    "perf_round.py": "ptg perf writes the params of the round it times",
     "tracking": "records any DVC project's params as DVC sees them (`ptg track -- CMD` tracks non-ptg projects)",
 }
 
@@ -76,12 +75,12 @@ def test_the_finder_finds_a_read(tmp_path):
     """The test above fails on the code it was written against: ``load_group("model", params)`` in a library function
     taking a params path, and a default of "params.yaml"."""
     planted = tmp_path / "planted.py"
-    planted.write_text('from ptg.config import load_group\nfrom ptg.preferences import load\n'
+    planted.write_text('from ptg.config import load_group\nfrom ptg.guidance.preferences import load\n'
                        'def f(x, params: str | Path = "params.yaml"):\n    return load_group("model", params)\n'
                        'def g(ctx):\n    return config.load(ctx.path), load(ctx.params.preferences)\n')
     assert params_reads(planted, "planted.py") == [
         "f: params: str | Path", "f: 'params.yaml'", "f: load_group('model', params)", "g: config.load(ctx.path)"]
-    assert params_reads(planted, "workspace.py") == []  # an entry point may
+    assert params_reads(planted, "ops/workspace.py") == []  # an entry point may
 
 
 def test_params_load_every_group_once_into_one_frozen_object(tmp_path):

@@ -1,11 +1,11 @@
-"""ptg.perf: the FLOP model behind "fraction of the compute bound", and every row of the report on a tiny model
+"""ptg.ops.perf: the FLOP model behind "fraction of the compute bound", and every row of the report on a tiny model
 (the real measurement is `make perf`)."""
 
 import pytest
 import torch
 from conftest import EOS, PAD, tiny_llama
 
-from ptg import perf
+from ptg.ops import perf
 
 
 def test_flop_model_counts_linear_layers_attention_and_the_lm_head():

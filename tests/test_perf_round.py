@@ -1,4 +1,4 @@
-"""ptg.perf_round: a bench round's cost stage by stage (here the quick profile's round 1 on tiny models; the real
+"""ptg.ops.perf_round: a bench round's cost stage by stage (here the quick profile's round 1 on tiny models; the real
 measurement is `ptg perf --bench-round`), and the old-against-new comparison's bookkeeping."""
 
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import yaml
 from conftest import REPO
 
-from ptg import perf_round
+from ptg.ops import perf_round
 
 
 def test_stage_commands_come_from_dvc_yaml():

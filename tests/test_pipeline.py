@@ -16,7 +16,7 @@ from conftest import QUICK, REPO, copy_workspace, run
 
 from ptg import schemas
 from ptg.io import read_table
-from ptg.workspace import make_workspace
+from ptg.ops.workspace import make_workspace
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +58,7 @@ def test_every_stage_writes_valid_outputs(quick):
 
 
 def test_outputs_are_stored_once_linked_to_the_cache(quick):
-    """cache.type hardlink,copy (ptg.workspace.CACHE_TYPES): a model in a directory output is the cache's file
+    """cache.type hardlink,copy (ptg.ops.workspace.CACHE_TYPES): a model in a directory output is the cache's file
     itself (hard-linked), not a second copy. With reflink first, DVC commits directory outputs as copies on a file
     system without reflinks (ext4): this test failed so."""
     import hashlib
@@ -270,9 +270,10 @@ def test_train_lm_under_accelerate_launch_trains_data_parallel_and_writes_once(q
 def test_checkpoint_selection_scores_validation_as_the_evaluation_does(quick, monkeypatch):
     """train_lm.eval_every's score is the evaluation's ROUGE-L (greedy, evaluate.max_new_tokens) on the first
     eval_items inputs of the validation split, never of test."""
-    from ptg import evaluation, pipeline, tasks
+    from ptg import pipeline, tasks
     from ptg.config import load as load_params
-    from ptg.models import load_lm, load_tokenizer
+    from ptg.lm.models import load_lm, load_tokenizer
+    from ptg.pipeline import evaluation
 
     monkeypatch.chdir(quick)
     ctx = pipeline.start("test", load_params("params.yaml"))

@@ -6,12 +6,13 @@ import pytest
 import torch
 from conftest import EOS, PAD, tiny_llama
 
-from ptg import losses, precision
+from ptg import losses
 from ptg.config import TrainConfig
-from ptg.guidance import Guidance
-from ptg.models import collate, response_logits
-from ptg.precision import autocast, resolve_device, resolve_precision
-from ptg.train import Example, train_lm
+from ptg.guidance.model import Guidance
+from ptg.lm import precision
+from ptg.lm.models import collate, response_logits
+from ptg.lm.precision import autocast, resolve_device, resolve_precision
+from ptg.lm.train import Example, train_lm
 
 CPU = torch.device("cpu")
 
@@ -88,8 +89,8 @@ def test_bf16_autocast_stays_close_to_fp32():
 def test_bf16_training_updates_only_the_trainable_fp32_weights(wrap):
     """A working copy with frozen weights (LoRA adapters, the prompt policy's MLP head): after bf16 updates the
     model's trainable weights moved and are still fp32, and its frozen weights are untouched."""
-    from ptg.models import add_lora, add_prompt_head
-    from ptg.precision import WorkingCopy
+    from ptg.lm.models import add_lora, add_prompt_head
+    from ptg.lm.precision import WorkingCopy
 
     base = tiny_llama()
     model = add_lora(base, 2, 4.0, 0.0, None, seed=0) if wrap == "lora" else add_prompt_head(base, 16, seed=0)
@@ -107,7 +108,7 @@ def test_bf16_training_updates_only_the_trainable_fp32_weights(wrap):
 
 
 def test_a_working_copy_pulls_fp32_weights_and_accumulates_its_gradients_in_fp32():
-    from ptg.precision import WorkingCopy
+    from ptg.lm.precision import WorkingCopy
 
     master = torch.nn.Linear(4, 3)
     work = WorkingCopy(master, torch.bfloat16)

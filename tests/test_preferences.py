@@ -1,6 +1,6 @@
-"""Preference data people already have (ptg.preferences): listwise and pairwise files become validated, split
+"""Preference data people already have (ptg.guidance.preferences): listwise and pairwise files become validated, split
 ranked groups, bad input gets an error naming the file and column, groups of different K fit together, and the
-guidance fitted on them is evaluated against honest baselines (ptg.preference_guidance)."""
+guidance fitted on them is evaluated against honest baselines (ptg.guidance.standalone)."""
 
 import dataclasses
 import json
@@ -12,10 +12,10 @@ import yaml
 from conftest import EOS, PAD, REPO, tiny_llama
 from test_guidance_train import FIT, guidance_for
 
-from ptg import preferences
 from ptg.config import PreferencesParams
 from ptg.config import load as load_params
-from ptg.guidance import RankedGroup, _group_batches, evaluate_guidance, fit_guidance
+from ptg.guidance import preferences
+from ptg.guidance.model import RankedGroup, _group_batches, evaluate_guidance, fit_guidance
 from ptg.io import TableError
 
 PP = PreferencesParams()
@@ -129,7 +129,7 @@ def test_groups_of_different_k_never_share_a_batch_and_fit_together():
 def test_evaluation_of_lists_of_two_sizes_against_hand_computed_values(monkeypatch):
     """Two K = 3 lists (one scored in the preferred order, one reversed) and a K = 2 list scored as a tie: ListMLE
     per list sum_j [log sum_{i>=j} exp(s_i) - s_j] in preference order, mean over lists; ties count half a pair."""
-    from ptg import guidance as guidance_module
+    from ptg.guidance import model as guidance_module
 
     groups = [RankedGroup([2], [[4], [5], [6]], [3.0, 2.0, 1.0]), RankedGroup([2], [[4], [5], [6]], [3.0, 2.0, 1.0]),
               RankedGroup([2], [[4], [5]], [1.0, 0.0])]
@@ -180,7 +180,7 @@ def test_a_pipeline_round_fits_a_prior_then_mixes_preferences_with_its_own_sampl
 
 @pytest.mark.slow
 def test_standalone_fit_reports_heldout_accuracy_writes_heatmaps_and_scores_texts(tmp_path, monkeypatch):
-    from ptg.preference_guidance import evaluate_file, fit_file, score_file
+    from ptg.guidance.standalone import evaluate_file, fit_file, score_file
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PTG_TRACKING", "off")
@@ -215,7 +215,7 @@ def _word_level_base(root, texts, vocab_size=400):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from ptg.base_models import build_tiny, truncate_backbone
+    from ptg.lm.base_models import build_tiny, truncate_backbone
 
     specials = ["<pad>", "</s>", "<s>", "<|im_start|>", "<|im_end|>", "[UNK]"]
     words = [w for w, _ in Counter(w for t in texts for w in t.split()).most_common(vocab_size)]
@@ -233,7 +233,7 @@ def _word_level_base(root, texts, vocab_size=400):
 @pytest.mark.parametrize("layout", ["listwise", "pairwise"])
 def test_the_guidance_learns_the_corruption_fixture_well_above_chance_and_length(tmp_path, monkeypatch, layout):
     from ptg.data import build_examples
-    from ptg.preference_guidance import fit_file
+    from ptg.guidance.standalone import fit_file
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PTG_TRACKING", "off")

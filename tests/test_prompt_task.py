@@ -19,8 +19,9 @@ from conftest import PAD, REPO, VOCAB, tiny_llama
 from safetensors import safe_open
 from transformers import LlamaForCausalLM
 
-from ptg import losses, models, train
+from ptg import losses
 from ptg.config import DataConfig, SamplingConfig, TaskParams, TrainConfig
+from ptg.lm import models, train
 from ptg.tasks import prompt as prompt_data
 from ptg.tasks.prompt.data import WORDNET_SOURCE, default_wordnet_root, labelled_splits
 
@@ -172,7 +173,7 @@ def test_save_lm_and_load_lm_round_trip_the_prompt_head(tmp_path, tied):
 
 
 def test_start_ids_is_bos_else_eos_else_an_error():
-    from ptg.tiny_models import build_tiny_tokenizer
+    from ptg.lm.tiny_models import build_tiny_tokenizer
 
     assert prompt_data.start_ids(build_tiny_tokenizer("tiny-llama")) == [3]
     assert prompt_data.start_ids(SimpleNamespace(bos_token_id=0, eos_token_id=4)) == [0]  # id 0 is a BOS too

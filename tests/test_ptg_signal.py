@@ -9,10 +9,10 @@ from conftest import EOS, PAD, VOCAB, tiny_llama
 from test_guidance_train import X, guidance_for, synthetic_groups
 
 from ptg import losses
-from ptg.guidance import FitConfig, fit_guidance, load_guidance, save_guidance
-from ptg.models import collate, response_logits
-from ptg.sampling import SamplingConfig
-from ptg.train import Example, TrainConfig, load_optimizer, make_optimizer, save_optimizer, train_lm
+from ptg.guidance.model import FitConfig, fit_guidance, load_guidance, save_guidance
+from ptg.lm.models import collate, response_logits
+from ptg.lm.sampling import SamplingConfig
+from ptg.lm.train import Example, TrainConfig, load_optimizer, make_optimizer, save_optimizer, train_lm
 
 CPU = torch.device("cpu")
 

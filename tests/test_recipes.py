@@ -1,6 +1,6 @@
 """The README's three recipes, run end to end (`dvc repro` of one round up to its evaluation) on tiny models, offline:
 the recipe's own params block, read from README.md (```yaml blocks whose first line is `# recipe: <name>`) or its
-shipped config, at the quick profile's sizes (``ptg.workspace.at_quick_sizes``), with a local folder standing in
+shipped config, at the quick profile's sizes (``ptg.ops.workspace.at_quick_sizes``), with a local folder standing in
 for each hub id. What a recipe says is
 what runs: a key renamed in the code or the README fails here."""
 
@@ -12,9 +12,9 @@ import pytest
 import yaml
 from conftest import QUICK, REPO, run
 
-from ptg import preferences
-from ptg.base_models import build_tiny
-from ptg.workspace import at_quick_sizes, make_workspace
+from ptg.guidance import preferences
+from ptg.lm.base_models import build_tiny
+from ptg.ops.workspace import at_quick_sizes, make_workspace
 
 pytestmark = pytest.mark.slow
 

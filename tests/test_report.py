@@ -1,11 +1,11 @@
-"""ptg.report: every column of the PTG-vs-baseline tables comes from the arm and round it names."""
+"""ptg.pipeline.round_report: every column of the PTG-vs-baseline tables comes from the arm and round it names."""
 
 import importlib
 import json
 
 import pandas as pd
 
-from ptg.report import GUIDANCE_KEYS, WEIGHT_KEYS, build_report, format_report
+from ptg.pipeline.round_report import GUIDANCE_KEYS, WEIGHT_KEYS, build_report, format_report
 
 SUMMARISATION = importlib.import_module("ptg.tasks.summarisation.info")
 PROMPT = importlib.import_module("ptg.tasks.prompt.info")

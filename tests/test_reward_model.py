@@ -16,12 +16,12 @@ from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig,
 from ptg import metrics
 from ptg.config import RANK_METRICS, ParamsError
 from ptg.config import load as load_params
+from ptg.guidance.ranking import rank_within_groups
 from ptg.io import read_table
-from ptg.ranking import rank_within_groups
-from ptg.reward_model import encode_reward_inputs, load_reward_model, reward_scores
+from ptg.lm.reward_model import encode_reward_inputs, load_reward_model, reward_scores
+from ptg.lm.tiny_models import build_tiny_tokenizer
+from ptg.ops.workspace import dvc_env, make_workspace
 from ptg.schemas import Rankings
-from ptg.tiny_models import build_tiny_tokenizer
-from ptg.workspace import dvc_env, make_workspace
 
 CPU, FP32 = torch.device("cpu"), torch.float32
 PROMPTS = ["Summarize: the park opened in the city centre.", "What is the capital of France?",

@@ -12,7 +12,7 @@ from conftest import REPO
 
 from ptg.bench import rl
 from ptg.config import load as load_params
-from ptg.workspace import template_file
+from ptg.ops.workspace import template_file
 
 UPDATES = (0, 5, 10, 15)
 

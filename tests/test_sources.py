@@ -1,4 +1,4 @@
-"""Local data and model folders named in params are DVC dependencies through the `sources` stage (ptg.sources):
+"""Local data and model folders named in params are DVC dependencies through the `sources` stage (ptg.pipeline.sources):
 editing one in place reruns the stage that reads it; a run with nothing edited reruns nothing."""
 
 import json
@@ -8,9 +8,9 @@ import pytest
 import yaml
 from conftest import QUICK, run
 
-from ptg import sources
-from ptg.base_models import build_tiny
-from ptg.workspace import make_workspace
+from ptg.lm.base_models import build_tiny
+from ptg.ops.workspace import make_workspace
+from ptg.pipeline import sources
 
 ROWS = {"train": 6, "validation": 3, "test": 3}
 

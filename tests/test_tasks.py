@@ -99,7 +99,7 @@ def test_a_third_task_is_one_folder_and_runs_the_whole_pipeline(tmp_path):
     to the input, and PTG and the baseline trained, evaluated and reported; dvc.lock records its folder's modules."""
     import yaml
 
-    from ptg.workspace import make_workspace
+    from ptg.ops.workspace import make_workspace
 
     params = yaml.safe_load((SRC.parents[1] / "configs" / "quick.yaml").read_text())
     params["task"]["name"] = "copy"

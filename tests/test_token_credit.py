@@ -11,10 +11,10 @@ from test_guidance_train import X, guidance_for, synthetic_groups
 from test_ptg_signal import PROMPTS, TokenReward, _p_first
 
 from ptg import losses
-from ptg.guidance import spread
-from ptg.models import collate
-from ptg.sampling import SamplingConfig
-from ptg.train import Example, TrainConfig, example_weights, train_lm
+from ptg.guidance.model import spread
+from ptg.lm.models import collate
+from ptg.lm.sampling import SamplingConfig
+from ptg.lm.train import Example, TrainConfig, example_weights, train_lm
 
 CPU = torch.device("cpu")
 

@@ -26,8 +26,8 @@ from conftest import start_server, stop_process_group
 from mlflow import MlflowClient
 
 from ptg import tracking
-from ptg.base_models import build_tiny
 from ptg.config import ParamsError
+from ptg.lm.base_models import build_tiny
 
 VENV_BIN = str(Path(sys.executable).parent)
 TOY_DVC = """\
@@ -238,9 +238,9 @@ def test_log_models_best_keeps_one_version_with_weights(project, tiny_models, tm
 
 
 def test_registered_guidance_returns_per_token_rewards(project, tiny_models, tmp_path, monkeypatch):
-    from ptg.base_models import truncate_backbone
-    from ptg.guidance import load_guidance, save_guidance
-    from ptg.models import load_tokenizer
+    from ptg.guidance.model import load_guidance, save_guidance
+    from ptg.lm.base_models import truncate_backbone
+    from ptg.lm.models import load_tokenizer
 
     folder = tmp_path / "guidance"
     truncate_backbone(tiny_models[1], 1, folder / "backbone")
@@ -265,8 +265,8 @@ def test_registered_guidance_returns_per_token_rewards(project, tiny_models, tmp
     assert max(flat) - min(flat) > 1e-3  # token rewards differ along the response
     # The rewards of the guidance object that was saved, before any save, log or load: a registry version that
     # lost the head, or points at another folder, differs.
-    from ptg.encoding import encode_prompts, encode_responses, turn_end_id
-    from ptg.guidance import token_rewards
+    from ptg.guidance.model import token_rewards
+    from ptg.lm.encoding import encode_prompts, encode_responses, turn_end_id
 
     prompts = encode_prompts(tok, frame["prompt"].tolist(), 512, False)
     responses = encode_responses(tok, frame["response"].tolist(), 64, turn_end_id(guidance.backbone, tok))

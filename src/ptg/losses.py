@@ -277,7 +277,7 @@ def standardized(scores: torch.Tensor, eps: float = 1e-8,
                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """(s - mean) / std over all of ``scores`` (population std): RLPrompt's per-step reward normalisation, the
     sequence-level credit of REINFORCE without references. Constant scores give zeros. ``reduce`` sums a tensor
-    over the shards of a batch (``ptg.distributed.all_reduce_sum``): the mean and std are then the whole batch's."""
+    over the shards of a batch (``ptg.lm.distributed.all_reduce_sum``): the mean and std are then the whole batch's."""
     reduce = reduce or (lambda t: t)
     s = scores.to(torch.float32)
     n, total = reduce(torch.stack([s.new_tensor(float(s.numel())), s.sum()])).tolist()
@@ -304,7 +304,7 @@ def policy_gradient_parts(nll: torch.Tensor, advantages: torch.Tensor, mask: tor
                           scale_by: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``policy_gradient_loss`` as sums: (sum of A x nll over valid tokens, valid tokens, sum of S squared over
     valid tokens). Summed over the shards of a batch and given to ``policy_gradient_from_parts``, they make the
-    whole batch's loss (data parallelism, ``ptg.distributed``)."""
+    whole batch's loss (data parallelism, ``ptg.lm.distributed``)."""
     scale_by = advantages if scale_by is None else scale_by
     _check_same_shape(nll=nll, advantages=advantages, mask=mask, scale_by=scale_by)
     m = mask.to(torch.float32)
@@ -359,7 +359,7 @@ def weighted_mle_parts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``weighted_mle`` as (total, count), the loss being total / count: for ``batch`` the weighted NLL sum and the
     weight sum, for ``sequence`` the sum of per-sequence weighted NLLs and the number of sequences. Summing both
-    over shards of a batch gives the whole batch's parts (data parallelism, ``ptg.distributed``)."""
+    over shards of a batch gives the whole batch's parts (data parallelism, ``ptg.lm.distributed``)."""
     _check_ndim("nll", nll, 2)
     _check_same_shape(nll=nll, rewards=rewards, mask=mask)
     _check_choice("normalize", normalize, NORMALIZATIONS)

@@ -209,7 +209,7 @@ class Rankings(pa.DataFrameModel):
 
 
 class Preferences(pa.DataFrameModel):
-    """Preference data in the long layout (``ptg.preferences``): one row per candidate of a ranked group."""
+    """Preference data in the long layout (``ptg.guidance.preferences``): one row per candidate of a ranked group."""
 
     group: Series[str] = pa.Field(str_length={"min_value": 1})
     input: Series[str]

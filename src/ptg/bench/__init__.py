@@ -16,8 +16,8 @@ guidance's held-out pairwise accuracy with its CI, against chance and against a 
 ``metrics/bench/summary.json``, ``metrics/bench/table.md`` and ``metrics/bench/by_round.png``.
 
 By concern: ``experiments`` (the repository, experiments run side by side and resumed, the plan of seeds, arms and
-ablations), ``statistics`` (paired differences, ``collect``), ``report`` (tables, plots), ``prompt`` (the prompt
-task's bench, ``ptg bench --task prompt``).
+ablations), ``statistics`` (paired differences, ``collect``), ``tables`` (markdown tables, plots), ``prompt`` (the
+prompt task's bench, ``ptg bench --task prompt``), ``rl`` (the policy-gradient bench, ``ptg bench --task rl``).
 
 Run: ptg bench [--params configs/bench.yaml] [--seeds 0 1 2] [--jobs 3] [--dir build/bench] [--collect-only]
 """
@@ -43,7 +43,6 @@ from ptg.bench.experiments import (
     setup_repo,
     with_overrides,
 )
-from ptg.bench.report import format_ablations, format_table, plot, plot_curves
 from ptg.bench.statistics import (
     aligned,
     arm_differences,
@@ -53,6 +52,7 @@ from ptg.bench.statistics import (
     round_differences,
     validation_curves,
 )
+from ptg.bench.tables import format_ablations, format_table, plot, plot_curves
 from ptg.config import load as load_params
 
 __all__ = ["ABLATION_REFERENCE", "ARMS", "VALIDATION", "ablation_experiments", "ablation_name", "aligned",

@@ -26,8 +26,8 @@ import yaml
 
 from ptg import pipeline, tracking
 from ptg.io import atomic_path, read_json, write_json
-from ptg.perf_round import cpu_seconds
-from ptg.workspace import PACKAGE, commit, copy_pipeline, dvc_env, init_repo
+from ptg.ops.perf_round import cpu_seconds
+from ptg.ops.workspace import PACKAGE, commit, copy_pipeline, dvc_env, init_repo
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def machine() -> dict[str, Any]:
     """The CPU (model, cores, the flags that decide fp32/bf16 speed) and, where CUDA is present, the GPU."""
     import torch
 
-    from ptg.precision import cpu_info
+    from ptg.lm.precision import cpu_info
 
     model, flags = cpu_info()
     out: dict[str, Any] = {"cpu": model or platform.processor(), "cores": os.cpu_count(),

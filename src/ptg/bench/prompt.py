@@ -22,8 +22,8 @@ import pandas as pd
 
 from ptg import pipeline, stats
 from ptg.bench.experiments import evaluate_items, finished, machine, run_all, setup_repo
-from ptg.bench.report import ci
 from ptg.bench.statistics import aligned
+from ptg.bench.tables import ci
 from ptg.config import load as load_params
 from ptg.io import atomic_path, read_json, write_json
 

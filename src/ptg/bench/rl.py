@@ -10,7 +10,7 @@ validation inputs is measured (greedy and sampled): learning curves. Each seed i
 - ``placebo``: spread with each sample's shares permuted among its tokens (the same unevenness, no knowledge);
 - ``token``: the paper's token credit (the guidance's rewards alone, leave-one-out baseline);
 - ``grpo``: the peer, TRL's GRPOTrainer with the same reward function, prompts, K, learning rate and budget
-  (``ptg.grpo``), on the first ``peer_seeds`` seeds.
+  (``ptg.lm.grpo``), on the first ``peer_seeds`` seeds.
 
 Primary figure: the area under the held-out reward curve above the untrained policy's (the mean over checkpoints
 after the start of reward - reward at the start: sample efficiency), per validation input, paired with
@@ -31,8 +31,8 @@ import pandas as pd
 
 from ptg import pipeline, stats
 from ptg.bench.experiments import evaluate_items, finished, machine, run_all, setup_repo
-from ptg.bench.report import ci, plot_curves
 from ptg.bench.statistics import aligned
+from ptg.bench.tables import ci, plot_curves
 from ptg.io import atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import pandas as pd
 
 from ptg import pipeline, stats
 from ptg.bench.experiments import ABLATION_REFERENCE, VALIDATION, arm_name, evaluate_items, finished, machine
-from ptg.bench.report import format_ablations, format_table, plot, plot_curves
+from ptg.bench.tables import format_ablations, format_table, plot, plot_curves
 from ptg.io import atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)

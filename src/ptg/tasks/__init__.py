@@ -38,9 +38,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from ptg.config import TrainConfig
-    from ptg.guidance import Guidance
+    from ptg.guidance.model import Guidance
+    from ptg.lm.train import SampleScorer, Validator
     from ptg.pipeline import Context
-    from ptg.train import SampleScorer, Validator
 
 CONCERNS = ("info", "data", "scoring", "evaluation")  # the modules of a task folder beside its __init__
 

@@ -29,13 +29,13 @@ class HFFolderModel:
         import pandas as pd
         import torch
 
-        from ptg.encoding import encode_prompts, encode_responses, eos_ids, turn_end_id
-        from ptg.models import is_seq2seq, load_lm, load_tokenizer
+        from ptg.lm.encoding import encode_prompts, encode_responses, eos_ids, turn_end_id
+        from ptg.lm.models import is_seq2seq, load_lm, load_tokenizer
 
         params = params or {}
         cpu = torch.device("cpu")
         if (self.path / "guidance.json").is_file():
-            from ptg.guidance import load_guidance, token_rewards
+            from ptg.guidance.model import load_guidance, token_rewards
 
             frame = pd.DataFrame(model_input)
             missing = sorted({"prompt", "response"} - set(frame.columns))
@@ -47,7 +47,7 @@ class HFFolderModel:
             responses = encode_responses(tok, frame["response"].astype(str).tolist(),
                                          int(params.get("max_target_tokens", 64)), turn_end_id(guidance.backbone, tok))
             return token_rewards(guidance, prompts, responses, tok.pad_token_id, cpu, torch.float32)
-        from ptg.sampling import SamplingConfig, sample
+        from ptg.lm.sampling import SamplingConfig, sample
 
         if not (self.path / "config.json").is_file():
             raise TypeError(f"{self.path} is neither a guidance nor an LM folder")

@@ -82,7 +82,7 @@ def log_causal_lm(model_dir: Path, registered_name: str | None, requirements: li
     import mlflow
     import torch
 
-    from ptg.models import is_seq2seq, load_lm, load_tokenizer
+    from ptg.lm.models import is_seq2seq, load_lm, load_tokenizer
 
     model = load_lm(model_dir)
     if is_seq2seq(model):

@@ -57,7 +57,7 @@ def tracking_uri(start: Path | None = None) -> str:
 
 def tracking_enabled() -> bool:
     """Whether to track: ``PTG_TRACKING`` is not off, and this process is the main one of a data-parallel launch
-    (``accelerate launch`` / torchrun set RANK; the other ranks train and write nothing, ``ptg.distributed``)."""
+    (``accelerate launch`` / torchrun set RANK; the other ranks train and write nothing, ``ptg.lm.distributed``)."""
     return (os.environ.get(SWITCH_ENV, "on").strip().lower() not in {"off", "0", "false", "no"}
             and os.environ.get("RANK", "0") == "0")
 

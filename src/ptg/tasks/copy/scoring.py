@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from ptg.config import TrainConfig
-    from ptg.train import SampleScorer, Validator
+    from ptg.lm.train import SampleScorer, Validator
 
 
 def similarity(text: str, target: str) -> float:

@@ -434,7 +434,7 @@ def init_policy(params: Params, lm_dir: Path, seed: int) -> None:
     task = params.task
     if not task.head_hidden:
         return
-    from ptg.models import add_prompt_head, load_lm, prompt_head, save_prompt_head
+    from ptg.lm.models import add_prompt_head, load_lm, prompt_head, save_prompt_head
 
     model = add_prompt_head(load_lm(lm_dir), task.head_hidden, seed)
     head = prompt_head(model)

@@ -12,12 +12,12 @@ import torch
 
 from ptg import schemas
 from ptg.config import SamplingConfig, TaskParams
-from ptg.evaluation import save_heatmaps
-from ptg.guidance import Guidance, token_rewards
+from ptg.guidance.model import Guidance, token_rewards
 from ptg.io import atomic_path, write_json, write_table
-from ptg.models import load_lm, load_tokenizer
+from ptg.lm.models import load_lm, load_tokenizer
+from ptg.lm.sampling import sample
 from ptg.pipeline import Context, round_dir
-from ptg.sampling import sample
+from ptg.pipeline.evaluation import save_heatmaps
 from ptg.tasks.prompt import read_labelled, start_ids
 from ptg.tasks.prompt.scoring import Classifier, load_task_classifier, prompt_texts, score_prompts
 

@@ -31,13 +31,13 @@ from transformers import (
 )
 
 from ptg.config import Params, SamplingConfig, TaskParams
-from ptg.models import load_tokenizer, require_model_folder, require_safetensors
+from ptg.lm.models import load_tokenizer, require_model_folder, require_safetensors
 from ptg.tasks.prompt import read_labelled, split_of_group, start_ids
 
 if TYPE_CHECKING:
     from ptg.config import TrainConfig
+    from ptg.lm.train import SampleScorer, Validator
     from ptg.pipeline import Context
-    from ptg.train import SampleScorer, Validator
 
 KINDS = ("causal", "masked")
 DEFAULT_TEMPLATES = {"causal": "{text} {prompt}", "masked": "{text} {prompt} {mask} ."}
@@ -409,7 +409,7 @@ def validation_scorer(tokenizer: PreTrainedTokenizerBase, cfg: TrainConfig, ctx:
     start = [start_ids(tokenizer)]
 
     def prompt_reward(model: PreTrainedModel, how: SamplingConfig, generator: Any) -> float:
-        from ptg.sampling import sample
+        from ptg.lm.sampling import sample
 
         ids = sample(model, start, how, (), tokenizer.pad_token_id, ctx.device, ctx.dtype, generator=generator,
                      progress=False)[0]

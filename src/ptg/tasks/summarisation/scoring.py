@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from ptg.config import TrainConfig
-    from ptg.train import SampleScorer, Validator
+    from ptg.lm.train import SampleScorer, Validator
 
 
 def score_samples(samples: pd.DataFrame, ctx: pipeline.Context) -> tuple[list[float], dict[str, Any]]:
@@ -28,7 +28,7 @@ def score_samples(samples: pd.DataFrame, ctx: pipeline.Context) -> tuple[list[fl
     against the references, human scores or a reward model."""
     rp: RankParams = ctx.params.rank
     if rp.metric == "file":
-        from ptg.ranking import human_scores
+        from ptg.guidance.ranking import human_scores
 
         return human_scores(samples, read_table(Path(rp.scores_file), schemas.HumanScores), rp.scores_file), {}
     if rp.metric == "reward_model":
@@ -42,7 +42,7 @@ def score_samples(samples: pd.DataFrame, ctx: pipeline.Context) -> tuple[list[fl
 def _reward_model_scores(rp: RankParams, samples: pd.DataFrame, ctx: pipeline.Context) -> list[float]:
     """metric reward_model: each sample's text scored by the reward model, after its prompt unless reward_input is
     response."""
-    from ptg.reward_model import load_reward_model, reward_scores  # torch and transformers: only this metric
+    from ptg.lm.reward_model import load_reward_model, reward_scores  # torch and transformers: only this metric
 
     try:
         model, tokenizer = load_reward_model(rp.reward_model, ctx.device)

@@ -1,10 +1,10 @@
 """Training an LM from one folder into another, as `train_lm@r` (with round r's guidance) and the `baseline`
 (uniform weights) do: load, encode the training split, weigh the references with the frozen guidance once, train
-(``ptg.train.train_lm``), keep the checkpoint that scores best on the validation split (``train_lm.eval_every``),
+(``ptg.lm.train.train_lm``), keep the checkpoint that scores best on the validation split (``train_lm.eval_every``),
 save atomically, and write the summary JSON and the per-update history CSV the stage logs.
 
 The summary says how far from uniform the round trained: the spread of the guidance's raw rewards and of the
-token weights made of them on the training references the run draws (``ptg.guidance.spread``: median
+token weights made of them on the training references the run draws (``ptg.guidance.model.spread``: median
 within-reference CV, median p90 / p10 ratio, the share of clipped weights).
 """
 
@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from ptg import distributed, metrics, tasks
+from ptg import metrics, tasks
 from ptg.config import SamplingConfig, TrainLMParams
-from ptg.guidance import Guidance, spread
+from ptg.guidance.model import Guidance, spread
 from ptg.io import atomic_path, write_json
-from ptg.models import ADAPTER_DIR, add_lora, load_lm, load_tokenizer, save_lm
-from ptg.pipeline import Context
-from ptg.train import (
+from ptg.lm import distributed
+from ptg.lm.models import ADAPTER_DIR, add_lora, load_lm, load_tokenizer, save_lm
+from ptg.lm.train import (
     Example,
     example_weights,
     load_optimizer,
@@ -32,6 +32,7 @@ from ptg.train import (
     schedule,
     train_lm,
 )
+from ptg.pipeline import Context
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def train_and_save(src: Path, dst: Path, cfg: TrainLMParams, guidance: Guidance 
         load_optimizer(opt, src / OPTIMIZER_FILE, cfg.lr)
     t0 = time.perf_counter()
     if cfg.objective == "grpo":
-        from ptg.grpo import train_grpo  # TRL: the bench extra
+        from ptg.lm.grpo import train_grpo  # TRL: the bench extra
 
         assert sampling is not None and score is not None
         history = train_grpo(model, tok, examples, cfg, sampling, score, data.stops(model, tok, ctx.params),

@@ -1,7 +1,7 @@
 """`make perf`: how fast ptg's hot paths run on this machine, each as a ratio measured in the same run.
 
 Rows (SmolLM2-135M-Instruct, the default policy, materialised offline into build/perf/lm once):
-- **sample**: ``ptg.sampling.sample`` (K samples per prompt) against transformers' ``generate`` with
+- **sample**: ``ptg.lm.sampling.sample`` (K samples per prompt) against transformers' ``generate`` with
   identical settings (do_sample, temperature 1, top-k off, top-p 1, ``num_return_sequences`` = K) on the same
   prompts, and against the compute bound: the useful FLOPs (real prompt tokens once, generated tokens, attention)
   at the matmul peak measured in this run for the same dtype.
@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from ptg.precision import autocast, resolve_precision
-from ptg.workspace import TEMPLATE
+from ptg.lm.precision import autocast, resolve_precision
+from ptg.ops.workspace import TEMPLATE
 
 log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
@@ -115,7 +115,7 @@ def decode_flops(shape: dict[str, int], prompts: list[list[int]], outputs: list[
 def _generate(model: torch.nn.Module, prompts: list[list[int]], k: int, greedy: bool, max_new: int,
               eos: list[int], pad_id: int, batch_size: int, device: torch.device = CPU,
               dtype: torch.dtype = torch.float32) -> list[list[list[int]]]:
-    from ptg.models import pad
+    from ptg.lm.models import pad
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # the same batches as ptg's
     results: dict[int, list[list[int]]] = {}
@@ -139,7 +139,7 @@ def decoding_rows(model: torch.nn.Module, prompts: list[list[int]], eos: list[in
     """The sample and greedy rows: ptg against generate, ptg's useful FLOP/s (``with_peak`` turns it into the
     fraction of the compute bound) and, with the measured memory ``bandwidth`` (bytes/s), the seconds its decode
     steps need at least: each reads every weight once, in the compute dtype (``bandwidth_bound_s``)."""
-    from ptg.sampling import SamplingConfig, sample
+    from ptg.lm.sampling import SamplingConfig, sample
 
     shape = _shape(model)
     step_bytes = (shape["linear"] + shape["vocab"] * shape["width"]) * torch.finfo(dtype).bits // 8
@@ -179,7 +179,7 @@ def guidance_backbone(policy_dir: Path, layers: int = 4) -> torch.nn.Module:
     """The default guidance backbone: the policy's first ``layers`` layers (materialised once under build/perf)."""
     from transformers import AutoModel
 
-    from ptg.base_models import truncate_backbone
+    from ptg.lm.base_models import truncate_backbone
 
     directory = PERF_DIR / f"guidance-{layers}"
     if not (directory / "config.json").is_file():
@@ -193,7 +193,7 @@ def guidance_row(backbone: torch.nn.Module, prompts: list[list[int]], pad_id: in
     """Guidance backbone forward rows/s with K responses per prompt, each a quarter of its prompt's length:
     the prompt run once and its cache shared by the K responses, against the prompt repeated K times. No
     gradients (scoring, validation); fitting runs the same forward with them."""
-    from ptg.models import collate, decoder_only_inputs, response_hidden
+    from ptg.lm.models import collate, decoder_only_inputs, response_hidden
 
     responses = [p[-max(len(p) // 4, 1):] for p in prompts for _ in range(k)]
     batches = [collate(prompts[i:i + 8], responses[i * k:(i + 8) * k], pad_id).to(device)
@@ -216,8 +216,8 @@ def train_row(model: torch.nn.Module, prompts: list[list[int]], targets: list[li
     the matmul peak); with ``lora_rank`` > 0, of LoRA adapters (peft's default targets) on ``model``, removed after.
     The FLOPs counted are the full model's either way (LoRA skips the frozen weights' gradients, not their
     backward through the activations), so the two rows compare as seconds per update."""
-    from ptg.models import add_lora
-    from ptg.train import Example, TrainConfig, train_lm
+    from ptg.lm.models import add_lora
+    from ptg.lm.train import Example, TrainConfig, train_lm
 
     examples = [Example(p, t) for p, t in zip(prompts, targets, strict=True)]
     cfg = TrainConfig(max_updates=updates, batch_size=batch_size, lr=1e-5)
@@ -243,7 +243,7 @@ def train_row(model: torch.nn.Module, prompts: list[list[int]], targets: list[li
     shape = _shape(full)
     # Tokens per update: the same seeded batches train_lm drew; FLOPs = 3 x forward (forward + backward).
     gen = torch.Generator().manual_seed(cfg.seed)
-    from ptg.train import micro_batches
+    from ptg.lm.train import micro_batches
 
     batches = micro_batches([len(e.prompt) + len(e.response) for e in examples], batch_size, gen)
     flops = 0.0
@@ -280,8 +280,8 @@ def startup_row(stages: tuple[str, ...] = STAGES) -> dict[str, float]:
 def default_policy(directory: Path = PERF_DIR / "lm") -> tuple[torch.nn.Module, Any]:
     """The offline default policy (SmolLM2-135M-Instruct, fp32) and its tokenizer, materialised into ``directory``
     once."""
-    from ptg.base_models import materialize_policy
-    from ptg.models import load_lm, load_tokenizer
+    from ptg.lm.base_models import materialize_policy
+    from ptg.lm.models import load_lm, load_tokenizer
 
     if not (directory / "config.json").is_file():
         materialize_policy("smollm2-135m-instruct", directory)
@@ -294,7 +294,7 @@ def default_examples(model: torch.nn.Module, tokenizer: Any, n: int | None = Non
     the params' ``model.max_prompt_tokens`` / ``max_target_tokens``: what perf and the scripts time on."""
     from ptg.config import load
     from ptg.data import build_examples
-    from ptg.encoding import encode_prompts, encode_responses, turn_end_id
+    from ptg.lm.encoding import encode_prompts, encode_responses, turn_end_id
 
     params = load(TEMPLATE / "params.yaml")  # the default params ptg ships, not a project's
     mp = params.model
@@ -308,7 +308,7 @@ def default_examples(model: torch.nn.Module, tokenizer: Any, n: int | None = Non
 def run(n_prompts: int = 24, k: int = 3, max_new: int = 32, device: torch.device = CPU, batch_size: int = 16
         ) -> dict[str, Any]:
     from ptg.bench import machine
-    from ptg.encoding import eos_ids
+    from ptg.lm.encoding import eos_ids
 
     model, tok = default_policy()
     model.to(device)

@@ -1,6 +1,6 @@
 """Tiny stand-ins for the default models, for tests and `make quick`: randomly initialised Llama / T5 models of a
 few hundred thousand parameters with a byte-level BPE tokenizer trained offline on a fixed built-in text, written as
-plain HF folders by ``ptg.base_models.build_tiny``. ``model.policy: tiny-llama`` (or ``tiny-t5``) selects them.
+plain HF folders by ``ptg.lm.base_models.build_tiny``. ``model.policy: tiny-llama`` (or ``tiny-t5``) selects them.
 """
 
 from __future__ import annotations

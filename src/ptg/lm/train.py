@@ -16,7 +16,7 @@ once, before the first update (``example_weights``: the paper's w_t proportional
 transform), and trains with no guidance forward. ``wmle`` may add ``pg_coeff`` x the ``pg`` loss. With
 ``eval_every``, a ``validate`` function scores the LM every so many updates (a learning curve) and the best
 checkpoint is kept. AdamW, gradient accumulation, clipping, bf16 working weights where they pay
-(``ptg.precision.WorkingCopy``: fp32 weights and optimiser state), a progress bar, and one metrics row per optimizer
+(``ptg.lm.precision.WorkingCopy``: fp32 weights and optimiser state), a progress bar, and one metrics row per optimizer
 update returned to the caller."""
 
 from __future__ import annotations
@@ -35,12 +35,13 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from ptg import distributed, losses
+from ptg import losses
 from ptg.config import TrainConfig
-from ptg.guidance import Guidance, token_rewards
-from ptg.models import Batch, collate, response_logits
-from ptg.precision import WorkingCopy, autocast
-from ptg.sampling import SamplingConfig, filter_logits, sample
+from ptg.guidance.model import Guidance, token_rewards
+from ptg.lm import distributed
+from ptg.lm.models import Batch, collate, response_logits
+from ptg.lm.precision import WorkingCopy, autocast
+from ptg.lm.sampling import SamplingConfig, filter_logits, sample
 
 log = logging.getLogger(__name__)
 
@@ -393,7 +394,7 @@ def train_lm(model: PreTrainedModel, examples: Sequence[Example], cfg: TrainConf
     if cfg.objective == "reinforce" and cfg.pg_credit == "sequence" and score is None:
         raise ValueError("objective reinforce with pg_credit 'sequence' needs a sample scorer")
     if cfg.objective == "grpo":
-        raise ValueError("objective grpo trains with TRL's GRPOTrainer (ptg.grpo.train_grpo), not this loop")
+        raise ValueError("objective grpo trains with TRL's GRPOTrainer (ptg.lm.grpo.train_grpo), not this loop")
     if cfg.pg_coeff > 0 or cfg.objective == "pg":
         what = "pg_coeff > 0" if cfg.pg_coeff > 0 else "objective pg"
         if sampling is None or not eos_ids and cfg.objective != "pg" or sampling.temperature <= 0:

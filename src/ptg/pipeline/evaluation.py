@@ -10,13 +10,13 @@ from pathlib import Path
 import pandas as pd
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ptg import metrics, schemas, viz
+from ptg import metrics, schemas
 from ptg.config import ModelParams
-from ptg.guidance import Guidance, token_rewards
+from ptg.guidance.model import Guidance, token_rewards
 from ptg.io import atomic_path, write_json, write_table
-from ptg.models import load_lm, load_tokenizer
-from ptg.pipeline import Context, encode_prompts_of, read_examples, sample_table
-from ptg.sampling import SamplingConfig
+from ptg.lm.models import load_lm, load_tokenizer
+from ptg.lm.sampling import SamplingConfig
+from ptg.pipeline import Context, encode_prompts_of, read_examples, sample_table, viz
 
 HEATMAP_EXAMPLES = 6  # test responses shown in the token-level reward heatmap
 

@@ -9,7 +9,7 @@ from collections.abc import Collection
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ptg.models import is_seq2seq
+from ptg.lm.models import is_seq2seq
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ input never lands on both sides.
 reference with known degrees of corruption, the degree as the score.
 
 Parameters: ``ptg.config.PreferencesParams`` (params' ``preferences`` group). The standalone entry (fit a guidance
-on a preference file, score texts with one) is ``ptg.preference_guidance``.
+on a preference file, score texts with one) is ``ptg.guidance.standalone``.
 """
 
 from __future__ import annotations
@@ -204,9 +204,9 @@ def load(pp: PreferencesParams) -> tuple[pd.DataFrame, dict[str, int]]:
 def ranked_groups(long: pd.DataFrame, tokenizer: Any, backbone: Any, pp: PreferencesParams, mp: Any) -> list[Any]:
     """One RankedGroup per group of ``long`` (in order of first appearance): the prompt through ``prompt_template``
     and the chat template as the pipeline encodes prompts, each candidate ending with the turn-end token."""
-    from ptg.encoding import encode_prompts, encode_responses, turn_end_id
-    from ptg.guidance import RankedGroup
-    from ptg.models import is_seq2seq
+    from ptg.guidance.model import RankedGroup
+    from ptg.lm.encoding import encode_prompts, encode_responses, turn_end_id
+    from ptg.lm.models import is_seq2seq
 
     groups = list(long.groupby("group", sort=False))
     prompts = encode_prompts(tokenizer, [pp.prompt(g["input"].iloc[0]) for _, g in groups],

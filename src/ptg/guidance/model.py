@@ -2,7 +2,7 @@
 
 A ``Guidance`` is any Hugging Face backbone (``AutoModel``: decoder-only or encoder-decoder) plus the
 reference's MLP head (d -> 2048 -> 1, ReLU, near-zero init) and a squashing function. It returns one positive
-reward per response token, read at the same positions in fitting and in weighting (``ptg.models``).
+reward per response token, read at the same positions in fitting and in weighting (``ptg.lm.models``).
 
 ``fit_guidance`` trains it so that the aggregated token rewards of the K samples of each input reproduce their
 preference order under ListMLE (spec §2.4-2.5): Adam, gradient clipping, validation ListMLE and pairwise ranking
@@ -25,10 +25,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModel, PreTrainedModel
 
-from ptg import distributed, losses
+from ptg import losses
 from ptg.config import FitConfig
-from ptg.models import Batch, collate, require_safetensors, response_hidden
-from ptg.precision import WorkingCopy, autocast
+from ptg.lm import distributed
+from ptg.lm.models import Batch, collate, require_safetensors, response_hidden
+from ptg.lm.precision import WorkingCopy, autocast
 
 log = logging.getLogger(__name__)
 

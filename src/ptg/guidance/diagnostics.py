@@ -21,7 +21,7 @@ def clear_pair_accuracy(scores: Sequence[Sequence[float]], preferences: Sequence
     """Pairwise accuracy of ``scores`` against ``preferences`` (one list per group, K items each; a higher
     preference is better) over the within-group pairs whose preferences differ by at least ``margin`` (default:
     the median absolute difference of all pairs with different preferences). A pair the scores tie counts one
-    half, as ``ptg.guidance.pairwise_accuracy``. Returns accuracy, pairs and the margin used."""
+    half, as ``ptg.guidance.model.pairwise_accuracy``. Returns accuracy, pairs and the margin used."""
     diffs, agree = [], []
     for s, p in zip(scores, preferences, strict=True):
         if len(s) != len(p):

@@ -16,7 +16,7 @@ from ptg.io import atomic_path, read_json
 if TYPE_CHECKING:
     from ptg.tasks import TaskInfo
 
-# A task with references (summarisation, copy; ptg.evaluation.evaluate_references): ROUGE / METEOR and length.
+# A task with references (summarisation, copy; ptg.pipeline.evaluation.evaluate_references): ROUGE / METEOR and length.
 REFERENCE_EVAL_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "meteor", "gen_len")
 GUIDANCE_KEYS = ("val_loss", "val_accuracy", "val_pairs", "kept_start", "best_update", "val_loss_start",
                  "val_accuracy_start")

@@ -17,8 +17,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from ptg.models import load_tokenizer, pad, require_safetensors
-from ptg.precision import autocast
+from ptg.lm.models import load_tokenizer, pad, require_safetensors
+from ptg.lm.precision import autocast
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ptg import distributed
+from ptg.lm import distributed
 
 
 @dataclass(frozen=True)

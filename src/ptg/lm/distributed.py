@@ -136,7 +136,7 @@ def _accelerator() -> Any:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    # ptg sets the precision itself (ptg.precision); the buffers (rotary frequencies) are the same on every rank.
+    # ptg sets the precision itself (ptg.lm.precision); the buffers (rotary frequencies) are the same on every rank.
     with _accelerate_without_fsdp():
         return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
                            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])

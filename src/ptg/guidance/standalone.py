@@ -1,7 +1,7 @@
 """Guidance from a preference file alone: fit it, report held-out accuracy, score texts with it.
 
 ``fit`` fits a token-level guidance (the policy's truncated backbone + head, params' ``model`` and
-``fit_guidance`` groups) on a listwise or pairwise preference file (``ptg.preferences``), then reports its
+``fit_guidance`` groups) on a listwise or pairwise preference file (``ptg.guidance.preferences``), then reports its
 held-out pairwise accuracy with a bootstrap 95 % CI against chance, against ranking by length and, with
 references, against ROUGE-L and METEOR; writes token-reward heatmaps of held-out candidates (HTML + PNG); and
 tracks the run in MLflow like a stage (``fit_preferences``). ``score`` writes every token's reward and each
@@ -23,8 +23,8 @@ import pandas as pd
 
 from ptg import stats
 from ptg.config import Params, PreferencesParams
+from ptg.guidance.preferences import as_text, load, ranked_groups, require_columns
 from ptg.io import read_records
-from ptg.preferences import as_text, load, ranked_groups, require_columns
 
 
 def heldout_report(long: pd.DataFrame, scores: list[float], n_tokens: list[int], fit: pd.DataFrame | None = None,
@@ -68,10 +68,10 @@ def fit_file(pp: PreferencesParams, out: Path, params: Params, base: Path | None
     The backbone and tokenizer come from ``base`` (a folder with lm/ and guidance/backbone, e.g. data/rounds/0 of a
     pipeline), else are materialised from params' ``model`` group into out/base."""
     from ptg import tracking
-    from ptg.base_models import materialize_base
-    from ptg.guidance import fit_guidance, load_guidance, save_guidance
+    from ptg.guidance.model import fit_guidance, load_guidance, save_guidance
     from ptg.io import atomic_path
-    from ptg.models import load_tokenizer
+    from ptg.lm.base_models import materialize_base
+    from ptg.lm.models import load_tokenizer
     from ptg.pipeline import start
 
     ctx = start("fit_preferences", params)
@@ -108,9 +108,9 @@ def write_heldout(guidance: Any, tok: Any, fit: tuple[pd.DataFrame, list[Any]], 
     """Score the held-out groups with ``guidance`` and write out/heldout.{json,md}, out/heldout_candidates.csv and
     out/heatmap.{html,png}; ``fit`` (rows, groups) chooses the length heuristic's direction. Returns the report and
     the files written."""
-    from ptg.evaluation import save_heatmaps
-    from ptg.guidance import group_scores, token_rewards
+    from ptg.guidance.model import group_scores, token_rewards
     from ptg.io import atomic_path, write_json
+    from ptg.pipeline.evaluation import save_heatmaps
 
     (fit_rows, fit_groups), (rows, groups) = fit, held
     scores = [x for row in group_scores(guidance, groups, cfg, tok.pad_token_id, ctx.device, ctx.dtype) for x in row]
@@ -137,7 +137,7 @@ def evaluate_file(guidance_dir: Path, pp: PreferencesParams, out: Path, params: 
     preference data of ``pp`` (its validation split; the train split chooses the length direction), written like
     ``fit``'s and tracked in MLflow as ``evaluate_preferences``."""
     from ptg import tracking
-    from ptg.guidance import load_guidance
+    from ptg.guidance.model import load_guidance
     from ptg.pipeline import start
 
     ctx = start("evaluate_preferences", params)
@@ -158,7 +158,7 @@ def evaluate_file(guidance_dir: Path, pp: PreferencesParams, out: Path, params: 
 
 
 def _tokenizer(guidance_dir: Path, tokenizer: Path | None) -> Any:
-    from ptg.models import load_tokenizer
+    from ptg.lm.models import load_tokenizer
 
     tokenizer = tokenizer or guidance_dir / "backbone"
     if not any((tokenizer / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
@@ -172,10 +172,10 @@ def score_file(guidance_dir: Path, path: Path, out: Path, pp: PreferencesParams,
     ``pp``): writes ``out`` (parquet or jsonl by suffix) with tokens, token_rewards and score (their mean). The
     tokenizer is ``tokenizer`` or the one saved beside the backbone (``fit`` saves it; a pipeline round's guidance
     needs ``--tokenizer data/rounds/0/lm``)."""
-    from ptg.encoding import encode_prompts, encode_responses, turn_end_id
-    from ptg.guidance import load_guidance, token_rewards
+    from ptg.guidance.model import load_guidance, token_rewards
     from ptg.io import atomic_path
-    from ptg.models import is_seq2seq
+    from ptg.lm.encoding import encode_prompts, encode_responses, turn_end_id
+    from ptg.lm.models import is_seq2seq
     from ptg.pipeline import start
 
     ctx = start("score_preferences", params)

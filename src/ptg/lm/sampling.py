@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, StaticCache
 
 from ptg.config import SamplingConfig
-from ptg.models import decoder_start_id, is_seq2seq, pad, prefill
-from ptg.precision import autocast
+from ptg.lm.models import decoder_start_id, is_seq2seq, pad, prefill
+from ptg.lm.precision import autocast
 
 
 def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
@@ -52,7 +52,7 @@ def _sample_chunk(model: PreTrainedModel, prompts: Sequence[list[int]], cfg: Sam
                   pad_id: int, device: torch.device, generator: torch.Generator | None) -> list[list[int]]:
     """K continuations of each prompt, input-major.
 
-    The prompt is prefilled once (the prefix every prompt shares once for all, ``ptg.models.prefill``) and its
+    The prompt is prefilled once (the prefix every prompt shares once for all, ``ptg.lm.models.prefill``) and its
     cache repeated K times. Decoder-only models decode into a static cache
     (written in place, never concatenated; the concatenation cost more than the matmuls on a CPU). Rows that emit
     EOS stop writing output at once; they leave the batch (and the cache) when half of the rows are done, so

@@ -10,7 +10,7 @@ atomically: into a temporary folder next to the target, renamed into place when 
   original bf16 weights. Other specs are a local HF folder or a hub id (online only).
 - ``truncate_backbone``: the guidance backbone, the policy's base model (no LM head) cut to its first layers.
 - ``copy_backbone``: a different guidance backbone, which must share the policy's vocabulary.
-- ``build_tiny``: a tiny random model of ``ptg.tiny_models`` with its offline tokenizer.
+- ``build_tiny``: a tiny random model of ``ptg.lm.tiny_models`` with its offline tokenizer.
 - ``materialize_base``: both for a params file's ``model`` group (``build_tiny`` for ``tiny-*``).
 
 The GGUF is read with transformers' own ``from_pretrained(..., gguf_file=...)`` (it needs ``accelerate``, a
@@ -48,9 +48,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ptg.encoding import template_turn_end
 from ptg.io import atomic_path
-from ptg.tiny_models import TINY_KINDS, build_tiny_tokenizer, tiny_model
+from ptg.lm.encoding import template_turn_end
+from ptg.lm.tiny_models import TINY_KINDS, build_tiny_tokenizer, tiny_model
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def save_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_
 
 
 def build_tiny(kind: str, out_dir: Path, tokenizer_dir: Path | None = None, seed: int = 0) -> None:
-    """Write a randomly initialised tiny model (``tiny-llama`` or ``tiny-t5``, ``ptg.tiny_models``) with a
+    """Write a randomly initialised tiny model (``tiny-llama`` or ``tiny-t5``, ``ptg.lm.tiny_models``) with a
     tokenizer to ``out_dir``. The tokenizer is ``build_tiny_tokenizer(kind)`` or, with ``tokenizer_dir``, the one
     saved there (e.g. to make a guidance backbone share a policy's vocabulary). Deterministic given ``seed``."""
     if kind not in TINY_KINDS:
@@ -168,8 +168,8 @@ def build_tiny(kind: str, out_dir: Path, tokenizer_dir: Path | None = None, seed
 
 
 def _require_folder(spec: str | Path, what: str) -> None:
-    """A spec that can only be a local path (``ptg.models.is_local_path``) must be an existing folder."""
-    from ptg.models import is_local_path
+    """A spec that can only be a local path (``ptg.lm.models.is_local_path``) must be an existing folder."""
+    from ptg.lm.models import is_local_path
 
     if is_local_path(spec) and not Path(spec).expanduser().is_dir():
         raise FileNotFoundError(f"cannot load {what} {str(spec)!r}: no such local folder")

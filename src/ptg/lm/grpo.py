@@ -2,7 +2,7 @@
 
 What a practitioner would run instead of ptg's own policy gradient, given the same pieces: the reward function is
 ptg's sample scorer (``rank.metric`` against the references: the very scores ptg's arms train on), the prompts are
-the training split's, drawn in ``ptg.train.schedule``'s order (TRL's sampler with ``shuffle_dataset`` off), and K
+the training split's, drawn in ``ptg.lm.train.schedule``'s order (TRL's sampler with ``shuffle_dataset`` off), and K
 (``num_generations``), the learning rate (constant), inputs per update, updates, gradient clipping, weight decay
 and the sampling settings are train_lm's. The rest is TRL's GRPO as it ships (group-normalised advantages, the
 ``dapo`` token-level loss, no KL term). The learning curve is ptg's own (the task's ``validation_scorer`` every
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ptg.io import import_extra
-from ptg.train import Example, SampleScorer, Validator, schedule
+from ptg.lm.train import Example, SampleScorer, Validator, schedule
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -62,7 +62,7 @@ def train_grpo(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examp
                bf16: bool = False) -> list[dict[str, float]]:
     """Train ``model`` in place with TRL's GRPOTrainer for ``cfg.max_updates`` updates of ``cfg.batch_size``
     inputs x ``cfg.pg_samples`` completions; returns one metrics row per update (and validation rows, as
-    ``ptg.train.train_lm``), the weights of the best ``val_score`` restored when ``validate`` is given."""
+    ``ptg.lm.train.train_lm``), the weights of the best ``val_score`` restored when ``validate`` is given."""
     trl = import_extra("trl", "bench", "train_lm.objective: grpo")
     datasets = import_extra("datasets", "bench", "train_lm.objective: grpo")
     from transformers import TrainerCallback

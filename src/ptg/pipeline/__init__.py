@@ -1,9 +1,14 @@
-"""Glue shared by the DVC stages: artifact paths, stage start-up, reading the prepared examples as token ids, and
-turning samples into tables (``ptg.evaluation`` evaluates). The stages stay a dozen lines each; the math stays in
-``ptg.losses``, the learning in ``ptg.guidance`` and ``ptg.train`` (``ptg.train_stage`` trains an LM from one folder
-into another, as train_lm@r and the baseline do). torch and transformers are imported only by the functions that use
-them, so a stage that loads no model (prepare, preferences, rank with a metric, report) starts without them
-(``start(..., with_torch=False)``).
+"""The pipeline: the DVC stages' runtime (here) and the bodies they share (the modules of this package).
+
+Here: artifact paths, a stage's start (``start``: logging, the params read once, device, precision, seeds; the
+``Context``), reading the prepared examples as token ids, and turning samples into tables. The modules:
+``training`` (an LM trained from one folder into another, as train_lm@r and the baseline do), ``evaluation``
+(greedy predictions and their scores), ``round_report`` (PTG against the baseline, round by round: the report
+stage), ``sources`` (fingerprints of the local paths params name), ``annotation`` (people's scores of a round's
+samples), ``viz`` (heatmaps and plots). The stages stay a dozen lines each; the math stays in ``ptg.losses``, the
+learning in ``ptg.guidance.model`` and ``ptg.lm.train``. torch and transformers are imported only by the functions
+that use them, so a stage that loads no model (prepare, preferences, rank with a metric, report) starts without
+them (``start(..., with_torch=False)``).
 """
 
 from __future__ import annotations
@@ -111,8 +116,8 @@ def start(stage: str, params: Params, with_torch: bool = True) -> Context:
         return Context(params, None, None)
     import torch
 
-    from ptg import distributed
-    from ptg.precision import resolve_device, resolve_precision
+    from ptg.lm import distributed
+    from ptg.lm.precision import resolve_device, resolve_precision
 
     distributed.init_from_env()  # under `accelerate launch --num_processes N`: data-parallel train_lm
     device = resolve_device(run.device)
@@ -141,8 +146,8 @@ def read_examples(*splits: str) -> pd.DataFrame:
 def encode_prompts_of(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, frame: pd.DataFrame,
                       mp: ModelParams) -> list[list[int]]:
     """Prompt token ids of ``frame`` (chat template for decoder-only models that have one)."""
-    from ptg.encoding import encode_prompts
-    from ptg.models import is_seq2seq
+    from ptg.lm.encoding import encode_prompts
+    from ptg.lm.models import is_seq2seq
 
     return encode_prompts(tokenizer, frame["prompt"].tolist(), mp.max_prompt_tokens, is_seq2seq(model))
 
@@ -151,7 +156,7 @@ def encode_targets_of(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel
                       mp: ModelParams) -> list[list[int]]:
     """Reference token ids of ``frame``, ending with the token the model ends its own turn with (``turn_end_id``:
     e.g. ``<|im_end|>`` for a ChatML model, however its EOS ids sort)."""
-    from ptg.encoding import encode_responses, turn_end_id
+    from ptg.lm.encoding import encode_responses, turn_end_id
 
     return encode_responses(tokenizer, frame["target"].tolist(), mp.max_target_tokens, turn_end_id(model, tokenizer))
 
@@ -163,8 +168,8 @@ def sample_table(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fra
     """K continuations of every row of ``frame`` as a Samples table, plus throughput figures. ``prompts``: the
     rows' input ids (default: their encoded ``prompt``); ``stops``: the ids that end a sample (default: the EOS
     ids; empty: every sample is ``max_new_tokens`` long, as a prompt policy's)."""
-    from ptg.encoding import eos_ids
-    from ptg.sampling import sample
+    from ptg.lm.encoding import eos_ids
+    from ptg.lm.sampling import sample
 
     prompts = encode_prompts_of(tokenizer, model, frame, mp) if prompts is None else prompts
     stops = eos_ids(model, tokenizer) if stops is None else stops
@@ -211,8 +216,8 @@ def encode_inputs(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, fr
 
 
 def stops(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, params: Params) -> list[int]:
-    """The EOS ids (``ptg.encoding.eos_ids``: the tokenizer's, the generation config's, the chat turn's end)."""
-    from ptg.encoding import eos_ids
+    """The EOS ids (``ptg.lm.encoding.eos_ids``: the tokenizer's, the generation config's, the chat turn's end)."""
+    from ptg.lm.encoding import eos_ids
 
     return eos_ids(model, tokenizer)
 
