@@ -1,4 +1,4 @@
-"""ptg.data: the standard-library docstrings corpus, hash splits, local folders and build_examples (no network)."""
+"""ptg.corpus: the standard-library docstrings corpus, hash splits, local folders and build_examples (no network)."""
 
 import ast
 import hashlib
@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ptg import data
+from ptg import corpus
 from ptg.config import DataConfig
-from ptg.data import build_examples, docstrings, load_local, normalize_fields, source_info, split_of
-from ptg.data.docstrings import python_docstrings
+from ptg.corpus import build_examples, docstrings, load_local, normalize_fields, source_info, split_of
+from ptg.corpus.docstrings import python_docstrings
 from ptg.io import read_table, write_table
 from ptg.schemas import Examples
 
@@ -279,7 +279,7 @@ def test_build_examples_local_caps_and_schema(folder, tmp_path):
     assert test.loc["te1", "prompt"] == "Doc: test doc 1\nSummary:"
     assert test.loc["te1", "target"] == "ref a 1" and test.loc["te1", "references"] == ["ref a 1", "ref b 1"]
     for split, df in frames.items():
-        assert list(df.columns) == list(data.EXAMPLE_COLUMNS) and (df["split"] == split).all()
+        assert list(df.columns) == list(corpus.EXAMPLE_COLUMNS) and (df["split"] == split).all()
         write_table(df, tmp_path / f"{split}.parquet", Examples)
         read_table(tmp_path / f"{split}.parquet", Examples)
 
@@ -307,7 +307,7 @@ def test_prompt_template_must_have_only_input():
         DataConfig(prompt_template="Summarize this.")
     with pytest.raises(ValueError, match="other"):
         DataConfig(prompt_template="{lang}: {input}")
-    assert data.format_prompt("Code {{x}}:\n{input}", "f = {'a': 1}") == "Code {x}:\nf = {'a': 1}"
+    assert corpus.format_prompt("Code {{x}}:\n{input}", "f = {'a': 1}") == "Code {x}:\nf = {'a': 1}"
 
 
 def test_build_examples_rejects_overlapping_local_splits(tmp_path):
@@ -330,7 +330,7 @@ def test_max_input_chars_drops_long_local_inputs(tmp_path):
 
 
 def test_datasets_is_not_imported_at_module_level():
-    tree = ast.parse(Path(data.__file__).read_text())
+    tree = ast.parse(Path(corpus.__file__).read_text())
     top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     names = {a.name.split(".")[0] for n in top for a in n.names} | {
         (n.module or "").split(".")[0] for n in top if isinstance(n, ast.ImportFrom)}
@@ -351,7 +351,7 @@ def test_load_hf_uses_load_dataset(monkeypatch):
     calls = []
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
         load_dataset=lambda *a, **k: calls.append((a, k)) or fake))
-    df = data.load_hf("someone/xsum-like", "document", "summary")
+    df = corpus.load_hf("someone/xsum-like", "document", "summary")
     assert calls == [(("someone/xsum-like", None), {"revision": None})]
     assert df["split"].tolist() == ["train", "validation", "test"]
     assert df["references"].iloc[2] == ["f", "g"]
@@ -359,14 +359,14 @@ def test_load_hf_uses_load_dataset(monkeypatch):
     calls.clear()
     cfg = DataConfig(source="abisee/cnn_dailymail", input_field="document", target_field="summary", config="3.0.0",
                      revision="96df5e6", max_input_chars=0)
-    assert len(data.load_source(cfg)) == 3
+    assert len(corpus.load_source(cfg)) == 3
     assert calls == [(("abisee/cnn_dailymail", "3.0.0"), {"revision": "96df5e6"})]
 
 
 def test_a_hub_revision_on_a_local_folder_names_the_param(folder):
     with pytest.raises(ValueError, match="data.revision 'main' applies to a Hugging Face data set id; "
                                          "data.source .* is a local folder"):
-        data.load_source(DataConfig(source=str(folder), revision="main"))
+        corpus.load_source(DataConfig(source=str(folder), revision="main"))
 
 
 def test_a_local_copy_of_a_hub_data_set_is_read_by_its_config_name(tmp_path):
@@ -383,7 +383,7 @@ def test_a_local_copy_of_a_hub_data_set_is_read_by_its_config_name(tmp_path):
         f"  - split: {s}\n    path: {c}/{s}-*.parquet\n" for s in ("train", "validation", "test"))
         for c in ("3.0.0", "1.0.0"))
     (root / "README.md").write_text(f"---\nconfigs:\n{configs}---\n")
-    df = data.load_source(DataConfig(source=str(root), input_field="article", target_field="highlights",
+    df = corpus.load_source(DataConfig(source=str(root), input_field="article", target_field="highlights",
                                      config="3.0.0", max_input_chars=0))
     assert len(df) == 9 and df["input"].str.startswith("3.0.0 ").all()
     assert df["references"].iloc[0] == ["summary 0"]

@@ -28,6 +28,7 @@ from ptg import tracking
 from ptg.ops import prefect_setup, workspace
 
 VENV_BIN = Path(sys.executable).parent
+HOOK = Path(__file__).resolve().parent / "pause_hook"  # fault injection in one stage process
 QUICK = REPO / "configs" / "quick.yaml"
 ROUND_STAGES = ("sample", "rank", "fit_guidance", "train_lm", "evaluate")
 SETUP = ["sources", "prepare", "base_model", "preferences"]
@@ -150,18 +151,27 @@ def test_prompt_task_flow_runs_every_stage(env, harness, flows):
 
 @pytest.mark.slow
 def test_failed_run_resumes_at_the_failed_stage(quick_run, harness, flows, env, monkeypatch):
-    """A bad `evaluate` value fails evaluate@1; after the fix the flow re-runs from there, DVC skipping the rest."""
+    """evaluate@1 fails (a fault injected by tests/pause_hook: params are checked at every stage's start, so a bad
+    value would fail the first stage instead); the next run re-runs from there, DVC skipping the rest."""
     workdir, _ = quick_run
     resume = env / "resume"
     shutil.copytree(workdir, resume, symlinks=True)
-    monkeypatch.setattr(flows, "RETRIES", 0)  # a bad params value fails the same way every time
+    monkeypatch.setattr(flows, "RETRIES", 0)  # the injected fault fails the same way every time
     params = yaml.safe_load(QUICK.read_text())
-    params["evaluate"]["bogus_key"] = 1
-    (env / "bad.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # differs from quick.yaml and is read by evaluate and baseline only (evaluate.batch_size is train_lm's too: its
+    # checkpoint validation decodes in those batches), so the evaluations really run again and the training not
+    params["evaluate"]["subset_items"] = 2
+    (env / "changed.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     lm = resume / "data" / "rounds" / "2" / "lm" / "model.safetensors"
     lm_mtime = lm.stat().st_mtime_ns
-
-    failed = flows.ptg_pipeline(rounds=2, params_file=str(env / "bad.yaml"), workdir=str(resume), return_state=True)
+    hook = {"PYTHONPATH": os.pathsep.join(filter(None, [str(HOOK), os.environ.get("PYTHONPATH")])),
+            "PTG_PAUSE_STAGE": "stages/evaluate.py --round 1",
+            "PTG_PAUSE_AT": "ptg.pipeline.evaluation:evaluate_lm:raise", "PTG_PAUSE_FILE": str(env / "unused")}
+    with monkeypatch.context() as m:
+        for key, value in hook.items():
+            m.setenv(key, value)
+        failed = flows.ptg_pipeline(rounds=2, params_file=str(env / "changed.yaml"), workdir=str(resume),
+                                    return_state=True)
     assert failed.is_failed()
     states = task_states(failed)
     first = TASKS.index("evaluate@1")
@@ -170,12 +180,7 @@ def test_failed_run_resumes_at_the_failed_stage(quick_run, harness, flows, env, 
     assert not set(TASKS[first + 1:]) & set(states)
     assert parent_of(mlflow_client(), failed).info.status == "FAILED"
 
-    del params["evaluate"]["bogus_key"]
-    # differs from quick.yaml and is read by evaluate and baseline only (evaluate.batch_size is train_lm's too: its
-    # checkpoint validation decodes in those batches), so the evaluations really run again and the training not
-    params["evaluate"]["subset_items"] = 2
-    (env / "fixed.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    ran = flows.ptg_pipeline(rounds=2, params_file=str(env / "fixed.yaml"), workdir=str(resume))
+    ran = flows.ptg_pipeline(rounds=2, params_file=str(env / "changed.yaml"), workdir=str(resume))
     skipped = [name for name in TASKS
                if name.split("@")[0] != "evaluate" and name not in ("baseline", "report", "sources", "preferences")]
     assert not any(ran[name] for name in skipped), ran

@@ -307,7 +307,7 @@ def test_a_truncated_parquet_table_names_itself_and_the_remedy(tmp_path):
 def test_a_missing_extra_names_what_needs_it_and_the_extra_to_install(monkeypatch):
     import sys
 
-    from ptg.data import load_hf
+    from ptg.corpus import load_hf
 
     monkeypatch.setitem(sys.modules, "datasets", None)  # as in an install without ptg[hub]
     with pytest.raises(ModuleNotFoundError, match=r"data.source 'org/set' .*pip install 'ptg\[hub\]'"):

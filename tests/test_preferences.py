@@ -161,7 +161,7 @@ def test_corruption_fixture_scores_by_corruption_level_in_both_layouts():
 def test_a_pipeline_round_fits_a_prior_then_mixes_preferences_with_its_own_samples(quick_pipeline, tmp_path):
     from conftest import copy_workspace, run
 
-    from ptg.data import build_examples
+    from ptg.corpus import build_examples
 
     examples = build_examples(load_params(REPO_QUICK).data)["train"]
     path = _write(tmp_path, preferences.corruption_fixture(examples, seed=0).to_dict("records"), "fixture.jsonl")
@@ -232,7 +232,7 @@ def _word_level_base(root, texts, vocab_size=400):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["listwise", "pairwise"])
 def test_the_guidance_learns_the_corruption_fixture_well_above_chance_and_length(tmp_path, monkeypatch, layout):
-    from ptg.data import build_examples
+    from ptg.corpus import build_examples
     from ptg.guidance.standalone import fit_file
 
     monkeypatch.chdir(tmp_path)

@@ -22,7 +22,7 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-DOCSTRINGS_SOURCE = "python-docstrings"  # data.source of the offline default corpus (ptg.data.docstrings)
+DOCSTRINGS_SOURCE = "python-docstrings"  # data.source of the offline default corpus (ptg.corpus.docstrings)
 
 
 def template_fields(template: str) -> set[str]:
@@ -60,7 +60,7 @@ class ParamsError(ValueError):
     """A params file is missing a key, has an unknown one, or a value of the wrong type."""
 
 
-# The library's configs (ptg.data, ptg.lm.sampling, ptg.lm.train, ptg.guidance.model use them); defined here, with no
+# The library's configs (ptg.corpus, ptg.lm.sampling, ptg.lm.train, ptg.guidance.model use them); defined here, with no
 # torch import, so reading params is cheap for every stage.
 
 

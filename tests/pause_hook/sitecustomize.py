@@ -3,7 +3,9 @@ whose command line contains ``PTG_PAUSE_STAGE``, the first call of ``PTG_PAUSE_A
 it writes the process id to ``PTG_PAUSE_FILE`` and sleeps until killed. ``module:function:exit`` wraps a context
 manager and pauses when its block has finished, before the manager's own exit (``ptg.io:atomic_path:exit``: the
 output written to its temporary path, not yet moved into place). So a test's ``kill -9`` lands at a chosen point of
-a stage's own progress, never by a timer. Every other process (DVC, the other stages) is untouched."""
+a stage's own progress, never by a timer. ``module:function:raise`` makes that call fail instead (a stage that
+fails for a reason no params check sees, tests/test_flows.py). Every other process (DVC, the other stages) is
+untouched."""
 
 import contextlib
 import functools
@@ -27,7 +29,12 @@ def _pause() -> None:
 def _wrap(module) -> None:
     _, name, *when = AT.split(":")
     original = getattr(module, name)
-    if when == ["exit"]:
+    if when == ["raise"]:
+        @functools.wraps(original)
+        def failing(*args, **kwargs):
+            raise RuntimeError(f"PTG_PAUSE_AT={AT}: a failure injected by tests/pause_hook")
+        setattr(module, name, failing)
+    elif when == ["exit"]:
         @contextlib.contextmanager
         def paused_cm(*args, **kwargs):
             with original(*args, **kwargs) as value:

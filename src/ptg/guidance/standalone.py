@@ -79,7 +79,7 @@ def fit_file(pp: PreferencesParams, out: Path, params: Params, base: Path | None
     if base is None:
         base = out / "base"
         if not (base / "lm" / "config.json").is_file():
-            materialize_base(mp, base, ctx.run.seed)
+            materialize_base(mp, base, params.run.seed)
     tok = load_tokenizer(base / "lm")
     guidance = load_guidance(base / "guidance", fp.head_hidden, fp.squash, fp.head_init_gain)
     long, counts = load(pp)

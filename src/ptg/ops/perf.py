@@ -293,7 +293,7 @@ def default_examples(model: torch.nn.Module, tokenizer: Any, n: int | None = Non
     """Token ids of the default params' first ``n`` training prompts and their references (all with None), cut at
     the params' ``model.max_prompt_tokens`` / ``max_target_tokens``: what perf and the scripts time on."""
     from ptg.config import load
-    from ptg.data import build_examples
+    from ptg.corpus import build_examples
     from ptg.lm.encoding import encode_prompts, encode_responses, turn_end_id
 
     params = load(TEMPLATE / "params.yaml")  # the default params ptg ships, not a project's

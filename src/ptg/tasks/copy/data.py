@@ -11,7 +11,7 @@ import pandas as pd
 
 from ptg import schemas
 from ptg.config import DataConfig, Params
-from ptg.data import EXAMPLE_COLUMNS, format_prompt
+from ptg.corpus import EXAMPLE_COLUMNS, format_prompt
 from ptg.pipeline import SPLITS, encode_inputs, inputs_of, round_inputs, stops, training_inputs
 
 __all__ = ["build_examples", "encode_inputs", "init_policy", "inputs_of", "round_inputs", "stops",

@@ -35,7 +35,7 @@ import pandas as pd
 
 from ptg import schemas
 from ptg.config import DataConfig, Params, TaskParams, TrainLMParams
-from ptg.data import SPLIT_ALIASES, source_kind
+from ptg.corpus import SPLIT_ALIASES, source_kind
 from ptg.io import read_records
 from ptg.schemas import SPLITS
 from ptg.tasks.prompt import groups, split_of_group, start_ids

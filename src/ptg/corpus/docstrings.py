@@ -1,6 +1,6 @@
 """The default data source, ``python-docstrings``, offline: every documented function and method of the running
 interpreter's standard library as a code-summarisation example, its input the function's code with the docstring
-removed and its target the docstring's first paragraph. ``ptg.data`` splits it (``split_of``) and caps it like any
+removed and its target the docstring's first paragraph. ``ptg.corpus`` splits it (``split_of``) and caps it like any
 other source; the corpus depends on the Python version, which ``python_version`` records.
 """
 

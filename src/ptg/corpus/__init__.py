@@ -2,7 +2,7 @@
 
 Three sources, chosen by ``ptg.config.DataConfig.source``:
 
-* ``"python-docstrings"`` (default, offline): the standard library's documented functions (``ptg.data.docstrings``),
+* ``"python-docstrings"`` (default, offline): the standard library's documented functions (``ptg.corpus.docstrings``),
   split by a stable hash of the qualified name (``split_of``), so the splits never change between runs.
 * a local folder with ``train``, ``validation`` (or ``dev``) and ``test`` files (jsonl, json lines, csv, parquet);
   with ``data.config`` set, a local copy of a hub data set read by ``datasets.load_dataset`` (its README's
@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from ptg.config import DOCSTRINGS_SOURCE, template_fields
-from ptg.data import docstrings
+from ptg.corpus import docstrings
 from ptg.io import import_extra, read_records
 from ptg.schemas import SPLITS, check_disjoint_splits
 
